@@ -1,0 +1,128 @@
+"""A Llama decoder layer built from tensor-parallel pieces: RMSNorm, RoPE, grouped-query attention through
+``scaled_dot_product_attention``, and a SwiGLU MLP. Trunk layers and transformer MTP heads are this class.
+
+Activations are [batch, seq, hidden]. Under sequence parallelism a layer receives and returns its
+sequence shard [batch, seq/tp, hidden]; the column-parallel projections gather the full sequence and the
+row-parallel ones scatter it back.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megatron_mtp.config import ModelConfig
+from megatron_mtp.parallel import mappings, state
+from megatron_mtp.parallel.layers import ColumnParallelLinear, RMSNorm, RowParallelLinear, scaled_init_std
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple:
+    """cos/sin tables for rotary embeddings at ``positions`` ([seq] or [batch, seq]), HF's half-split layout."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [batch, heads, seq, head_dim]; cos/sin: [seq, head_dim] or [batch, seq, head_dim]."""
+    if cos.dim() == 3:
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + _rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention. The fused QKV projection is laid out per KV group —
+    [q heads of group 0, k0, v0, q heads of group 1, k1, v1, ...] — so a column split hands every TP rank
+    whole groups (TP must divide the number of KV heads)."""
+
+    def __init__(self, cfg: ModelConfig, key: str, sequence_parallel: bool, dtype=None):
+        super().__init__()
+        tp = state.tp_size()
+        self.head_dim = cfg.head_dim
+        self.n_kv = cfg.kv_heads // tp
+        self.group = cfg.num_attention_heads // cfg.kv_heads  # query heads per KV head
+        self.n_q = self.n_kv * self.group
+        qkv_out = (cfg.num_attention_heads + 2 * cfg.kv_heads) * cfg.head_dim
+        self.qkv = ColumnParallelLinear(cfg.hidden_size, qkv_out, init_key=f"{key}.qkv", init_std=cfg.init_std,
+                                        sequence_parallel=sequence_parallel, dtype=dtype)
+        self.out = RowParallelLinear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size,
+                                     init_key=f"{key}.out", init_std=scaled_init_std(cfg.init_std, cfg.num_layers),
+                                     sequence_parallel=sequence_parallel, dtype=dtype)
+        self.cache_key = key
+
+    def forward(self, x, cos, sin, kv_cache=None, attn_mask: Optional[torch.Tensor] = None):
+        # Under sequence parallelism x is a sequence shard; the QKV projection gathers the full sequence.
+        b, s = x.shape[0], x.shape[1] * (state.tp_size() if self.qkv.sequence_parallel else 1)
+        qkv = self.qkv(x).view(b, s, self.n_kv, self.group + 2, self.head_dim)
+        q = qkv[:, :, :, : self.group].reshape(b, s, self.n_q, self.head_dim).transpose(1, 2)
+        k = qkv[:, :, :, self.group].transpose(1, 2)
+        v = qkv[:, :, :, self.group + 1].transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.cache_key, k, v)
+        if attn_mask is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.group > 1)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=self.group > 1)
+        o = o.transpose(1, 2).reshape(b, s, self.n_q * self.head_dim)
+        return self.out(o)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)); gate and up are one fused column-parallel GEMM split per block."""
+
+    def __init__(self, cfg: ModelConfig, key: str, sequence_parallel: bool, dtype=None):
+        super().__init__()
+        self.gate_up = ColumnParallelLinear(cfg.hidden_size, 2 * cfg.ffn_size, init_key=f"{key}.gate_up",
+                                            init_std=cfg.init_std, chunks=2, sequence_parallel=sequence_parallel,
+                                            dtype=dtype)
+        self.down = RowParallelLinear(cfg.ffn_size, cfg.hidden_size, init_key=f"{key}.down",
+                                      init_std=scaled_init_std(cfg.init_std, cfg.num_layers),
+                                      sequence_parallel=sequence_parallel, dtype=dtype)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm Llama block. ``key`` names it for initialisation and KV caching (e.g. ``trunk.3``)."""
+
+    def __init__(self, cfg: ModelConfig, key: str, sequence_parallel: bool = False, dtype=None):
+        super().__init__()
+        self.key = key
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, init_key=f"{key}.attn_norm",
+                                 sequence_parallel=sequence_parallel, dtype=dtype)
+        self.attn = Attention(cfg, key, sequence_parallel, dtype=dtype)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, init_key=f"{key}.mlp_norm",
+                                sequence_parallel=sequence_parallel, dtype=dtype)
+        self.mlp = SwiGLU(cfg, f"{key}.mlp", sequence_parallel, dtype=dtype)
+
+    def forward(self, x, cos, sin, kv_cache=None, attn_mask=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache, attn_mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class LinearHead(nn.Module):
+    """The cheap MTP head (paper Table S4): one d x d linear map of the trunk output, TP column-split
+    and gathered so its output has the trunk's layout."""
+
+    def __init__(self, cfg: ModelConfig, key: str, sequence_parallel: bool = False, dtype=None):
+        super().__init__()
+        self.key = key
+        self.sequence_parallel = sequence_parallel and state.tp_size() > 1
+        self.proj = ColumnParallelLinear(cfg.hidden_size, cfg.hidden_size, init_key=f"{key}.proj",
+                                         init_std=cfg.init_std, gather_output=True,
+                                         sequence_parallel=sequence_parallel, dtype=dtype)
+
+    def forward(self, x, cos=None, sin=None, kv_cache=None, attn_mask=None):
+        y = self.proj(x)  # full sequence when sequence-parallel (the projection gathered it)
+        return mappings.scatter_to_sequence_region(y) if self.sequence_parallel else y

@@ -1,0 +1,173 @@
+"""Autograd-aware collectives for tensor and sequence parallelism (Megatron's "mappings").
+
+Each function is the identity on a single process (or TP=1), so layers call them unconditionally.
+Forward / backward pairs:
+  copy_to_tp_region            identity   / all-reduce
+  reduce_from_tp_region        all-reduce / identity
+  scatter_to_tp_region         split last dim / all-gather last dim
+  gather_from_tp_region        all-gather last dim / split last dim
+  scatter_to_sequence_region   split seq dim  / all-gather seq dim
+  gather_from_sequence_region  all-gather seq dim / reduce-scatter seq dim
+  reduce_scatter_to_sequence_region  reduce-scatter seq dim / all-gather seq dim
+Activations are laid out [batch, seq, hidden]; the sequence dimension is 1.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megatron_mtp.parallel import state
+
+SEQ_DIM = 1
+
+
+def _world(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    if _world(group) == 1:
+        return x
+    x = x.contiguous()
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def _split(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    world = _world(group)
+    if world == 1:
+        return x
+    if x.size(dim) % world:
+        raise ValueError(f"dimension {dim} of size {x.size(dim)} is not divisible by the TP size {world}.")
+    return x.chunk(world, dim=dim)[dist.get_rank(group)].contiguous()
+
+
+def _gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    world = _world(group)
+    if world == 1:
+        return x
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x, group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    world = _world(group)
+    if world == 1:
+        return x
+    if dist.get_backend(group) == dist.Backend.NCCL:
+        chunks = [c.contiguous() for c in x.chunk(world, dim=dim)]
+        out = torch.empty_like(chunks[0])
+        dist.reduce_scatter(out, chunks, group=group)
+        return out
+    # gloo has no reduce-scatter: all-reduce, then keep our slice (same result, more traffic; CPU tests).
+    return _split(_all_reduce(x.clone(), group), dim, group)
+
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_reduce(g.clone() if _world(ctx.group) > 1 else g, ctx.group), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x.clone() if _world(group) > 1 else x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class _ScatterToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split(x, -1, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _gather(g, -1, ctx.group), None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _gather(x, -1, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _split(g, -1, ctx.group), None
+
+
+class _ScatterToSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split(x, SEQ_DIM, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _gather(g, SEQ_DIM, ctx.group), None
+
+
+class _GatherFromSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _gather(x, SEQ_DIM, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _reduce_scatter(g, SEQ_DIM, ctx.group), None
+
+
+class _ReduceScatterToSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter(x, SEQ_DIM, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _gather(g, SEQ_DIM, ctx.group), None
+
+
+def _group(group):
+    return state.tp_group() if group is None else group
+
+
+def copy_to_tp_region(x, group=None):
+    return _CopyToTP.apply(x, _group(group))
+
+
+def reduce_from_tp_region(x, group=None):
+    return _ReduceFromTP.apply(x, _group(group))
+
+
+def scatter_to_tp_region(x, group=None):
+    return _ScatterToTP.apply(x, _group(group))
+
+
+def gather_from_tp_region(x, group=None):
+    return _GatherFromTP.apply(x, _group(group))
+
+
+def scatter_to_sequence_region(x, group=None):
+    return _ScatterToSequence.apply(x, _group(group))
+
+
+def gather_from_sequence_region(x, group=None):
+    return _GatherFromSequence.apply(x, _group(group))
+
+
+def reduce_scatter_to_sequence_region(x, group=None):
+    return _ReduceScatterToSequence.apply(x, _group(group))

@@ -1,0 +1,53 @@
+"""Entry point: ``mtp-train --config FILE [--section.key value ...]`` (also ``python -m megatron_mtp.train``).
+
+Launch it as it is for one process, or under torchrun / srun / mpirun for many: ranks are discovered from
+the launcher's environment. Mistakes in the config, data, checkpoint or launch environment end the run
+with one sentence on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _user_errors() -> tuple:
+    from megatron_mtp.checkpoint.manager import CheckpointError
+    from megatron_mtp.config import ConfigError
+    from megatron_mtp.data.errors import DataError
+    from megatron_mtp.parallel.distributed import LaunchError
+    from megatron_mtp.parallel.state import LayoutError
+
+    return ConfigError, DataError, LaunchError, LayoutError, CheckpointError
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mtp-train",
+        description="Train a multi-token-prediction language model.",
+        epilog="Any config key can be overridden as --section.key value, e.g. --mtp.n_heads 4 --train.iters 100.",
+    )
+    parser.add_argument("--config", help="YAML config file (configs/tiny.yaml, configs/7b.yaml, ...)")
+    args, overrides = parser.parse_known_args(argv)
+
+    from megatron_mtp.config import load_config
+
+    errors = _user_errors()
+    try:
+        cfg = load_config(args.config, overrides)
+        from megatron_mtp.training.loop import train
+
+        train(cfg)
+    except errors as exc:
+        kind = {"ConfigError": "config", "LayoutError": "config", "DataError": "data",
+                "LaunchError": "launch", "CheckpointError": "checkpoint"}.get(type(exc).__name__, "input")
+        print(f"{kind} error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        from megatron_mtp.parallel.distributed import destroy_distributed
+
+        destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""The training loop, top to bottom: set up the parallel world, data, model and engine; then step, log,
+evaluate and save until ``train.iters``.
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_mtp.config import Config, validate_layout
+from megatron_mtp.model.mtp_model import MTPModel, count_parameters
+from megatron_mtp.parallel import state
+from megatron_mtp.parallel.distributed import init_distributed
+from megatron_mtp.parallel.layers import initialize_parameters
+from megatron_mtp.training.local_engine import LocalEngine
+from megatron_mtp.training.metrics import (MetricsLogger, flops_per_token, peak_flops, peak_memory_gib,
+                                           plot_head_losses)
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    want = cfg.train.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda":
+        if not torch.cuda.is_available():
+            from megatron_mtp.config import ConfigError
+
+            raise ConfigError("train.device is cuda but no CUDA device is visible; use --train.device cpu.")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def resolve_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    """Parameters stay fp32 (fp64 for exactness tests); bf16 means autocast compute on the GPU."""
+    name = cfg.train.dtype
+    if name == "auto":
+        name = "bfloat16" if device.type == "cuda" else "float32"
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}[name]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_model(cfg: Config, device: torch.device, dtype: torch.dtype) -> MTPModel:
+    """The plain (non-pipelined) model for this TP rank, initialised layout-independently from the seed."""
+    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    model = MTPModel(cfg.model, cfg.mtp, sequence_parallel=cfg.parallel.sequence_parallel,
+                     activation_checkpointing=cfg.train.activation_checkpointing, dtype=param_dtype)
+    initialize_parameters(model, cfg.train.seed)
+    return model.to(device)
+
+
+def uses_deepspeed(cfg: Config, dp: int) -> bool:
+    return dp > 1 or cfg.parallel.pp > 1 or cfg.parallel.zero_stage > 0
+
+
+class _StopRequest:
+    """SIGTERM / SIGUSR1 (Slurm pre-emption) ask for a checkpoint at the next step boundary, then exit."""
+
+    def __init__(self):
+        self.signal: Optional[int] = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread (e.g. inside a test harness)
+                pass
+
+    def _handler(self, signum, frame):
+        self.signal = signum
+
+    def requested(self, device: torch.device) -> bool:
+        flag = torch.tensor([1.0 if self.signal is not None else 0.0], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+        return bool(flag.item())
+
+
+def train(cfg: Config) -> dict:
+    """Run training as configured; returns a summary (final losses, steps, run dir)."""
+    env = init_distributed(cfg.parallel.backend)
+    dp = validate_layout(cfg, env.world_size)
+    state.check_model_layout(cfg.model, cfg.parallel.tp)
+    state.initialize_model_parallel(cfg.parallel.tp, cfg.parallel.pp)
+    device = resolve_device(cfg)
+    dtype = resolve_dtype(cfg, device)
+    is_logger = env.rank == env.world_size - 1 if cfg.parallel.pp > 1 else env.rank == 0
+    print(f"rank {env.rank}/{env.world_size} (launcher {env.launcher}): tp {state.tp_rank()}/{state.tp_size()} "
+          f"dp {state.dp_rank()}/{dp} pp {state.pp_rank()}/{state.pp_size()} on {device}", flush=True)
+    run_dir = cfg.train.run_dir
+    if env.rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        cfg.save(os.path.join(run_dir, "config.yaml"))
+    seed_everything(cfg.train.seed)
+
+    # ---- data: every DP rank reads its own slice of each global batch ----
+    from megatron_mtp.data.pipeline import build_train_iterators
+
+    t = cfg.train
+    train_iter, valid_iter = build_train_iterators(cfg, dp_rank=state.dp_rank(), dp_size=dp,
+                                                   is_builder=env.rank == 0)
+
+    # ---- model and engine ----
+    if uses_deepspeed(cfg, dp):
+        from megatron_mtp.training.deepspeed_engine import DeepSpeedEngine
+
+        engine = DeepSpeedEngine(cfg, device, dtype)
+    else:
+        engine = LocalEngine(build_model(cfg, device, dtype), cfg, device, dtype)
+    n_params = count_parameters(engine.model)
+    if env.rank == 0:
+        print(f"model: {n_params / 1e6:.2f}M parameters on this rank, {cfg.mtp.n_heads} heads "
+              f"({cfg.mtp.head_type}), global batch {t.global_batch_size} x {cfg.data.seq_length} tokens, "
+              f"grad accumulation {t.grad_accum}", flush=True)
+
+    # ---- resume ----
+    from megatron_mtp.checkpoint.manager import CheckpointManager
+
+    ckpt = CheckpointManager(cfg, engine, env.rank)
+    start_step = ckpt.resume(train_iter)
+    logger = MetricsLogger(run_dir, enabled=is_logger, tensorboard=cfg.logging.tensorboard, resume=start_step > 0)
+
+    tokens_per_step = t.global_batch_size * cfg.data.seq_length
+    flops_per_step = flops_per_token(cfg.model, cfg.mtp, cfg.data.seq_length) * tokens_per_step
+    gpus = env.world_size
+    peak = peak_flops(device)
+    stop = _StopRequest()
+    last_record: dict = {}
+    step = start_step
+    window_start, window_steps = time.perf_counter(), 0
+    while step < t.iters:
+        micro_batches = [next(train_iter) for _ in range(t.grad_accum)]
+        result = engine.train_step(micro_batches, step)
+        step += 1
+        window_steps += 1
+        if step % cfg.logging.interval == 0 or step == t.iters:
+            losses = result.head_losses.detach().float().cpu()  # the only host sync, once per log interval
+            elapsed = time.perf_counter() - window_start
+            tflops = flops_per_step * window_steps / elapsed / gpus / 1e12
+            record = {
+                "step": step,
+                "loss": float(result.loss),
+                **{f"loss_head_{i + 1}": float(v) for i, v in enumerate(losses)},
+                "lr": result.lr,
+                "grad_norm": float(result.grad_norm),
+                "tokens_per_s": tokens_per_step * window_steps / elapsed,
+                "step_time_s": elapsed / window_steps,
+                "tflops": tflops,
+                "mfu": tflops * 1e12 / peak if peak else None,
+                "memory_gib": peak_memory_gib(device),
+                "consumed_samples": step * t.global_batch_size,
+            }
+            logger.log(record, t.iters)
+            last_record = record
+            window_start, window_steps = time.perf_counter(), 0
+        if t.eval_interval and valid_iter is not None and step % t.eval_interval == 0:
+            heads = engine.eval_step([next(valid_iter) for _ in range(t.eval_iters)])
+            if is_logger:
+                print(f"validation at step {step}: " + " ".join(f"head{i + 1} {float(v):.4f}"
+                                                               for i, v in enumerate(heads)), flush=True)
+        if ckpt.due(step):
+            ckpt.save(step, train_iter)
+        if stop.requested(device):
+            if env.rank == 0:
+                print(f"stop signal received: saving a checkpoint at step {step} and exiting", flush=True)
+            ckpt.save(step, train_iter)
+            break
+    else:
+        if cfg.checkpoint.save and not ckpt.saved_at(step):
+            ckpt.save(step, train_iter)
+    logger.close()
+    if is_logger and cfg.logging.plot and last_record:
+        plot_head_losses(run_dir)
+    return {"step": step, "run_dir": run_dir, "last": last_record, "rank": env.rank}
