@@ -18,6 +18,7 @@ from megatron_mtp.model.mtp_model import MTPModel, count_parameters
 from megatron_mtp.parallel import state
 from megatron_mtp.parallel.distributed import init_distributed
 from megatron_mtp.parallel.layers import initialize_parameters
+from megatron_mtp.parallel.random import model_parallel_seed
 from megatron_mtp.training.local_engine import LocalEngine
 from megatron_mtp.training.metrics import (MetricsLogger, flops_per_token, peak_flops, peak_memory_gib,
                                            plot_head_losses)
@@ -56,7 +57,12 @@ def build_model(cfg: Config, device: torch.device, dtype: torch.dtype) -> MTPMod
     model = MTPModel(cfg.model, cfg.mtp, sequence_parallel=cfg.parallel.sequence_parallel,
                      activation_checkpointing=cfg.train.activation_checkpointing, dtype=param_dtype)
     initialize_parameters(model, cfg.train.seed)
-    return model.to(device)
+    model = model.to(device)
+    if cfg.train.compile:  # torch.compile each transformer layer in place (training/perf.py)
+        from megatron_mtp.training.perf import apply_compile
+
+        apply_compile(model)
+    return model
 
 
 def uses_deepspeed(cfg: Config, dp: int) -> bool:
@@ -88,7 +94,7 @@ def train(cfg: Config) -> dict:
     """Run training as configured; returns a summary (final losses, steps, run dir)."""
     env = init_distributed(cfg.parallel.backend)
     dp = validate_layout(cfg, env.world_size)
-    state.check_model_layout(cfg.model, cfg.parallel.tp)
+    state.check_model_layout(cfg.model, cfg.parallel.tp, cfg.data.seq_length, cfg.parallel.sequence_parallel)
     state.initialize_model_parallel(cfg.parallel.tp, cfg.parallel.pp)
     device = resolve_device(cfg)
     dtype = resolve_dtype(cfg, device)
@@ -107,6 +113,10 @@ def train(cfg: Config) -> dict:
     t = cfg.train
     train_iter, valid_iter = build_train_iterators(cfg, dp_rank=state.dp_rank(), dp_size=dp,
                                                    is_builder=env.rank == 0)
+
+    # Dropout streams: the default one alike on every TP rank, the tracker's one per TP rank. Seeded after
+    # the data set-up, which may draw random numbers on the builder rank only.
+    model_parallel_seed(cfg.train.seed, device)
 
     # ---- model and engine ----
     if uses_deepspeed(cfg, dp):
@@ -160,7 +170,6 @@ def train(cfg: Config) -> dict:
             }
             logger.log(record, t.iters)
             last_record = record
-            window_start, window_steps = time.perf_counter(), 0
         if t.eval_interval and valid_iter is not None and step % t.eval_interval == 0:
             heads = engine.eval_step([next(valid_iter) for _ in range(t.eval_iters)])
             if is_logger:
@@ -173,6 +182,8 @@ def train(cfg: Config) -> dict:
                 print(f"stop signal received: saving a checkpoint at step {step} and exiting", flush=True)
             ckpt.save(step, train_iter)
             break
+        if window_steps and step % cfg.logging.interval == 0:  # evaluation and saving stay out of the timing
+            window_start, window_steps = time.perf_counter(), 0
     else:
         if cfg.checkpoint.save and not ckpt.saved_at(step):
             ckpt.save(step, train_iter)
