@@ -1,0 +1,9 @@
+"""The one exception type the data pipeline raises for problems a user can fix.
+
+It subclasses ``ValueError`` so callers that already catch bad-value errors keep working, and its
+message is always one sentence naming the file or setting to fix.
+"""
+
+
+class DataError(ValueError):
+    """A corpus, index or data setting is unusable; the message says which and what to do."""
