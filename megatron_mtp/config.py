@@ -38,6 +38,10 @@ class ModelConfig:
     init_std: float = 0.02
     # Megatron pads the vocabulary to a multiple of this times tp so every shard has equal rows.
     make_vocab_size_divisible_by: int = 128
+    # Dropout (0 = off, the Llama default): on each residual branch's output, and on attention
+    # probabilities (drawn per TP rank from the RNG tracker, see megatron_mtp/parallel/random.py).
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
 
     @property
     def kv_heads(self) -> int:
@@ -122,7 +126,10 @@ class TrainConfig:
     activation_checkpointing: str = "none"  # none | full | every_<k>
     eval_interval: int = 0  # 0 disables validation
     eval_iters: int = 10
-    compile: bool = False  # torch.compile the transformer layers (GPU)
+    compile: bool = False  # torch.compile each transformer layer (GPU; fuses norms, RoPE, SwiGLU)
+    # GPU bf16: bf16 parameters with fp32 master weights and fp32 gradient accumulation (fast; DeepSpeed's
+    # bf16 regime). false = fp32 parameters under bf16 autocast.
+    master_weights: bool = True
 
 
 @dataclass

@@ -61,7 +61,8 @@ class MemoryEfficientHeads(torch.autograd.Function):
         ctx.grad_params = grad_params
         ctx.trainable_mask = [p.requires_grad for p in params]
         per_head = torch.stack(losses).to(torch.float32)
-        total = (per_head * torch.tensor(list(weights), dtype=per_head.dtype, device=per_head.device)).sum()
+        # Python-float weights: no host-to-device copy (and so no sync) per micro-batch.
+        total = torch.stack([w * loss for w, loss in zip(weights, per_head)]).sum()
         ctx.mark_non_differentiable(per_head)
         return total, per_head
 

@@ -7,15 +7,24 @@ row-parallel ones scatter it back.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megatron_mtp.config import ModelConfig
+from megatron_mtp.config import ConfigError, ModelConfig
 from megatron_mtp.parallel import mappings, state
 from megatron_mtp.parallel.layers import ColumnParallelLinear, RMSNorm, RowParallelLinear, scaled_init_std
+from megatron_mtp.parallel.random import get_rng_tracker
+
+
+def _dropout_probability(cfg: ModelConfig, name: str) -> float:
+    p = getattr(cfg, name, 0.0)
+    if not 0.0 <= p < 1.0:
+        raise ConfigError(f"model.{name} must lie in [0, 1), got {p}.")
+    return p
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple:
@@ -57,6 +66,18 @@ class Attention(nn.Module):
                                      init_key=f"{key}.out", init_std=scaled_init_std(cfg.init_std, cfg.num_layers),
                                      sequence_parallel=sequence_parallel, dtype=dtype)
         self.cache_key = key
+        self.dropout = _dropout_probability(cfg, "attention_dropout")
+
+    def _attention(self, q, k, v, attn_mask):
+        p = self.dropout if self.training else 0.0
+        # Each TP rank holds different heads: their dropout masks must be independent, so draw them from
+        # this rank's tracker stream (the default stream is identical on every TP rank).
+        with get_rng_tracker().fork() if p > 0 else nullcontext():
+            if attn_mask is None:
+                return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True,
+                                                      enable_gqa=self.group > 1)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p,
+                                                  enable_gqa=self.group > 1)
 
     def forward(self, x, cos, sin, kv_cache=None, attn_mask: Optional[torch.Tensor] = None):
         # Under sequence parallelism x is a sequence shard; the QKV projection gathers the full sequence.
@@ -68,10 +89,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.cache_key, k, v)
-        if attn_mask is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.group > 1)
-        else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=self.group > 1)
+        o = self._attention(q, k, v, attn_mask)
         o = o.transpose(1, 2).reshape(b, s, self.n_q * self.head_dim)
         return self.out(o)
 
@@ -105,10 +123,22 @@ class TransformerLayer(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, init_key=f"{key}.mlp_norm",
                                 sequence_parallel=sequence_parallel, dtype=dtype)
         self.mlp = SwiGLU(cfg, f"{key}.mlp", sequence_parallel, dtype=dtype)
+        self.hidden_dropout = _dropout_probability(cfg, "hidden_dropout")
+        self.sequence_parallel = sequence_parallel and state.tp_size() > 1
+
+    def _residual(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        """x + dropout(branch). Without sequence parallelism the residual stream is replicated over TP and
+        its masks must agree on every rank: the default stream, seeded alike on all TP ranks. Under
+        sequence parallelism each rank holds other tokens, so (as in Megatron) the masks come from the
+        per-rank tracker stream; otherwise every shard would reuse one mask pattern."""
+        if self.hidden_dropout > 0 and self.training:
+            with get_rng_tracker().fork() if self.sequence_parallel else nullcontext():
+                branch = F.dropout(branch, self.hidden_dropout, training=True)
+        return x + branch
 
     def forward(self, x, cos, sin, kv_cache=None, attn_mask=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache, attn_mask)
-        return x + self.mlp(self.mlp_norm(x))
+        x = self._residual(x, self.attn(self.attn_norm(x), cos, sin, kv_cache, attn_mask))
+        return self._residual(x, self.mlp(self.mlp_norm(x)))
 
 
 class LinearHead(nn.Module):

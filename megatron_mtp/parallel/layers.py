@@ -26,11 +26,15 @@ from megatron_mtp.parallel import mappings, state
 
 
 def _mark(param: nn.Parameter, *, init_key: str, std: Optional[float], partition_dim: int = -1,
-          chunks: int = 1, tensor_parallel: bool = False, sequence_parallel: bool = False) -> None:
+          chunks: int = 1, tensor_parallel: bool = False, sequence_parallel: bool = False,
+          logical_size: Optional[int] = None) -> None:
     param.init_key = init_key
     param.init_std = std  # None = ones (norm weights)
     param.partition_dim = partition_dim  # dim split across TP; -1 = replicated
     param.partition_chunks = chunks  # the split dim holds this many blocks, each split separately
+    # A padded vocabulary: only the first logical_size rows of the split dim are real. The padding grows
+    # with tp, so init draws the real rows alone and zeroes the rest (see initialize_parameters).
+    param.logical_size = logical_size
     # DeepSpeed's grad-norm code counts a parameter once per TP group unless it is marked model-parallel.
     param.tensor_model_parallel = tensor_parallel
     param.model_parallel = tensor_parallel
@@ -83,9 +87,27 @@ def initialize_parameters(model: nn.Module, seed: int) -> None:
         if std is None:
             param.fill_(1.0)
             continue
-        gen = torch.Generator().manual_seed(seed_for(seed, key))
-        master = torch.empty(full_shape(param, tp), dtype=torch.float32).normal_(0.0, std, generator=gen)
-        param.copy_(shard_of(master, param, tp, rank).to(param.dtype))
+        param.copy_(shard_of(_master(param, seed, tp), param, tp, rank).to(param.dtype))
+
+
+def _master(param: nn.Parameter, seed: int, tp: int) -> torch.Tensor:
+    """The full (TP=1) tensor of a parameter: real rows from its own generator, vocabulary padding zero.
+
+    Drawing only the logical rows keeps the real weights independent of tp, whose padding differs; zero
+    padding rows never change (no token uses them and the loss masks them), so resharding is exact."""
+    shape = full_shape(param, tp)
+    logical = getattr(param, "logical_size", None)
+    dim = getattr(param, "partition_dim", -1)
+    real = list(shape)
+    if logical is not None and dim >= 0:
+        real[dim] = logical
+    gen = torch.Generator().manual_seed(seed_for(seed, param.init_key))
+    values = torch.empty(real, dtype=torch.float32).normal_(0.0, param.init_std, generator=gen)
+    if tuple(real) == shape:
+        return values
+    master = torch.zeros(shape, dtype=torch.float32)
+    master.narrow(dim, 0, logical).copy_(values)
+    return master
 
 
 class ColumnParallelLinear(nn.Module):
@@ -143,7 +165,7 @@ class VocabParallelEmbedding(nn.Module):
     """Embedding whose (padded) vocabulary rows are split across TP ranks."""
 
     def __init__(self, padded_vocab_size: int, dim: int, *, init_key: str, init_std: float,
-                 sequence_parallel: bool = False, dtype=None):
+                 sequence_parallel: bool = False, vocab_size: Optional[int] = None, dtype=None):
         super().__init__()
         tp, rank = state.tp_size(), state.tp_rank()
         if padded_vocab_size % tp:
@@ -154,7 +176,8 @@ class VocabParallelEmbedding(nn.Module):
         self.sequence_parallel = sequence_parallel and tp > 1
         self.tp = tp
         self.weight = nn.Parameter(torch.empty(self.rows, dim, dtype=dtype))
-        _mark(self.weight, init_key=init_key, std=init_std, partition_dim=0, tensor_parallel=tp > 1)
+        _mark(self.weight, init_key=init_key, std=init_std, partition_dim=0, tensor_parallel=tp > 1,
+              logical_size=vocab_size)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.tp == 1:

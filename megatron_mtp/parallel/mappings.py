@@ -42,26 +42,53 @@ def _split(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     return x.chunk(world, dim=dim)[dist.get_rank(group)].contiguous()
 
 
+# Single-tensor collectives (one call, one buffer; renamed *_single in recent torch). NCCL has them on every
+# torch we support; gloo only on recent ones, so gloo falls back to list collectives once they fail.
+_ALL_GATHER_TENSOR = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER_TENSOR = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_WITHOUT_TENSOR_COLLECTIVES: set = set()  # backends seen to lack them
+
+
+def _tensor_collective(fn, out, x, group) -> bool:
+    backend = dist.get_backend(group)
+    if backend in _WITHOUT_TENSOR_COLLECTIVES:
+        return False
+    try:
+        fn(out, x, group=group)
+    except (RuntimeError, NotImplementedError):
+        if backend == dist.Backend.NCCL:
+            raise
+        _WITHOUT_TENSOR_COLLECTIVES.add(backend)  # rejected before any traffic, on every rank alike
+        return False
+    return True
+
+
 def _gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     world = _world(group)
     if world == 1:
         return x
     x = x.contiguous()
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x, group=group)
-    return torch.cat(parts, dim=dim)
+    # Gathered rank-major along dim 0 ([world * n, ...]); then one copy puts the blocks along dim.
+    out = torch.empty((world * x.size(0),) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    if not _tensor_collective(_ALL_GATHER_TENSOR, out, x, group):
+        dist.all_gather(list(out.chunk(world)), x, group=group)
+    if dim == 0:
+        return out
+    return torch.cat(out.chunk(world), dim=dim)
 
 
 def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     world = _world(group)
     if world == 1:
         return x
-    if dist.get_backend(group) == dist.Backend.NCCL:
-        chunks = [c.contiguous() for c in x.chunk(world, dim=dim)]
-        out = torch.empty_like(chunks[0])
-        dist.reduce_scatter(out, chunks, group=group)
+    if x.size(dim) % world:
+        raise ValueError(f"dimension {dim} of size {x.size(dim)} is not divisible by the TP size {world}.")
+    # Blocks along dim laid rank-major along dim 0 (one copy), so rank r receives the sum of blocks r.
+    blocks = x.contiguous() if dim == 0 else torch.cat(x.chunk(world, dim=dim), dim=0)
+    out = torch.empty((blocks.size(0) // world,) + tuple(blocks.shape[1:]), dtype=x.dtype, device=x.device)
+    if _tensor_collective(_REDUCE_SCATTER_TENSOR, out, blocks, group):
         return out
-    # gloo has no reduce-scatter: all-reduce, then keep our slice (same result, more traffic; CPU tests).
+    # Old gloo has no reduce-scatter: all-reduce, then keep our block (same result, more traffic).
     return _split(_all_reduce(x.clone(), group), dim, group)
 
 

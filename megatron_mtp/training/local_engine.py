@@ -52,13 +52,13 @@ def allreduce_sequence_parallel_grads(model: torch.nn.Module) -> None:
 def global_grad_norm(model: torch.nn.Module) -> torch.Tensor:
     """L2 norm of the whole model's gradient: TP-sharded parameters count on every rank, replicated ones
     on TP rank 0 only, then summed over the model-parallel (TP x PP) group."""
-    squares = []
-    for p in model.parameters():
-        if p.grad is None:
-            continue
-        if getattr(p, "tensor_model_parallel", False) or state.tp_rank() == 0:
-            squares.append(p.grad.detach().float().pow(2).sum())
-    total = torch.stack(squares).sum() if squares else torch.zeros((), device=next(model.parameters()).device)
+    grads = [p.grad.detach() for p in model.parameters() if p.grad is not None
+             and (getattr(p, "tensor_model_parallel", False) or state.tp_rank() == 0)]
+    if grads:  # one fused multi-tensor kernel instead of pow + sum per parameter (perf, issue 10)
+        norms = torch._foreach_norm(grads)
+        total = torch.stack([n.float() for n in norms]).pow(2).sum()
+    else:
+        total = torch.zeros((), device=next(model.parameters()).device)
     group = state.get_state().model_parallel_group
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(total, group=group)
@@ -74,9 +74,19 @@ def clip_gradients(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
 
 
 class LocalEngine:
-    def __init__(self, model: torch.nn.Module, cfg: Config, device: torch.device, dtype: torch.dtype):
+    def __init__(self, model: torch.nn.Module, cfg: Config, device: torch.device, dtype: torch.dtype,
+                 master_weights: bool = False):
         self.model, self.cfg, self.device, self.dtype = model, cfg, device, dtype
-        self.optimizer = build_optimizer(model, cfg.optimizer, device)
+        # master_weights (GPU bf16): bf16 parameters, fp32 master weights and fp32 gradient accumulation
+        # (training/perf.py), the regime of DeepSpeed's bf16 mode; default: fp32 parameters under autocast.
+        self.master_weights = bool(master_weights) and dtype == torch.bfloat16
+        if self.master_weights:
+            from megatron_mtp.training.perf import MasterWeightAdamW
+
+            model.to(torch.bfloat16)
+            self.optimizer = MasterWeightAdamW(model, cfg.optimizer, device)
+        else:
+            self.optimizer = build_optimizer(model, cfg.optimizer, device)
         self.decay_iters = cfg.optimizer.decay_iters or cfg.train.iters
 
     def lr_at(self, step: int) -> float:
@@ -92,10 +102,16 @@ class LocalEngine:
             with autocast_context(self.device, self.dtype):
                 loss, head_losses = self.model(tokens.to(self.device, non_blocking=True))
             (loss / accum).backward()
+            if self.master_weights:
+                self.optimizer.accumulate_grads()  # fp32 accumulation across micro-batches
             loss_sum = loss_sum + loss.detach()
             heads_sum = heads_sum + head_losses
-        allreduce_sequence_parallel_grads(self.model)
-        grad_norm = clip_gradients(self.model, self.cfg.optimizer.clip_grad)
+        if self.master_weights:  # fp32 master gradients; the clip factor is applied inside the fused AdamW
+            allreduce_sequence_parallel_grads(self.optimizer.master_view)
+            grad_norm = self.optimizer.clip_grad_norm_(self.cfg.optimizer.clip_grad)
+        else:
+            allreduce_sequence_parallel_grads(self.model)
+            grad_norm = clip_gradients(self.model, self.cfg.optimizer.clip_grad)
         lr = self.lr_at(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -129,3 +145,5 @@ class LocalEngine:
         self.model.load_state_dict(sd["model"])
         if load_optimizer:
             self.optimizer.load_state_dict(sd["optimizer"])
+        elif self.master_weights:
+            self.optimizer.sync_from_model()

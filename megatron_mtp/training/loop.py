@@ -124,7 +124,10 @@ def train(cfg: Config) -> dict:
 
         engine = DeepSpeedEngine(cfg, device, dtype)
     else:
-        engine = LocalEngine(build_model(cfg, device, dtype), cfg, device, dtype)
+        from megatron_mtp.training.perf import use_master_weights
+
+        engine = LocalEngine(build_model(cfg, device, dtype), cfg, device, dtype,
+                             master_weights=cfg.train.master_weights and use_master_weights(device, dtype))
     n_params = count_parameters(engine.model)
     if env.rank == 0:
         print(f"model: {n_params / 1e6:.2f}M parameters on this rank, {cfg.mtp.n_heads} heads "

@@ -1,0 +1,177 @@
+"""CPU smoke tests of issue 10's tools: tools/bench_train.py --tiny, tools/estimate_memory.py, the memory model's
+activation formula against saved-tensor hooks, and the perf passes (master weights, attention layout)."""
+import copy
+import functools
+import importlib
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+from megatron_mtp.config import Config, ModelConfig  # noqa: E402
+from megatron_mtp.training import memory_model as mm  # noqa: E402
+from megatron_mtp.training import perf  # noqa: E402
+
+
+@pytest.fixture
+def torch_ce(monkeypatch):
+    """Run the fused cross-entropy on its pure-PyTorch path (these tests are about the tools, not the kernel);
+    everything the tools patch is restored afterwards."""
+    lce = importlib.import_module("megatron_mtp.ops.linear_cross_entropy")
+    lce = sys.modules["megatron_mtp.ops.linear_cross_entropy"]
+    orig = lce.linear_cross_entropy
+    monkeypatch.setattr(lce, "linear_cross_entropy", functools.partial(orig, backend="torch"))
+    monkeypatch.setattr(lce, "_bench_original", None, raising=False)
+    return lce
+
+
+def test_bench_train_tiny_writes_rows_and_profile(tmp_path, torch_ce):
+    import bench_train
+
+    out = tmp_path / "bench.json"
+    payload = bench_train.main(["--tiny", "--shapes", "tiny-gqa", "--variants", "hf,eager-autocast,eager-bf16",
+                                "--heads", "1,4", "--steps", "1", "--warmup", "1", "--ce-backend", "torch",
+                                "--profile", "eager-autocast:4", "--profile-top", "5", "--output", str(out),
+                                "--output-dir", str(tmp_path)])
+    data = json.loads(out.read_text())
+    assert data["device"].startswith("CPU") and data["command"]
+    rows = {(r["variant"], r["n_heads"]): r for r in data["rows"]}
+    assert set(rows) == {("hf", None), ("eager-autocast", 1), ("eager-autocast", 4), ("eager-bf16", 1)}
+    for r in rows.values():
+        assert "error" not in r, r.get("traceback", r.get("error"))
+        assert r["step_ms"] > 0 and r["tokens_per_s"] > 0 and r["tflops"] > 0
+    # compute-matched: the same parameter count for n=1 and n=4, and the FLOP ratio counts 3 more unembeddings
+    assert rows[("eager-autocast", 1)]["params"] == rows[("eager-autocast", 4)]["params"]
+    s = data["summary"]["tiny-gqa"]["eager-autocast"]
+    assert s["n4_over_n1_flops"] > 1.0 and s["n4_over_n1_step_time"] > 0
+    assert rows[("eager-autocast", 4)]["profile"]["top"]
+    assert rows[("eager-autocast", 1)]["predicted_peak_gib"] > 0
+    assert data["attention"]["tiny-gqa"]["model"]["chosen"]
+    assert (tmp_path / "train_tiny-gqa.json").is_file()
+    assert payload["rows"]
+
+
+def test_estimate_memory_recommends_fitting_layouts(tmp_path, capsys):
+    import estimate_memory
+
+    out = tmp_path / "plan.json"
+    rc = estimate_memory.main(["--config", os.path.join(ROOT, "configs/7b.yaml"), "--gpus-per-node", "8",
+                               "--gpu-memory-gib", "80", "--recommend", "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "recommended layouts" in text and "configured layout" in text
+    plan = json.loads(out.read_text())
+    rows = plan["recommended"]
+    assert rows and all(r["peak_gib"] <= plan["usable_gib"] for r in rows)
+    assert [r["proxy"] for r in rows] == sorted((r["proxy"] for r in rows), reverse=True)
+    for r in rows:
+        lay = r["layout"]
+        assert lay["tp"] * lay["pp"] * lay["dp"] == 8
+        assert not (lay["pp"] > 1 and lay["zero_stage"] > 1)
+    # a bad override is one sentence, not a trace
+    assert estimate_memory.main(["--config", os.path.join(ROOT, "configs/7b.yaml"), "--parallel.tp", "3"]) == 2
+
+
+@pytest.mark.parametrize("precision", ["autocast", "bf16_master"])
+def test_activation_formula_matches_saved_tensors(precision):
+    """The per-layer activation formula equals the bytes autograd saves (eager; CPU saved-tensor hooks)."""
+    for kv in (2, 4):
+        m = ModelConfig(hidden_size=64, num_attention_heads=4, num_kv_heads=kv, ffn_hidden_size=176, num_layers=2,
+                        vocab_size=128)
+        measured = mm.measure_layer_saved_bytes(m, precision="bf16" if precision == "bf16_master" else precision,
+                                                seq=32)
+        assert measured == mm.formula_bytes_per_token(m, precision, compiled=False)
+
+
+def test_memory_model_layout_rules():
+    cfg = Config()
+    cfg.model = ModelConfig(vocab_size=32000, hidden_size=1024, num_layers=10, num_attention_heads=8,
+                            num_kv_heads=8, ffn_hidden_size=2816)
+    cfg.mtp.n_heads = 2
+    base = mm.Layout(micro_batch=2, seq_length=1024, precision="ds_bf16", dp=2, zero_stage=1)
+    one = mm.estimate(cfg, base)[0]
+    # TP shards every matrix; sequence parallelism shards the rest of the activations
+    tp2 = mm.estimate(cfg, mm.Layout(**{**mm.asdict_layout(base), "tp": 2}))[0]
+    tp2sp = mm.estimate(cfg, mm.Layout(**{**mm.asdict_layout(base), "tp": 2, "sequence_parallel": True}))[0]
+    assert tp2.params < 0.55 * one.params
+    assert tp2sp.bytes["activations"] < tp2.bytes["activations"] < one.bytes["activations"]
+    # ZeRO-1 shards master weights and Adam moments over data parallelism
+    z0 = mm.estimate(cfg, mm.Layout(**{**mm.asdict_layout(base), "dp": 1}))[0]
+    assert one.bytes["optimizer"] == pytest.approx(z0.bytes["optimizer"] / 2)
+    # 1F1B: stage i holds pp - i micro-batches in flight (layers placed by the balanced partition)
+    pp4 = mm.estimate(cfg, mm.Layout(**{**mm.asdict_layout(base), "pp": 4, "grad_accum": 8}))
+    per_layer = mm.layer_activation_bytes(cfg.model, 2 * 1024, precision="ds_bf16", compiled=False)
+    pieces = mm.pipeline_pieces(cfg.model, cfg.mtp)
+    bounds = mm.partition_balanced([w for _, w in pieces], 4)
+    for st in pp4:
+        layers = sum(1 for name, _ in pieces[bounds[st.stage]:bounds[st.stage + 1]] if name.startswith("trunk."))
+        assert st.bytes["activations"] == pytest.approx(layers * per_layer * (4 - st.stage))
+    assert sum(bounds[i + 1] - bounds[i] for i in range(4)) == len(pieces) and len(set(bounds)) == 5
+    assert "ce_buffers" in pp4[-1].bytes and "ce_buffers" not in pp4[0].bytes
+    # full checkpointing keeps only each layer's input, plus one layer being recomputed
+    ckpt = mm.estimate(cfg, mm.Layout(**{**mm.asdict_layout(base), "activation_checkpointing": "full"}))[0]
+    assert ckpt.bytes["activations"] < 0.2 * one.bytes["activations"] and ckpt.bytes["recompute"] == per_layer
+    assert mm.partition_balanced([1, 1, 1, 1, 4], 2) == [0, 4, 5]
+
+
+def test_attention_layout_pass_is_exact(torch_ce):
+    from megatron_mtp.model.mtp_model import MTPModel
+    from megatron_mtp.parallel.layers import initialize_parameters
+
+    cfg = Config()
+    cfg.model = ModelConfig(vocab_size=128, hidden_size=64, num_layers=3, num_attention_heads=4, num_kv_heads=2,
+                            ffn_hidden_size=128, make_vocab_size_divisible_by=64)
+    cfg.mtp.n_heads = 2
+    model = MTPModel(cfg.model, cfg.mtp)
+    initialize_parameters(model, 3)
+    tokens = torch.randint(0, 128, (2, 17))
+    ref_loss, _ = model(tokens)
+    ref_loss.backward()
+    for expand in (False, True):
+        patched = copy.deepcopy(model)
+        patched.zero_grad()
+        assert perf.apply_attention_layout(patched, expand_kv=expand) == 3
+        loss, _ = patched(tokens)
+        loss.backward()
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+        for a, b in zip(model.parameters(), patched.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_master_weights_engine_trains_in_bf16_with_fp32_masters(torch_ce):
+    from megatron_mtp.model.mtp_model import MTPModel
+    from megatron_mtp.parallel.layers import initialize_parameters
+    from megatron_mtp.training.local_engine import LocalEngine
+
+    cfg = Config()
+    cfg.model = ModelConfig(vocab_size=128, hidden_size=64, num_layers=3, num_attention_heads=4, num_kv_heads=2,
+                            ffn_hidden_size=128, make_vocab_size_divisible_by=64)
+    cfg.mtp.n_heads = 2
+    cfg.optimizer.warmup_iters = 0
+    model = MTPModel(cfg.model, cfg.mtp)
+    initialize_parameters(model, 3)
+    ref = LocalEngine(copy.deepcopy(model), cfg, torch.device("cpu"), torch.float32)
+    eng = LocalEngine(model, cfg, torch.device("cpu"), torch.bfloat16, master_weights=True)
+    assert isinstance(eng.optimizer, perf.MasterWeightAdamW)
+    assert all(p.dtype == torch.bfloat16 for p in eng.model.parameters())
+    assert all(m.dtype == torch.float32 for m in eng.optimizer.masters)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(3):
+        mbs = [torch.randint(0, 128, (2, 17), generator=gen) for _ in range(2)]  # two micro-batches: fp32 accum
+        r_ref, r = ref.train_step(mbs, step), eng.train_step(mbs, step)
+        assert abs(float(r.loss) - float(r_ref.loss)) < 0.05 * float(r_ref.loss)
+        assert abs(float(r.grad_norm) - float(r_ref.grad_norm)) < 0.1 * float(r_ref.grad_norm)
+    # the masters moved and the bf16 weights are their rounding
+    for p, m in zip(eng.optimizer.params, eng.optimizer.masters):
+        torch.testing.assert_close(p, m.to(torch.bfloat16))
+    sd = eng.optimizer.state_dict()
+    assert "master_weights" in sd and sd["state"]
+    before = [m.clone() for m in eng.optimizer.masters]
+    eng.optimizer.load_state_dict(sd)
+    for a, b in zip(before, eng.optimizer.masters):
+        torch.testing.assert_close(a, b)
