@@ -15,13 +15,13 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from megatron_mtp.config import ModelConfig, MTPConfig
 from megatron_mtp.model.mtp_loss import IGNORE, head_targets, mtp_loss
 from megatron_mtp.model.transformer import LinearHead, TransformerLayer, rope_cos_sin
 from megatron_mtp.parallel import mappings, state
 from megatron_mtp.parallel.layers import RMSNorm, VocabParallelEmbedding, _mark
+from megatron_mtp.parallel.random import checkpoint  # replays the TP dropout stream on recompute
 
 
 def trunk_layer_count(cfg: ModelConfig, mtp: MTPConfig) -> int:
@@ -35,7 +35,8 @@ class MTPEmbedding(nn.Module):
         super().__init__()
         self.embed = VocabParallelEmbedding(cfg.padded_vocab_size(state.tp_size()), cfg.hidden_size,
                                             init_key="embedding", init_std=cfg.init_std,
-                                            sequence_parallel=sequence_parallel, dtype=dtype)
+                                            sequence_parallel=sequence_parallel, vocab_size=cfg.vocab_size,
+                                            dtype=dtype)
 
     @property
     def weight(self) -> nn.Parameter:
@@ -65,7 +66,8 @@ class MTPOutput(nn.Module):
         if not cfg.tie_embeddings:
             tp = state.tp_size()
             self.output_weight = nn.Parameter(torch.empty(cfg.padded_vocab_size(tp) // tp, cfg.hidden_size, dtype=dtype))
-            _mark(self.output_weight, init_key="output", std=cfg.init_std, partition_dim=0, tensor_parallel=tp > 1)
+            _mark(self.output_weight, init_key="output", std=cfg.init_std, partition_dim=0, tensor_parallel=tp > 1,
+                  logical_size=cfg.vocab_size)
         self.loss_weights = list(mtp.loss_weights) if mtp.loss_weights is not None else [1.0] * mtp.n_heads
 
     def _unembedding(self, tied_weight: Optional[torch.Tensor]) -> torch.Tensor:
@@ -97,8 +99,14 @@ class MTPOutput(nn.Module):
             tp = state.tp_size()
             targets = targets.view(b, tp, s // tp).transpose(0, 1)
         flat_targets = targets.reshape(-1)
+        weight = self._unembedding(tied_weight)
+        if torch.is_autocast_enabled(h.device.type):
+            # The fused kernel's GEMMs are not autocast ops: hand them the autocast dtype (bf16), or they
+            # would run in fp32 on fp32 master parameters.
+            dtype = torch.get_autocast_dtype(h.device.type)
+            h, weight = h.to(dtype), weight.to(dtype)
         total = linear_cross_entropy(
-            h.reshape(-1, h.size(-1)), self._unembedding(tied_weight), flat_targets,
+            h.reshape(-1, h.size(-1)), weight, flat_targets,
             tp_group=state.tp_group(), ignore_index=IGNORE, reduction="sum",
             sequence_parallel=self.sequence_parallel, vocab_size=self.cfg.vocab_size,
         )
@@ -147,7 +155,7 @@ class MTPModel(nn.Module):
         x = self.embedding(tokens)
         for i, layer in enumerate(self.trunk):
             if self.checkpoint_every and i % self.checkpoint_every == 0 and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, kv_cache, attn_mask, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, kv_cache, attn_mask)
             else:
                 x = layer(x, cos, sin, kv_cache, attn_mask)
         return x
@@ -186,3 +194,52 @@ def checkpoint_interval(setting: str) -> int:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inference helpers (megatron_mtp/inference): a trunk-only forward, and one head's logits at chosen
+# positions, so self-speculative decoding unembeds only the rows it needs.
+
+
+@torch.no_grad()
+def _mtp_trunk_hidden(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None, kv_cache=None,
+                      attn_mask=None) -> tuple:
+    """Inference: (z [b, s, hidden], cos, sin) — the trunk output and the RoPE tables of ``positions``."""
+    if positions is None:
+        positions = torch.arange(tokens.size(1), device=tokens.device)
+    cos, sin = self.rope(positions, self.embedding.weight.dtype)
+    return self.trunk_forward(tokens, cos, sin, kv_cache, attn_mask), cos, sin
+
+
+@torch.no_grad()
+def _mtp_head_states(self, i: int, z: torch.Tensor, cos, sin, kv_cache=None, attn_mask=None,
+                     index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Inference: head ``i`` (0-based) run over every position of ``z`` (so its KV cache sees them all), then
+    the shared final norm on the selected rows only: ``index`` None -> all [b, s, hidden]; ``index`` [b] ->
+    [b, hidden] (one position per sequence); ``index`` [b, m] -> [b, m, hidden]."""
+    h = self.output.heads[i](z, cos, sin, kv_cache, attn_mask)
+    if index is not None:
+        idx = index if index.dim() == 2 else index[:, None]
+        h = h.gather(1, idx[..., None].expand(-1, -1, h.size(-1)))
+        if index.dim() == 1:
+            h = h[:, 0]
+    return self.output.final_norm(h)
+
+
+@torch.no_grad()
+def _mtp_unembed(self, h: torch.Tensor) -> torch.Tensor:
+    """Inference: full-vocabulary logits [..., vocab_size] of final-normed hidden states [..., hidden]."""
+    return self.output.logits(h, self.tied_weight)
+
+
+@torch.no_grad()
+def _mtp_head_logits(self, i: int, z: torch.Tensor, cos, sin, kv_cache=None, attn_mask=None,
+                     index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Inference: ``unembed(head_states(...))`` — head ``i``'s logits at the selected rows (see head_states)."""
+    return self.unembed(self.head_states(i, z, cos, sin, kv_cache, attn_mask, index))
+
+
+MTPModel.trunk_hidden = _mtp_trunk_hidden
+MTPModel.head_states = _mtp_head_states
+MTPModel.unembed = _mtp_unembed
+MTPModel.head_logits = _mtp_head_logits

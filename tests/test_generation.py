@@ -1,0 +1,200 @@
+"""KV-cache generation: the cache (GQA, left padding, per-sequence lengths, rollback) against recomputing
+the full forward, plain greedy / sampled generation, EOD and budget stops, sampling filters, loading a
+checkpoint and the tools/generate.py command line."""
+import os
+import sys
+import types
+
+import pytest
+import torch
+
+from megatron_mtp.config import ModelConfig, MTPConfig
+from megatron_mtp.inference import KVCache, SamplingParams, generate, load_model, next_tokens, probabilities, sample
+from megatron_mtp.inference.loading import load_local_checkpoint
+from megatron_mtp.model.mtp_model import MTPModel
+from megatron_mtp.parallel.layers import initialize_parameters
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only contend on busy machines
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(vocab=16, n_heads=3, layers=5, seed=0, sharpen=30.0, dtype=torch.float64):
+    cfg = ModelConfig(vocab_size=vocab, hidden_size=32, num_layers=layers, num_attention_heads=4, num_kv_heads=2,
+                      ffn_hidden_size=64, make_vocab_size_divisible_by=8)
+    model = MTPModel(cfg, MTPConfig(n_heads=n_heads), dtype=dtype)
+    initialize_parameters(model, seed)
+    with torch.no_grad():  # random init predicts ~uniform tokens; sharpen so decoding decisions are clear
+        model.output.output_weight.mul_(sharpen)
+    return model.eval()
+
+
+def random_prompts(lengths, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def full_logits(model, seq, heads="all"):
+    return [l[0, -1] for l in model.logits(torch.tensor([seq]), heads=heads)]
+
+
+def recompute_greedy(model, prompt, n, eod=None):
+    seq, out = list(prompt), []
+    for _ in range(n):
+        t = int(full_logits(model, seq, "first")[0].argmax())
+        if t == eod:
+            break
+        out.append(t)
+        seq.append(t)
+    return out
+
+
+def test_kv_cache_matches_full_forward_with_padding_rollback_and_gqa():
+    model = tiny_model(n_heads=3)
+    prompts = random_prompts([5, 2, 7], 16, seed=1)
+    width = max(map(len, prompts))
+    pads = [width - len(p) for p in prompts]
+    cache = KVCache(3, 32, "cpu", start=pads)
+    tokens = torch.tensor([[0] * pad + p for pad, p in zip(pads, prompts)])
+
+    def step(inputs):
+        s = inputs.size(1)
+        return model.logits(inputs, heads="all", positions=cache.positions(s), kv_cache=cache,
+                            attn_mask=cache.attention_mask(s))
+
+    out = step(tokens)
+    cache.advance(width)
+    for b, p in enumerate(prompts):  # prefill: every head's logits at each sequence's last prompt token
+        for h, ref in enumerate(full_logits(model, p)):
+            torch.testing.assert_close(out[h][b, -1], ref)
+    assert all(k.shape[1] == 2 for k in cache._k.values())  # GQA: 2 KV heads stored, not 4 query heads
+    seqs = [list(p) for p in prompts]
+    g = torch.Generator().manual_seed(5)
+    # Multi-token steps with a different commit per sequence (speculative rollback), then single tokens.
+    for commit in ([1, 3, 2], [3, 1, 1], [1, 1, 1], [2, 3, 1]):
+        chunk = torch.randint(0, 16, (3, 3), generator=g)
+        out = step(chunk)
+        for b in range(3):
+            for j in range(3):  # every position of the chunk sees exactly its own prefix
+                prefix = seqs[b] + chunk[b, : j + 1].tolist()
+                for h, ref in enumerate(full_logits(model, prefix)):
+                    torch.testing.assert_close(out[h][b, j], ref)
+        cache.advance(torch.tensor(commit), commit)
+        for b in range(3):
+            seqs[b] += chunk[b, : commit[b]].tolist()
+        assert cache.lengths_host == [width + len(s) - len(p) for s, p in zip(seqs, prompts)]
+    # Explicit rollback to shorter lengths, then continue: the stale slots are overwritten.
+    cache.rollback([n - 2 for n in cache.lengths_host])
+    seqs = [s[:-2] for s in seqs]
+    nxt = torch.randint(0, 16, (3, 1), generator=g)
+    out = step(nxt)
+    for b in range(3):
+        for h, ref in enumerate(full_logits(model, seqs[b] + nxt[b].tolist())):
+            torch.testing.assert_close(out[h][b, 0], ref)
+    with pytest.raises(ValueError):
+        cache.rollback([0, 0, 0])  # below the prompts' padding start is not a length a sequence holds
+
+
+def test_greedy_generation_equals_recomputing_every_step():
+    model = tiny_model(n_heads=2, layers=4)
+    prompts = random_prompts([3, 8, 1], 16, seed=2)
+    out = generate(model, prompts, 12)
+    assert out.tokens == [recompute_greedy(model, p, 12) for p in prompts]
+    assert out.stats.tokens == 36 and out.stats.tokens_per_forward == 1.0 and out.stats.forwards == 12
+
+
+def test_sampled_generation_equals_recomputing_every_step():
+    model = tiny_model(n_heads=2, layers=4, sharpen=5.0)
+    params = SamplingParams(greedy=False, temperature=0.9, top_k=10, top_p=0.95)
+    prompt = random_prompts([4], 16, seed=3)[0]
+    out = generate(model, [prompt], 15, params, generator=torch.Generator().manual_seed(11))
+    g = torch.Generator().manual_seed(11)  # the same draws, from full forwards of the whole sequence
+    seq, ref = list(prompt), []
+    for _ in range(15):
+        t, _ = next_tokens(full_logits(model, seq, "first")[0][None], params, g)
+        ref.append(int(t))
+        seq.append(int(t))
+    assert out.tokens[0] == ref
+    assert len(set(ref)) > 1
+
+
+def test_eod_and_budget_stop_each_sequence():
+    model = tiny_model(n_heads=2, layers=4)
+    prompts = random_prompts([4, 6, 3, 5], 16, seed=4)
+    free = [recompute_greedy(model, p, 10) for p in prompts]
+    eod = free[0][3]  # sequence 0 meets this token at step 4; others may or may not
+    out = generate(model, prompts, 10, eod=eod)
+    for b, p in enumerate(prompts):
+        expect = recompute_greedy(model, p, 10, eod=eod)
+        assert out.tokens[b] == expect
+        assert out.finished_by_eod[b] == (len(expect) < 10 and eod in free[b])
+    assert out.finished_by_eod[0] and len(out.tokens[0]) == free[0].index(eod)
+    one = generate(model, prompts[:1], 1)
+    assert len(one.tokens[0]) == 1 and one.stats.forwards == 1
+
+
+def test_sampling_filters_and_sampler():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    p = probabilities(logits, SamplingParams(greedy=False, top_p=0.8))
+    torch.testing.assert_close(p, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+    p = probabilities(logits, SamplingParams(greedy=False, top_p=0.81))
+    assert (p > 0).sum() == 3
+    p = probabilities(logits, SamplingParams(greedy=False, top_k=1))
+    torch.testing.assert_close(p, torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+    p = probabilities(logits, SamplingParams(greedy=False, temperature=0.5))
+    ref = torch.tensor([0.25, 0.09, 0.0225, 0.0025])
+    torch.testing.assert_close(p[0], ref / ref.sum())
+    rows = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).expand(40000, 4)
+    counts = torch.bincount(sample(rows, torch.Generator().manual_seed(0)), minlength=4).double() / 40000
+    torch.testing.assert_close(counts, rows[0].double(), atol=0.01, rtol=0)
+    with pytest.raises(ValueError):
+        SamplingParams(greedy=False, temperature=0.0)
+
+
+def _save_run(tmp_path):
+    from megatron_mtp.checkpoint.manager import CheckpointManager
+    from megatron_mtp.config import Config
+    from megatron_mtp.training.local_engine import LocalEngine
+
+    cfg = Config()
+    cfg.model.hidden_size, cfg.model.num_layers, cfg.model.num_attention_heads = 32, 4, 4
+    cfg.model.num_kv_heads, cfg.model.ffn_hidden_size, cfg.mtp.n_heads = 2, 64, 3
+    cfg.train.run_dir = str(tmp_path / "run")
+    cfg.train.global_batch_size, cfg.train.grad_accum = 8, 1
+    model = MTPModel(cfg.model, cfg.mtp)
+    initialize_parameters(model, 7)
+    engine = LocalEngine(model, cfg, torch.device("cpu"), torch.float32)
+    CheckpointManager(cfg, engine, 0).save(3, types.SimpleNamespace(consumed_samples=0))
+    return cfg.train.run_dir, model
+
+
+def test_load_checkpoint_and_generate_cli(tmp_path, capsys):
+    run_dir, model = _save_run(tmp_path)
+    x = torch.randint(0, 258, (2, 7))
+    for loader in (load_model, load_local_checkpoint):
+        cfg, loaded, tok = loader(run_dir)
+        assert cfg.mtp.n_heads == 3 and tok.eod == 256
+        for a, b in zip(model.logits(x, heads="all"), loaded.logits(x, heads="all")):
+            torch.testing.assert_close(a, b)
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    try:
+        import generate as generate_tool
+    finally:
+        sys.path.pop(0)
+    rc = generate_tool.main(["--load", run_dir, "--prompt", "def f(x):", "--prompt", "import os",
+                             "--max-new-tokens", "6", "--speculative", "--heads", "3", "--compare", "--no-progress",
+                             "--no-stop-at-eod"])
+    captured = capsys.readouterr()
+    assert rc == 0
+    assert captured.out.count("### prompt") == 2
+    assert "tokens/forward" in captured.err and "acceptance head 2" in captured.err and "speedup" in captured.err
+    assert "2/2 outputs identical to plain" in captured.err
+    assert generate_tool.main(["--load", str(tmp_path / "missing"), "--prompt", "x"]) == 2
+    assert generate_tool.main(["--load", run_dir, "--prompt", "x", "--speculative", "--heads", "5"]) == 2
+    assert "error:" in capsys.readouterr().err
