@@ -139,7 +139,8 @@ def train(cfg: Config) -> dict:
 
     ckpt = CheckpointManager(cfg, engine, env.rank)
     start_step = ckpt.resume(train_iter)
-    logger = MetricsLogger(run_dir, enabled=is_logger, tensorboard=cfg.logging.tensorboard, resume=start_step > 0)
+    logger = MetricsLogger(run_dir, enabled=is_logger, tensorboard=cfg.logging.tensorboard, resume=start_step > 0,
+                           start_step=start_step)
 
     tokens_per_step = t.global_batch_size * cfg.data.seq_length
     flops_per_step = flops_per_token(cfg.model, cfg.mtp, cfg.data.seq_length) * tokens_per_step

@@ -48,7 +48,8 @@ def peak_flops(device: torch.device) -> Optional[float]:
 class MetricsLogger:
     """Rank 0 writes each record to stdout (one line), ``metrics.jsonl`` and TensorBoard."""
 
-    def __init__(self, run_dir: str, enabled: bool, tensorboard: bool = True, resume: bool = False):
+    def __init__(self, run_dir: str, enabled: bool, tensorboard: bool = True, resume: bool = False,
+                 start_step: int = 0):
         self.enabled = enabled
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.tb = None
@@ -61,7 +62,9 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+                # On resume, drop events a crashed run logged after its last checkpoint (they are replayed).
+                self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"),
+                                        purge_step=start_step + 1 if resume else None)
             except ImportError:  # tensorboard is optional at run time
                 self.tb = None
 
