@@ -7,6 +7,7 @@ with one sentence on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -18,6 +19,15 @@ def _user_errors() -> tuple:
     from megatron_mtp.parallel.state import LayoutError
 
     return ConfigError, DataError, LaunchError, LayoutError, CheckpointError
+
+
+def _launch_rank() -> int:
+    for name in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    if os.environ.get("SLURM_STEP_ID") is not None and os.environ.get("SLURM_PROCID", "").isdigit():
+        return int(os.environ["SLURM_PROCID"])
+    return 0
 
 
 def main(argv=None) -> int:
@@ -40,7 +50,9 @@ def main(argv=None) -> int:
     except errors as exc:
         kind = {"ConfigError": "config", "LayoutError": "config", "DataError": "data",
                 "LaunchError": "launch", "CheckpointError": "checkpoint"}.get(type(exc).__name__, "input")
-        print(f"{kind} error: {exc}", file=sys.stderr, flush=True)
+        # Config and layout errors are the same on every rank: say them once. Others may be rank-specific.
+        if kind != "config" or _launch_rank() == 0:
+            print(f"{kind} error: {exc}", file=sys.stderr, flush=True)
         return 2
     finally:
         from megatron_mtp.parallel.distributed import destroy_distributed

@@ -10,7 +10,8 @@ python3 -m pip install -q -r requirements-cpu.txt
 python3 -m pip install -q --no-build-isolation -e .
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ "${MTP_SKIP_SLURM:-0}" != 1 ]; then
-  bash .ci/local_slurm.sh start
+  # A failed start only skips the Slurm/mpirun launcher tests; stop always runs.
+  bash .ci/local_slurm.sh start || echo "local Slurm unavailable: the Slurm launcher tests will skip" >&2
   trap 'bash .ci/local_slurm.sh stop || true' EXIT
 fi
 
