@@ -1,0 +1,452 @@
+// CUDA half of the linear cross-entropy: row kernels over a [rows, V_local] logits chunk, the float32-accumulating
+// weight-gradient GEMM, and the in-place float32 -> bf16 narrowing of the weight-gradient accumulator.
+//
+// Row kernels: one 512-thread block per row (grid-stride over rows), 16-byte loads and stores, statistics in
+// float32. They are memory-bound: the fused single-shard kernel reads the chunk, then re-reads (from L2 where the
+// grid's rows in flight fit half of it) and writes it once. H100 profile (docs/cross_entropy.md): 0.44 ms per
+// 8192 x 32768 bf16 chunk (~2.5 TB/s counting one read and one write), 1.1 ms per 4096 x 131072 chunk, where
+// the re-read misses L2 (~1.9 TB/s); keeping the row in shared memory between the passes is the next step.
+#include "linear_cross_entropy.h"
+
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/Exceptions.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cublas_v2.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace mtp {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+
+template <typename scalar_t>
+struct alignas(16) Pack {
+  static constexpr int kSize = 16 / sizeof(scalar_t);
+  scalar_t v[kSize];
+};
+
+// Running (max, sum of exp(x - max)) pair; merging rescales the smaller side once.
+struct MaxSum {
+  float m;
+  float s;
+};
+
+__device__ __forceinline__ MaxSum merge(MaxSum a, MaxSum b) {
+  const float m = fmaxf(a.m, b.m);
+  if (m == -INFINITY) return {m, 0.f};  // both empty: avoid exp(-inf - -inf) = NaN
+  return {m, a.s * __expf(a.m - m) + b.s * __expf(b.m - m)};
+}
+
+__device__ __forceinline__ MaxSum warp_reduce(MaxSum v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    v = merge(v, {__shfl_xor_sync(0xffffffffu, v.m, offset), __shfl_xor_sync(0xffffffffu, v.s, offset)});
+  }
+  return v;
+}
+
+// Block-wide merge; every thread gets the result. `shared` holds kWarps + 1 slots and is free on return.
+__device__ __forceinline__ MaxSum block_reduce(MaxSum v, MaxSum* shared) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  v = warp_reduce(v);
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = warp_reduce(lane < kWarps ? shared[lane] : MaxSum{-INFINITY, 0.f});
+    if (lane == 0) shared[kWarps] = v;
+  }
+  __syncthreads();
+  v = shared[kWarps];
+  __syncthreads();  // the slots are reused for the next row
+  return v;
+}
+
+// Loads in flight per thread: at one or two blocks per SM (long rows, see fused_blocks_per_sm) a single
+// outstanding 16-byte load per thread cannot cover the memory latency, so each thread issues kUnroll first.
+constexpr int kUnroll = 4;
+
+// One thread's share of a row: online max / sum-exp, rescaling the running sum once per 16-byte pack.
+template <typename scalar_t>
+__device__ __forceinline__ void accumulate_pack(MaxSum& acc, const Pack<scalar_t>& p) {
+  constexpr int kN = Pack<scalar_t>::kSize;
+  float x[kN];
+  float pack_max = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < kN; ++j) {
+    x[j] = static_cast<float>(p.v[j]);
+    pack_max = fmaxf(pack_max, x[j]);
+  }
+  if (pack_max > acc.m) {
+    acc.s *= __expf(acc.m - pack_max);  // exp(-inf) = 0 while the sum is still empty
+    acc.m = pack_max;
+  }
+#pragma unroll
+  for (int j = 0; j < kN; ++j) acc.s += __expf(x[j] - acc.m);
+}
+
+template <typename scalar_t, bool kVectorized>
+__device__ __forceinline__ MaxSum thread_row_stats(const scalar_t* __restrict__ row, int64_t vocab) {
+  MaxSum acc{-INFINITY, 0.f};
+  if constexpr (kVectorized) {
+    const auto* packs = reinterpret_cast<const Pack<scalar_t>*>(row);
+    const int64_t n_packs = vocab / Pack<scalar_t>::kSize;
+    for (int64_t base = threadIdx.x; base < n_packs; base += int64_t(kThreads) * kUnroll) {
+      Pack<scalar_t> p[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t i = base + int64_t(u) * kThreads;
+        if (i < n_packs) p[u] = packs[i];
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (base + int64_t(u) * kThreads < n_packs) accumulate_pack(acc, p[u]);
+      }
+    }
+  } else {
+    for (int64_t i = threadIdx.x; i < vocab; i += kThreads) {
+      const float x = static_cast<float>(row[i]);
+      if (x > acc.m) {
+        acc.s = acc.s * __expf(acc.m - x) + 1.f;
+        acc.m = x;
+      } else {
+        acc.s += __expf(x - acc.m);
+      }
+    }
+  }
+  return acc;
+}
+
+// One thread's share of the in-place gradient: g = (exp(x - lse) - [v == target]) * scale.
+template <typename scalar_t, bool kVectorized>
+__device__ __forceinline__ void thread_write_grad(scalar_t* __restrict__ row, int64_t vocab, float lse, float scale,
+                                                  int64_t target_col) {
+  if constexpr (kVectorized) {
+    constexpr int kN = Pack<scalar_t>::kSize;
+    auto* packs = reinterpret_cast<Pack<scalar_t>*>(row);
+    const int64_t n_packs = vocab / kN;
+    if (scale == 0.f) {  // ignored row (uniform across the block): zeros, without reading the logits
+      Pack<scalar_t> zero;
+#pragma unroll
+      for (int j = 0; j < kN; ++j) zero.v[j] = static_cast<scalar_t>(0.f);
+      for (int64_t i = threadIdx.x; i < n_packs; i += kThreads) packs[i] = zero;
+      return;
+    }
+    for (int64_t base = threadIdx.x; base < n_packs; base += int64_t(kThreads) * kUnroll) {
+      Pack<scalar_t> p[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t i = base + int64_t(u) * kThreads;
+        if (i < n_packs) p[u] = packs[i];
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t i = base + int64_t(u) * kThreads;
+        if (i >= n_packs) continue;
+#pragma unroll
+        for (int j = 0; j < kN; ++j) {
+          float prob = __expf(static_cast<float>(p[u].v[j]) - lse);
+          if (i * kN + j == target_col) prob -= 1.f;
+          p[u].v[j] = static_cast<scalar_t>(prob * scale);
+        }
+        packs[i] = p[u];
+      }
+    }
+  } else {
+    for (int64_t i = threadIdx.x; i < vocab; i += kThreads) {
+      float prob = scale == 0.f ? 0.f : __expf(static_cast<float>(row[i]) - lse);
+      if (i == target_col) prob -= 1.f;
+      row[i] = static_cast<scalar_t>(prob * scale);
+    }
+  }
+}
+
+template <typename scalar_t, bool kVectorized>
+__global__ void __launch_bounds__(kThreads)
+    row_stats_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict__ target, int64_t rows,
+                     int64_t vocab, int64_t vocab_start, float* __restrict__ row_max, float* __restrict__ row_sum,
+                     float* __restrict__ target_logit) {
+  __shared__ MaxSum shared[kWarps + 1];
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const scalar_t* row = logits + r * vocab;
+    const MaxSum ms = block_reduce(thread_row_stats<scalar_t, kVectorized>(row, vocab), shared);
+    if (threadIdx.x == 0) {
+      const int64_t col = target[r] - vocab_start;
+      row_max[r] = ms.m;
+      row_sum[r] = ms.s;
+      target_logit[r] = (col >= 0 && col < vocab) ? static_cast<float>(row[col]) : 0.f;
+    }
+  }
+}
+
+template <typename scalar_t, bool kVectorized>
+__global__ void __launch_bounds__(kThreads)
+    softmax_grad_kernel(scalar_t* __restrict__ logits, const int64_t* __restrict__ target, int64_t rows,
+                        int64_t vocab, int64_t vocab_start, const float* __restrict__ lse,
+                        const float* __restrict__ row_scale) {
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    thread_write_grad<scalar_t, kVectorized>(logits + r * vocab, vocab, lse[r], row_scale[r], target[r] - vocab_start);
+  }
+}
+
+template <typename scalar_t, bool kVectorized>
+__global__ void __launch_bounds__(kThreads)
+    stats_and_grad_kernel(scalar_t* __restrict__ logits, const int64_t* __restrict__ target, int64_t rows,
+                          int64_t vocab, int64_t vocab_start, const float* __restrict__ row_scale,
+                          float* __restrict__ lse_out, float* __restrict__ target_logit_out, bool write_grad) {
+  __shared__ MaxSum shared[kWarps + 1];
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    scalar_t* row = logits + r * vocab;
+    const int64_t col = target[r] - vocab_start;
+    // Read the target logit before the block's barrier: after it, other threads start overwriting the row.
+    const float t = (threadIdx.x == 0 && col >= 0 && col < vocab) ? static_cast<float>(row[col]) : 0.f;
+    const MaxSum ms = block_reduce(thread_row_stats<scalar_t, kVectorized>(row, vocab), shared);
+    const float lse = ms.m + __logf(ms.s);  // s >= 1: the max itself contributes exp(0)
+    if (threadIdx.x == 0) {
+      lse_out[r] = lse;
+      target_logit_out[r] = t;
+    }
+    if (write_grad) thread_write_grad<scalar_t, kVectorized>(row, vocab, lse, row_scale[r], col);
+  }
+}
+
+// ---- launch helpers -------------------------------------------------------------------------------------------
+
+void check_chunk(const at::Tensor& logits, const at::Tensor& target) {
+  TORCH_CHECK(logits.is_cuda() && logits.dim() == 2 && logits.is_contiguous(),
+              "logits chunk must be a contiguous 2-D CUDA tensor");
+  TORCH_CHECK(target.is_cuda() && target.scalar_type() == at::kLong && target.is_contiguous() &&
+                  target.numel() == logits.size(0),
+              "target must be a contiguous int64 CUDA tensor with one id per logits row");
+}
+
+void check_stat(const at::Tensor& t, int64_t rows, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == rows, name,
+              " must be a contiguous float32 CUDA tensor with one value per row");
+}
+
+template <typename scalar_t>
+bool vectorizable(const at::Tensor& logits) {
+  return logits.size(1) % Pack<scalar_t>::kSize == 0 && reinterpret_cast<uintptr_t>(logits.data_ptr()) % 16 == 0;
+}
+
+int64_t grid_for(int64_t rows, int64_t blocks_per_sm) {
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return std::max<int64_t>(1, std::min(rows, sms * blocks_per_sm));
+}
+
+// For the fused kernel, which re-reads its row: keep the rows in flight within half the L2 so that the second
+// read hits the cache, but never fewer than one block per SM.
+int64_t fused_blocks_per_sm(int64_t row_bytes) {
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  const int64_t budget = static_cast<int64_t>(prop->l2CacheSize) / 2;
+  const int64_t per_sm = budget / std::max<int64_t>(1, row_bytes * prop->multiProcessorCount);
+  return std::clamp<int64_t>(per_sm, 1, 2048 / kThreads);
+}
+
+#define MTP_DISPATCH_LOGITS(TYPE, NAME, ...)                          \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                      \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)        \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)         \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+}  // namespace
+
+void row_stats(const at::Tensor& logits, const at::Tensor& target, int64_t vocab_start, at::Tensor& row_max,
+               at::Tensor& row_sumexp, at::Tensor& target_logit) {
+  check_chunk(logits, target);
+  const int64_t rows = logits.size(0), vocab = logits.size(1);
+  check_stat(row_max, rows, "row_max");
+  check_stat(row_sumexp, rows, "row_sumexp");
+  check_stat(target_logit, rows, "target_logit");
+  if (rows == 0) return;
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  MTP_DISPATCH_LOGITS(logits.scalar_type(), "mtp_row_stats_cuda", [&] {
+    const int64_t grid = grid_for(rows, 2048 / kThreads);
+    auto launch = [&](auto kernel) {
+      kernel<<<grid, kThreads, 0, stream>>>(logits.data_ptr<scalar_t>(), target.data_ptr<int64_t>(), rows, vocab,
+                                            vocab_start, row_max.data_ptr<float>(), row_sumexp.data_ptr<float>(),
+                                            target_logit.data_ptr<float>());
+    };
+    if (vectorizable<scalar_t>(logits)) {
+      launch(row_stats_kernel<scalar_t, true>);
+    } else {
+      launch(row_stats_kernel<scalar_t, false>);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void softmax_grad_(at::Tensor& logits, const at::Tensor& target, int64_t vocab_start, const at::Tensor& lse,
+                   const at::Tensor& row_scale) {
+  check_chunk(logits, target);
+  const int64_t rows = logits.size(0), vocab = logits.size(1);
+  check_stat(lse, rows, "lse");
+  check_stat(row_scale, rows, "row_scale");
+  if (rows == 0) return;
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  MTP_DISPATCH_LOGITS(logits.scalar_type(), "mtp_softmax_grad_cuda", [&] {
+    const int64_t grid = grid_for(rows, 2048 / kThreads);
+    auto launch = [&](auto kernel) {
+      kernel<<<grid, kThreads, 0, stream>>>(logits.data_ptr<scalar_t>(), target.data_ptr<int64_t>(), rows, vocab,
+                                            vocab_start, lse.data_ptr<float>(), row_scale.data_ptr<float>());
+    };
+    if (vectorizable<scalar_t>(logits)) {
+      launch(softmax_grad_kernel<scalar_t, true>);
+    } else {
+      launch(softmax_grad_kernel<scalar_t, false>);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void stats_and_grad_(at::Tensor& logits, const at::Tensor& target, int64_t vocab_start,
+                     const at::Tensor& row_scale, at::Tensor& lse, at::Tensor& target_logit, bool write_grad) {
+  check_chunk(logits, target);
+  const int64_t rows = logits.size(0), vocab = logits.size(1);
+  if (write_grad) check_stat(row_scale, rows, "row_scale");
+  check_stat(lse, rows, "lse");
+  check_stat(target_logit, rows, "target_logit");
+  if (rows == 0) return;
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  MTP_DISPATCH_LOGITS(logits.scalar_type(), "mtp_stats_and_grad_cuda", [&] {
+    const int64_t grid = grid_for(rows, fused_blocks_per_sm(vocab * static_cast<int64_t>(sizeof(scalar_t))));
+    auto launch = [&](auto kernel) {
+      kernel<<<grid, kThreads, 0, stream>>>(logits.data_ptr<scalar_t>(), target.data_ptr<int64_t>(), rows, vocab,
+                                            vocab_start, write_grad ? row_scale.data_ptr<float>() : nullptr,
+                                            lse.data_ptr<float>(), target_logit.data_ptr<float>(), write_grad);
+    };
+    if (vectorizable<scalar_t>(logits)) {
+      launch(stats_and_grad_kernel<scalar_t, true>);
+    } else {
+      launch(stats_and_grad_kernel<scalar_t, false>);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// ---- weight gradient: bf16/fp16 operands, float32 accumulator ---------------------------------------------------
+
+void gemm_accumulate_fp32(const at::Tensor& grad_logits, int64_t col_begin, int64_t col_end,
+                          const at::Tensor& hidden_chunk, float* c, float beta) {
+  TORCH_CHECK(grad_logits.is_contiguous() && hidden_chunk.is_contiguous() &&
+                  grad_logits.scalar_type() == hidden_chunk.scalar_type() &&
+                  (grad_logits.scalar_type() == at::kBFloat16 || grad_logits.scalar_type() == at::kHalf),
+              "gemm_accumulate_fp32 takes contiguous bf16/fp16 operands of one dtype");
+  const int64_t rows = grad_logits.size(0), vocab = grad_logits.size(1), dim = hidden_chunk.size(1);
+  const int64_t n = col_end - col_begin;
+  TORCH_CHECK(hidden_chunk.size(0) == rows && col_begin >= 0 && col_end <= vocab, "gemm_accumulate_fp32: bad shapes");
+  TORCH_CHECK(rows < INT32_MAX && vocab < INT32_MAX && dim < INT32_MAX, "gemm_accumulate_fp32: dimension too large");
+  if (n <= 0 || dim == 0 || rows == 0) return;  // callers never pass an empty chunk with beta = 0
+  const cudaDataType_t ab = grad_logits.scalar_type() == at::kBFloat16 ? CUDA_R_16BF : CUDA_R_16F;
+  const float alpha = 1.f;
+  const char* b = static_cast<const char*>(grad_logits.data_ptr()) + col_begin * grad_logits.element_size();
+  // Column-major view: C^T[d, n] = H^T[d, rows] @ G[rows, col_begin:col_end], i.e. row-major
+  // dW[col_begin:col_end, d] = G[:, cols]^T @ H, with C's leading dimension d (dW rows are contiguous).
+  cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
+  TORCH_CUDABLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_T, static_cast<int>(dim), static_cast<int>(n),
+                                    static_cast<int>(rows), &alpha, hidden_chunk.data_ptr(), ab,
+                                    static_cast<int>(dim), b, ab, static_cast<int>(vocab), &beta, c, CUDA_R_32F,
+                                    static_cast<int>(dim), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+// ---- float32 -> bf16/fp16 conversion, also in place -----------------------------------------------------------
+
+namespace {
+
+template <typename out_t>
+struct alignas(4 * sizeof(out_t)) Quad {
+  out_t v[4];
+};
+
+template <typename out_t, bool kVectorized>
+__global__ void convert_kernel(const float* __restrict__ in, out_t* __restrict__ out, int64_t n) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  int64_t done = 0;
+  if constexpr (kVectorized) {
+    const int64_t quads = n / 4;
+    for (int64_t i = first; i < quads; i += stride) {
+      const float4 x = reinterpret_cast<const float4*>(in)[i];
+      Quad<out_t> q;
+      q.v[0] = static_cast<out_t>(x.x);
+      q.v[1] = static_cast<out_t>(x.y);
+      q.v[2] = static_cast<out_t>(x.z);
+      q.v[3] = static_cast<out_t>(x.w);
+      reinterpret_cast<Quad<out_t>*>(out)[i] = q;
+    }
+    done = quads * 4;
+  }
+  for (int64_t i = done + first; i < n; i += stride) out[i] = static_cast<out_t>(in[i]);
+}
+
+template <typename out_t>
+void launch_convert(const float* in, out_t* out, int64_t n, cudaStream_t stream) {
+  if (n <= 0) return;
+  constexpr int kBlock = 256;
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t grid = std::max<int64_t>(1, std::min<int64_t>((n / 4 + kBlock - 1) / kBlock, sms * 8));
+  const bool vec = reinterpret_cast<uintptr_t>(in) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(out) % (4 * sizeof(out_t)) == 0;
+  if (vec) {
+    convert_kernel<out_t, true><<<grid, kBlock, 0, stream>>>(in, out, n);
+  } else {
+    convert_kernel<out_t, false><<<grid, kBlock, 0, stream>>>(in, out, n);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename out_t>
+void narrow_in_place(void* buffer, int64_t n, const at::TensorOptions& options, cudaStream_t stream) {
+  // Element i (float32, bytes [4i, 4i+4)) becomes element i of the narrow type at bytes [2i, 2i+2). Launch k
+  // converts [s, min(2s, n)): its writes land in bytes [2s, 4s), i.e. on float32 elements below s that earlier
+  // launches (same stream, so already finished reading) consumed, and never on its own inputs. The first
+  // block, whose writes would overlap its own inputs, goes through a small temporary.
+  const float* in = static_cast<const float*>(buffer);
+  out_t* out = static_cast<out_t*>(buffer);
+  const int64_t first = std::min<int64_t>(n, int64_t(1) << 20);
+  if (first > 0) {
+    at::Tensor tmp = at::empty({first}, options);
+    launch_convert<out_t>(in, static_cast<out_t*>(tmp.data_ptr()), first, stream);
+    C10_CUDA_CHECK(cudaMemcpyAsync(out, tmp.data_ptr(), first * sizeof(out_t), cudaMemcpyDeviceToDevice, stream));
+  }
+  for (int64_t s = first; s < n;) {
+    const int64_t e = std::min(2 * s, n);
+    launch_convert<out_t>(in + s, out + s, e - s, stream);
+    s = e;
+  }
+}
+
+}  // namespace
+
+void narrow_fp32_in_place(void* buffer, int64_t n, at::ScalarType out_dtype) {
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto options = at::TensorOptions().device(at::kCUDA, c10::cuda::current_device()).dtype(out_dtype);
+  if (out_dtype == at::kBFloat16) {
+    narrow_in_place<at::BFloat16>(buffer, n, options, stream);
+  } else {
+    TORCH_CHECK(out_dtype == at::kHalf, "narrow_fp32_in_place: bf16 or fp16 output expected");
+    narrow_in_place<at::Half>(buffer, n, options, stream);
+  }
+}
+
+void convert_fp32(const float* src, void* dst, int64_t n, at::ScalarType out_dtype) {
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  if (out_dtype == at::kBFloat16) {
+    launch_convert<at::BFloat16>(src, static_cast<at::BFloat16*>(dst), n, stream);
+  } else {
+    TORCH_CHECK(out_dtype == at::kHalf, "convert_fp32: bf16 or fp16 output expected");
+    launch_convert<at::Half>(src, static_cast<at::Half*>(dst), n, stream);
+  }
+}
+
+}  // namespace cuda
+}  // namespace mtp
