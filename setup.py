@@ -70,7 +70,7 @@ setup(
         "safetensors",
         "tokenizers",
         "sentencepiece",
-        "deepspeed>=0.14",
+        "deepspeed>=0.16",
         "matplotlib",
     ],
     extras_require={
