@@ -159,6 +159,7 @@ def test_init_distributed_single_process(monkeypatch):
     for name in list(os.environ):
         if name.startswith(("SLURM_", "OMPI_")) or name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
             monkeypatch.delenv(name)
+    D.destroy_distributed()  # in-process training tests earlier in the session may have cached their launch
     env = D.init_distributed()
     try:
         import torch.distributed as dist
