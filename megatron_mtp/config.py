@@ -124,6 +124,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float64
     activation_checkpointing: str = "none"  # none | full | every_<k>
+    # Save and exit once the step is a multiple of this (Megatron's --exit-interval: fit a long run into
+    # time-limited jobs; the schedule and data order still follow train.iters). 0 = run to train.iters.
+    exit_interval: int = 0
     eval_interval: int = 0  # 0 disables validation
     eval_iters: int = 10
     compile: bool = False  # torch.compile each transformer layer (GPU; fuses norms, RoPE, SwiGLU)
@@ -367,6 +370,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _check(len(cfg.data.paths) % 2 == 0 or len(cfg.data.paths) == 1,
            "data.paths must be [weight1, prefix1, weight2, prefix2, ...] or a single prefix.")
     _check(t.iters >= 0, f"train.iters must be non-negative, got {t.iters}.")
+    _check(t.exit_interval >= 0, f"train.exit_interval must be non-negative, got {t.exit_interval}.")
     _check(t.micro_batch_size >= 1, f"train.micro_batch_size must be at least 1, got {t.micro_batch_size}.")
     _check(t.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {t.device!r}.")
     _check(t.dtype in ("auto", "float32", "bfloat16", "float64"),

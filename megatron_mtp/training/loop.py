@@ -153,15 +153,18 @@ def train(cfg: Config) -> dict:
     while step < t.iters:
         micro_batches = [next(train_iter) for _ in range(t.grad_accum)]
         result = engine.train_step(micro_batches, step)
+        # Logged losses are means over the logging window (as Megatron logs them): device tensors, no sync.
+        window_loss = result.loss.detach() if window_steps == 0 else window_loss + result.loss.detach()
+        window_heads = result.head_losses.detach() if window_steps == 0 else window_heads + result.head_losses.detach()
         step += 1
         window_steps += 1
         if step % cfg.logging.interval == 0 or step == t.iters:
-            losses = result.head_losses.detach().float().cpu()  # the only host sync, once per log interval
+            losses = (window_heads / window_steps).float().cpu()  # the only host sync, once per log interval
             elapsed = time.perf_counter() - window_start
             tflops = flops_per_step * window_steps / elapsed / gpus / 1e12
             record = {
                 "step": step,
-                "loss": float(result.loss),
+                "loss": float(window_loss / window_steps),
                 **{f"loss_head_{i + 1}": float(v) for i, v in enumerate(losses)},
                 "lr": result.lr,
                 "grad_norm": float(result.grad_norm),
@@ -185,6 +188,12 @@ def train(cfg: Config) -> dict:
             if env.rank == 0:
                 print(f"stop signal received: saving a checkpoint at step {step} and exiting", flush=True)
             ckpt.save(step, train_iter)
+            break
+        if t.exit_interval and step % t.exit_interval == 0 and step < t.iters:
+            if env.rank == 0:
+                print(f"train.exit_interval reached: saving a checkpoint at step {step} and exiting", flush=True)
+            if not ckpt.saved_at(step):
+                ckpt.save(step, train_iter)
             break
         if window_steps and step % cfg.logging.interval == 0:  # evaluation and saving stay out of the timing
             window_start, window_steps = time.perf_counter(), 0

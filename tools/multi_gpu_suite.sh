@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Issue 11's multi-GPU runs, one call per machine kind (2, 4 or 8 GPUs): correctness of every layout that
+# fits against the single-GPU run, save/reshard/resume across layouts, weak scaling and the 7B layout.
+# Results: $OUT/multi_gpu_<N>gpu.json (or benchmarks/ when OUT is unset) and a table on stdout.
+#
+#   bash ../shared/tools/gpu-wheels.sh            # here: fills .whl/ with deepspeed + its pure deps
+#   device run (kind nvidia-h100-x2|x4|x8, carry .whl):  bash tools/multi_gpu_suite.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import deepspeed" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+python3 -m pip install -q --no-build-isolation --no-deps -e . >/dev/null   # builds the CUDA extension
+exec python3 tools/multi_gpu_suite.py --output-dir "${OUT:-benchmarks}" "$@"
