@@ -10,7 +10,6 @@ layouts one after another (spawning and importing DeepSpeed costs seconds on bus
 
 ``run_layouts`` and ``baseline`` are shared with tests/test_pipeline.py.
 """
-import copy
 import json
 import os
 

@@ -10,7 +10,6 @@ ranks while TP regions draw per-rank masks, and activation checkpointing replays
 cross-entropies equal ``F.cross_entropy`` on the gathered logits. Invalid layouts each give their one
 sentence without spawning anything.
 """
-from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
@@ -74,15 +73,7 @@ def batch(seed=0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(seed))
 
 
-@contextmanager
-def single_process():
-    """Run TP=1 inside a TP world: the layers read the parallel state at construction and call time."""
-    saved = state._STATE
-    state._STATE = state.ParallelState()
-    try:
-        yield
-    finally:
-        state._STATE = saved
+single_process = state.single_process_layout  # TP=1 references inside the TP world
 
 
 def loss_and_grads(model, tokens) -> tuple:

@@ -28,7 +28,6 @@ import datetime
 import functools
 import gc
 import json
-import math
 import os
 import platform
 import re

@@ -11,7 +11,6 @@ with their ``logical_size`` real rows only: their padding depends on tp and is z
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 from typing import Optional
@@ -52,15 +51,7 @@ def marks_of(param) -> dict:
     }
 
 
-@contextlib.contextmanager
-def single_process_layout():
-    """Build modules as for one process (tp=1), whatever parallel state this process has."""
-    saved = state._STATE
-    state._STATE = state.ParallelState()
-    try:
-        yield
-    finally:
-        state._STATE = saved
+single_process_layout = state.single_process_layout
 
 
 def build_meta_model(cfg):

@@ -7,6 +7,7 @@ same model code runs unchanged on a laptop.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -101,6 +102,19 @@ def destroy_model_parallel() -> None:
 
 def get_state() -> ParallelState:
     return _STATE
+
+
+@contextlib.contextmanager
+def single_process_layout():
+    """Build or run modules as for one process (TP=1, PP=1), whatever groups this process has: layers read the
+    parallel state when they are built and called (merging checkpoints, TP=1 references in tests)."""
+    global _STATE
+    saved = _STATE
+    _STATE = ParallelState()
+    try:
+        yield
+    finally:
+        _STATE = saved
 
 
 def tp_size() -> int:

@@ -150,12 +150,13 @@ def train(cfg: Config) -> dict:
     last_record: dict = {}
     step = start_step
     window_start, window_steps = time.perf_counter(), 0
+    window_loss, window_heads = 0.0, 0.0  # sums over the logging window, kept on the device
     while step < t.iters:
         micro_batches = [next(train_iter) for _ in range(t.grad_accum)]
         result = engine.train_step(micro_batches, step)
         # Logged losses are means over the logging window (as Megatron logs them): device tensors, no sync.
-        window_loss = result.loss.detach() if window_steps == 0 else window_loss + result.loss.detach()
-        window_heads = result.head_losses.detach() if window_steps == 0 else window_heads + result.head_losses.detach()
+        window_loss = window_loss + result.loss.detach()
+        window_heads = window_heads + result.head_losses.detach()
         step += 1
         window_steps += 1
         if step % cfg.logging.interval == 0 or step == t.iters:
@@ -197,6 +198,7 @@ def train(cfg: Config) -> dict:
             break
         if window_steps and step % cfg.logging.interval == 0:  # evaluation and saving stay out of the timing
             window_start, window_steps = time.perf_counter(), 0
+            window_loss, window_heads = 0.0, 0.0
     else:
         if cfg.checkpoint.save and not ckpt.saved_at(step):
             ckpt.save(step, train_iter)
