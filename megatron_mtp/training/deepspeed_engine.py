@@ -425,6 +425,10 @@ class DeepSpeedEngine:
             initialize_parameters(module, t.seed)
             module.to(device)
             mpu = MegatronMPU()
+        if t.compile:  # the same pass as the single-replica engine: compile each transformer layer in place
+            from megatron_mtp.training.perf import apply_compile
+
+            apply_compile(module)
         self.optimizer = build_optimizer(module, cfg.optimizer, device)
         self.optimizer.param_groups[:] = [g for g in self.optimizer.param_groups if g["params"]]
         self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=self.optimizer, config=self.config,
