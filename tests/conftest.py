@@ -19,6 +19,18 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow8: an 8-process distributed test (runs in CI on the tiniest shape)")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module of tiny-model tests: more threads only contend on a busy machine.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
     """A Megatron ``.bin/.idx`` of 200 random documents over ``TINY_VOCAB`` token ids, and a cache dir for

@@ -12,12 +12,7 @@ from megatron_mtp.eval.pass_at_k import estimate_pass_at_k, mean_pass_at_k, pass
 from megatron_mtp.eval.sandbox import run_program, run_programs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def closed_form(n, c, k):

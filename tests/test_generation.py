@@ -17,12 +17,7 @@ from megatron_mtp.parallel.layers import initialize_parameters
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only contend on busy machines
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_model(vocab=16, n_heads=3, layers=5, seed=0, sharpen=30.0, dtype=torch.float64):

@@ -16,12 +16,7 @@ from megatron_mtp.model.mtp_model import MTPModel
 from megatron_mtp.parallel.layers import initialize_parameters
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_model(vocab, n_heads, layers, seed, sharpen, dtype=torch.float64, hidden=32):
