@@ -87,6 +87,14 @@ def layer_keys(cfg) -> list:
            [f"heads.{j}" for j in range(cfg.mtp.n_heads)]
 
 
+def split_standard_and_extra(cfg) -> tuple:
+    """(layer keys of the standard Llama: trunk + head 1, keys of the extra heads 2..n) — the split both
+    export formats make."""
+    keys = layer_keys(cfg)
+    first_extra = len(keys) - cfg.mtp.n_heads + 1
+    return keys[:first_extra], keys[first_extra:]
+
+
 def _require_transformer_heads(cfg, fmt: str) -> None:
     if cfg.mtp.head_type != "transformer":
         raise CheckpointError(
@@ -239,9 +247,7 @@ def export_hf(source: str, out_dir: str, dtype: torch.dtype = torch.float32) -> 
     cfg, weights = load_source(source)
     _require_transformer_heads(cfg, "hf")
     os.makedirs(out_dir, exist_ok=True)
-    keys = layer_keys(cfg)
-    n = cfg.mtp.n_heads
-    main_keys, extra_keys = keys[: len(keys) - n + 1], keys[len(keys) - n + 1:]
+    main_keys, extra_keys = split_standard_and_extra(cfg)
     V = cfg.model.vocab_size
     tensors = {"model.embed_tokens.weight": weights("embedding")[:V], "model.norm.weight": weights("final_norm")}
     if not cfg.model.tie_embeddings:
@@ -270,9 +276,9 @@ def export_hf(source: str, out_dir: str, dtype: torch.dtype = torch.float32) -> 
     gen = {"eos_token_id": hf["eos_token_id"], "pad_token_id": hf["pad_token_id"], "do_sample": False}
     atomic_write_text(os.path.join(out_dir, "generation_config.json"), json.dumps(gen, indent=1))
     mtp = {
-        "n_heads": n,
+        "n_heads": cfg.mtp.n_heads,
         "head_type": cfg.mtp.head_type,
-        "head_offsets": list(range(1, n + 1)),  # head i predicts token t+i
+        "head_offsets": list(range(1, cfg.mtp.n_heads + 1)),  # head i predicts token t+i
         "main_head": {"offset": 1, "layer": f"model.layers.{len(main_keys) - 1}"},
         "extra_heads": [{"offset": j + 2, "prefix": f"mtp_heads.{j}"} for j in range(len(extra_keys))],
         "extra_heads_file": "mtp_heads.safetensors" if extra else None,
@@ -322,9 +328,7 @@ def export_meta(source: str, out_dir: str, dtype: torch.dtype = torch.float32) -
     cfg, weights = load_source(source)
     _require_transformer_heads(cfg, "meta")
     os.makedirs(out_dir, exist_ok=True)
-    keys = layer_keys(cfg)
-    n = cfg.mtp.n_heads
-    main_keys, extra_keys = keys[: len(keys) - n + 1], keys[len(keys) - n + 1:]
+    main_keys, extra_keys = split_standard_and_extra(cfg)
     V = cfg.model.vocab_size
     sd = {"tok_embeddings.weight": weights("embedding")[:V], "norm.weight": weights("final_norm"),
           "output.weight": weights("embedding" if cfg.model.tie_embeddings else "output")[:V]}
@@ -345,7 +349,7 @@ def export_meta(source: str, out_dir: str, dtype: torch.dtype = torch.float32) -
     params = {"dim": m.hidden_size, "n_layers": m.num_layers, "n_heads": m.num_attention_heads,
               "n_kv_heads": m.kv_heads, "vocab_size": V, "multiple_of": m.ffn_size,
               "ffn_dim_multiplier": m.ffn_size / base, "norm_eps": m.norm_eps, "rope_theta": m.rope_theta,
-              "n_future_tokens": n}
+              "n_future_tokens": cfg.mtp.n_heads}
     atomic_write_text(os.path.join(out_dir, "params.json"), json.dumps(params, indent=1))
     tok_info = None
     if cfg.data.tokenizer_type != "byte" and cfg.data.tokenizer_model and os.path.isfile(cfg.data.tokenizer_model):
