@@ -48,6 +48,8 @@ std::vector<at::Tensor> row_stats(const at::Tensor& logits, const at::Tensor& ta
   return {row_max, row_sum, target_logit};
 }
 
+void scale_unless_one(at::Tensor t, const at::Tensor& scale) { mtp::scale_unless_one_(t, scale); }
+
 bool built_with_cuda() {
 #ifdef MTP_WITH_CUDA
   return true;
@@ -71,5 +73,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Chunked backward by recomputing the logits from the saved lse. -> [dh, dW]");
   m.def("row_stats", &row_stats, py::arg("logits"), py::arg("target"), py::arg("vocab_start"),
         "Per-row (max, sum-exp, target logit) of a [rows, V_local] logits tensor (for tests).");
+  m.def("scale_unless_one_", &scale_unless_one, py::arg("tensor"), py::arg("scale"),
+        "In place tensor *= scale (one-element float32 tensor on its device), skipped on the device if it is 1.");
   m.def("built_with_cuda", &built_with_cuda, "Whether the CUDA kernels were compiled in.");
 }

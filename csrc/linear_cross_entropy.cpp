@@ -53,6 +53,20 @@ void stats_and_grad_(at::Tensor& logits, const at::Tensor& target, int64_t vocab
                       write_grad);
 }
 
+void scale_unless_one_(at::Tensor& t, const at::Tensor& scale) {
+  TORCH_CHECK(scale.numel() == 1 && scale.scalar_type() == at::kFloat && scale.device() == t.device(),
+              "scale_unless_one_: scale must be a one-element float32 tensor on the tensor's device");
+#ifdef MTP_WITH_CUDA
+  if (t.is_cuda()) {
+    cuda::scale_unless_one_(t, scale);
+    return;
+  }
+#endif
+  TORCH_CHECK(!t.is_cuda(), "megatron_mtp._C was built without CUDA (no nvcc at build time)");
+  const float s = scale.item<float>();  // a CPU scalar: reading it costs no device sync
+  if (s != 1.f) t.mul_(s);
+}
+
 namespace {
 
 // ---- inputs ---------------------------------------------------------------------------------------------------

@@ -58,6 +58,13 @@ void softmax_grad_(at::Tensor& logits, const at::Tensor& target, int64_t vocab_s
 void stats_and_grad_(at::Tensor& logits, const at::Tensor& target, int64_t vocab_start,
                      const at::Tensor& row_scale, at::Tensor& lse, at::Tensor& target_logit, bool write_grad);
 
+// In place, t *= scale, where `scale` is a one-element float32 tensor on t's device -- unless it holds exactly 1,
+// in which case t is not touched. On the GPU the test happens inside the kernel (no host sync): every thread
+// reads the scalar first and returns at once if it is 1, so the common "loss.backward()" costs one empty launch
+// instead of a read and a write of d(weight). The fused linear cross-entropy's backward scales its precomputed
+// gradients with it.
+void scale_unless_one_(at::Tensor& t, const at::Tensor& scale);
+
 namespace cpu {
 void row_stats(const at::Tensor& logits, const at::Tensor& target, int64_t vocab_start, at::Tensor& row_max,
                at::Tensor& row_sumexp, at::Tensor& target_logit);
@@ -85,6 +92,8 @@ void gemm_accumulate_fp32(const at::Tensor& grad_logits, int64_t col_begin, int6
 // Converts n float32 values to `out_dtype` (bf16/fp16) where the output ALIASES the start of the input
 // buffer (same bytes, half the width). Ordered so that no value is overwritten before it is read.
 void narrow_fp32_in_place(void* buffer, int64_t n, at::ScalarType out_dtype);
+
+void scale_unless_one_(at::Tensor& t, const at::Tensor& scale);
 
 // Converts n float32 values at `src` to `out_dtype` at `dst` (non-overlapping).
 void convert_fp32(const float* src, void* dst, int64_t n, at::ScalarType out_dtype);

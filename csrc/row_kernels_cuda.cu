@@ -358,6 +358,52 @@ void gemm_accumulate_fp32(const at::Tensor& grad_logits, int64_t col_begin, int6
                                     static_cast<int>(dim), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
+// ---- gradient scaling without a host sync --------------------------------------------------------------------
+
+namespace {
+
+template <typename scalar_t>
+__global__ void scale_unless_one_kernel(scalar_t* __restrict__ data, int64_t n, const float* __restrict__ scale) {
+  const float s = *scale;
+  if (s == 1.f) return;  // uniform across the grid: nothing is read or written
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  constexpr int kN = Pack<scalar_t>::kSize;
+  const bool vec = reinterpret_cast<uintptr_t>(data) % 16 == 0;
+  int64_t done = 0;
+  if (vec) {
+    auto* packs = reinterpret_cast<Pack<scalar_t>*>(data);
+    const int64_t n_packs = n / kN;
+    for (int64_t i = first; i < n_packs; i += stride) {
+      Pack<scalar_t> p = packs[i];
+#pragma unroll
+      for (int j = 0; j < kN; ++j) p.v[j] = static_cast<scalar_t>(static_cast<float>(p.v[j]) * s);
+      packs[i] = p;
+    }
+    done = n_packs * kN;
+  }
+  for (int64_t i = done + first; i < n; i += stride) data[i] = static_cast<scalar_t>(static_cast<float>(data[i]) * s);
+}
+
+}  // namespace
+
+void scale_unless_one_(at::Tensor& t, const at::Tensor& scale) {
+  TORCH_CHECK(t.is_contiguous() && scale.is_cuda() && scale.scalar_type() == at::kFloat,
+              "scale_unless_one_: a contiguous CUDA tensor and a float32 CUDA scalar expected");
+  const int64_t n = t.numel();
+  if (n == 0) return;
+  const c10::cuda::CUDAGuard guard(t.device());
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  constexpr int kBlock = 256;
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t grid = std::max<int64_t>(1, std::min<int64_t>((n / 8 + kBlock - 1) / kBlock, sms * 8));
+  MTP_DISPATCH_LOGITS(t.scalar_type(), "mtp_scale_unless_one_cuda", [&] {
+    scale_unless_one_kernel<scalar_t><<<grid, kBlock, 0, stream>>>(t.data_ptr<scalar_t>(), n,
+                                                                  scale.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 // ---- float32 -> bf16/fp16 conversion, also in place -----------------------------------------------------------
 
 namespace {

@@ -251,10 +251,11 @@ def test_default_chunk_size_balances_chunks():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert default_chunk_size(0, 100, 4, cpu) == 1
     assert default_chunk_size(10, 100, 4, cpu) == 10  # fits: one chunk
-    # The H100-measured defaults: up to 8192 tokens within 2 GiB of logits.
+    # The H100-measured default: as many tokens as fit 2 GiB of logits (one chunk where they fit).
     assert default_chunk_size(8192, 131072, 2, gpu) == 8192
     assert default_chunk_size(16384, 131072, 2, gpu) == 8192
-    assert default_chunk_size(16384, 32768, 2, gpu) == 8192
+    assert default_chunk_size(16384, 32768, 2, gpu) == 16384
+    assert default_chunk_size(40000, 32768, 2, gpu) == 20096  # two balanced chunks, rounded up to 128 rows
     assert default_chunk_size(16384, 262144, 2, gpu) == 4096  # the 2 GiB budget binds
     rows = default_chunk_size(20000, 131072, 2, gpu)  # 3 balanced chunks, not 8192 + 8192 + 3616
     assert rows % 128 == 0 and 2 * rows < 20000 <= 3 * rows and rows < 8192
@@ -377,3 +378,22 @@ def test_cuda_all_ignored_and_padding():
     target = torch.where(target >= 250, torch.zeros_like(target), target)
     check_against_reference(hidden, weight, target, "mean", gw, 1e-2, "cuda/padded", vocab_size=250,
                             chunk_size=16, backend="native")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("upstream", [1.0, 0.37, 0.0])
+def test_cuda_grad_scaling_on_device(dtype, upstream):
+    """The fused backward scales by grad_output on the device (skipped when it is 1): every value must come out
+    right, including odd sizes whose tail is not a whole 16-byte vector (d = 20, V = 33: 660 d(weight) values)."""
+    hidden, weight, target, _ = make_case(45, 20, 33, seed=33, dtype=dtype, device="cuda")
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    loss = linear_cross_entropy(h, w, target, ignore_index=IGNORE, reduction="sum", backend="native")
+    (upstream * loss).backward()
+    _, ref_dh, ref_dw = float64_reference(hidden, weight, target, "sum", None)
+    tol = TOL[dtype]
+    if upstream == 0.0:
+        assert h.grad.abs().max().item() == 0 and w.grad.abs().max().item() == 0
+    else:
+        assert_rel_close(h.grad, upstream * ref_dh, tol, "scaled d(hidden)")
+        assert_rel_close(w.grad, upstream * ref_dw, tol, "scaled d(weight)")

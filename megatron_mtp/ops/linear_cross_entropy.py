@@ -41,13 +41,13 @@ __all__ = ["linear_cross_entropy", "default_chunk_size"]
 _REDUCTIONS = ("mean", "sum", "none")
 
 # Logits-chunk budgets. On the GPU each extra chunk costs one more read+write of the float32 d(weight) accumulator
-# (V_local x d x 4 bytes), a final float32 -> bf16 pass over d(weight) and smaller GEMMs. In the H100 sweep
-# (docs/cross_entropy.md: chunks of 2048, 4096 and 8192 tokens at d = 4096, V in {32768, 131072}) the largest
-# chunk was the fastest or tied at every shape, so the default is up to 8192 tokens within 2 GiB of logits:
-# one chunk for T <= 8192 up to V_local = 131072, and memory bounded by the budget whatever T is. On the CPU a
-# smaller chunk keeps the OpenMP row passes in cache.
+# (V_local x d x 4 bytes), a final float32 -> bf16 pass over d(weight) and smaller GEMMs; a single chunk needs no
+# accumulator at all. In the H100 sweeps (docs/cross_entropy.md: chunks of 2048 to 16384 tokens at d = 4096,
+# V in {32768, 131072}) the largest chunk was the fastest or tied at every shape, so the default is as many
+# tokens as fit 2 GiB of logits: one chunk up to T x V_local = 2^30 (T = 8192 at V = 131072, T = 32768 at
+# V = 32768), and memory bounded by the budget whatever T is. On the CPU a smaller chunk keeps the OpenMP row
+# passes in cache.
 _GPU_CHUNK_BYTES = 2 << 30
-_GPU_MAX_CHUNK_TOKENS = 8192
 _CPU_CHUNK_BYTES = 32 << 20
 _CHUNK_ROW_MULTIPLE = 128  # GEMM-friendly chunk heights
 
@@ -58,8 +58,6 @@ def default_chunk_size(num_tokens: int, vocab_local: int, element_size: int, dev
         return 1
     gpu = device.type == "cuda"
     rows = max(1, (_GPU_CHUNK_BYTES if gpu else _CPU_CHUNK_BYTES) // max(1, vocab_local * element_size))
-    if gpu:
-        rows = min(rows, _GPU_MAX_CHUNK_TOKENS)
     if rows >= num_tokens:
         return num_tokens
     n_chunks = math.ceil(num_tokens / rows)
@@ -91,6 +89,23 @@ def _select_backend(name: str, hidden: torch.Tensor):
                                f"{hidden.device.type}/{hidden.dtype} tensors (see the warning above)")
         return _chunked_torch
     return native
+
+
+def _scale_unless_one_(grad: torch.Tensor, scale: torch.Tensor) -> None:
+    """grad *= scale in place, skipped when scale is exactly 1 (a plain ``loss.backward()``), without a host sync.
+
+    On the GPU a test like ``scale == 1`` in Python would stall the stream, and an unconditional multiply costs a
+    read and a write of d(weight) (2 GiB at V = 131072, d = 4096); the native kernel reads the scalar on the
+    device and returns at once when it is 1.
+    """
+    native = native_backend(grad)
+    if native is not None and grad.dtype != torch.float64 and grad.is_contiguous():
+        native.scale_unless_one_(grad, scale.to(device=grad.device, dtype=torch.float32))
+    elif grad.device.type == "cpu":
+        if scale.item() != 1:
+            grad.mul_(scale.to(grad.dtype))
+    else:
+        grad.mul_(scale.to(grad.dtype))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -160,11 +175,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # Dropping ctx's references lets autograd adopt the tensors as .grad without a copy.
             dh, dw = ctx.grads
             ctx.grads = None
-            # Always scale (the MTP loss hands in weight / count, rarely 1): one pass over d(hidden) and
-            # d(weight) costs far less than the host sync that testing "grad == 1" would need.
             scale = grad_loss.reshape(())
-            dh = dh.mul_(scale.to(dh.dtype)) if dh is not None else None
-            dw = dw.mul_(scale.to(dw.dtype)) if dw is not None else None
+            for grad in (dh, dw):
+                if grad is not None:
+                    _scale_unless_one_(grad, scale)
         else:
             h, weight, tgt, lse, valid = ctx.saved_tensors
             if opts.reduction == "none":
