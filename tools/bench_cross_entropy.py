@@ -165,17 +165,20 @@ def prepare(fn, h, w, t, warmup):
     return peak_extra, peak_extra - grads_bytes, result
 
 
-def time_once(fn, h, w, t):
-    h.grad = w.grad = None
+def time_once(fn, h=None, w=None, t=None):
+    """CUDA-event time of fwd+bwd of method `fn` on (h, w, t), or of calling `fn()` when no inputs are given."""
+    if h is not None:
+        h.grad = w.grad = None
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     if h is None:
-        fn()  # the interleaved GEMM-rate probe
+        fn()
     else:
         fwd_bwd(fn, h, w, t)
     end.record()
     end.synchronize()
-    h.grad = w.grad = None
+    if h is not None:
+        h.grad = w.grad = None
     return start.elapsed_time(end)
 
 
@@ -209,7 +212,7 @@ def time_interleaved(methods, h, w, t, reps, probe=None):
         order = names[rnd % len(names):] + names[:rnd % len(names)]
         for name in order:
             if name == "gemm-probe":
-                elapsed = time_once(probe, None, None, None)
+                elapsed = time_once(probe)
             else:
                 elapsed = time_once(methods[name], h, w, t)
             if rnd > 0:
