@@ -71,6 +71,11 @@ class MTPConfig:
     loss_weights: Optional[list] = None  # per-head weights of the summed loss; None = all 1
     # Paper Fig. 2: run each head's forward+backward in turn so only one head's logits ever exist.
     memory_efficient: bool = True
+    # Workspace of each head's fused cross-entropy (docs/cross_entropy.md). "fast": logits chunks of up to 2 GiB
+    # and a float32 d(unembedding) accumulator (the fastest setting measured). "lean": Liger-Kernel's footprint,
+    # chunks of ~T x d logits with d(unembedding) accumulated in bf16 -- 64-128 MiB at d = 4096 instead of up
+    # to 3 GiB, for 10-70 % more loss time (most at large vocabularies).
+    loss_memory: str = "fast"
 
 
 @dataclass
@@ -334,6 +339,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     )
     _check(mtp.n_heads >= 1, f"mtp.n_heads must be at least 1, got {mtp.n_heads}.")
     _check(mtp.head_type in ("transformer", "linear"), f"mtp.head_type must be transformer or linear, got {mtp.head_type!r}.")
+    _check(mtp.loss_memory in ("fast", "lean"), f"mtp.loss_memory must be fast or lean, got {mtp.loss_memory!r}.")
     head_layers = mtp.n_heads if mtp.head_type == "transformer" else 0
     _check(
         head_layers < m.num_layers if mtp.head_type == "transformer" else mtp.n_heads <= m.num_layers,

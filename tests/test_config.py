@@ -37,6 +37,7 @@ def test_resolved_config_round_trips(tmp_path):
         (["--train.iters", "ten"], "train.iters must be an integer"),
         (["--mtp.memory_efficient", "maybe"], "mtp.memory_efficient must be true or false"),
         (["--mtp.head_type", "mlp"], "mtp.head_type must be transformer or linear"),
+        (["--mtp.loss_memory", "small"], "mtp.loss_memory must be fast or lean"),
         (["--mtp.loss_weights", "[1, 1]"], "mtp.loss_weights has 2 entries but mtp.n_heads is 4"),
         (["--parallel.pp", "2", "--parallel.zero_stage", "2"], "DeepSpeed's pipeline engine supports ZeRO stage 0 or 1"),
         (["--data.seq_length", "5000"], "data.seq_length (5000) exceeds model.max_seq_length"),

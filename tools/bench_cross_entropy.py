@@ -29,9 +29,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
+import random
 import statistics
 import sys
 import traceback
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from megatron_mtp.ops import extension_available, linear_cross_entropy  # noqa: E402
-from megatron_mtp.ops.linear_cross_entropy import default_chunk_size  # noqa: E402
+from megatron_mtp.ops.linear_cross_entropy import default_chunk_size, lean_chunk_size  # noqa: E402
 
 try:
     from tqdm import tqdm
@@ -84,8 +84,7 @@ def make_methods(args, shape):
             if chunk <= T and chunk != default:
                 methods[f"ours-chunk{chunk}"] = _ours_with(chunk_size=chunk)
         # Liger's memory budget (chunk logits ~ T x d elements) and accumulation dtype, for an equal-memory race.
-        lean_chunk = 1 << (math.ceil(T / math.ceil(V / d)) - 1).bit_length()
-        methods["ours-lean"] = _ours_with(chunk_size=lean_chunk, fp32_weight_grad=False)
+        methods["ours-lean"] = _ours_with(chunk_size=lean_chunk_size(T, V, d), fp32_weight_grad=False)
         methods["gemms-only"] = GemmsOnly(default_chunk_size(T, V, 2, torch.device("cuda")))
     return methods
 
@@ -202,14 +201,18 @@ class GemmProbe:
 
 
 def time_interleaved(methods, h, w, t, reps, probe=None):
-    """Round-robin timing (rotating the order each round) so that clock and thermal drift, which moved repeated
-    runs of one configuration by up to ~11% when methods were timed one after another, hits every method alike.
-    The GEMM-rate probe, if given, takes its turn like a method. The first round is discarded (allocator cache
-    settling once the methods share it)."""
+    """Interleaved timing: every round runs each method once, in a fresh (seeded) random order, so that clock
+    and thermal drift, which moved repeated runs of one configuration by up to ~11% when methods were timed one
+    after another, hits every method alike. The order is shuffled rather than rotated because under sustained
+    load a method's clocks depend on its predecessor's power draw: a rotation keeps every method behind the same
+    predecessor (measured: two identical configurations 4-7% apart, one always following the memory-bound Liger
+    kernels). The GEMM-rate probe, if given, takes its turn like a method. The first round is discarded
+    (allocator cache settling once the methods share it)."""
     names = list(methods) + (["gemm-probe"] if probe is not None else [])
     times = {name: [] for name in names}
+    shuffler = random.Random(0)
     for rnd in tqdm(range(reps + 1), desc="timing rounds", leave=False):
-        order = names[rnd % len(names):] + names[:rnd % len(names)]
+        order = shuffler.sample(names, len(names))
         for name in order:
             if name == "gemm-probe":
                 elapsed = time_once(probe)

@@ -4,12 +4,13 @@ Importing this package never requires the compiled extension: without it the ops
 path (one warning per process).
 """
 from ._extension import extension_available
-from .linear_cross_entropy import default_chunk_size, linear_cross_entropy
+from .linear_cross_entropy import default_chunk_size, lean_chunk_size, linear_cross_entropy
 from .reference import reference_linear_cross_entropy, vocab_parallel_cross_entropy
 
 __all__ = [
     "linear_cross_entropy",
     "default_chunk_size",
+    "lean_chunk_size",
     "vocab_parallel_cross_entropy",
     "reference_linear_cross_entropy",
     "extension_available",

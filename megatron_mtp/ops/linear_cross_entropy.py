@@ -36,7 +36,7 @@ from . import _chunked_torch
 from ._comm import all_gather_rows, all_reduce_, group_rank, group_size, make_stats_reducer, reduce_scatter_rows
 from ._extension import native_backend
 
-__all__ = ["linear_cross_entropy", "default_chunk_size"]
+__all__ = ["linear_cross_entropy", "default_chunk_size", "lean_chunk_size"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -64,6 +64,17 @@ def default_chunk_size(num_tokens: int, vocab_local: int, element_size: int, dev
     rows = math.ceil(num_tokens / n_chunks)
     rows = math.ceil(rows / _CHUNK_ROW_MULTIPLE) * _CHUNK_ROW_MULTIPLE
     return min(num_tokens, rows)
+
+
+def lean_chunk_size(num_tokens: int, vocab_local: int, dim: int) -> int:
+    """Tokens per chunk for the lean setting: Liger-Kernel's budget of about T x d logits elements per chunk
+    (the next power of two of T / ceil(V_local / d)). With ``fp32_weight_grad=False`` the op then holds exactly
+    Liger's workspace (64-128 MiB at d = 4096, T = 8192-16384) and, on the H100, runs 2-8 % faster than Liger; the
+    default chunking is 13-40 % faster still but holds up to 2 GiB of logits (docs/cross_entropy.md)."""
+    if num_tokens <= 0:
+        return 1
+    rows = math.ceil(num_tokens / max(1, math.ceil(vocab_local / max(1, dim))))
+    return min(num_tokens, 1 << (rows - 1).bit_length())
 
 
 @dataclass(frozen=True)

@@ -229,16 +229,21 @@ def _state_bytes(params: float, precision: str, zero: int, dp: int) -> tuple:
     raise ValueError(f"unknown precision regime {precision!r}")
 
 
-def ce_buffer_bytes(m: ModelConfig, tokens: int, tp: int, compute_bytes: int) -> float:
+def ce_buffer_bytes(m: ModelConfig, tokens: int, tp: int, compute_bytes: int, loss_memory: str = "fast") -> float:
     """Peak extra bytes of one fused linear cross-entropy call (ops/linear_cross_entropy.py): a logits chunk,
-    d(hidden), d(weight) with its fp32 accumulator, per-row statistics."""
-    from megatron_mtp.ops.linear_cross_entropy import default_chunk_size
+    d(hidden), d(weight) with, over several chunks in "fast" mode, half of its fp32 accumulator beside it,
+    per-row statistics."""
+    from megatron_mtp.ops.linear_cross_entropy import default_chunk_size, lean_chunk_size
     import torch
 
     v_local = m.padded_vocab_size(tp) // tp
-    chunk = default_chunk_size(tokens, v_local, compute_bytes, torch.device("cuda"))
+    if loss_memory == "lean":
+        chunk = lean_chunk_size(tokens, v_local, m.hidden_size)
+    else:
+        chunk = default_chunk_size(tokens, v_local, compute_bytes, torch.device("cuda"))
     logits = chunk * v_local * compute_bytes
-    d_weight = v_local * m.hidden_size * (4 if compute_bytes == 4 else compute_bytes + 2)
+    fp32_split = loss_memory == "fast" and compute_bytes < 4 and chunk < tokens
+    d_weight = v_local * m.hidden_size * (compute_bytes + 2 if fp32_split else compute_bytes)
     d_hidden = tokens * m.hidden_size * compute_bytes
     stats = tokens * 4 * 6
     return logits + d_weight + d_hidden + stats
@@ -246,7 +251,6 @@ def ce_buffer_bytes(m: ModelConfig, tokens: int, tp: int, compute_bytes: int) ->
 
 def estimate(cfg: Config, layout: Layout) -> list:
     """Per-stage memory estimates (bytes) for ``cfg`` under ``layout``; the first stage first."""
-    from megatron_mtp.model.mtp_model import trunk_layer_count
 
     m, mtp = cfg.model, cfg.mtp
     tp, pp = layout.tp, layout.pp
@@ -294,7 +298,7 @@ def estimate(cfg: Config, layout: Layout) -> list:
             norm = tokens * m.hidden_size * (8 if precision in ("autocast", "fp32") else 6) / (tp if sp else 1)
             hidden = tokens * m.hidden_size * compute_bytes  # the CE input, gathered under SP
             bwd = tokens * (HEAD_BACKWARD_COEFFS["d"] * m.hidden_size + HEAD_BACKWARD_COEFFS["f"] * m.ffn_size) / tp
-            ce = ce_buffer_bytes(m, tokens, tp, compute_bytes)
+            ce = ce_buffer_bytes(m, tokens, tp, compute_bytes, mtp.loss_memory)
             if layout.memory_efficient_heads:
                 heads["head_activations"] = one_head + norm + hidden
                 heads["head_backward"] = bwd
