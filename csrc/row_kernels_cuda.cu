@@ -4,8 +4,8 @@
 // Row kernels: one 512-thread block per row (grid-stride over rows), 16-byte loads and stores, statistics in
 // float32. They are memory-bound: the fused single-shard kernel reads the chunk, then re-reads (from L2 where the
 // grid's rows in flight fit half of it) and writes it once. H100 profile (docs/cross_entropy.md): 0.44 ms per
-// 8192 x 32768 bf16 chunk (~2.5 TB/s counting one read and one write), 1.1 ms per 4096 x 131072 chunk, where
-// the re-read misses L2 (~1.9 TB/s); keeping the row in shared memory between the passes is the next step.
+// 8192 x 32768 bf16 chunk (~2.5 TB/s counting one read and one write); for rows too long for one block per SM
+// to keep the re-read in L2 the grid shrinks (fused_grid).
 #include "linear_cross_entropy.h"
 
 #include <ATen/cuda/CUDAContext.h>
@@ -67,7 +67,7 @@ __device__ __forceinline__ MaxSum block_reduce(MaxSum v, MaxSum* shared) {
   return v;
 }
 
-// Loads in flight per thread: at one or two blocks per SM (long rows, see fused_blocks_per_sm) a single
+// Loads in flight per thread: at one block per SM or fewer (long rows, see fused_grid) a single
 // outstanding 16-byte load per thread cannot cover the memory latency, so each thread issues kUnroll first.
 constexpr int kUnroll = 4;
 
@@ -240,13 +240,18 @@ int64_t grid_for(int64_t rows, int64_t blocks_per_sm) {
   return std::max<int64_t>(1, std::min(rows, sms * blocks_per_sm));
 }
 
-// For the fused kernel, which re-reads its row: keep the rows in flight within half the L2 so that the second
-// read hits the cache, but never fewer than one block per SM.
-int64_t fused_blocks_per_sm(int64_t row_bytes) {
+// Grid of the fused kernel, which re-reads its row: one row per block in flight, as many blocks as keep the rows in
+// flight within half the L2 so that the second read hits the cache -- for long rows fewer blocks than SMs
+// (V = 131072 bf16: 256 KiB rows, 100 blocks on an H100), as one block per SM would put more rows in flight than
+// the cache holds and send the re-read to HBM (measured 1.9 TB/s against 2.5 TB/s for rows that fit). At least
+// half the SMs stay busy, which with 4 16-byte loads in flight per thread still saturates HBM.
+int64_t fused_grid(int64_t rows, int64_t row_bytes) {
   const auto* prop = at::cuda::getCurrentDeviceProperties();
+  const int64_t sms = prop->multiProcessorCount;
   const int64_t budget = static_cast<int64_t>(prop->l2CacheSize) / 2;
-  const int64_t per_sm = budget / std::max<int64_t>(1, row_bytes * prop->multiProcessorCount);
-  return std::clamp<int64_t>(per_sm, 1, 2048 / kThreads);
+  const int64_t in_flight = budget / std::max<int64_t>(1, row_bytes);
+  const int64_t blocks = std::clamp<int64_t>(in_flight, std::max<int64_t>(1, sms / 2), sms * (2048 / kThreads));
+  return std::max<int64_t>(1, std::min(rows, blocks));
 }
 
 #define MTP_DISPATCH_LOGITS(TYPE, NAME, ...)                          \
@@ -318,7 +323,7 @@ void stats_and_grad_(at::Tensor& logits, const at::Tensor& target, int64_t vocab
   const c10::cuda::CUDAGuard guard(logits.device());
   const auto stream = at::cuda::getCurrentCUDAStream();
   MTP_DISPATCH_LOGITS(logits.scalar_type(), "mtp_stats_and_grad_cuda", [&] {
-    const int64_t grid = grid_for(rows, fused_blocks_per_sm(vocab * static_cast<int64_t>(sizeof(scalar_t))));
+    const int64_t grid = fused_grid(rows, vocab * static_cast<int64_t>(sizeof(scalar_t)));
     auto launch = [&](auto kernel) {
       kernel<<<grid, kThreads, 0, stream>>>(logits.data_ptr<scalar_t>(), target.data_ptr<int64_t>(), rows, vocab,
                                             vocab_start, write_grad ? row_scale.data_ptr<float>() : nullptr,

@@ -71,10 +71,10 @@ class MTPConfig:
     loss_weights: Optional[list] = None  # per-head weights of the summed loss; None = all 1
     # Paper Fig. 2: run each head's forward+backward in turn so only one head's logits ever exist.
     memory_efficient: bool = True
-    # Workspace of each head's fused cross-entropy (docs/cross_entropy.md). "fast": logits chunks of up to 2 GiB
+    # Workspace of each head's fused cross-entropy (docs/cross_entropy.md). "fast": logits chunks of up to 4 GiB
     # and a float32 d(unembedding) accumulator (the fastest setting measured). "lean": Liger-Kernel's footprint,
     # chunks of ~T x d logits with d(unembedding) accumulated in bf16 -- 64-128 MiB at d = 4096 instead of up
-    # to 3 GiB, for 10-70 % more loss time (most at large vocabularies).
+    # to 4 GiB, for 5-70 % more loss time (most at large vocabularies).
     loss_memory: str = "fast"
 
 

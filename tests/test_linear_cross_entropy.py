@@ -251,14 +251,14 @@ def test_default_chunk_size_balances_chunks():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert default_chunk_size(0, 100, 4, cpu) == 1
     assert default_chunk_size(10, 100, 4, cpu) == 10  # fits: one chunk
-    # The H100-measured default: as many tokens as fit 2 GiB of logits (one chunk where they fit).
+    # The H100-measured default: as many tokens as fit 4 GiB of logits (one chunk where they fit).
     assert default_chunk_size(8192, 131072, 2, gpu) == 8192
-    assert default_chunk_size(16384, 131072, 2, gpu) == 8192
+    assert default_chunk_size(16384, 131072, 2, gpu) == 16384
     assert default_chunk_size(16384, 32768, 2, gpu) == 16384
-    assert default_chunk_size(40000, 32768, 2, gpu) == 20096  # two balanced chunks, rounded up to 128 rows
-    assert default_chunk_size(16384, 262144, 2, gpu) == 4096  # the 2 GiB budget binds
-    rows = default_chunk_size(20000, 131072, 2, gpu)  # 3 balanced chunks, not 8192 + 8192 + 3616
-    assert rows % 128 == 0 and 2 * rows < 20000 <= 3 * rows and rows < 8192
+    assert default_chunk_size(80000, 32768, 2, gpu) == 40064  # two balanced chunks, rounded up to 128 rows
+    assert default_chunk_size(16384, 262144, 2, gpu) == 8192  # the 4 GiB budget binds
+    rows = default_chunk_size(40000, 131072, 2, gpu)  # 3 balanced chunks, not 16384 + 16384 + 7232
+    assert rows % 128 == 0 and 2 * rows < 40000 <= 3 * rows and rows < 16384
 
 
 def test_reference_vocab_parallel_ce_single_process():

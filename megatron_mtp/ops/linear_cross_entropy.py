@@ -43,11 +43,13 @@ _REDUCTIONS = ("mean", "sum", "none")
 # Logits-chunk budgets. On the GPU each extra chunk costs one more read+write of the float32 d(weight) accumulator
 # (V_local x d x 4 bytes), a final float32 -> bf16 pass over d(weight) and smaller GEMMs; a single chunk needs no
 # accumulator at all. In the H100 sweeps (docs/cross_entropy.md: chunks of 2048 to 16384 tokens at d = 4096,
-# V in {32768, 131072}) the largest chunk was the fastest or tied at every shape, so the default is as many
-# tokens as fit 2 GiB of logits: one chunk up to T x V_local = 2^30 (T = 8192 at V = 131072, T = 32768 at
-# V = 32768), and memory bounded by the budget whatever T is. On the CPU a smaller chunk keeps the OpenMP row
-# passes in cache.
-_GPU_CHUNK_BYTES = 2 << 30
+# V in {32768, 131072}) the largest chunk was the fastest or tied at every shape -- at T = 16384, V = 131072 one
+# 4 GiB chunk beat two of 2 GiB (+ the 1 GiB half-accumulator) by 1-2.5 %, enough to decide against
+# torch.compile, which holds the same 4 GiB -- so the default is as many tokens as fit 4 GiB of logits: one chunk
+# up to T x V_local = 2^31, and memory bounded by the budget whatever T is. mtp.loss_memory=lean (or a small
+# chunk_size with fp32_weight_grad=False) is the low-memory setting. On the CPU a smaller chunk keeps the OpenMP
+# row passes in cache.
+_GPU_CHUNK_BYTES = 4 << 30
 _CPU_CHUNK_BYTES = 32 << 20
 _CHUNK_ROW_MULTIPLE = 128  # GEMM-friendly chunk heights
 
@@ -69,8 +71,8 @@ def default_chunk_size(num_tokens: int, vocab_local: int, element_size: int, dev
 def lean_chunk_size(num_tokens: int, vocab_local: int, dim: int) -> int:
     """Tokens per chunk for the lean setting: Liger-Kernel's budget of about T x d logits elements per chunk
     (the next power of two of T / ceil(V_local / d)). With ``fp32_weight_grad=False`` the op then holds exactly
-    Liger's workspace (64-128 MiB at d = 4096, T = 8192-16384) and, on the H100, runs 2-8 % faster than Liger; the
-    default chunking is 13-40 % faster still but holds up to 2 GiB of logits (docs/cross_entropy.md)."""
+    Liger's workspace (64-128 MiB at d = 4096, T = 8192-16384) and, on the H100, runs 2-6 % faster than Liger; the
+    default chunking is 5-40 % faster still but holds up to 4 GiB of logits (docs/cross_entropy.md)."""
     if num_tokens <= 0:
         return 1
     rows = math.ceil(num_tokens / max(1, math.ceil(vocab_local / max(1, dim))))
