@@ -397,3 +397,12 @@ def test_cuda_grad_scaling_on_device(dtype, upstream):
     else:
         assert_rel_close(h.grad, upstream * ref_dh, tol, "scaled d(hidden)")
         assert_rel_close(w.grad, upstream * ref_dw, tol, "scaled d(weight)")
+
+
+@needs_cuda
+def test_cuda_long_rows_fewer_blocks_than_rows():
+    """256 KiB rows (V = 131072 bf16): the fused kernel's grid is sized to the L2 (about 100 blocks on an H100),
+    so each block strides over several of the 300 rows."""
+    hidden, weight, target, gw = make_case(300, 64, 131072, seed=34, dtype=torch.bfloat16, n_ignored=7,
+                                           device="cuda")
+    check_against_reference(hidden, weight, target, "mean", gw, 1e-2, "cuda/bf16/long-rows", backend="native")
