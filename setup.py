@@ -41,8 +41,9 @@ def _extensions():
                 "megatron_mtp._C",
                 cpp + cu,
                 define_macros=[("MTP_WITH_CUDA", "1")],
-                # The weight-gradient GEMM calls cublasGemmEx directly (bf16 operands, float32 accumulator).
-                libraries=["cublas"],
+                # The weight-gradient GEMM calls cublasGemmEx directly (bf16 operands, float32 accumulator), and
+                # the autotuned GEMMs cuBLASLt (csrc/gemm_cuda.cu).
+                libraries=["cublas", "cublasLt"],
                 extra_compile_args={
                     "cxx": cxx_flags,
                     "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"] + arch,

@@ -69,6 +69,14 @@ void scale_unless_one_(at::Tensor& t, const at::Tensor& scale) {
 
 namespace {
 
+// out = a @ b: on the GPU through the autotuned cuBLASLt GEMM where it applies, else ATen (cuBLAS / CPU BLAS).
+void gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+#ifdef MTP_WITH_CUDA
+  if (out.is_cuda() && cuda::tuned_matmul(out, a, b)) return;
+#endif
+  at::mm_out(out, a, b);
+}
+
 // ---- inputs ---------------------------------------------------------------------------------------------------
 
 struct Operands {
@@ -162,7 +170,7 @@ class WeightGradAccumulator {
     if (started_) {
       result_.addmm_(grad_logits.t(), hidden_chunk);
     } else {
-      at::mm_out(result_, grad_logits.t(), hidden_chunk);
+      gemm_out(result_, grad_logits.t(), hidden_chunk);
     }
     started_ = true;
   }
@@ -241,7 +249,7 @@ std::vector<at::Tensor> linear_cross_entropy_forward(const at::Tensor& hidden_in
     at::Tensor logits = logits_buffer.narrow(0, 0, rows);
     const at::Tensor h = hidden.narrow(0, start, rows);
     const at::Tensor t = ops.target.narrow(0, start, rows);
-    at::mm_out(logits, h, weight_t);
+    gemm_out(logits, h, weight_t);
 
     at::Tensor lse_c = lse.narrow(0, start, rows);
     at::Tensor tl_c = target_logit.narrow(0, start, rows);
@@ -264,7 +272,7 @@ std::vector<at::Tensor> linear_cross_entropy_forward(const at::Tensor& hidden_in
     }
     if (need_grad_hidden) {
       at::Tensor out = grad_hidden.narrow(0, start, rows);
-      at::mm_out(out, logits, weight);
+      gemm_out(out, logits, weight);
     }
     if (need_grad_weight) grad_weight->add(logits, h);
   }
@@ -307,12 +315,12 @@ std::vector<at::Tensor> linear_cross_entropy_backward(const at::Tensor& hidden_i
       const int64_t rows = std::min(ops.chunk, tokens - start);
       at::Tensor logits = logits_buffer.narrow(0, 0, rows);
       const at::Tensor h = hidden.narrow(0, start, rows);
-      at::mm_out(logits, h, weight_t);
+      gemm_out(logits, h, weight_t);
       softmax_grad_(logits, ops.target.narrow(0, start, rows), vocab_start, lse.narrow(0, start, rows),
                     row_scale.narrow(0, start, rows));
       if (need_grad_hidden) {
         at::Tensor out = grad_hidden.narrow(0, start, rows);
-        at::mm_out(out, logits, weight);
+        gemm_out(out, logits, weight);
       }
       if (need_grad_weight) grad_weight->add(logits, h);
     }

@@ -95,6 +95,12 @@ void narrow_fp32_in_place(void* buffer, int64_t n, at::ScalarType out_dtype);
 
 void scale_unless_one_(at::Tensor& t, const at::Tensor& scale);
 
+// out = a @ b for 2-D bf16/fp16 operands (either may be a transposed view) into a row-major `out` of the operand
+// dtype or float32, through cuBLASLt with float32 accumulation and the fastest of its candidate kernels, timed on
+// the first call of each problem (gemm_cuda.cu). Returns false, having done nothing, where it cannot serve the
+// arguments; the caller then falls back to ATen.
+bool tuned_matmul(at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
+
 // Converts n float32 values at `src` to `out_dtype` at `dst` (non-overlapping).
 void convert_fp32(const float* src, void* dst, int64_t n, at::ScalarType out_dtype);
 }  // namespace cuda
