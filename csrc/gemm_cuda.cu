@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <mutex>
 #include <string>
 #include <unordered_map>
@@ -27,9 +28,8 @@ namespace mtp {
 namespace cuda {
 namespace {
 
-constexpr size_t kWorkspaceBytes = size_t(32) << 20;
 constexpr int kCandidates = 16;
-constexpr int kTuningRounds = 3;
+constexpr int kTuningRounds = 4;
 constexpr int kCallsPerTiming = 2;
 
 bool autotune_enabled() {
@@ -81,7 +81,8 @@ struct Problem {
 // The descriptors of one problem (RAII).
 class Descriptors {
  public:
-  bool create(const Problem& p) {
+  bool create(const Problem& p, size_t workspace_bytes) {
+    workspace_bytes_ = workspace_bytes;
     MTP_LT_CHECK(cublasLtMatmulDescCreate(&op_, CUBLAS_COMPUTE_32F, CUDA_R_32F));
     const cublasOperation_t first = p.b_t ? CUBLAS_OP_T : CUBLAS_OP_N;  // cuBLAS's A is our B
     const cublasOperation_t second = p.a_t ? CUBLAS_OP_T : CUBLAS_OP_N;
@@ -93,7 +94,7 @@ class Descriptors {
                        : cublasLtMatrixLayoutCreate(&second_, p.ab_type, p.k, p.m, p.lda));
     MTP_LT_CHECK(cublasLtMatrixLayoutCreate(&out_, p.c_type, p.n, p.m, p.ldc));
     MTP_LT_CHECK(cublasLtMatmulPreferenceCreate(&preference_));
-    const uint64_t workspace = kWorkspaceBytes;
+    const uint64_t workspace = workspace_bytes;
     MTP_LT_CHECK(cublasLtMatmulPreferenceSetAttribute(preference_, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                                                       &workspace, sizeof(workspace)));
     const uint32_t align_first = alignment_of(p.b), align_second = alignment_of(p.a), align_out = alignment_of(p.c);
@@ -125,7 +126,7 @@ class Descriptors {
       return algos;
     }
     for (int i = 0; i < count; ++i) {
-      if (results[i].state == CUBLAS_STATUS_SUCCESS && results[i].workspaceSize <= kWorkspaceBytes) {
+      if (results[i].state == CUBLAS_STATUS_SUCCESS && results[i].workspaceSize <= workspace_bytes_) {
         algos.push_back(results[i].algo);
       }
     }
@@ -136,7 +137,7 @@ class Descriptors {
            cudaStream_t stream) const {
     const float alpha = 1.f;
     MTP_LT_CHECK(cublasLtMatmul(handle, op_, &alpha, p.b, first_, p.a, second_, &p.beta, p.c, out_, p.c, out_,
-                                &algo, workspace, kWorkspaceBytes, stream));
+                                &algo, workspace, workspace_bytes_, stream));
     return true;
   }
 
@@ -144,25 +145,34 @@ class Descriptors {
   cublasLtMatmulDesc_t op_ = nullptr;
   cublasLtMatrixLayout_t first_ = nullptr, second_ = nullptr, out_ = nullptr;
   cublasLtMatmulPreference_t preference_ = nullptr;
+  size_t workspace_bytes_ = 0;
 };
 
 struct Choice {
-  bool usable = false;
+  bool usable = false;  // false: ATen's GEMM (cuBLAS's default) serves this problem
   cublasLtMatmulAlgo_t algo;
 };
 
 std::mutex cache_mutex;
 std::unordered_map<std::string, Choice> cache;
 
-// Median time (ms) of kCallsPerTiming back-to-back calls of each candidate, the candidates interleaved in a
-// rotating order over kTuningRounds rounds; a candidate that fails to run gets +inf.
+// Median time (ms) of kCallsPerTiming back-to-back calls of each candidate -- the cuBLASLt algorithms, then ATen's
+// own GEMM as the last one -- interleaved in a rotating order over kTuningRounds rounds; a candidate that fails
+// to run gets +inf.
 std::vector<float> time_candidates(cublasLtHandle_t handle, const Descriptors& desc, const Problem& p,
                                    const std::vector<cublasLtMatmulAlgo_t>& algos, void* workspace,
-                                   cudaStream_t stream) {
-  const size_t n = algos.size();
+                                   cudaStream_t stream, const std::function<void()>& aten_gemm) {
+  const size_t n = algos.size() + 1;
+  auto call = [&](size_t i) {
+    if (i == algos.size()) {
+      aten_gemm();
+      return true;
+    }
+    return desc.run(handle, p, algos[i], workspace, stream);
+  };
   std::vector<std::vector<float>> samples(n);
   std::vector<bool> failed(n, false);
-  for (size_t i = 0; i < n; ++i) failed[i] = !desc.run(handle, p, algos[i], workspace, stream);  // warm-up
+  for (size_t i = 0; i < n; ++i) failed[i] = !call(i);  // warm-up
   cudaEvent_t start, stop;
   cudaEventCreate(&start);
   cudaEventCreate(&stop);
@@ -171,8 +181,8 @@ std::vector<float> time_candidates(cublasLtHandle_t handle, const Descriptors& d
       const size_t i = (j + round) % n;
       if (failed[i]) continue;
       cudaEventRecord(start, stream);
-      for (int call = 0; call < kCallsPerTiming && !failed[i]; ++call) {
-        failed[i] = !desc.run(handle, p, algos[i], workspace, stream);
+      for (int rep = 0; rep < kCallsPerTiming && !failed[i]; ++rep) {
+        failed[i] = !call(i);
       }
       cudaEventRecord(stop, stream);
       cudaEventSynchronize(stop);
@@ -192,32 +202,35 @@ std::vector<float> time_candidates(cublasLtHandle_t handle, const Descriptors& d
   return medians;
 }
 
+// Untuned (MTP_GEMM_AUTOTUNE=0): ATen's GEMM, exactly as without this file. Tuned: the fastest of cuBLASLt's
+// candidates and ATen's GEMM, which stays unless a candidate is at least 1 % faster (timing noise) -- so tuning
+// never picks a kernel slower than the default it replaces, e.g. where split-K candidates need more workspace
+// than torch's cuBLASLt workspace offers.
 Choice choose(cublasLtHandle_t handle, const Descriptors& desc, const Problem& p, void* workspace,
-              cudaStream_t stream) {
+              cudaStream_t stream, const std::function<void()>& aten_gemm) {
   Choice choice;
+  if (p.beta != 0.f || !autotune_enabled()) return choice;
   const std::vector<cublasLtMatmulAlgo_t> algos = desc.candidates(handle);
   if (algos.empty()) return choice;
-  choice.usable = true;
-  choice.algo = algos.front();
-  if (algos.size() == 1 || p.beta != 0.f || !autotune_enabled()) return choice;
-  const std::vector<float> medians = time_candidates(handle, desc, p, algos, workspace, stream);
-  // Keep the heuristic's choice unless another candidate is at least 1 % faster (timing noise).
-  size_t best = 0;
-  for (size_t i = 1; i < algos.size(); ++i) {
-    if (medians[i] < 0.99f * medians[best]) best = i;
+  const std::vector<float> medians = time_candidates(handle, desc, p, algos, workspace, stream, aten_gemm);
+  size_t best = algos.size();  // ATen
+  for (size_t i = 0; i < algos.size(); ++i) {
+    if (medians[i] < 0.99f * medians[best] && (best == algos.size() || medians[i] < medians[best])) best = i;
   }
-  if (!std::isfinite(medians[best])) choice.usable = false;
-  choice.algo = algos[best];
+  if (best < algos.size()) {
+    choice.usable = true;
+    choice.algo = algos[best];
+  }
   return choice;
 }
 
-bool run_problem(const Problem& p) {
-  Descriptors desc;
-  if (!desc.create(p)) return false;
+bool run_problem(const Problem& p, const std::function<void()>& aten_gemm) {
   cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  at::Tensor workspace = at::empty({static_cast<int64_t>(kWorkspaceBytes)},
-                                   at::TensorOptions().device(at::kCUDA, p.device).dtype(at::kByte));
+  // torch's own cuBLASLt workspace for this handle and stream: persistent, so the op holds no extra memory.
+  void* workspace = at::cuda::getCUDABlasLtWorkspace();
+  Descriptors desc;
+  if (!desc.create(p, at::cuda::getCUDABlasLtWorkspaceSize())) return false;
   const std::string key = p.key();
   Choice choice;
   bool cached = false;
@@ -230,11 +243,11 @@ bool run_problem(const Problem& p) {
     }
   }
   if (!cached) {
-    choice = choose(handle, desc, p, workspace.data_ptr(), stream);
+    choice = choose(handle, desc, p, workspace, stream, aten_gemm);
     std::lock_guard<std::mutex> lock(cache_mutex);
     cache[key] = choice;
   }
-  return choice.usable && desc.run(handle, p, choice.algo, workspace.data_ptr(), stream);
+  return choice.usable && desc.run(handle, p, choice.algo, workspace, stream);
 }
 
 // Row-major storage of a 2-D operand: (leading dimension, stored transposed), or false if neither dimension is
@@ -276,7 +289,7 @@ bool tuned_matmul(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   p.beta = 0.f;
   p.device = out.get_device();
   const c10::cuda::CUDAGuard guard(out.device());
-  return run_problem(p);
+  return run_problem(p, [&] { at::mm_out(out, a, b); });
 }
 
 }  // namespace cuda
