@@ -75,7 +75,8 @@ struct Problem {
            "," + std::to_string(ldb) + "," + std::to_string(ldc) + "," + std::to_string(a_t) +
            std::to_string(b_t) + "," + std::to_string(ab_type) + "," + std::to_string(c_type) + "," +
            std::to_string(alignment_of(a)) + "," + std::to_string(alignment_of(b)) + "," +
-           std::to_string(alignment_of(c)) + "," + std::to_string(beta == 0.f) + "," + std::to_string(device);
+           std::to_string(alignment_of(c)) + "," + std::to_string(beta == 0.f) + "," + std::to_string(device) +
+           "," + std::to_string(autotune_enabled());  // so that setting MTP_GEMM_AUTOTUNE later takes effect
   }
 };
 
