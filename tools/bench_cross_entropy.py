@@ -7,7 +7,8 @@ For bf16 hidden [T, d] and unembedding [V, d] (d = 4096, V in {32768, 131072}, T
 forward + backward of the mean cross-entropy (loss and both gradients) for:
 
 * ours        megatron_mtp.ops.linear_cross_entropy at its defaults (gradients formed in the forward)
-* ours-*      the same op at other settings: recompute (8*T*d*V), fixed chunk sizes, bf16 d(weight) accumulation
+* ours-*      the same op at other settings: untuned GEMMs (MTP_GEMM_AUTOTUNE=0), recompute (8*T*d*V), fixed chunk
+              sizes, bf16 d(weight) accumulation, lean (Liger's chunking and accumulation dtype)
 * eager       F.cross_entropy(F.linear(h, w).float(), t)
 * compile     torch.compile of the same function
 * liger       Liger-Kernel's LigerFusedLinearCrossEntropyLoss (when importable)
@@ -62,6 +63,20 @@ def _ours_with(**kwargs):
     return lambda h, w, t: linear_cross_entropy(h, w, t, **kwargs)
 
 
+def ours_untuned(h, w, t):
+    """The default op with MTP_GEMM_AUTOTUNE=0 during its forward (where all its GEMMs run): ATen's GEMMs, for
+    an in-run A/B of the cuBLASLt autotuning (the tuning cache is keyed by the switch)."""
+    previous = os.environ.get("MTP_GEMM_AUTOTUNE")
+    os.environ["MTP_GEMM_AUTOTUNE"] = "0"
+    try:
+        return linear_cross_entropy(h, w, t)
+    finally:
+        if previous is None:
+            del os.environ["MTP_GEMM_AUTOTUNE"]
+        else:
+            os.environ["MTP_GEMM_AUTOTUNE"] = previous
+
+
 def make_methods(args, shape):
     """name -> callable(h, w, t) returning the loss (backward is called by the harness)."""
     T, d, V = shape
@@ -77,6 +92,7 @@ def make_methods(args, shape):
         print(f"liger-kernel unavailable: {type(exc).__name__}: {exc}", file=sys.stderr)
     methods["ours"] = lambda h, w, t: linear_cross_entropy(h, w, t)
     if not args.quick:
+        methods["ours-untuned"] = ours_untuned
         methods["ours-recompute"] = lambda h, w, t: linear_cross_entropy(h, w, t, recompute=True)
         methods["ours-bf16acc"] = lambda h, w, t: linear_cross_entropy(h, w, t, fp32_weight_grad=False)
         default = default_chunk_size(T, V, 2, torch.device("cuda"))
