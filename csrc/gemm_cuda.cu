@@ -6,7 +6,8 @@
 // already within 2 %. So on the first call of each problem (shape, layout, dtypes, pointer alignment) the
 // candidates cuBLASLt proposes and ATen's own GEMM are timed on the real operands, like cudnn.benchmark, and the
 // fastest is cached for the process; MTP_GEMM_AUTOTUNE=0 keeps ATen's GEMM (no timing: the kernel choice of an
-// untuned build). Tuning happens only for beta = 0 products, whose output is overwritten anyway. The workspace is
+// untuned build). Every product served here overwrites its output (beta = 0), so timing the candidates on the real
+// output is harmless; the fp32-accumulating d(weight) products stay with cublasGemmEx. The workspace is
 // torch's own persistent cuBLASLt workspace, so the op holds no extra memory.
 #include "linear_cross_entropy.h"
 
@@ -53,7 +54,7 @@ uint32_t alignment_of(const void* p) {
     if (status_ != CUBLAS_STATUS_SUCCESS) return false;      \
   } while (0)
 
-// One row-major problem C[m, n] = A[m, k] @ B[k, n] (+ beta C), stated for cuBLASLt's column-major convention as
+// One row-major problem C[m, n] = A[m, k] @ B[k, n], stated for cuBLASLt's column-major convention as
 // C^T[n, m] = B^T[n, k] @ A^T[k, m]: a row-major matrix is its transpose in column-major.
 struct Problem {
   int64_t m, n, k;
@@ -67,7 +68,6 @@ struct Problem {
   void* c;
   int64_t ldc;
   cudaDataType_t c_type;
-  float beta;
   int device;
 
   std::string key() const {
@@ -75,7 +75,7 @@ struct Problem {
            "," + std::to_string(ldb) + "," + std::to_string(ldc) + "," + std::to_string(a_t) +
            std::to_string(b_t) + "," + std::to_string(ab_type) + "," + std::to_string(c_type) + "," +
            std::to_string(alignment_of(a)) + "," + std::to_string(alignment_of(b)) + "," +
-           std::to_string(alignment_of(c)) + "," + std::to_string(beta == 0.f) + "," + std::to_string(device) +
+           std::to_string(alignment_of(c)) + "," + std::to_string(device) +
            "," + std::to_string(autotune_enabled());  // so that setting MTP_GEMM_AUTOTUNE later takes effect
   }
 };
@@ -137,8 +137,8 @@ class Descriptors {
 
   bool run(cublasLtHandle_t handle, const Problem& p, const cublasLtMatmulAlgo_t& algo, void* workspace,
            cudaStream_t stream) const {
-    const float alpha = 1.f;
-    MTP_LT_CHECK(cublasLtMatmul(handle, op_, &alpha, p.b, first_, p.a, second_, &p.beta, p.c, out_, p.c, out_,
+    const float alpha = 1.f, beta = 0.f;
+    MTP_LT_CHECK(cublasLtMatmul(handle, op_, &alpha, p.b, first_, p.a, second_, &beta, p.c, out_, p.c, out_,
                                 &algo, workspace, workspace_bytes_, stream));
     return true;
   }
@@ -211,7 +211,7 @@ std::vector<float> time_candidates(cublasLtHandle_t handle, const Descriptors& d
 Choice choose(cublasLtHandle_t handle, const Descriptors& desc, const Problem& p, void* workspace,
               cudaStream_t stream, const std::function<void()>& aten_gemm) {
   Choice choice;
-  if (p.beta != 0.f || !autotune_enabled()) return choice;
+  if (!autotune_enabled()) return choice;
   const std::vector<cublasLtMatmulAlgo_t> algos = desc.candidates(handle);
   if (algos.empty()) return choice;
   const std::vector<float> medians = time_candidates(handle, desc, p, algos, workspace, stream, aten_gemm);
@@ -288,7 +288,6 @@ bool tuned_matmul(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   p.c = out.data_ptr();
   p.ldc = out.stride(0);
   p.c_type = out.scalar_type() == at::kFloat ? CUDA_R_32F : p.ab_type;
-  p.beta = 0.f;
   p.device = out.get_device();
   const c10::cuda::CUDAGuard guard(out.device());
   return run_problem(p, [&] { at::mm_out(out, a, b); });

@@ -204,6 +204,40 @@ at::Tensor cast_back(const at::Tensor& t, at::ScalarType dtype) {
   return t.defined() && t.scalar_type() != dtype ? t.to(dtype) : t;
 }
 
+// The two gradients both chunk loops (fused forward, backward by recomputation) build from each chunk's
+// grad_logits: d(hidden) rows of the chunk, and the chunk's share of d(weight). Either may be unrequested.
+class ChunkGradients {
+ public:
+  ChunkGradients(const Operands& ops, bool need_hidden, bool need_weight, bool fp32_weight_grad)
+      : out_dtype_(ops.out_dtype) {
+    if (need_hidden) hidden_ = at::empty_like(ops.hidden);
+    if (need_weight) {
+      weight_.emplace(ops.weight, ops.weight_rows, fp32_weight_grad && ops.hidden.size(0) > ops.chunk);
+    }
+  }
+
+  bool wanted() const { return hidden_.defined() || weight_.has_value(); }
+
+  void add(const at::Tensor& grad_logits, const at::Tensor& hidden_chunk, const at::Tensor& weight, int64_t start) {
+    if (hidden_.defined()) {
+      at::Tensor out = hidden_.narrow(0, start, grad_logits.size(0));
+      gemm_out(out, grad_logits, weight);
+    }
+    if (weight_) weight_->add(grad_logits, hidden_chunk);
+  }
+
+  // {d(hidden), d(weight)} in the caller's dtype; undefined tensors for what was not requested.
+  std::vector<at::Tensor> finish() {
+    at::Tensor dw = weight_ ? weight_->finish() : at::Tensor();
+    return {cast_back(hidden_, out_dtype_), cast_back(dw, out_dtype_)};
+  }
+
+ private:
+  at::ScalarType out_dtype_;
+  at::Tensor hidden_;
+  std::optional<WeightGradAccumulator> weight_;
+};
+
 }  // namespace
 
 // ---- forward --------------------------------------------------------------------------------------------------
@@ -237,9 +271,7 @@ std::vector<at::Tensor> linear_cross_entropy_forward(const at::Tensor& hidden_in
     row_scale = row_scale_in.to(hidden.device(), ops.stats_dtype).contiguous();
   }
 
-  at::Tensor grad_hidden = need_grad_hidden ? at::empty_like(hidden) : at::Tensor();
-  std::optional<WeightGradAccumulator> grad_weight;
-  if (need_grad_weight) grad_weight.emplace(weight, ops.weight_rows, fp32_weight_grad && tokens > ops.chunk);
+  ChunkGradients grads(ops, need_grad_hidden, need_grad_weight, fp32_weight_grad);
 
   at::Tensor logits_buffer = at::empty({ops.chunk, weight.size(0)}, hidden.options());
   const at::Tensor weight_t = weight.t();
@@ -270,11 +302,7 @@ std::vector<at::Tensor> linear_cross_entropy_forward(const at::Tensor& hidden_in
       at::add_out(lse_c, max_c, at::log(sum_c));
       softmax_grad_(logits, t, vocab_start, lse_c, scale_c);
     }
-    if (need_grad_hidden) {
-      at::Tensor out = grad_hidden.narrow(0, start, rows);
-      gemm_out(out, logits, weight);
-    }
-    if (need_grad_weight) grad_weight->add(logits, h);
+    grads.add(logits, h, weight, start);
   }
 
   if (!want_grad && tokens > 0) {
@@ -283,8 +311,8 @@ std::vector<at::Tensor> linear_cross_entropy_forward(const at::Tensor& hidden_in
   }
   logits_buffer = at::Tensor();  // free the chunk before the accumulator's final conversion
 
-  at::Tensor dw = grad_weight ? grad_weight->finish() : at::Tensor();
-  return {lse, target_logit, cast_back(grad_hidden, ops.out_dtype), cast_back(dw, ops.out_dtype)};
+  const std::vector<at::Tensor> dh_dw = grads.finish();
+  return {lse, target_logit, dh_dw[0], dh_dw[1]};
 }
 
 // ---- backward by recomputation ---------------------------------------------------------------------------------
@@ -304,11 +332,8 @@ std::vector<at::Tensor> linear_cross_entropy_backward(const at::Tensor& hidden_i
   const at::Tensor lse = lse_in.to(hidden.device(), ops.stats_dtype).contiguous();
   const at::Tensor row_scale = row_scale_in.to(hidden.device(), ops.stats_dtype).contiguous();
 
-  at::Tensor grad_hidden = need_grad_hidden ? at::empty_like(hidden) : at::Tensor();
-  std::optional<WeightGradAccumulator> grad_weight;
-  if (need_grad_weight) grad_weight.emplace(weight, ops.weight_rows, fp32_weight_grad && tokens > ops.chunk);
-
-  if (need_grad_hidden || need_grad_weight) {
+  ChunkGradients grads(ops, need_grad_hidden, need_grad_weight, fp32_weight_grad);
+  if (grads.wanted()) {
     at::Tensor logits_buffer = at::empty({ops.chunk, weight.size(0)}, hidden.options());
     const at::Tensor weight_t = weight.t();
     for (int64_t start = 0; start < tokens; start += ops.chunk) {
@@ -318,15 +343,10 @@ std::vector<at::Tensor> linear_cross_entropy_backward(const at::Tensor& hidden_i
       gemm_out(logits, h, weight_t);
       softmax_grad_(logits, ops.target.narrow(0, start, rows), vocab_start, lse.narrow(0, start, rows),
                     row_scale.narrow(0, start, rows));
-      if (need_grad_hidden) {
-        at::Tensor out = grad_hidden.narrow(0, start, rows);
-        gemm_out(out, logits, weight);
-      }
-      if (need_grad_weight) grad_weight->add(logits, h);
+      grads.add(logits, h, weight, start);
     }
   }
-  at::Tensor dw = grad_weight ? grad_weight->finish() : at::Tensor();
-  return {cast_back(grad_hidden, ops.out_dtype), cast_back(dw, ops.out_dtype)};
+  return grads.finish();
 }
 
 }  // namespace mtp

@@ -90,7 +90,7 @@ class MTPOutput(nn.Module):
     def head_loss(self, i: int, z: torch.Tensor, targets: torch.Tensor, cos, sin,
                   tied_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Mean cross-entropy of head i over its valid targets; logits are never materialised."""
-        from megatron_mtp.ops.linear_cross_entropy import lean_chunk_size, linear_cross_entropy
+        from megatron_mtp.ops.linear_cross_entropy import linear_cross_entropy, loss_memory_chunking
 
         h = self.head_hidden(i, z, cos, sin)
         if self.sequence_parallel:
@@ -106,14 +106,14 @@ class MTPOutput(nn.Module):
             dtype = torch.get_autocast_dtype(h.device.type)
             h, weight = h.to(dtype), weight.to(dtype)
         h = h.reshape(-1, h.size(-1))
-        lean = self.mtp.loss_memory == "lean"
         rows = h.size(0) * (state.tp_size() if self.sequence_parallel else 1)  # the kernel's (gathered) T
+        chunk, fp32_weight_grad = loss_memory_chunking(self.mtp.loss_memory, rows, weight.size(0), weight.size(1),
+                                                       weight.element_size(), weight.device)
         total = linear_cross_entropy(
             h, weight, flat_targets,
             tp_group=state.tp_group(), ignore_index=IGNORE, reduction="sum",
             sequence_parallel=self.sequence_parallel, vocab_size=self.cfg.vocab_size,
-            chunk_size=lean_chunk_size(rows, weight.size(0), weight.size(1)) if lean else None,
-            fp32_weight_grad=not lean,
+            chunk_size=chunk, fp32_weight_grad=fp32_weight_grad,
         )
         count = (flat_targets != IGNORE).sum()
         return total / count.clamp(min=1).to(total.dtype)

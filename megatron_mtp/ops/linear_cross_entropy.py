@@ -36,7 +36,7 @@ from . import _chunked_torch
 from ._comm import all_gather_rows, all_reduce_, group_rank, group_size, make_stats_reducer, reduce_scatter_rows
 from ._extension import native_backend
 
-__all__ = ["linear_cross_entropy", "default_chunk_size", "lean_chunk_size"]
+__all__ = ["linear_cross_entropy", "default_chunk_size", "lean_chunk_size", "loss_memory_chunking"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -71,12 +71,24 @@ def default_chunk_size(num_tokens: int, vocab_local: int, element_size: int, dev
 def lean_chunk_size(num_tokens: int, vocab_local: int, dim: int) -> int:
     """Tokens per chunk for the lean setting: Liger-Kernel's budget of about T x d logits elements per chunk
     (the next power of two of T / ceil(V_local / d)). With ``fp32_weight_grad=False`` the op then holds exactly
-    Liger's workspace (64-128 MiB at d = 4096, T = 8192-16384) and, on the H100, runs 2-6 % faster than Liger; the
-    default chunking is 5-40 % faster still but holds up to 4 GiB of logits (docs/cross_entropy.md)."""
+    Liger's workspace (64-128 MiB at d = 4096, T = 8192-16384) and, on the H100, runs 1.5-7 % faster than Liger;
+    the default chunking is 4-40 % faster still but holds up to 4 GiB of logits (docs/cross_entropy.md)."""
     if num_tokens <= 0:
         return 1
     rows = math.ceil(num_tokens / max(1, math.ceil(vocab_local / max(1, dim))))
     return min(num_tokens, 1 << (rows - 1).bit_length())
+
+
+def loss_memory_chunking(loss_memory: str, num_tokens: int, vocab_local: int, dim: int, element_size: int,
+                         device: torch.device) -> tuple[int, bool]:
+    """(chunk_size, fp32_weight_grad) of the ``mtp.loss_memory`` setting: "fast" = the default chunking with a
+    float32 d(weight) accumulator, "lean" = Liger's chunking with bf16 accumulation. One place for the model's
+    loss and the memory planner."""
+    if loss_memory == "lean":
+        return lean_chunk_size(num_tokens, vocab_local, dim), False
+    if loss_memory == "fast":
+        return default_chunk_size(num_tokens, vocab_local, element_size, device), True
+    raise ValueError(f"loss_memory must be 'fast' or 'lean', got {loss_memory!r}")
 
 
 @dataclass(frozen=True)

@@ -233,16 +233,14 @@ def ce_buffer_bytes(m: ModelConfig, tokens: int, tp: int, compute_bytes: int, lo
     """Peak extra bytes of one fused linear cross-entropy call (ops/linear_cross_entropy.py): a logits chunk,
     d(hidden), d(weight) with, over several chunks in "fast" mode, half of its fp32 accumulator beside it,
     per-row statistics."""
-    from megatron_mtp.ops.linear_cross_entropy import default_chunk_size, lean_chunk_size
+    from megatron_mtp.ops.linear_cross_entropy import loss_memory_chunking
     import torch
 
     v_local = m.padded_vocab_size(tp) // tp
-    if loss_memory == "lean":
-        chunk = lean_chunk_size(tokens, v_local, m.hidden_size)
-    else:
-        chunk = default_chunk_size(tokens, v_local, compute_bytes, torch.device("cuda"))
+    chunk, fp32_weight_grad = loss_memory_chunking(loss_memory, tokens, v_local, m.hidden_size, compute_bytes,
+                                                   torch.device("cuda"))
     logits = chunk * v_local * compute_bytes
-    fp32_split = loss_memory == "fast" and compute_bytes < 4 and chunk < tokens
+    fp32_split = fp32_weight_grad and compute_bytes < 4 and chunk < tokens
     d_weight = v_local * m.hidden_size * (compute_bytes + 2 if fp32_split else compute_bytes)
     d_hidden = tokens * m.hidden_size * compute_bytes
     stats = tokens * 4 * 6
