@@ -6,9 +6,12 @@
 // already within 2 %. So on the first call of each problem (shape, layout, dtypes, pointer alignment) the
 // candidates cuBLASLt proposes and ATen's own GEMM are timed on the real operands, like cudnn.benchmark, and the
 // fastest is cached for the process; MTP_GEMM_AUTOTUNE=0 keeps ATen's GEMM (no timing: the kernel choice of an
-// untuned build). Every product served here overwrites its output (beta = 0), so timing the candidates on the real
-// output is harmless; the fp32-accumulating d(weight) products stay with cublasGemmEx. The workspace is
-// torch's own persistent cuBLASLt workspace, so the op holds no extra memory.
+// untuned build). Products that overwrite their output (beta = 0) are timed on the real output, which is harmless.
+// Accumulating products (beta = 1: the bf16 d(weight) update of every chunk after the first) cannot be timed on an
+// output that holds a sum, so they are tuned once, on the first chunk, while its d(weight) buffer holds nothing
+// yet (tune_accumulate; the caller then overwrites it), and later chunks only look the choice up. The
+// float32-accumulating d(weight) products stay with cublasGemmEx. The workspace is torch's own persistent
+// cuBLASLt workspace, so the op holds no extra memory.
 #include "linear_cross_entropy.h"
 
 #include <ATen/cuda/CUDAContext.h>
@@ -69,13 +72,14 @@ struct Problem {
   int64_t ldc;
   cudaDataType_t c_type;
   int device;
+  float beta = 0.f;  // 0: out = a @ b; 1: out += a @ b
 
   std::string key() const {
     return std::to_string(m) + "," + std::to_string(n) + "," + std::to_string(k) + "," + std::to_string(lda) +
            "," + std::to_string(ldb) + "," + std::to_string(ldc) + "," + std::to_string(a_t) +
            std::to_string(b_t) + "," + std::to_string(ab_type) + "," + std::to_string(c_type) + "," +
            std::to_string(alignment_of(a)) + "," + std::to_string(alignment_of(b)) + "," +
-           std::to_string(alignment_of(c)) + "," + std::to_string(device) +
+           std::to_string(alignment_of(c)) + "," + std::to_string(device) + "," + std::to_string(beta) +
            "," + std::to_string(autotune_enabled());  // so that setting MTP_GEMM_AUTOTUNE later takes effect
   }
 };
@@ -137,8 +141,8 @@ class Descriptors {
 
   bool run(cublasLtHandle_t handle, const Problem& p, const cublasLtMatmulAlgo_t& algo, void* workspace,
            cudaStream_t stream) const {
-    const float alpha = 1.f, beta = 0.f;
-    MTP_LT_CHECK(cublasLtMatmul(handle, op_, &alpha, p.b, first_, p.a, second_, &beta, p.c, out_, p.c, out_,
+    const float alpha = 1.f;
+    MTP_LT_CHECK(cublasLtMatmul(handle, op_, &alpha, p.b, first_, p.a, second_, &p.beta, p.c, out_, p.c, out_,
                                 &algo, workspace, workspace_bytes_, stream));
     return true;
   }
@@ -226,7 +230,15 @@ Choice choose(cublasLtHandle_t handle, const Descriptors& desc, const Problem& p
   return choice;
 }
 
-bool run_problem(const Problem& p, const std::function<void()>& aten_gemm) {
+enum class Mode {
+  kTuneAndRun,  // beta = 0: tune on first sight (the output is overwritten anyway), then run
+  kTuneOnly,    // beta = 1 on a scratch output: tune on first sight, run nothing
+  kLookUp,      // beta = 1 on a real sum: run the cached choice if there is one, never tune
+};
+
+// Returns whether the problem was served by a tuned cuBLASLt kernel (kTuneOnly: whether one is now cached);
+// false leaves the output untouched for the caller's ATen fallback.
+bool run_problem(const Problem& p, Mode mode, const std::function<void()>& aten_gemm) {
   cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   // torch's own cuBLASLt workspace for this handle and stream: persistent, so the op holds no extra memory.
@@ -245,10 +257,12 @@ bool run_problem(const Problem& p, const std::function<void()>& aten_gemm) {
     }
   }
   if (!cached) {
+    if (mode == Mode::kLookUp) return false;
     choice = choose(handle, desc, p, workspace, stream, aten_gemm);
     std::lock_guard<std::mutex> lock(cache_mutex);
     cache[key] = choice;
   }
+  if (mode == Mode::kTuneOnly) return choice.usable;
   return choice.usable && desc.run(handle, p, choice.algo, workspace, stream);
 }
 
@@ -270,14 +284,16 @@ bool storage_of(const at::Tensor& t, int64_t& ld, bool& transposed) {
 
 }  // namespace
 
-bool tuned_matmul(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+namespace {
+
+// The problem for out (+)= a @ b, or false where this file cannot serve the arguments.
+bool describe(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, float beta, Problem& p) {
   const auto dtype = a.scalar_type();
   if (!out.is_cuda() || a.dim() != 2 || b.dim() != 2 || out.dim() != 2) return false;
   if (dtype != at::kBFloat16 && dtype != at::kHalf) return false;
   if (b.scalar_type() != dtype || (out.scalar_type() != dtype && out.scalar_type() != at::kFloat)) return false;
   if (a.size(1) != b.size(0) || out.size(0) != a.size(0) || out.size(1) != b.size(1)) return false;
   if (a.numel() == 0 || b.numel() == 0 || out.stride(1) != 1 || out.stride(0) < out.size(1)) return false;
-  Problem p;
   p.m = a.size(0);
   p.n = b.size(1);
   p.k = a.size(1);
@@ -289,8 +305,31 @@ bool tuned_matmul(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   p.ldc = out.stride(0);
   p.c_type = out.scalar_type() == at::kFloat ? CUDA_R_32F : p.ab_type;
   p.device = out.get_device();
+  p.beta = beta;
+  return true;
+}
+
+}  // namespace
+
+bool tuned_matmul(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  Problem p;
+  if (!describe(out, a, b, 0.f, p)) return false;
   const c10::cuda::CUDAGuard guard(out.device());
-  return run_problem(p, [&] { at::mm_out(out, a, b); });
+  return run_problem(p, Mode::kTuneAndRun, [&] { at::mm_out(out, a, b); });
+}
+
+void tune_accumulate(at::Tensor& scratch_out, const at::Tensor& a, const at::Tensor& b) {
+  Problem p;
+  if (!describe(scratch_out, a, b, 1.f, p)) return;
+  const c10::cuda::CUDAGuard guard(scratch_out.device());
+  run_problem(p, Mode::kTuneOnly, [&] { scratch_out.addmm_(a, b); });
+}
+
+bool tuned_matmul_accumulate(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  Problem p;
+  if (!describe(out, a, b, 1.f, p)) return false;
+  const c10::cuda::CUDAGuard guard(out.device());
+  return run_problem(p, Mode::kLookUp, [] {});
 }
 
 }  // namespace cuda

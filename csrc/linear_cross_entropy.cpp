@@ -133,16 +133,16 @@ Operands prepare(const at::Tensor& hidden, const at::Tensor& weight, const at::T
 // itself, read as float32, and rows [V/2, V) in a separate float32 buffer. At the end the first half is
 // narrowed to bf16 in place and the second half converted into the freed upper bytes of the result.
 // Other dtypes accumulate directly in the result (float32/float64), or in bf16 when fp32 accumulation is off.
-// A single chunk needs no accumulator at all (the callers then pass fp32_accumulation = false): the one GEMM
-// accumulates in float32 internally and rounds once, exactly like the float32 path followed by the cast.
+// A single chunk needs no accumulator at all (fp32_accumulation is then ignored): the one GEMM accumulates in
+// float32 internally and rounds once, exactly like the float32 path followed by the cast.
 class WeightGradAccumulator {
  public:
   // `weight` holds the rows that take part; the result has `total_rows` (>= those), the rest zero.
-  WeightGradAccumulator(const at::Tensor& weight, int64_t total_rows, bool fp32_accumulation)
-      : vocab_(weight.size(0)), dim_(weight.size(1)) {
+  WeightGradAccumulator(const at::Tensor& weight, int64_t total_rows, bool multi_chunk, bool fp32_accumulation)
+      : vocab_(weight.size(0)), dim_(weight.size(1)), multi_chunk_(multi_chunk) {
     const auto dtype = weight.scalar_type();
 #ifdef MTP_WITH_CUDA
-    split_ = weight.is_cuda() && fp32_accumulation && (dtype == at::kBFloat16 || dtype == at::kHalf);
+    split_ = weight.is_cuda() && multi_chunk && fp32_accumulation && (dtype == at::kBFloat16 || dtype == at::kHalf);
 #else
     (void)fp32_accumulation;
     (void)dtype;
@@ -167,11 +167,20 @@ class WeightGradAccumulator {
       return;
     }
 #endif
+    const at::Tensor grad_logits_t = grad_logits.t();
     if (started_) {
-      result_.addmm_(grad_logits.t(), hidden_chunk);
-    } else {
-      gemm_out(result_, grad_logits.t(), hidden_chunk);
+#ifdef MTP_WITH_CUDA
+      if (result_.is_cuda() && cuda::tuned_matmul_accumulate(result_, grad_logits_t, hidden_chunk)) return;
+#endif
+      result_.addmm_(grad_logits_t, hidden_chunk);
+      return;
     }
+#ifdef MTP_WITH_CUDA
+    // The first chunk overwrites the result, so before that it is free scratch to tune the later chunks'
+    // accumulating GEMM on (their output then holds a sum no candidate may disturb).
+    if (result_.is_cuda() && multi_chunk_) cuda::tune_accumulate(result_, grad_logits_t, hidden_chunk);
+#endif
+    gemm_out(result_, grad_logits_t, hidden_chunk);
     started_ = true;
   }
 
@@ -194,6 +203,7 @@ class WeightGradAccumulator {
 
  private:
   int64_t vocab_, dim_;
+  bool multi_chunk_;
   bool split_ = false;
   bool started_ = false;
   int64_t top_rows_ = 0;
@@ -212,7 +222,7 @@ class ChunkGradients {
       : out_dtype_(ops.out_dtype) {
     if (need_hidden) hidden_ = at::empty_like(ops.hidden);
     if (need_weight) {
-      weight_.emplace(ops.weight, ops.weight_rows, fp32_weight_grad && ops.hidden.size(0) > ops.chunk);
+      weight_.emplace(ops.weight, ops.weight_rows, ops.hidden.size(0) > ops.chunk, fp32_weight_grad);
     }
   }
 

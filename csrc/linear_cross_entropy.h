@@ -101,6 +101,14 @@ void scale_unless_one_(at::Tensor& t, const at::Tensor& scale);
 // arguments; the caller then falls back to ATen.
 bool tuned_matmul(at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
 
+// out += a @ b through the cuBLASLt kernel tune_accumulate chose for this problem; false, having done nothing,
+// where none was chosen (never tuned, or ATen's addmm was the fastest): the caller then uses ATen.
+bool tuned_matmul_accumulate(at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
+
+// Chooses the kernel for out += a @ b, timing the candidates accumulating into `scratch_out` -- an output whose
+// contents do not matter yet (the caller overwrites it next) -- once per problem; a no-op where already chosen.
+void tune_accumulate(at::Tensor& scratch_out, const at::Tensor& a, const at::Tensor& b);
+
 // Converts n float32 values at `src` to `out_dtype` at `dst` (non-overlapping).
 void convert_fp32(const float* src, void* dst, int64_t n, at::ScalarType out_dtype);
 }  // namespace cuda

@@ -406,3 +406,21 @@ def test_cuda_long_rows_fewer_blocks_than_rows():
     hidden, weight, target, gw = make_case(300, 64, 131072, seed=34, dtype=torch.bfloat16, n_ignored=7,
                                            device="cuda")
     check_against_reference(hidden, weight, target, "mean", gw, 1e-2, "cuda/bf16/long-rows", backend="native")
+
+
+
+@needs_cuda
+def test_cuda_accumulating_gemm_tuned_on_the_first_chunk(monkeypatch):
+    """Later chunks' bf16 d(weight) updates (beta = 1) use a kernel timed on the first chunk's d(weight) buffer
+    before that chunk overwrites it: the call that tunes (a shape no other test uses) must give exactly what the
+    cached choice gives afterwards, and both the float64 reference; with tuning off (ATen) too."""
+    hidden, weight, target, gw = make_case(1000, 384, 6016, seed=36, dtype=torch.bfloat16, n_ignored=25,
+                                           device="cuda")
+    kwargs = dict(chunk_size=200, fp32_weight_grad=False, backend="native")
+    tuning_call = run_op(hidden, weight, target, "sum", gw, **kwargs)
+    cached_call = run_op(hidden, weight, target, "sum", gw, **kwargs)
+    for name, a, b in zip(("loss", "d(hidden)", "d(weight)"), tuning_call, cached_call):
+        assert torch.equal(a, b), f"the tuning call's {name} differs from the cached call's"
+    check_against_reference(hidden, weight, target, "sum", gw, 1e-2, "cuda/bf16/tuned-accumulate", **kwargs)
+    monkeypatch.setenv("MTP_GEMM_AUTOTUNE", "0")
+    check_against_reference(hidden, weight, target, "sum", gw, 1e-2, "cuda/bf16/untuned-accumulate", **kwargs)

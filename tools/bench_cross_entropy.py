@@ -7,8 +7,9 @@ For bf16 hidden [T, d] and unembedding [V, d] (d = 4096, V in {32768, 131072}, T
 forward + backward of the mean cross-entropy (loss and both gradients) for:
 
 * ours        megatron_mtp.ops.linear_cross_entropy at its defaults (gradients formed in the forward)
-* ours-*      the same op at other settings: untuned GEMMs (MTP_GEMM_AUTOTUNE=0), recompute (8*T*d*V), fixed chunk
-              sizes, bf16 d(weight) accumulation, lean (Liger's chunking and accumulation dtype)
+* ours-*      the same op at other settings: untuned GEMMs (MTP_GEMM_AUTOTUNE=0), recompute (8*T*d*V), fixed
+              chunk sizes, bf16 d(weight) accumulation, lean (Liger's chunking and accumulation dtype), lean with
+              untuned GEMMs
 * eager       F.cross_entropy(F.linear(h, w).float(), t)
 * compile     torch.compile of the same function
 * liger       Liger-Kernel's LigerFusedLinearCrossEntropyLoss (when importable)
@@ -63,18 +64,24 @@ def _ours_with(**kwargs):
     return lambda h, w, t: linear_cross_entropy(h, w, t, **kwargs)
 
 
-def ours_untuned(h, w, t):
-    """The default op with MTP_GEMM_AUTOTUNE=0 during its forward (where all its GEMMs run): ATen's GEMMs, for
-    an in-run A/B of the cuBLASLt autotuning (the tuning cache is keyed by the switch)."""
-    previous = os.environ.get("MTP_GEMM_AUTOTUNE")
-    os.environ["MTP_GEMM_AUTOTUNE"] = "0"
-    try:
-        return linear_cross_entropy(h, w, t)
-    finally:
-        if previous is None:
-            del os.environ["MTP_GEMM_AUTOTUNE"]
-        else:
-            os.environ["MTP_GEMM_AUTOTUNE"] = previous
+class WithEnv:
+    """A method run with environment switches set during its forward (where all the op's GEMMs run) -- the op
+    reads MTP_GEMM_AUTOTUNE per call, so this is an in-run A/B of the GEMM autotuning."""
+
+    def __init__(self, fn, **env):
+        self.fn, self.env = fn, env
+
+    def __call__(self, h, w, t):
+        previous = {key: os.environ.get(key) for key in self.env}
+        os.environ.update(self.env)
+        try:
+            return self.fn(h, w, t)
+        finally:
+            for key, value in previous.items():
+                if value is None:
+                    del os.environ[key]
+                else:
+                    os.environ[key] = value
 
 
 def make_methods(args, shape):
@@ -92,7 +99,8 @@ def make_methods(args, shape):
         print(f"liger-kernel unavailable: {type(exc).__name__}: {exc}", file=sys.stderr)
     methods["ours"] = lambda h, w, t: linear_cross_entropy(h, w, t)
     if not args.quick:
-        methods["ours-untuned"] = ours_untuned
+        # untuned: ATen's GEMMs (the tuning cache is keyed by the switch)
+        methods["ours-untuned"] = WithEnv(linear_cross_entropy, MTP_GEMM_AUTOTUNE="0")
         methods["ours-recompute"] = lambda h, w, t: linear_cross_entropy(h, w, t, recompute=True)
         methods["ours-bf16acc"] = lambda h, w, t: linear_cross_entropy(h, w, t, fp32_weight_grad=False)
         default = default_chunk_size(T, V, 2, torch.device("cuda"))
@@ -101,6 +109,7 @@ def make_methods(args, shape):
                 methods[f"ours-chunk{chunk}"] = _ours_with(chunk_size=chunk)
         # Liger's memory budget (chunk logits ~ T x d elements) and accumulation dtype, for an equal-memory race.
         methods["ours-lean"] = _ours_with(chunk_size=lean_chunk_size(T, V, d), fp32_weight_grad=False)
+        methods["ours-lean-untuned"] = WithEnv(methods["ours-lean"], MTP_GEMM_AUTOTUNE="0")
         methods["gemms-only"] = GemmsOnly(default_chunk_size(T, V, 2, torch.device("cuda")))
     return methods
 
@@ -259,7 +268,9 @@ def main():
     parser.add_argument("--quick", action="store_true", help="only ours, eager, compile, liger")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--profile", default=None,
-                        help="write a torch.profiler kernel table of one 'ours' fwd+bwd per shape to this file")
+                        help="write a torch.profiler kernel table of one fwd+bwd per shape to this file")
+    parser.add_argument("--profile-methods", nargs="+", default=["ours"],
+                        help="the methods --profile covers (default: ours)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_cross_entropy.py needs a CUDA GPU")
@@ -330,9 +341,9 @@ def main():
                            ratio_to_best_peer=median / min(peers) if peers else None)
             report["rows"].append(row)
             print(json.dumps(row), flush=True)
-        if args.profile:
+        for name in (args.profile_methods if args.profile else []):
             try:
-                profile_ours(methods["ours"], h, w, t, f"T={T} d={d} V={V}", args.profile)
+                profile_method(methods[name], h, w, t, f"{name} T={T} d={d} V={V}", args.profile)
             except Exception:
                 traceback.print_exc()
         del h, w, t, reference, methods, usable
@@ -345,7 +356,7 @@ def main():
         json.dump(report, f, indent=1)
 
 
-def profile_ours(fn, h, w, t, label, path):
+def profile_method(fn, h, w, t, label, path):
     """Per-kernel CUDA time of one fwd+bwd (where the time beyond the three GEMMs goes)."""
     from torch.profiler import ProfilerActivity, profile
     fwd_bwd(fn, h, w, t)
