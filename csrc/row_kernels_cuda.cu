@@ -2,9 +2,10 @@
 // weight-gradient GEMM, and the in-place float32 -> bf16 narrowing of the weight-gradient accumulator.
 //
 // Row kernels: one 512-thread block per row (grid-stride over rows), 16-byte loads and stores, statistics in
-// float32. They are memory-bound: the fused single-shard kernel reads the chunk, then re-reads (from L2 where the
-// grid's rows in flight fit half of it) and writes it once. H100 profile (docs/cross_entropy.md): 0.44 ms per
-// 8192 x 32768 bf16 chunk (~2.5 TB/s counting one read and one write); ~1.9 TB/s for 256 KiB rows (V = 131072),
+// float32. They are memory-bound. The fused single-shard kernel reads each row once where it fits in shared memory
+// three times per SM (bf16 up to V ~ 38000) and otherwise re-reads it (from L2 where the grid's rows in flight fit
+// half of it) before writing it once. H100 profile (docs/cross_entropy.md): 0.37 ms per 8192 x 32768 bf16 chunk
+// (~2.9 TB/s counting one read and one write; 0.47 ms re-reading); ~1.9 TB/s for 256 KiB rows (V = 131072),
 // whose re-read misses L2 (see fused_grid).
 #include "linear_cross_entropy.h"
 
@@ -16,6 +17,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 namespace mtp {
 namespace cuda {
@@ -70,6 +73,10 @@ __device__ __forceinline__ MaxSum block_reduce(MaxSum v, MaxSum* shared) {
 // Loads in flight per thread: at one block per SM or fewer (long rows, see fused_grid) a single
 // outstanding 16-byte load per thread cannot cover the memory latency, so each thread issues kUnroll first.
 constexpr int kUnroll = 4;
+
+// Rows whose bytes fit in one SM's shared memory this many times (at least) take the shared-memory kernel, so that
+// while one block reduces, others load.
+constexpr int kMinSmemRowsPerSm = 3;
 
 // One thread's share of a row: online max / sum-exp, rescaling the running sum once per 16-byte pack.
 template <typename scalar_t>
@@ -215,6 +222,68 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The fused kernel for rows that fit in shared memory a few times per SM (up to ~75 KiB: bf16 V <= 38400 on an
+// H100): each thread parks the packs it loads in shared memory and later turns the same packs into the gradient,
+// so the row is read from HBM once instead of twice. Each thread only ever reads back its own slots, so the slots
+// need no barrier of their own. Same thread-to-column mapping and merge order as thread_row_stats, hence
+// bit-identical results to the kernel above. (Keeping the packs in registers instead was measured slower: at 95
+// registers only one block fits per SM, which then alternates between loading and reducing.)
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads, kMinSmemRowsPerSm)  // registers must not limit it below that either
+    stats_and_grad_smem_kernel(scalar_t* __restrict__ logits, const int64_t* __restrict__ target, int64_t rows,
+                               int64_t vocab, int64_t vocab_start, const float* __restrict__ row_scale,
+                               float* __restrict__ lse_out, float* __restrict__ target_logit_out, bool write_grad) {
+  constexpr int kN = Pack<scalar_t>::kSize;
+  constexpr int kSmemUnroll = 2;  // 3 blocks x 512 threads x 2 loads of 16 B in flight per SM: enough, and no spills
+  extern __shared__ __align__(16) unsigned char row_bytes[];
+  auto* slots = reinterpret_cast<Pack<scalar_t>*>(row_bytes);
+  __shared__ MaxSum shared[kWarps + 1];
+  const int n_packs = static_cast<int>(vocab / kN);
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    scalar_t* row = logits + r * vocab;
+    auto* packs = reinterpret_cast<Pack<scalar_t>*>(row);
+    const int64_t col = target[r] - vocab_start;
+    const float t = (threadIdx.x == 0 && col >= 0 && col < vocab) ? static_cast<float>(row[col]) : 0.f;
+    MaxSum acc{-INFINITY, 0.f};
+    for (int base = threadIdx.x; base < n_packs; base += kThreads * kSmemUnroll) {
+      Pack<scalar_t> p[kSmemUnroll];
+#pragma unroll
+      for (int u = 0; u < kSmemUnroll; ++u) {
+        const int i = base + u * kThreads;
+        if (i < n_packs) p[u] = packs[i];
+      }
+#pragma unroll
+      for (int u = 0; u < kSmemUnroll; ++u) {
+        const int i = base + u * kThreads;
+        if (i < n_packs) {
+          slots[i] = p[u];
+          accumulate_pack(acc, p[u]);
+        }
+      }
+    }
+    const MaxSum ms = block_reduce(acc, shared);  // its barrier also orders thread 0's read of row[col] first
+    const float lse = ms.m + __logf(ms.s);
+    if (threadIdx.x == 0) {
+      lse_out[r] = lse;
+      target_logit_out[r] = t;
+    }
+    if (!write_grad) continue;
+    const float scale = row_scale[r];
+    const int target_pack = (col >= 0 && col < vocab) ? static_cast<int>(col / kN) : -1;
+    const int target_lane = static_cast<int>(col - int64_t(target_pack) * kN);
+    for (int i = threadIdx.x; i < n_packs; i += kThreads) {
+      Pack<scalar_t> p = slots[i];
+#pragma unroll
+      for (int j = 0; j < kN; ++j) {
+        float prob = scale == 0.f ? 0.f : __expf(static_cast<float>(p.v[j]) - lse);
+        if (scale != 0.f && i == target_pack && j == target_lane) prob -= 1.f;
+        p.v[j] = static_cast<scalar_t>(prob * scale);
+      }
+      packs[i] = p;
+    }
+  }
+}
+
 // ---- launch helpers -------------------------------------------------------------------------------------------
 
 void check_chunk(const at::Tensor& logits, const at::Tensor& target) {
@@ -252,6 +321,18 @@ int64_t fused_grid(int64_t rows, int64_t row_bytes) {
   const int64_t in_flight = budget / std::max<int64_t>(1, row_bytes);
   const int64_t blocks = std::clamp<int64_t>(in_flight, std::max<int64_t>(1, sms / 2), sms * (2048 / kThreads));
   return std::max<int64_t>(1, std::min(rows, blocks));
+}
+
+// How many rows of `row_bytes` fit in one SM's shared memory (0: not even one per block). MTP_CE_ROW_KERNEL=reread
+// answers 0, forcing the re-reading kernel (an A/B switch).
+int64_t smem_rows_per_sm(int64_t row_bytes) {
+  const char* choice = std::getenv("MTP_CE_ROW_KERNEL");
+  if (choice != nullptr && std::strcmp(choice, "reread") == 0) return 0;
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  if (row_bytes > static_cast<int64_t>(prop->sharedMemPerBlockOptin)) return 0;
+  // Per block: the row plus the reduction slots and the runtime's reserve (1 KiB per block on sm_90).
+  const int64_t per_block = row_bytes + static_cast<int64_t>(sizeof(MaxSum)) * (kWarps + 1) + 1024;
+  return static_cast<int64_t>(prop->sharedMemPerMultiprocessor) / per_block;
 }
 
 #define MTP_DISPATCH_LOGITS(TYPE, NAME, ...)                          \
@@ -323,7 +404,20 @@ void stats_and_grad_(at::Tensor& logits, const at::Tensor& target, int64_t vocab
   const c10::cuda::CUDAGuard guard(logits.device());
   const auto stream = at::cuda::getCurrentCUDAStream();
   MTP_DISPATCH_LOGITS(logits.scalar_type(), "mtp_stats_and_grad_cuda", [&] {
-    const int64_t grid = fused_grid(rows, vocab * static_cast<int64_t>(sizeof(scalar_t)));
+    const int64_t row_bytes = vocab * static_cast<int64_t>(sizeof(scalar_t));
+    const int64_t rows_per_sm = smem_rows_per_sm(row_bytes);
+    if (vectorizable<scalar_t>(logits) && rows_per_sm >= kMinSmemRowsPerSm) {
+      auto kernel = stats_and_grad_smem_kernel<scalar_t>;
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(row_bytes)));
+      kernel<<<grid_for(rows, std::min<int64_t>(rows_per_sm, 2048 / kThreads)), kThreads, row_bytes, stream>>>(
+          logits.data_ptr<scalar_t>(), target.data_ptr<int64_t>(), rows, vocab, vocab_start,
+          write_grad ? row_scale.data_ptr<float>() : nullptr, lse.data_ptr<float>(), target_logit.data_ptr<float>(),
+          write_grad);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+    const int64_t grid = fused_grid(rows, row_bytes);
     auto launch = [&](auto kernel) {
       kernel<<<grid, kThreads, 0, stream>>>(logits.data_ptr<scalar_t>(), target.data_ptr<int64_t>(), rows, vocab,
                                             vocab_start, write_grad ? row_scale.data_ptr<float>() : nullptr,

@@ -424,3 +424,21 @@ def test_cuda_accumulating_gemm_tuned_on_the_first_chunk(monkeypatch):
     check_against_reference(hidden, weight, target, "sum", gw, 1e-2, "cuda/bf16/tuned-accumulate", **kwargs)
     monkeypatch.setenv("MTP_GEMM_AUTOTUNE", "0")
     check_against_reference(hidden, weight, target, "sum", gw, 1e-2, "cuda/bf16/untuned-accumulate", **kwargs)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_shared_memory_row_kernel_matches_the_rereading_one(monkeypatch, dtype):
+    """Rows that fit in shared memory (bf16 V = 32000: 62.5 KiB) are read once and parked there; the result must
+    be bit-identical to the kernel that reads each row twice (MTP_CE_ROW_KERNEL=reread), ignored rows included.
+    fp32 at V = 32000 (125 KiB rows) does not fit three times per SM and takes the re-reading kernel either way."""
+    hidden, weight, target, gw = make_case(700, 64, 32000, seed=37, dtype=dtype, n_ignored=30, device="cuda")
+    kwargs = dict(fp32_weight_grad=False, backend="native")
+    parked = run_op(hidden, weight, target, "mean", gw, **kwargs)
+    monkeypatch.setenv("MTP_CE_ROW_KERNEL", "reread")
+    reread = run_op(hidden, weight, target, "mean", gw, **kwargs)
+    for name, a, b in zip(("loss", "d(hidden)", "d(weight)"), parked, reread):
+        assert torch.equal(a, b), f"the shared-memory row kernel changed {name}"
+    ref = float64_reference(hidden, weight, target, "mean", gw)
+    for name, a, e in zip(("loss", "d(hidden)", "d(weight)"), parked, ref):
+        assert_rel_close(a, e, TOL[dtype], f"cuda/{dtype}/smem-rows {name}")

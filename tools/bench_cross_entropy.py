@@ -7,8 +7,8 @@ For bf16 hidden [T, d] and unembedding [V, d] (d = 4096, V in {32768, 131072}, T
 forward + backward of the mean cross-entropy (loss and both gradients) for:
 
 * ours        megatron_mtp.ops.linear_cross_entropy at its defaults (gradients formed in the forward)
-* ours-*      the same op at other settings: untuned GEMMs (MTP_GEMM_AUTOTUNE=0), recompute (8*T*d*V), fixed
-              chunk sizes, bf16 d(weight) accumulation, lean (Liger's chunking and accumulation dtype), lean with
+* ours-*      the same op at other settings: untuned GEMMs (MTP_GEMM_AUTOTUNE=0), the re-reading row kernel
+              (MTP_CE_ROW_KERNEL=reread), recompute (8*T*d*V), fixed chunk sizes, bf16 d(weight) accumulation, lean (Liger's chunking and accumulation dtype), lean with
               untuned GEMMs
 * eager       F.cross_entropy(F.linear(h, w).float(), t)
 * compile     torch.compile of the same function
@@ -66,7 +66,7 @@ def _ours_with(**kwargs):
 
 class WithEnv:
     """A method run with environment switches set during its forward (where all the op's GEMMs run) -- the op
-    reads MTP_GEMM_AUTOTUNE per call, so this is an in-run A/B of the GEMM autotuning."""
+    reads MTP_GEMM_AUTOTUNE and MTP_CE_ROW_KERNEL per call, so this is an in-run A/B of what they switch."""
 
     def __init__(self, fn, **env):
         self.fn, self.env = fn, env
@@ -99,8 +99,10 @@ def make_methods(args, shape):
         print(f"liger-kernel unavailable: {type(exc).__name__}: {exc}", file=sys.stderr)
     methods["ours"] = lambda h, w, t: linear_cross_entropy(h, w, t)
     if not args.quick:
-        # untuned: ATen's GEMMs (the tuning cache is keyed by the switch)
+        # untuned: ATen's GEMMs (the tuning cache is keyed by the switch); reread: the row kernel that reads each
+        # row twice instead of parking it in shared memory (the only kernel for rows too long for that)
         methods["ours-untuned"] = WithEnv(linear_cross_entropy, MTP_GEMM_AUTOTUNE="0")
+        methods["ours-reread"] = WithEnv(linear_cross_entropy, MTP_CE_ROW_KERNEL="reread")
         methods["ours-recompute"] = lambda h, w, t: linear_cross_entropy(h, w, t, recompute=True)
         methods["ours-bf16acc"] = lambda h, w, t: linear_cross_entropy(h, w, t, fp32_weight_grad=False)
         default = default_chunk_size(T, V, 2, torch.device("cuda"))
