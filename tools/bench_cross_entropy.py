@@ -8,8 +8,8 @@ forward + backward of the mean cross-entropy (loss and both gradients) for:
 
 * ours        megatron_mtp.ops.linear_cross_entropy at its defaults (gradients formed in the forward)
 * ours-*      the same op at other settings: untuned GEMMs (MTP_GEMM_AUTOTUNE=0), the re-reading row kernel
-              (MTP_CE_ROW_KERNEL=reread), recompute (8*T*d*V), fixed chunk sizes, bf16 d(weight) accumulation, lean (Liger's chunking and accumulation dtype), lean with
-              untuned GEMMs
+              (MTP_CE_ROW_KERNEL=reread), recompute (8*T*d*V), fixed chunk sizes, bf16 d(weight) accumulation,
+              lean (Liger's chunking and accumulation dtype), lean with untuned GEMMs
 * eager       F.cross_entropy(F.linear(h, w).float(), t)
 * compile     torch.compile of the same function
 * liger       Liger-Kernel's LigerFusedLinearCrossEntropyLoss (when importable)
