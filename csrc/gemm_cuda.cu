@@ -239,12 +239,6 @@ enum class Mode {
 // Returns whether the problem was served by a tuned cuBLASLt kernel (kTuneOnly: whether one is now cached);
 // false leaves the output untouched for the caller's ATen fallback.
 bool run_problem(const Problem& p, Mode mode, const std::function<void()>& aten_gemm) {
-  cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  // torch's own cuBLASLt workspace for this handle and stream: persistent, so the op holds no extra memory.
-  void* workspace = at::cuda::getCUDABlasLtWorkspace();
-  Descriptors desc;
-  if (!desc.create(p, at::cuda::getCUDABlasLtWorkspaceSize())) return false;
   const std::string key = p.key();
   Choice choice;
   bool cached = false;
@@ -256,8 +250,18 @@ bool run_problem(const Problem& p, Mode mode, const std::function<void()>& aten_
       cached = true;
     }
   }
+  // Settled problems that ATen serves, and accumulating ones never tuned, need no descriptors at all.
+  if (cached && !choice.usable) return false;
+  if (!cached && mode == Mode::kLookUp) return false;
+  if (cached && mode == Mode::kTuneOnly) return true;
+
+  cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  // torch's own cuBLASLt workspace for this handle and stream: persistent, so the op holds no extra memory.
+  void* workspace = at::cuda::getCUDABlasLtWorkspace();
+  Descriptors desc;
+  if (!desc.create(p, at::cuda::getCUDABlasLtWorkspaceSize())) return false;
   if (!cached) {
-    if (mode == Mode::kLookUp) return false;
     choice = choose(handle, desc, p, workspace, stream, aten_gemm);
     std::lock_guard<std::mutex> lock(cache_mutex);
     cache[key] = choice;

@@ -129,6 +129,27 @@ __device__ __forceinline__ MaxSum thread_row_stats(const scalar_t* __restrict__ 
   return acc;
 }
 
+// Pack number `i` of a row becomes its share of the gradient: g = (exp(x - lse) - [column == target]) * scale.
+template <typename scalar_t>
+__device__ __forceinline__ void grad_pack(Pack<scalar_t>& p, int64_t i, float lse, float scale, int64_t target_col) {
+  constexpr int kN = Pack<scalar_t>::kSize;
+#pragma unroll
+  for (int j = 0; j < kN; ++j) {
+    float prob = __expf(static_cast<float>(p.v[j]) - lse);
+    if (i * kN + j == target_col) prob -= 1.f;
+    p.v[j] = static_cast<scalar_t>(prob * scale);
+  }
+}
+
+// The gradient of an ignored row (scale 0), written without reading the logits.
+template <typename scalar_t>
+__device__ __forceinline__ Pack<scalar_t> zero_pack() {
+  Pack<scalar_t> zero;
+#pragma unroll
+  for (int j = 0; j < Pack<scalar_t>::kSize; ++j) zero.v[j] = static_cast<scalar_t>(0.f);
+  return zero;
+}
+
 // One thread's share of the in-place gradient: g = (exp(x - lse) - [v == target]) * scale.
 template <typename scalar_t, bool kVectorized>
 __device__ __forceinline__ void thread_write_grad(scalar_t* __restrict__ row, int64_t vocab, float lse, float scale,
@@ -137,10 +158,8 @@ __device__ __forceinline__ void thread_write_grad(scalar_t* __restrict__ row, in
     constexpr int kN = Pack<scalar_t>::kSize;
     auto* packs = reinterpret_cast<Pack<scalar_t>*>(row);
     const int64_t n_packs = vocab / kN;
-    if (scale == 0.f) {  // ignored row (uniform across the block): zeros, without reading the logits
-      Pack<scalar_t> zero;
-#pragma unroll
-      for (int j = 0; j < kN; ++j) zero.v[j] = static_cast<scalar_t>(0.f);
+    if (scale == 0.f) {  // ignored row (uniform across the block)
+      const Pack<scalar_t> zero = zero_pack<scalar_t>();
       for (int64_t i = threadIdx.x; i < n_packs; i += kThreads) packs[i] = zero;
       return;
     }
@@ -155,12 +174,7 @@ __device__ __forceinline__ void thread_write_grad(scalar_t* __restrict__ row, in
       for (int u = 0; u < kUnroll; ++u) {
         const int64_t i = base + int64_t(u) * kThreads;
         if (i >= n_packs) continue;
-#pragma unroll
-        for (int j = 0; j < kN; ++j) {
-          float prob = __expf(static_cast<float>(p[u].v[j]) - lse);
-          if (i * kN + j == target_col) prob -= 1.f;
-          p[u].v[j] = static_cast<scalar_t>(prob * scale);
-        }
+        grad_pack(p[u], i, lse, scale, target_col);
         packs[i] = p[u];
       }
     }
@@ -269,16 +283,14 @@ __global__ void __launch_bounds__(kThreads, kMinSmemRowsPerSm)  // registers mus
     }
     if (!write_grad) continue;
     const float scale = row_scale[r];
-    const int target_pack = (col >= 0 && col < vocab) ? static_cast<int>(col / kN) : -1;
-    const int target_lane = static_cast<int>(col - int64_t(target_pack) * kN);
+    if (scale == 0.f) {  // ignored row: as in thread_write_grad
+      const Pack<scalar_t> zero = zero_pack<scalar_t>();
+      for (int i = threadIdx.x; i < n_packs; i += kThreads) packs[i] = zero;
+      continue;
+    }
     for (int i = threadIdx.x; i < n_packs; i += kThreads) {
       Pack<scalar_t> p = slots[i];
-#pragma unroll
-      for (int j = 0; j < kN; ++j) {
-        float prob = scale == 0.f ? 0.f : __expf(static_cast<float>(p.v[j]) - lse);
-        if (scale != 0.f && i == target_pack && j == target_lane) prob -= 1.f;
-        p.v[j] = static_cast<scalar_t>(prob * scale);
-      }
+      grad_pack(p, i, lse, scale, col);
       packs[i] = p;
     }
   }
