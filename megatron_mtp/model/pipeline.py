@@ -126,13 +126,6 @@ def _pass_through(module: nn.Module, inputs: tuple) -> tuple:
     return inputs
 
 
-def pipeline_checkpoint_interval(setting: str) -> int:
-    """train.activation_checkpointing -> PipelineModule's activation_checkpoint_interval: 'none' -> 0,
-    'full' -> 1, 'every_<k>' -> k; trunk layer i is recomputed when i % k == 0 (``MTPPipelineModule.forward``),
-    as in ``MTPModel``."""
-    return checkpoint_interval(setting)
-
-
 def layer_specs(cfg: Config, dtype=None) -> list:
     m, mtp, sp = cfg.model, cfg.mtp, cfg.parallel.sequence_parallel
     specs = []
@@ -180,7 +173,7 @@ class MTPPipelineModule(PipelineModule):
             topology=topology,
             loss_fn=None,
             partition_method=cfg.parallel.pipeline_partition,
-            activation_checkpoint_interval=pipeline_checkpoint_interval(cfg.train.activation_checkpointing),
+            activation_checkpoint_interval=checkpoint_interval(cfg.train.activation_checkpointing),
             # non-reentrant torch checkpoint that also replays the TP dropout stream (parallel/random.py)
             activation_checkpoint_func=checkpoint,
             checkpointable_layers=[TransformerLayerPipe.__name__],

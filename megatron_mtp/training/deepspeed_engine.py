@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from megatron_mtp.config import Config, ConfigError
 from megatron_mtp.parallel import state
-from megatron_mtp.training.local_engine import StepResult, autocast_context
+from megatron_mtp.training.local_engine import StepResult, autocast_context, clip_gradients
 from megatron_mtp.training.lr_schedule import learning_rate
 from megatron_mtp.training.optimizer import build_optimizer
 
@@ -168,10 +168,10 @@ def ds_config(cfg: Config, device: torch.device, dtype: torch.dtype) -> dict:
         config["bf16"] = {"enabled": True}
         config["data_types"] = {"grad_accum_dtype": "fp32"}
     if p.pp > 1:
-        from megatron_mtp.model.pipeline import pipeline_checkpoint_interval
+        from megatron_mtp.model.mtp_model import checkpoint_interval
 
         config["pipeline"] = {
-            "activation_checkpoint_interval": pipeline_checkpoint_interval(t.activation_checkpointing),
+            "activation_checkpoint_interval": checkpoint_interval(t.activation_checkpointing),
             # DeepSpeed's activation partitioning across TP assumes the activation is replicated over TP;
             # under sequence parallelism every TP rank holds a different shard.
             "pipe_partitioned": not p.sequence_parallel,
@@ -251,35 +251,6 @@ def merge_user_config(ours: dict, path: Optional[str]) -> dict:
                               f"{mine!r} (from {owner}); remove it from the JSON or change {owner.split(' ')[0]}.")
     user = {k: v for k, v in user.items() if v != "auto"}
     return _merge(ours, user)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Gradient norm and clipping with our groups (DeepSpeed's fp32 path without ZeRO)
-
-
-def grad_norm_and_clip(params: list, max_norm: float) -> torch.Tensor:
-    """Global L2 norm over TP x PP x DP with our groups, then clip every gradient by max_norm / (norm + 1e-6).
-
-    DeepSpeed's fp32 ZeRO-0 clipping (``clip_grad_norm_``) counts replicated parameters only on
-    model-parallel rank 0, i.e. only on the first pipeline stage. Here TP-sharded parameters count on every
-    TP rank, replicated ones on TP rank 0 of each stage, tied copies (``ds_pipe_replicated``) once; the sum
-    runs over the TP x PP group (DP ranks already hold equal, averaged gradients).
-    """
-    with_grad = [p for p in params if p.grad is not None]
-    tp_rank = state.tp_rank()
-    squares = [p.grad.detach().float().pow(2).sum() for p in with_grad
-               if not getattr(p, "ds_pipe_replicated", False)
-               and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0)]
-    device = with_grad[0].grad.device if with_grad else torch.device("cpu")
-    total = torch.stack(squares).sum() if squares else torch.zeros((), device=device)
-    group = state.get_state().model_parallel_group
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(total, group=group)
-    norm = total.sqrt()
-    if max_norm > 0 and with_grad:
-        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        torch._foreach_mul_([p.grad for p in with_grad], coef)
-    return norm
 
 
 def _register_sequence_parallel_hooks(module: torch.nn.Module) -> list:
@@ -441,13 +412,17 @@ class DeepSpeedEngine:
 
     def _own_fp32_clipping(self) -> None:
         """Without ZeRO or bf16 DeepSpeed steps the torch optimizer itself: compute the norm and clip with
-        our groups right before that step (after DP/tied reductions), and skip DeepSpeed's own clipping."""
+        our groups right before that step (after DP/tied reductions), and skip DeepSpeed's own clipping.
+
+        DeepSpeed's fp32 ZeRO-0 clipping (``clip_grad_norm_``) counts replicated parameters only on
+        model-parallel rank 0, i.e. only on the first pipeline stage. ``local_engine.clip_gradients`` counts
+        TP-sharded parameters on every TP rank, replicated ones on TP rank 0 of each stage, tied copies once,
+        and sums over the TP x PP group (DP ranks already hold equal, averaged gradients)."""
         ds = self.engine
         take_model_step = ds._take_model_step
-        params = [q for q in self.model.parameters() if q.requires_grad]
 
         def _take_model_step(*args, **kwargs):
-            self._grad_norm = grad_norm_and_clip(params, self.cfg.optimizer.clip_grad)
+            self._grad_norm = clip_gradients(self.model, self.cfg.optimizer.clip_grad)
             return take_model_step(*args, **kwargs)
 
         ds._take_model_step = _take_model_step

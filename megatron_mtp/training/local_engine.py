@@ -51,8 +51,10 @@ def allreduce_sequence_parallel_grads(model: torch.nn.Module) -> None:
 
 def global_grad_norm(model: torch.nn.Module) -> torch.Tensor:
     """L2 norm of the whole model's gradient: TP-sharded parameters count on every rank, replicated ones
-    on TP rank 0 only, then summed over the model-parallel (TP x PP) group."""
+    on TP rank 0 only, then summed over the model-parallel (TP x PP) group. A weight tied across pipeline
+    stages (DeepSpeed's ``ds_pipe_replicated`` copies of the embedding) counts once, on its owning stage."""
     grads = [p.grad.detach() for p in model.parameters() if p.grad is not None
+             and not getattr(p, "ds_pipe_replicated", False)
              and (getattr(p, "tensor_model_parallel", False) or state.tp_rank() == 0)]
     if grads:  # one fused multi-tensor kernel instead of pow + sum per parameter (perf, issue 10)
         norms = torch._foreach_norm(grads)
