@@ -74,7 +74,7 @@ class MTPConfig:
     # Workspace of each head's fused cross-entropy (docs/cross_entropy.md). "fast": logits chunks of up to 4 GiB
     # and a float32 d(unembedding) accumulator (the fastest setting measured). "lean": Liger-Kernel's footprint,
     # chunks of ~T x d logits with d(unembedding) accumulated in bf16 -- 64-128 MiB at d = 4096 instead of up
-    # to 4 GiB, for 5-70 % more loss time (most at large vocabularies).
+    # to 4 GiB, for 3-61 % more loss time (most at large vocabularies; H100, docs/cross_entropy.md).
     loss_memory: str = "fast"
 
 

@@ -16,12 +16,13 @@ forward + backward of the mean cross-entropy (loss and both gradients) for:
 * gemms-only  diagnostic, not a peer: just ours' three chunked GEMMs (no softmax kernel, no accumulator tricks)
 
 Each is timed with CUDA events around fwd+bwd (gradients reset to None outside the timed region), median of
---reps after --warmup, the methods interleaved round-robin. Memory: peak_extra = torch.cuda.max_memory_allocated during fwd+bwd minus what was
-allocated before (the inputs); workspace = peak_extra minus the bytes of the two gradients every method must
-return (d(hidden) and d(weight) in bf16). The floor is 6*T*d*V FLOPs (logits, d(hidden), d(weight) GEMMs) at
-the bf16 matmul rate measured in the same run on 8192^3 GEMMs, in two ways: "burst" (20 single GEMMs at the
+--reps after --warmup, the methods interleaved in rounds of shuffled order. Memory: peak_extra =
+torch.cuda.max_memory_allocated during fwd+bwd minus what was allocated before (the inputs); workspace =
+peak_extra minus the bytes of the two gradients every method must return (d(hidden) and d(weight) in bf16).
+The floor is 6*T*d*V FLOPs (logits, d(hidden), d(weight) GEMMs) at the bf16 matmul rate measured in the same
+run on 8192^3 GEMMs, in two ways: "burst" (20 single GEMMs at the
 start, the GPU cool: the highest rate) and "interleaved" (per shape, a back-to-back run of as many 8192^3 GEMMs
-as the floor's FLOPs, timed inside the round-robin like a method, so that it sees the same clocks, power draw
+as the floor's FLOPs, timed inside the rounds like a method, so that it sees the same clocks, power draw
 and drift as the methods). ratio_to_floor uses the burst rate (the stricter); ratio_to_floor_interleaved the
 other. Each method's loss and gradients are checked against eager's (relative error). Writes JSON (device,
 date, command, rows) and prints a table.
@@ -112,7 +113,7 @@ def make_methods(args, shape):
         # Liger's memory budget (chunk logits ~ T x d elements) and accumulation dtype, for an equal-memory race.
         methods["ours-lean"] = _ours_with(chunk_size=lean_chunk_size(T, V, d), fp32_weight_grad=False)
         methods["ours-lean-untuned"] = WithEnv(methods["ours-lean"], MTP_GEMM_AUTOTUNE="0")
-        methods["gemms-only"] = GemmsOnly(default_chunk_size(T, V, 2, torch.device("cuda")))
+        methods["gemms-only"] = GemmsOnly(default)
     return methods
 
 
@@ -150,20 +151,12 @@ class _GemmsOnly(torch.autograd.Function):
 
 # ---- measurement ----------------------------------------------------------------------------------------------
 
-def gemm_tflops(reps=20, n=8192):
-    a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
-    b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+def gemm_tflops(reps=20):
+    """The burst rate: `reps` single 8192^3 GEMMs, timed one by one after 5 warm-up calls."""
+    probe = GemmProbe(2 * GemmProbe.N ** 3)  # one GEMM per call
     for _ in range(5):
-        torch.mm(a, b)
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        torch.mm(a, b)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return 2 * n ** 3 / (statistics.median(times) * 1e-3) / 1e12
+        probe()
+    return probe.tflops(statistics.median(time_once(probe) for _ in range(reps)))
 
 
 def fwd_bwd(fn, h, w, t):

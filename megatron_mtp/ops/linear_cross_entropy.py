@@ -71,8 +71,8 @@ def default_chunk_size(num_tokens: int, vocab_local: int, element_size: int, dev
 def lean_chunk_size(num_tokens: int, vocab_local: int, dim: int) -> int:
     """Tokens per chunk for the lean setting: Liger-Kernel's budget of about T x d logits elements per chunk
     (the next power of two of T / ceil(V_local / d)). With ``fp32_weight_grad=False`` the op then holds exactly
-    Liger's workspace (64-128 MiB at d = 4096, T = 8192-16384) and, on the H100, runs 1.5-7 % faster than Liger;
-    the default chunking is 4-40 % faster still but holds up to 4 GiB of logits (docs/cross_entropy.md)."""
+    Liger's workspace (64-128 MiB at d = 4096, T = 8192-16384) and, on the H100, runs 4-17 % faster than Liger;
+    the default chunking is 3-38 % faster still but holds up to 4 GiB of logits (docs/cross_entropy.md)."""
     if num_tokens <= 0:
         return 1
     rows = math.ceil(num_tokens / max(1, math.ceil(vocab_local / max(1, dim))))
