@@ -58,6 +58,16 @@ bool built_with_cuda() {
 #endif
 }
 
+std::vector<double> time_gemm_candidates(at::Tensor out, const at::Tensor& a, const at::Tensor& b, int64_t calls,
+                                         int64_t rounds) {
+#ifdef MTP_WITH_CUDA
+  return mtp::cuda::time_gemm_candidates(out, a, b, calls, rounds);
+#else
+  TORCH_CHECK(false, "megatron_mtp._C was built without CUDA (no nvcc at build time)");
+  return {};
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -75,5 +85,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Per-row (max, sum-exp, target logit) of a [rows, V_local] logits tensor (for tests).");
   m.def("scale_unless_one_", &scale_unless_one, py::arg("tensor"), py::arg("scale"),
         "In place tensor *= scale (one-element float32 tensor on its device), skipped on the device if it is 1.");
+  m.def("time_gemm_candidates", &time_gemm_candidates, py::arg("out"), py::arg("a"), py::arg("b"), py::arg("calls"),
+        py::arg("rounds"),
+        "ms per call of every cuBLASLt candidate for out = a @ b, ATen's GEMM last (tools/probe_gemm_tuning.py).");
   m.def("built_with_cuda", &built_with_cuda, "Whether the CUDA kernels were compiled in.");
 }

@@ -162,12 +162,13 @@ struct Choice {
 std::mutex cache_mutex;
 std::unordered_map<std::string, Choice> cache;
 
-// Median time (ms) of kCallsPerTiming back-to-back calls of each candidate -- the cuBLASLt algorithms, then ATen's
-// own GEMM as the last one -- interleaved in a rotating order over kTuningRounds rounds; a candidate that fails
-// to run gets +inf.
+// Median time (ms) of `calls` back-to-back calls of each candidate -- the cuBLASLt algorithms, then ATen's own
+// GEMM as the last one -- interleaved in a rotating order over `rounds` rounds; a candidate that fails to run gets
+// +inf.
 std::vector<float> time_candidates(cublasLtHandle_t handle, const Descriptors& desc, const Problem& p,
                                    const std::vector<cublasLtMatmulAlgo_t>& algos, void* workspace,
-                                   cudaStream_t stream, const std::function<void()>& aten_gemm) {
+                                   cudaStream_t stream, const std::function<void()>& aten_gemm,
+                                   int calls = kCallsPerTiming, int rounds = kTuningRounds) {
   const size_t n = algos.size() + 1;
   auto call = [&](size_t i) {
     if (i == algos.size()) {
@@ -182,12 +183,12 @@ std::vector<float> time_candidates(cublasLtHandle_t handle, const Descriptors& d
   cudaEvent_t start, stop;
   cudaEventCreate(&start);
   cudaEventCreate(&stop);
-  for (int round = 0; round < kTuningRounds; ++round) {
+  for (int round = 0; round < rounds; ++round) {
     for (size_t j = 0; j < n; ++j) {
       const size_t i = (j + round) % n;
       if (failed[i]) continue;
       cudaEventRecord(start, stream);
-      for (int rep = 0; rep < kCallsPerTiming && !failed[i]; ++rep) {
+      for (int rep = 0; rep < calls && !failed[i]; ++rep) {
         failed[i] = !call(i);
       }
       cudaEventRecord(stop, stream);
@@ -320,6 +321,24 @@ bool tuned_matmul(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   if (!describe(out, a, b, 0.f, p)) return false;
   const c10::cuda::CUDAGuard guard(out.device());
   return run_problem(p, Mode::kTuneAndRun, [&] { at::mm_out(out, a, b); });
+}
+
+std::vector<double> time_gemm_candidates(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, int64_t calls,
+                                         int64_t rounds) {
+  Problem p;
+  TORCH_CHECK(describe(out, a, b, 0.f, p), "time_gemm_candidates: bf16/fp16 CUDA matrices of matching shapes expected");
+  TORCH_CHECK(calls > 0 && rounds > 0, "time_gemm_candidates: calls and rounds must be positive");
+  const c10::cuda::CUDAGuard guard(out.device());
+  cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
+  Descriptors desc;
+  TORCH_CHECK(desc.create(p, at::cuda::getCUDABlasLtWorkspaceSize()), "time_gemm_candidates: cuBLASLt refused the problem");
+  const std::vector<cublasLtMatmulAlgo_t> algos = desc.candidates(handle);
+  const std::vector<float> ms =
+      time_candidates(handle, desc, p, algos, at::cuda::getCUDABlasLtWorkspace(), at::cuda::getCurrentCUDAStream(),
+                      [&] { at::mm_out(out, a, b); }, static_cast<int>(calls), static_cast<int>(rounds));
+  std::vector<double> per_call(ms.size());
+  for (size_t i = 0; i < ms.size(); ++i) per_call[i] = static_cast<double>(ms[i]) / static_cast<double>(calls);
+  return per_call;
 }
 
 void tune_accumulate(at::Tensor& scratch_out, const at::Tensor& a, const at::Tensor& b) {

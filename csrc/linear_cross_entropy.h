@@ -109,6 +109,11 @@ bool tuned_matmul_accumulate(at::Tensor& out, const at::Tensor& a, const at::Ten
 // contents do not matter yet (the caller overwrites it next) -- once per problem; a no-op where already chosen.
 void tune_accumulate(at::Tensor& scratch_out, const at::Tensor& a, const at::Tensor& b);
 
+// Diagnostics (tools/probe_gemm_tuning.py): ms per call of every cuBLASLt candidate for out = a @ b, then ATen's
+// GEMM last, each timed over `calls` back-to-back calls, median of `rounds` interleaved rounds. Caches nothing.
+std::vector<double> time_gemm_candidates(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, int64_t calls,
+                                         int64_t rounds);
+
 // Converts n float32 values at `src` to `out_dtype` at `dst` (non-overlapping).
 void convert_fp32(const float* src, void* dst, int64_t n, at::ScalarType out_dtype);
 }  // namespace cuda

@@ -2,17 +2,19 @@
 // weight-gradient GEMM, and the in-place float32 -> bf16 narrowing of the weight-gradient accumulator.
 //
 // Row kernels: one 512-thread block per row (grid-stride over rows), 16-byte loads and stores, statistics in
-// float32. They are memory-bound. The fused single-shard kernel reads each row once where it fits in shared memory
-// three times per SM (bf16 up to V ~ 38000) and otherwise re-reads it (from L2 where the grid's rows in flight fit
-// half of it) before writing it once. H100 profile (docs/cross_entropy.md): 0.37 ms per 8192 x 32768 bf16 chunk
-// (~2.9 TB/s counting one read and one write; 0.47 ms re-reading); ~1.9 TB/s for 256 KiB rows (V = 131072),
-// whose re-read misses L2 (see fused_grid).
+// float32. They are memory-bound. The fused single-shard kernel reads each row once: where it fits in shared memory
+// three times per SM (bf16 up to V ~ 38000) one block parks it; where a slice of it does (up to 8 slices, sm_90) a
+// thread block cluster parks it slice by slice. Only longer rows are re-read (from L2 where the grid's rows in
+// flight fit half of it) before being written once. H100 profile (docs/cross_entropy.md): 0.38 ms per
+// 8192 x 32768 bf16 chunk (~2.8 TB/s counting one read and one write; 0.47 ms re-reading); 1.77 ms per
+// 8192 x 131072 (~2.4 TB/s, 4-block clusters; 2.18 ms re-reading, whose re-read misses L2: see fused_grid).
 #include "linear_cross_entropy.h"
 
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/Exceptions.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <cooperative_groups.h>
 #include <cublas_v2.h>
 
 #include <algorithm>
@@ -236,11 +238,54 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Loads packs [begin, end) of a row, parks them in `slots` (slot i - begin) and returns this thread's statistics of
+// them. Each thread only ever reads back the slots it wrote (write_parked_grad uses the same mapping), so the slots
+// need no barrier of their own. Same thread-to-column mapping and merge order as thread_row_stats over [0, end).
+template <typename scalar_t>
+__device__ __forceinline__ MaxSum park_and_accumulate(const Pack<scalar_t>* __restrict__ packs,
+                                                      Pack<scalar_t>* __restrict__ slots, int begin, int end) {
+  constexpr int kSmemUnroll = 2;  // 3 blocks x 512 threads x 2 loads of 16 B in flight per SM: enough, and no spills
+  MaxSum acc{-INFINITY, 0.f};
+  for (int base = begin + threadIdx.x; base < end; base += kThreads * kSmemUnroll) {
+    Pack<scalar_t> p[kSmemUnroll];
+#pragma unroll
+    for (int u = 0; u < kSmemUnroll; ++u) {
+      const int i = base + u * kThreads;
+      if (i < end) p[u] = packs[i];
+    }
+#pragma unroll
+    for (int u = 0; u < kSmemUnroll; ++u) {
+      const int i = base + u * kThreads;
+      if (i < end) {
+        slots[i - begin] = p[u];
+        accumulate_pack(acc, p[u]);
+      }
+    }
+  }
+  return acc;
+}
+
+// Writes the gradient of packs [begin, end) from their parked copies (zeros for an ignored row, scale 0).
+template <typename scalar_t>
+__device__ __forceinline__ void write_parked_grad(Pack<scalar_t>* __restrict__ packs,
+                                                  const Pack<scalar_t>* __restrict__ slots, int begin, int end,
+                                                  float lse, float scale, int64_t target_col) {
+  if (scale == 0.f) {  // uniform across the block
+    const Pack<scalar_t> zero = zero_pack<scalar_t>();
+    for (int i = begin + threadIdx.x; i < end; i += kThreads) packs[i] = zero;
+    return;
+  }
+  for (int i = begin + threadIdx.x; i < end; i += kThreads) {
+    Pack<scalar_t> p = slots[i - begin];
+    grad_pack(p, i, lse, scale, target_col);
+    packs[i] = p;
+  }
+}
+
 // The fused kernel for rows that fit in shared memory a few times per SM (up to ~75 KiB: bf16 V <= 38400 on an
 // H100): each thread parks the packs it loads in shared memory and later turns the same packs into the gradient,
-// so the row is read from HBM once instead of twice. Each thread only ever reads back its own slots, so the slots
-// need no barrier of their own. Same thread-to-column mapping and merge order as thread_row_stats, hence
-// bit-identical results to the kernel above. (Keeping the packs in registers instead was measured slower: at 95
+// so the row is read from HBM once instead of twice. Same thread-to-column mapping and merge order as
+// thread_row_stats, hence bit-identical results to the kernel above. (Keeping the packs in registers instead was measured slower: at 95
 // registers only one block fits per SM, which then alternates between loading and reducing.)
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, kMinSmemRowsPerSm)  // registers must not limit it below that either
@@ -248,7 +293,6 @@ __global__ void __launch_bounds__(kThreads, kMinSmemRowsPerSm)  // registers mus
                                int64_t vocab, int64_t vocab_start, const float* __restrict__ row_scale,
                                float* __restrict__ lse_out, float* __restrict__ target_logit_out, bool write_grad) {
   constexpr int kN = Pack<scalar_t>::kSize;
-  constexpr int kSmemUnroll = 2;  // 3 blocks x 512 threads x 2 loads of 16 B in flight per SM: enough, and no spills
   extern __shared__ __align__(16) unsigned char row_bytes[];
   auto* slots = reinterpret_cast<Pack<scalar_t>*>(row_bytes);
   __shared__ MaxSum shared[kWarps + 1];
@@ -258,42 +302,71 @@ __global__ void __launch_bounds__(kThreads, kMinSmemRowsPerSm)  // registers mus
     auto* packs = reinterpret_cast<Pack<scalar_t>*>(row);
     const int64_t col = target[r] - vocab_start;
     const float t = (threadIdx.x == 0 && col >= 0 && col < vocab) ? static_cast<float>(row[col]) : 0.f;
-    MaxSum acc{-INFINITY, 0.f};
-    for (int base = threadIdx.x; base < n_packs; base += kThreads * kSmemUnroll) {
-      Pack<scalar_t> p[kSmemUnroll];
-#pragma unroll
-      for (int u = 0; u < kSmemUnroll; ++u) {
-        const int i = base + u * kThreads;
-        if (i < n_packs) p[u] = packs[i];
-      }
-#pragma unroll
-      for (int u = 0; u < kSmemUnroll; ++u) {
-        const int i = base + u * kThreads;
-        if (i < n_packs) {
-          slots[i] = p[u];
-          accumulate_pack(acc, p[u]);
-        }
-      }
-    }
-    const MaxSum ms = block_reduce(acc, shared);  // its barrier also orders thread 0's read of row[col] first
+    // block_reduce's barrier also orders thread 0's read of row[col] before any gradient is written
+    const MaxSum ms = block_reduce(park_and_accumulate(packs, slots, 0, n_packs), shared);
     const float lse = ms.m + __logf(ms.s);
     if (threadIdx.x == 0) {
       lse_out[r] = lse;
       target_logit_out[r] = t;
     }
-    if (!write_grad) continue;
-    const float scale = row_scale[r];
-    if (scale == 0.f) {  // ignored row: as in thread_write_grad
-      const Pack<scalar_t> zero = zero_pack<scalar_t>();
-      for (int i = threadIdx.x; i < n_packs; i += kThreads) packs[i] = zero;
-      continue;
-    }
-    for (int i = threadIdx.x; i < n_packs; i += kThreads) {
-      Pack<scalar_t> p = slots[i];
-      grad_pack(p, i, lse, scale, col);
-      packs[i] = p;
-    }
+    if (write_grad) write_parked_grad(packs, slots, 0, n_packs, lse, row_scale[r], col);
   }
+}
+
+// Rows too long for one block's shared memory (bf16 V > ~38000, e.g. 256 KiB at V = 131072) are split over a thread
+// block cluster (sm_90): each of its `cluster size` blocks parks one slice of the row in its shared memory, reduces
+// the slice's (max, sum-exp), and reads its peers' partial statistics through distributed shared memory; all blocks
+// merge the partials in rank order, so they agree on the log-sum-exp bit for bit. The row is read from HBM once,
+// as in the kernel above, instead of twice (the re-reading kernel runs at ~1.9 TB/s on such rows, L2 cannot hold
+// the re-read). Merge order differs from the single-block kernels: results agree with them to rounding, not bits.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads, kMinSmemRowsPerSm)
+    stats_and_grad_cluster_kernel(scalar_t* __restrict__ logits, const int64_t* __restrict__ target, int64_t rows,
+                                  int64_t vocab, int64_t vocab_start, const float* __restrict__ row_scale,
+                                  float* __restrict__ lse_out, float* __restrict__ target_logit_out, bool write_grad,
+                                  int slice_packs) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  constexpr int kN = Pack<scalar_t>::kSize;
+  cg::cluster_group cluster = cg::this_cluster();
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int cluster_size = static_cast<int>(cluster.num_blocks());
+  extern __shared__ __align__(16) unsigned char row_bytes[];
+  auto* slots = reinterpret_cast<Pack<scalar_t>*>(row_bytes);
+  __shared__ MaxSum shared[kWarps + 1];
+  // This block's slice statistics, double-buffered by row parity: a peer may still be reading row r's partial
+  // when this block writes row r + 1's, but every peer has read it before passing row r + 1's cluster barrier.
+  __shared__ MaxSum partial[2];
+  const int n_packs = static_cast<int>(vocab / kN);
+  const int begin = rank * slice_packs;
+  const int end = min(n_packs, begin + slice_packs);
+  const int64_t n_clusters = gridDim.x / cluster_size;
+  int parity = 0;
+  for (int64_t r = blockIdx.x / cluster_size; r < rows; r += n_clusters, parity ^= 1) {
+    scalar_t* row = logits + r * vocab;
+    auto* packs = reinterpret_cast<Pack<scalar_t>*>(row);
+    const int64_t col = target[r] - vocab_start;
+    // block_reduce's barriers also make every slot visible to thread 0
+    const MaxSum mine = block_reduce(park_and_accumulate(packs, slots, begin, end), shared);
+    const bool in_shard = col >= 0 && col < vocab;
+    const int owner = in_shard ? static_cast<int>(col / kN) / slice_packs : 0;
+    if (threadIdx.x == 0) {
+      partial[parity] = mine;
+      if (rank == owner) {
+        target_logit_out[r] = in_shard ? static_cast<float>(slots[col / kN - begin].v[col % kN]) : 0.f;
+      }
+    }
+    cluster.sync();  // every block's partial is written (release / acquire across the cluster)
+    MaxSum ms{-INFINITY, 0.f};
+    for (int j = 0; j < cluster_size; ++j) ms = merge(ms, *cluster.map_shared_rank(&partial[parity], j));
+    const float lse = ms.m + __logf(ms.s);
+    if (rank == 0 && threadIdx.x == 0) lse_out[r] = lse;
+    if (write_grad) write_parked_grad(packs, slots, begin, end, lse, row_scale[r], col);
+  }
+  cluster.sync();  // no block may exit while a peer can still read its shared memory
+#else
+  __trap();  // launched only where cluster_kernel_usable() saw sm_90 code
+#endif
 }
 
 // ---- launch helpers -------------------------------------------------------------------------------------------
@@ -345,6 +418,67 @@ int64_t smem_rows_per_sm(int64_t row_bytes) {
   // Per block: the row plus the reduction slots and the runtime's reserve (1 KiB per block on sm_90).
   const int64_t per_block = row_bytes + static_cast<int64_t>(sizeof(MaxSum)) * (kWarps + 1) + 1024;
   return static_cast<int64_t>(prop->sharedMemPerMultiprocessor) / per_block;
+}
+
+// Blocks a row is split over by the cluster kernel (2, 4 or 8) so that each slice fits in shared memory
+// kMinSmemRowsPerSm times per SM; 0 where no such split exists (fp32 rows over ~150000 values, bf16 over ~300000),
+// the device has no clusters (before sm_90) or the kernel was not compiled for sm_90 (another MTP_CUDA_ARCH).
+template <typename scalar_t>
+int cluster_size_for(int64_t vocab, int& slice_packs) {
+  static const bool usable = [] {
+    const auto* prop = at::cuda::getCurrentDeviceProperties();
+    cudaFuncAttributes attr{};
+    if (prop->major < 9 || cudaFuncGetAttributes(&attr, stats_and_grad_cluster_kernel<scalar_t>) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return false;
+    }
+    return attr.ptxVersion >= 90 && attr.binaryVersion >= 90;
+  }();
+  if (!usable) return 0;
+  const int64_t n_packs = vocab / Pack<scalar_t>::kSize;
+  // The fewest blocks that fit three per SM are the fastest: on an H100 (2026-11-25, fwd+bwd of the op with d = 64,
+  // where the row pass dominates) 8192 x 131072 bf16 took 4.23 ms with 4-block clusters, 4.52 with 2 (128 KiB
+  // slices, one block per SM), 4.52 with 8 (32 KiB slices) and 4.80 re-reading.
+  for (int size = 2; size <= 8; size *= 2) {
+    const int64_t slice = (n_packs + size - 1) / size;
+    if (smem_rows_per_sm(slice * 16) >= kMinSmemRowsPerSm) {
+      slice_packs = static_cast<int>(slice);
+      return size;
+    }
+  }
+  return 0;
+}
+
+// Launches the cluster kernel; false (nothing launched) if not one cluster of this shape can be resident.
+template <typename scalar_t>
+bool launch_cluster_kernel(int cluster_size, int slice_packs, scalar_t* logits, const int64_t* target, int64_t rows,
+                           int64_t vocab, int64_t vocab_start, const float* row_scale, float* lse,
+                           float* target_logit, bool write_grad, cudaStream_t stream) {
+  auto kernel = stats_and_grad_cluster_kernel<scalar_t>;
+  const size_t smem = static_cast<size_t>(slice_packs) * 16;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  cudaLaunchAttribute cluster_dim{};
+  cluster_dim.id = cudaLaunchAttributeClusterDimension;
+  cluster_dim.val.clusterDim.x = cluster_size;
+  cluster_dim.val.clusterDim.y = 1;
+  cluster_dim.val.clusterDim.z = 1;
+  cudaLaunchConfig_t config{};
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = &cluster_dim;
+  config.numAttrs = 1;
+  // As many clusters as can be resident at once (each then strides over rows), at most one per row.
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  config.gridDim = dim3(static_cast<unsigned>(sms / cluster_size * cluster_size));
+  int resident = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&resident, kernel, &config));
+  if (resident <= 0) return false;
+  const int64_t clusters = std::max<int64_t>(1, std::min<int64_t>(rows, resident));
+  config.gridDim = dim3(static_cast<unsigned>(clusters * cluster_size));
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, logits, target, rows, vocab, vocab_start, row_scale, lse,
+                                    target_logit, write_grad, slice_packs));
+  return true;
 }
 
 #define MTP_DISPATCH_LOGITS(TYPE, NAME, ...)                          \
@@ -427,6 +561,15 @@ void stats_and_grad_(at::Tensor& logits, const at::Tensor& target, int64_t vocab
           write_grad ? row_scale.data_ptr<float>() : nullptr, lse.data_ptr<float>(), target_logit.data_ptr<float>(),
           write_grad);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+    int slice_packs = 0;
+    const int cluster_size = vectorizable<scalar_t>(logits) ? cluster_size_for<scalar_t>(vocab, slice_packs) : 0;
+    if (cluster_size > 0 &&
+        launch_cluster_kernel<scalar_t>(cluster_size, slice_packs, logits.data_ptr<scalar_t>(),
+                                        target.data_ptr<int64_t>(), rows, vocab, vocab_start,
+                                        write_grad ? row_scale.data_ptr<float>() : nullptr, lse.data_ptr<float>(),
+                                        target_logit.data_ptr<float>(), write_grad, stream)) {
       return;
     }
     const int64_t grid = fused_grid(rows, row_bytes);

@@ -5,6 +5,7 @@ import functools
 import importlib
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -175,3 +176,10 @@ def test_master_weights_engine_trains_in_bf16_with_fp32_masters(torch_ce):
     eng.optimizer.load_state_dict(sd)
     for a, b in zip(before, eng.optimizer.masters):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a GPU gets")
+def test_probe_gemm_tuning_says_it_needs_a_gpu():
+    probe = os.path.join(ROOT, "tools", "probe_gemm_tuning.py")
+    done = subprocess.run([sys.executable, probe], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "needs a CUDA GPU" in done.stderr

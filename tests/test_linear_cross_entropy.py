@@ -427,11 +427,10 @@ def test_cuda_accumulating_gemm_tuned_on_the_first_chunk(monkeypatch):
 
 
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_cuda_shared_memory_row_kernel_matches_the_rereading_one(monkeypatch, dtype):
+def test_cuda_shared_memory_row_kernel_matches_the_rereading_one(monkeypatch):
     """Rows that fit in shared memory (bf16 V = 32000: 62.5 KiB) are read once and parked there; the result must
-    be bit-identical to the kernel that reads each row twice (MTP_CE_ROW_KERNEL=reread), ignored rows included.
-    fp32 at V = 32000 (125 KiB rows) does not fit three times per SM and takes the re-reading kernel either way."""
+    be bit-identical to the kernel that reads each row twice (MTP_CE_ROW_KERNEL=reread), ignored rows included."""
+    dtype = torch.bfloat16
     hidden, weight, target, gw = make_case(700, 64, 32000, seed=37, dtype=dtype, n_ignored=30, device="cuda")
     kwargs = dict(fp32_weight_grad=False, backend="native")
     parked = run_op(hidden, weight, target, "mean", gw, **kwargs)
@@ -442,3 +441,42 @@ def test_cuda_shared_memory_row_kernel_matches_the_rereading_one(monkeypatch, dt
     ref = float64_reference(hidden, weight, target, "mean", gw)
     for name, a, e in zip(("loss", "d(hidden)", "d(weight)"), parked, ref):
         assert_rel_close(a, e, TOL[dtype], f"cuda/{dtype}/smem-rows {name}")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype,vocab", [(torch.float32, 32000), (torch.bfloat16, 100008), (torch.bfloat16, 131072),
+                                         (torch.float32, 131072)],
+                         ids=["fp32-32000-2blocks", "bf16-100008-4blocks-short-last", "bf16-131072-4blocks",
+                              "fp32-131072-8blocks"])
+def test_cuda_cluster_row_kernel(monkeypatch, dtype, vocab):
+    """Rows too long for one block's shared memory are split over a 2-, 4- or 8-block cluster, each block parking
+    its slice; the blocks exchange partial statistics through distributed shared memory. Against float64, and
+    against the re-reading kernel to rounding: the merge order differs, so agreement is close, not bit-exact.
+    V = 100008 leaves the last block a shorter slice; 300 rows exceed the resident clusters, so clusters stride."""
+    hidden, weight, target, gw = make_case(300, 64, vocab, seed=38, dtype=dtype, n_ignored=11, device="cuda")
+    kwargs = dict(fp32_weight_grad=False, backend="native")
+    clustered = run_op(hidden, weight, target, "mean", gw, **kwargs)
+    ref = float64_reference(hidden, weight, target, "mean", gw)
+    for name, a, e in zip(("loss", "d(hidden)", "d(weight)"), clustered, ref):
+        assert_rel_close(a, e, TOL[dtype], f"cuda/{dtype}/V={vocab}/cluster {name}")
+    monkeypatch.setenv("MTP_CE_ROW_KERNEL", "reread")
+    reread = run_op(hidden, weight, target, "mean", gw, **kwargs)
+    close = 1e-6 if dtype == torch.float32 else 1e-3
+    for name, a, b in zip(("loss", "d(hidden)", "d(weight)"), clustered, reread):
+        assert_rel_close(a, b, close, f"cluster vs re-reading kernel, {name}")
+
+
+@needs_cuda
+def test_cuda_gemm_candidate_timing_diagnostic():
+    """tools/probe_gemm_tuning.py's binding: one finite time per cuBLASLt candidate plus ATen's last, and the
+    product it leaves in `out` is the product (every candidate computes the same GEMM)."""
+    from megatron_mtp import _C
+
+    a = torch.randn(256, 128, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(64, 128, device="cuda", dtype=torch.bfloat16).t()
+    out = torch.empty(256, 64, device="cuda", dtype=torch.bfloat16)
+    times = _C.time_gemm_candidates(out, a, b, 2, 2)
+    assert len(times) >= 1 and all(t > 0 for t in times) and any(t != float("inf") for t in times)
+    assert_rel_close(out, (a.double() @ b.double()), 1e-2, "GEMM left by the timing")
+    with pytest.raises(RuntimeError, match="calls and rounds must be positive"):
+        _C.time_gemm_candidates(out, a, b, 0, 1)

@@ -18,6 +18,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from megatron_mtp.ops.linear_cross_entropy import scale_unless_one_
+
 IGNORE = -100
 
 
@@ -68,13 +70,17 @@ class MemoryEfficientHeads(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, grad_per_head):
-        scale = grad_total
-        grad_z = ctx.grad_z.mul_(scale.to(ctx.grad_z.dtype))
+        # grad_total is 1 for a plain backward(); scale_unless_one_ then touches nothing (checked on the device,
+        # no host sync), which saves a read and a write of every head/unembedding gradient per micro-batch.
+        grad_z = ctx.grad_z
+        scale_unless_one_(grad_z, grad_total)
         trainable_grads = iter(ctx.grad_params)
         out_params = []
         for is_trainable in ctx.trainable_mask:
             g = next(trainable_grads) if is_trainable else None
-            out_params.append(None if g is None else g.mul_(scale.to(g.dtype)))
+            if g is not None:
+                scale_unless_one_(g, grad_total)
+            out_params.append(g)
         ctx.grad_z = ctx.grad_params = None
         return (grad_z, None, None, None, *out_params)
 

@@ -65,23 +65,30 @@ class EmbeddingPipe(MTPEmbedding):
         return self.embed(tokens[:, :-1]), tokens
 
 
+class RopeTables:
+    """RoPE cos/sin tables for a stage, rebuilt only when the sequence length, device or dtype changes, so
+    that nothing but the (activations, tokens) pair has to cross stage boundaries."""
+
+    def __init__(self, head_dim: int, theta: float):
+        self.head_dim, self.theta = head_dim, theta
+        self._cache: Optional[tuple] = None
+
+    def __call__(self, seq: int, device, dtype) -> tuple:
+        key = (seq, device, dtype)
+        if self._cache is None or self._cache[0] != key:
+            cos, sin = rope_cos_sin(torch.arange(seq, device=device), self.head_dim, self.theta, dtype)
+            self._cache = (key, cos, sin)
+        return self._cache[1], self._cache[2]
+
+
 class TransformerLayerPipe(TransformerLayer):
-    """A trunk layer on (x, tokens): RoPE tables are rebuilt (and cached) from the sequence length, so
-    nothing but the pair crosses stage boundaries."""
+    """A trunk layer on (x, tokens); its RoPE tables come from ``RopeTables``."""
 
     def __init__(self, cfg, index: int, sequence_parallel: bool = False, dtype=None):
         super().__init__(cfg, f"trunk.{index}", sequence_parallel, dtype=dtype)
         self.index = index
-        self._head_dim, self._theta = cfg.head_dim, cfg.rope_theta
         self._sp = sequence_parallel and state.tp_size() > 1
-        self._rope_cache: Optional[tuple] = None
-
-    def rope(self, seq: int, device, dtype) -> tuple:
-        key = (seq, device, dtype)
-        if self._rope_cache is None or self._rope_cache[0] != key:
-            cos, sin = rope_cos_sin(torch.arange(seq, device=device), self._head_dim, self._theta, dtype)
-            self._rope_cache = (key, cos, sin)
-        return self._rope_cache[1], self._rope_cache[2]
+        self.rope = RopeTables(cfg.head_dim, cfg.rope_theta)
 
     def hidden_forward(self, x: torch.Tensor) -> torch.Tensor:
         seq = x.size(1) * (state.tp_size() if self._sp else 1)
@@ -101,7 +108,7 @@ class MTPOutputPipe(nn.Module):
     def __init__(self, cfg, mtp, sequence_parallel: bool = False, dtype=None):
         super().__init__()
         self.output = MTPOutput(cfg, mtp, sequence_parallel, dtype=dtype)
-        self._head_dim, self._theta = cfg.head_dim, cfg.rope_theta
+        self.rope = RopeTables(cfg.head_dim, cfg.rope_theta)
         self.tied_weight_fn = None  # set by MTPPipelineModule with tied embeddings: the unembedding weight
         self.head_losses: Optional[torch.Tensor] = None
         self.eval_head_losses: list = []
@@ -109,8 +116,7 @@ class MTPOutputPipe(nn.Module):
     def forward(self, inputs: tuple) -> torch.Tensor:
         z, tokens = inputs
         seq = tokens.size(1) - 1
-        cos, sin = rope_cos_sin(torch.arange(seq, device=z.device), self._head_dim, self._theta,
-                                self.output.final_norm.weight.dtype)
+        cos, sin = self.rope(seq, z.device, self.output.final_norm.weight.dtype)
         tied = self.tied_weight_fn() if self.tied_weight_fn is not None else None
         total, per_head = self.output.loss(z, tokens, cos, sin, tied)
         per_head = per_head.detach().float()

@@ -116,7 +116,7 @@ def _select_backend(name: str, hidden: torch.Tensor):
     return native
 
 
-def _scale_unless_one_(grad: torch.Tensor, scale: torch.Tensor) -> None:
+def scale_unless_one_(grad: torch.Tensor, scale: torch.Tensor) -> None:
     """grad *= scale in place, skipped when scale is exactly 1 (a plain ``loss.backward()``), without a host sync.
 
     On the GPU a test like ``scale == 1`` in Python would stall the stream, and an unconditional multiply costs a
@@ -203,7 +203,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             scale = grad_loss.reshape(())
             for grad in (dh, dw):
                 if grad is not None:
-                    _scale_unless_one_(grad, scale)
+                    scale_unless_one_(grad, scale)
         else:
             h, weight, tgt, lse, valid = ctx.saved_tensors
             if opts.reduction == "none":
