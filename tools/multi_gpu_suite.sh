@@ -12,5 +12,9 @@ if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import deepspeed" 2>/dev/null;
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-python3 -m pip install -q --no-build-isolation --no-deps -e . >/dev/null   # builds the CUDA extension
+# The CUDA extension, built in place: `pip install -e .` would set up an isolated build environment, which an
+# offline GPU machine cannot download. The runs import megatron_mtp from the checkout (PYTHONPATH).
+MAX_JOBS=${MAX_JOBS:-16} python3 setup.py build_ext --inplace >/tmp/mtp_build_ext.log 2>&1 \
+  || { tail -20 /tmp/mtp_build_ext.log; echo "multi_gpu_suite: building the extension failed (log above)" >&2; exit 1; }
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
 exec python3 tools/multi_gpu_suite.py --output-dir "${OUT:-benchmarks}" "$@"

@@ -172,29 +172,44 @@ def _group(group):
     return state.tp_group() if group is None else group
 
 
+# The public mappings run eagerly under torch.compile (train.compile compiles each TransformerLayer): every call is
+# a graph break, and its autograd Function an ordinary autograd node with eager collectives in both directions.
+# Traced by dynamo instead, the collectives lost gradients on NCCL (H100 x2, 2026-11-25: TP = 2 with sequence
+# parallelism, 1B shape, step-1 gradient norm 25.8 compiled against 206.7 uncompiled and at TP = 1; gloo on CPU
+# was unaffected).
+_eager = torch.compiler.disable
+
+
+@_eager
 def copy_to_tp_region(x, group=None):
     return _CopyToTP.apply(x, _group(group))
 
 
+@_eager
 def reduce_from_tp_region(x, group=None):
     return _ReduceFromTP.apply(x, _group(group))
 
 
+@_eager
 def scatter_to_tp_region(x, group=None):
     return _ScatterToTP.apply(x, _group(group))
 
 
+@_eager
 def gather_from_tp_region(x, group=None):
     return _GatherFromTP.apply(x, _group(group))
 
 
+@_eager
 def scatter_to_sequence_region(x, group=None):
     return _ScatterToSequence.apply(x, _group(group))
 
 
+@_eager
 def gather_from_sequence_region(x, group=None):
     return _GatherFromSequence.apply(x, _group(group))
 
 
+@_eager
 def reduce_scatter_to_sequence_region(x, group=None):
     return _ReduceScatterToSequence.apply(x, _group(group))

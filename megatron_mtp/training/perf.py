@@ -35,7 +35,8 @@ def apply_compile(model: torch.nn.Module, mode: Optional[str] = None, dynamic: O
 
     One compiled graph serves all layers of one shape (dynamo treats the parameters as inputs), so the compile
     cost is paid once per distinct layer shape and dtype, not per layer. Tensor-parallel collectives inside a
-    layer become graph breaks; the pieces between them are still fused.
+    layer are graph breaks (the mappings in ``parallel/mappings.py`` are ``torch.compiler.disable``d: traced,
+    they lost gradients over NCCL); the pieces between them are still fused.
     """
     from megatron_mtp.model.transformer import TransformerLayer
 
