@@ -285,8 +285,8 @@ __device__ __forceinline__ void write_parked_grad(Pack<scalar_t>* __restrict__ p
 // The fused kernel for rows that fit in shared memory a few times per SM (up to ~75 KiB: bf16 V <= 38400 on an
 // H100): each thread parks the packs it loads in shared memory and later turns the same packs into the gradient,
 // so the row is read from HBM once instead of twice. Same thread-to-column mapping and merge order as
-// thread_row_stats, hence bit-identical results to the kernel above. (Keeping the packs in registers instead was measured slower: at 95
-// registers only one block fits per SM, which then alternates between loading and reducing.)
+// thread_row_stats, hence bit-identical results to the kernel above. (Keeping the packs in registers instead was
+// measured slower: at 95 registers only one block fits per SM, which then alternates between loading and reducing.)
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, kMinSmemRowsPerSm)  // registers must not limit it below that either
     stats_and_grad_smem_kernel(scalar_t* __restrict__ logits, const int64_t* __restrict__ target, int64_t rows,
@@ -365,7 +365,7 @@ __global__ void __launch_bounds__(kThreads, kMinSmemRowsPerSm)
   }
   cluster.sync();  // no block may exit while a peer can still read its shared memory
 #else
-  __trap();  // launched only where cluster_kernel_usable() saw sm_90 code
+  __trap();  // launched only where cluster_size_for() found sm_90 code for this kernel
 #endif
 }
 

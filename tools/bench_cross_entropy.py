@@ -20,10 +20,9 @@ Each is timed with CUDA events around fwd+bwd (gradients reset to None outside t
 torch.cuda.max_memory_allocated during fwd+bwd minus what was allocated before (the inputs); workspace =
 peak_extra minus the bytes of the two gradients every method must return (d(hidden) and d(weight) in bf16).
 The floor is 6*T*d*V FLOPs (logits, d(hidden), d(weight) GEMMs) at the bf16 matmul rate measured in the same
-run on 8192^3 GEMMs, in two ways: "burst" (20 single GEMMs at the
-start, the GPU cool: the highest rate) and "interleaved" (per shape, a back-to-back run of as many 8192^3 GEMMs
-as the floor's FLOPs, timed inside the rounds like a method, so that it sees the same clocks, power draw
-and drift as the methods). ratio_to_floor uses the burst rate (the stricter); ratio_to_floor_interleaved the
+run on 8192^3 GEMMs, in two ways: "burst" (20 single GEMMs at the start, the GPU cool: the highest rate) and
+"interleaved" (per shape, a back-to-back run of as many 8192^3 GEMMs as the floor's FLOPs, timed inside the
+rounds like a method, so that it sees the same clocks, power draw and drift as the methods). ratio_to_floor uses the burst rate (the stricter); ratio_to_floor_interleaved the
 other. Each method's loss and gradients are checked against eager's (relative error). Writes JSON (device,
 date, command, rows) and prints a table.
 """
@@ -101,7 +100,7 @@ def make_methods(args, shape):
     methods["ours"] = lambda h, w, t: linear_cross_entropy(h, w, t)
     if not args.quick:
         # untuned: ATen's GEMMs (the tuning cache is keyed by the switch); reread: the row kernel that reads each
-        # row twice instead of parking it in shared memory (the only kernel for rows too long for that)
+        # row twice instead of parking it in shared memory (one block's, or a cluster's for long rows)
         methods["ours-untuned"] = WithEnv(linear_cross_entropy, MTP_GEMM_AUTOTUNE="0")
         methods["ours-reread"] = WithEnv(linear_cross_entropy, MTP_CE_ROW_KERNEL="reread")
         methods["ours-recompute"] = lambda h, w, t: linear_cross_entropy(h, w, t, recompute=True)
