@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark the fused linear cross-entropy against its peers on one GPU, side by side in one run.
 
-    python3 tools/bench_cross_entropy.py [--out benchmarks/cross_entropy.json] [--quick]
+    python3 tools/bench_cross_entropy.py [--out benchmarks/cross_entropy.json] [--quick] [--rest-ms 300]
 
 For bf16 hidden [T, d] and unembedding [V, d] (d = 4096, V in {32768, 131072}, T in {8192, 16384}), times the
 forward + backward of the mean cross-entropy (loss and both gradients) for:
@@ -22,8 +22,11 @@ peak_extra minus the bytes of the two gradients every method must return (d(hidd
 The floor is 6*T*d*V FLOPs (logits, d(hidden), d(weight) GEMMs) at the bf16 matmul rate measured in the same
 run on 8192^3 GEMMs, in two ways: "burst" (20 single GEMMs at the start, the GPU cool: the highest rate) and
 "interleaved" (per shape, a back-to-back run of as many 8192^3 GEMMs as the floor's FLOPs, timed inside the
-rounds like a method, so that it sees the same clocks, power draw and drift as the methods). ratio_to_floor uses the burst rate (the stricter); ratio_to_floor_interleaved the
-other. Each method's loss and gradients are checked against eager's (relative error). Writes JSON (device,
+rounds like a method, so that it sees the same clocks, power draw and drift as the methods). ratio_to_floor uses
+the burst rate; ratio_to_floor_interleaved the other. Back to back (the default) the GPU runs at its sustained,
+power-limited clocks, so the burst ratio sets a rested GPU's GEMM rate against the methods on a hot one (the
+strictest number); --rest-ms N idles the GPU N ms before every timed call, so methods and probe run in the
+rested state the burst rate is measured in (and the two floors coincide). Each method's loss and gradients are checked against eager's (relative error). Writes JSON (device,
 date, command, rows) and prints a table.
 """
 from __future__ import annotations
@@ -36,6 +39,7 @@ import platform
 import random
 import statistics
 import sys
+import time
 import traceback
 
 import torch
@@ -98,6 +102,8 @@ def make_methods(args, shape):
     except Exception as exc:  # not installed, or does not import with this torch/triton
         print(f"liger-kernel unavailable: {type(exc).__name__}: {exc}", file=sys.stderr)
     methods["ours"] = lambda h, w, t: linear_cross_entropy(h, w, t)
+    # Liger's memory budget (chunk logits ~ T x d elements) and accumulation dtype, for an equal-memory race.
+    methods["ours-lean"] = _ours_with(chunk_size=lean_chunk_size(T, V, d), fp32_weight_grad=False)
     if not args.quick:
         # untuned: ATen's GEMMs (the tuning cache is keyed by the switch); reread: the row kernel that reads each
         # row twice instead of parking it in shared memory (one block's, or a cluster's for long rows)
@@ -109,8 +115,6 @@ def make_methods(args, shape):
         for chunk in args.chunks:
             if chunk <= T and chunk != default:
                 methods[f"ours-chunk{chunk}"] = _ours_with(chunk_size=chunk)
-        # Liger's memory budget (chunk logits ~ T x d elements) and accumulation dtype, for an equal-memory race.
-        methods["ours-lean"] = _ours_with(chunk_size=lean_chunk_size(T, V, d), fp32_weight_grad=False)
         methods["ours-lean-untuned"] = WithEnv(methods["ours-lean"], MTP_GEMM_AUTOTUNE="0")
         methods["gemms-only"] = GemmsOnly(default)
     return methods
@@ -219,20 +223,25 @@ class GemmProbe:
         return 2 * self.N ** 3 * self.count / (ms * 1e-3) / 1e12
 
 
-def time_interleaved(methods, h, w, t, reps, probe=None):
+def time_interleaved(methods, h, w, t, reps, probe=None, rest_ms=0.0):
     """Interleaved timing: every round runs each method once, in a fresh (seeded) random order, so that clock
     and thermal drift, which moved repeated runs of one configuration by up to ~11% when methods were timed one
     after another, hits every method alike. The order is shuffled rather than rotated because under sustained
     load a method's clocks depend on its predecessor's power draw: a rotation keeps every method behind the same
     predecessor (measured: two identical configurations 4-7% apart, one always following the memory-bound Liger
     kernels). The GEMM-rate probe, if given, takes its turn like a method. The first round is discarded
-    (allocator cache settling once the methods share it)."""
+    (allocator cache settling once the methods share it). With `rest_ms` > 0 the GPU idles that long before
+    every timed call, so each call (and the probe) starts from the same rested state instead of from its
+    predecessor's power draw -- the condition the burst rate is measured in."""
     names = list(methods) + (["gemm-probe"] if probe is not None else [])
     times = {name: [] for name in names}
     shuffler = random.Random(0)
     for rnd in tqdm(range(reps + 1), desc="timing rounds", leave=False):
         order = shuffler.sample(names, len(names))
         for name in order:
+            if rest_ms > 0:
+                torch.cuda.synchronize()
+                time.sleep(rest_ms / 1e3)
             if name == "gemm-probe":
                 elapsed = time_once(probe)
             else:
@@ -259,7 +268,11 @@ def main():
                         help="fixed chunk sizes for the ours-chunkN sweep rows")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=15)
-    parser.add_argument("--quick", action="store_true", help="only ours, eager, compile, liger")
+    parser.add_argument("--quick", action="store_true", help="only ours, ours-lean, eager, compile, liger")
+    parser.add_argument("--rest-ms", type=float, default=0.0,
+                        help="idle the GPU this long before every timed call (default 0: back to back, the GPU "
+                             "at its sustained, power-limited clocks); the interleaved floor is then the rate of "
+                             "rested GEMM runs")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--profile", default=None,
                         help="write a torch.profiler kernel table of one fwd+bwd per shape to this file")
@@ -281,6 +294,7 @@ def main():
         "python": platform.python_version(),
         "native_cuda_extension": extension_available("cuda"),
         "bf16_gemm_tflops": rate,
+        "rest_ms": args.rest_ms,
         "floor": "6*T*d*V / bf16_gemm_tflops",
         "memory": "peak_extra = max_memory_allocated - allocated before (inputs); "
                   "workspace = peak_extra - bytes of d(hidden) and d(weight) (bf16)",
@@ -319,7 +333,7 @@ def main():
                 h.grad = w.grad = None
             rows[name] = row
         probe = GemmProbe(6 * T * d * V)
-        times = time_interleaved(usable, h, w, t, args.reps, probe)
+        times = time_interleaved(usable, h, w, t, args.reps, probe, args.rest_ms)
         rate_interleaved = probe.tflops(statistics.median(times.pop("gemm-probe")))
         floor_interleaved_ms = 6 * T * d * V / (rate_interleaved * 1e12) * 1e3
         report.setdefault("bf16_gemm_tflops_interleaved", {})[f"T={T},V={V}"] = rate_interleaved
