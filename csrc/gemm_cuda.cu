@@ -287,10 +287,6 @@ bool storage_of(const at::Tensor& t, int64_t& ld, bool& transposed) {
   return false;
 }
 
-}  // namespace
-
-namespace {
-
 // The problem for out (+)= a @ b, or false where this file cannot serve the arguments.
 bool describe(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, float beta, Problem& p) {
   const auto dtype = a.scalar_type();
@@ -326,12 +322,14 @@ bool tuned_matmul(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
 std::vector<double> time_gemm_candidates(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, int64_t calls,
                                          int64_t rounds) {
   Problem p;
-  TORCH_CHECK(describe(out, a, b, 0.f, p), "time_gemm_candidates: bf16/fp16 CUDA matrices of matching shapes expected");
+  TORCH_CHECK(describe(out, a, b, 0.f, p),
+              "time_gemm_candidates: bf16/fp16 CUDA matrices of matching shapes expected");
   TORCH_CHECK(calls > 0 && rounds > 0, "time_gemm_candidates: calls and rounds must be positive");
   const c10::cuda::CUDAGuard guard(out.device());
   cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
   Descriptors desc;
-  TORCH_CHECK(desc.create(p, at::cuda::getCUDABlasLtWorkspaceSize()), "time_gemm_candidates: cuBLASLt refused the problem");
+  TORCH_CHECK(desc.create(p, at::cuda::getCUDABlasLtWorkspaceSize()),
+              "time_gemm_candidates: cuBLASLt refused the problem");
   const std::vector<cublasLtMatmulAlgo_t> algos = desc.candidates(handle);
   const std::vector<float> ms =
       time_candidates(handle, desc, p, algos, at::cuda::getCUDABlasLtWorkspace(), at::cuda::getCurrentCUDAStream(),

@@ -408,7 +408,6 @@ def test_cuda_long_rows_fewer_blocks_than_rows():
     check_against_reference(hidden, weight, target, "mean", gw, 1e-2, "cuda/bf16/long-rows", backend="native")
 
 
-
 @needs_cuda
 def test_cuda_accumulating_gemm_tuned_on_the_first_chunk(monkeypatch):
     """Later chunks' bf16 d(weight) updates (beta = 1) use a kernel timed on the first chunk's d(weight) buffer

@@ -26,8 +26,8 @@ rounds like a method, so that it sees the same clocks, power draw and drift as t
 the burst rate; ratio_to_floor_interleaved the other. Back to back (the default) the GPU runs at its sustained,
 power-limited clocks, so the burst ratio sets a rested GPU's GEMM rate against the methods on a hot one (the
 strictest number); --rest-ms N idles the GPU N ms before every timed call, so methods and probe run in the
-rested state the burst rate is measured in (and the two floors coincide). Each method's loss and gradients are checked against eager's (relative error). Writes JSON (device,
-date, command, rows) and prints a table.
+rested state the burst rate is measured in (and the two floors coincide). Each method's loss and gradients are
+checked against eager's (relative error). Writes JSON (device, date, command, rows) and prints a table.
 """
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from megatron_mtp.checkpoint.manager import atomic_write_text  # noqa: E402
 from megatron_mtp.ops import extension_available, linear_cross_entropy  # noqa: E402
 from megatron_mtp.ops.linear_cross_entropy import default_chunk_size, lean_chunk_size  # noqa: E402
 
@@ -356,12 +357,10 @@ def main():
                 traceback.print_exc()
         del h, w, t, reference, methods, usable
         torch.cuda.empty_cache()
-        with open(args.out, "w") as f:  # after every shape: a partial run still leaves its numbers
-            json.dump(report, f, indent=1)
+        atomic_write_text(args.out, json.dumps(report, indent=1))  # after every shape: a partial run keeps its numbers
 
     print_table(report)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
+    atomic_write_text(args.out, json.dumps(report, indent=1))
 
 
 def profile_method(fn, h, w, t, label, path):

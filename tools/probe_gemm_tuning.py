@@ -22,6 +22,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from megatron_mtp.checkpoint.manager import atomic_write_text  # noqa: E402
 
 try:
     from tqdm import tqdm
@@ -91,10 +92,7 @@ def main() -> int:
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   command=" ".join(["python3"] + sys.argv), rows=rows)
     if args.out:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=1)
-        os.replace(tmp, args.out)
+        atomic_write_text(args.out, json.dumps(report, indent=1))
     print(f"\n{report['device']}  {report['date']}  ms per call; pick = index of the fastest candidate "
           f"(last index = ATen)")
     print(f"{'V':>7} {'problem':<10} {'cands':>5} {'short pick':>10} {'sust. pick':>10} "
