@@ -20,11 +20,18 @@ class ConfigError(ValueError):
     """A mistake in the user's configuration; the message is one sentence naming the key to fix."""
 
 
+# The byte-level tokenizer's vocabulary (bytes 0..255, EOD 256, pad 257): known without any file, so a
+# byte-level config gets its vocab_size here, in validation.
+BYTE_VOCAB_SIZE = 258
+
+
 @dataclass
 class ModelConfig:
     # Llama-style decoder shape. num_layers counts EVERY transformer layer, head layers included, so
     # models with different numbers of MTP heads are compute-matched (paper section 3).
-    vocab_size: int = 258
+    # None (or left out of a config file) = the tokenizer's vocabulary size, read before anything is written;
+    # a value given must be at least the tokenizer's. 258 = the byte-level tokenizer's, for configs built in code.
+    vocab_size: Optional[int] = BYTE_VOCAB_SIZE
     hidden_size: int = 128
     num_layers: int = 6
     num_attention_heads: int = 4
@@ -98,8 +105,10 @@ class DataConfig:
     paths: list = field(default_factory=list)
     seq_length: int = 256
     split: str = "969,30,1"
-    tokenizer_type: str = "byte"  # byte | hf | sentencepiece
-    tokenizer_model: Optional[str] = None
+    # byte | hf | sentencepiece; None = inferred from tokenizer_model (*.json or a directory with tokenizer.json:
+    # hf; *.model or a directory with tokenizer.model: sentencepiece), byte without a model.
+    tokenizer_type: Optional[str] = None
+    tokenizer_model: Optional[str] = None  # a tokenizer file or an HF tokenizer directory (save_pretrained's)
     cache_dir: Optional[str] = None  # where sample indexes and the default corpus are cached
     num_workers: int = 0
 
@@ -286,8 +295,13 @@ def parse_overrides(args: list) -> list:
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[list] = None) -> Config:
-    """Defaults, then the YAML file (if any), then ``--section.key value`` overrides; then validation."""
+    """Defaults, then the YAML file (if any), then ``--section.key value`` overrides; then validation.
+
+    A ``model.vocab_size`` neither file nor overrides set becomes None: the data layer takes it from the
+    tokenizer (``megatron_mtp.data.tokenizers.resolve_config_tokenizer``) before a run writes anything.
+    """
     cfg = Config()
+    cfg.model.vocab_size = None
     if path is not None:
         if not os.path.isfile(path):
             raise ConfigError(f"config file {path!r} does not exist; pass --config with a YAML file path.")
@@ -304,6 +318,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[list] = None) ->
 
 
 def config_from_dict(data: dict) -> Config:
+    """A saved (resolved) config: every key it holds, defaults for the rest."""
     cfg = Config()
     _apply_mapping(cfg, data, "the saved config")
     validate(cfg)
@@ -321,7 +336,9 @@ def _check(condition: bool, message: str) -> None:
 
 def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     m, mtp, p, t, o = cfg.model, cfg.mtp, cfg.parallel, cfg.train, cfg.optimizer
-    _check(m.vocab_size > 0, f"model.vocab_size must be positive, got {m.vocab_size}.")
+    if m.vocab_size is None and not cfg.data.tokenizer_model:
+        m.vocab_size = BYTE_VOCAB_SIZE
+    _check(m.vocab_size is None or m.vocab_size > 0, f"model.vocab_size must be positive, got {m.vocab_size}.")
     _check(m.hidden_size > 0, f"model.hidden_size must be positive, got {m.hidden_size}.")
     _check(m.num_layers > 0, f"model.num_layers must be positive, got {m.num_layers}.")
     _check(m.num_attention_heads > 0, f"model.num_attention_heads must be positive, got {m.num_attention_heads}.")
@@ -371,8 +388,11 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         cfg.data.seq_length <= m.max_seq_length,
         f"data.seq_length ({cfg.data.seq_length}) exceeds model.max_seq_length ({m.max_seq_length}).",
     )
-    _check(cfg.data.tokenizer_type in ("byte", "hf", "sentencepiece"),
-           f"data.tokenizer_type must be byte, hf or sentencepiece, got {cfg.data.tokenizer_type!r}.")
+    _check(cfg.data.tokenizer_type in (None, "byte", "hf", "sentencepiece"),
+           f"data.tokenizer_type must be byte, hf or sentencepiece (or left out), got {cfg.data.tokenizer_type!r}.")
+    _check(not (cfg.data.tokenizer_type == "byte" and cfg.data.tokenizer_model),
+           f"data.tokenizer_type is byte but data.tokenizer_model is {cfg.data.tokenizer_model!r}: the byte "
+           f"tokenizer takes no model file; drop data.tokenizer_type to use the file (its type is inferred).")
     _check(len(cfg.data.paths) % 2 == 0 or len(cfg.data.paths) == 1,
            "data.paths must be [weight1, prefix1, weight2, prefix2, ...] or a single prefix.")
     _check(t.iters >= 0, f"train.iters must be non-negative, got {t.iters}.")

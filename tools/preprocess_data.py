@@ -25,8 +25,10 @@ def parse_args(argv=None):
     group.add_argument("--json-keys", nargs="+", default=["text"], help="keys to tokenise, one output per key")
     group.add_argument("--strict", action="store_true", help="fail (and write nothing) on the first bad line")
     group = parser.add_argument_group("tokenizer")
-    group.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default="byte")
-    group.add_argument("--tokenizer-model", default=None, help="tokenizer.json (hf) or .model (sentencepiece)")
+    group.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None,
+                       help="inferred from --tokenizer-model when left out; give 'byte' for byte-level tokens")
+    group.add_argument("--tokenizer-model", default=None,
+                       help="tokenizer.json (hf), a .model (sentencepiece), or an HF tokenizer directory")
     group.add_argument("--append-eod", action="store_true", help="append the end-of-document token to every document")
     group = parser.add_argument_group("output")
     group.add_argument("--output-prefix", required=True, help="writes {prefix}_{key}_document.bin/.idx")
@@ -39,6 +41,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.tokenizer_type is None and args.tokenizer_model is None:
+        # As Megatron: never pick a tokenizer silently.
+        print("error: give --tokenizer-model PATH (its type is inferred) or --tokenizer-type byte", file=sys.stderr)
+        return 1
     # Turn SIGTERM (Slurm time limit, kill) into a normal exit so temporary outputs are removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:

@@ -20,7 +20,7 @@ from typing import Iterator, Optional
 from megatron_mtp.data.errors import DataError
 
 DEFAULT_HELDOUT_FRACTION = 0.02
-CORPUS_FORMAT_VERSION = 1  # bump when the corpus contents or layout change, to rebuild caches
+CORPUS_FORMAT_VERSION = 2  # bump when the corpus contents or layout change, to rebuild caches (2: tokenizer records)
 _SKIPPED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 _TEST_DIRS = {"test", "tests", "idle_test"}
 
@@ -106,14 +106,17 @@ def _exclusive_lock(path: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _file_digest(path: str) -> str:
-    with open(path, "rb") as stream:
-        return hashlib.sha256(stream.read()).hexdigest()[:16]
+def _tokenizer_digest(tokenizer_type: Optional[str], tokenizer_model: Optional[str]) -> Optional[str]:
+    if not tokenizer_model:
+        return None
+    from megatron_mtp.data.tokenizers import build_tokenizer
+
+    return build_tokenizer(tokenizer_type, tokenizer_model).content_hash()[:16]
 
 
 def ensure_stdlib_corpus(
     cache_dir: str,
-    tokenizer_type: str = "byte",
+    tokenizer_type: Optional[str] = None,
     max_docs: Optional[int] = None,
     tokenizer_model: Optional[str] = None,
     heldout_fraction: float = DEFAULT_HELDOUT_FRACTION,
@@ -128,13 +131,15 @@ def ensure_stdlib_corpus(
     place when complete, under a lock file, so racing processes (several ranks) and killed runs are safe.
     """
     from megatron_mtp.data.preprocess import output_prefix_for, preprocess
+    from megatron_mtp.data.tokenizers import resolve_tokenizer_spec
 
+    tokenizer_type, tokenizer_model = resolve_tokenizer_spec(tokenizer_type, tokenizer_model)
     description = {
         "format": CORPUS_FORMAT_VERSION,
         "python": sys.version.split()[0],
         "stdlib": stdlib_root(),
         "tokenizer_type": tokenizer_type,
-        "tokenizer_model": _file_digest(tokenizer_model) if tokenizer_model else None,
+        "tokenizer_model": _tokenizer_digest(tokenizer_type, tokenizer_model),
         "max_docs": max_docs,
         "heldout_fraction": heldout_fraction,
         "include_tests": include_tests,

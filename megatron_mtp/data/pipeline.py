@@ -1,8 +1,9 @@
 """From the config to the training and validation micro-batch iterators.
 
 ``data.paths`` empty means the embedded default corpus: the Python standard library's source files on this
-machine, tokenised once (byte level) into ``.bin/.idx`` under the cache directory. Rank 0 builds shared
-files (corpus, sample indexes) first; the other ranks wait at a barrier and then read the cache.
+machine, tokenised once (with the run's tokenizer, byte level by default) into ``.bin/.idx`` under the cache
+directory. Rank 0 builds shared files (corpus, sample indexes) first; the other ranks wait at a barrier and
+then read the cache. Every prefix's tokenizer record must match the run's tokenizer.
 """
 from __future__ import annotations
 
@@ -23,31 +24,55 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def resolve_paths(cfg, cache_dir: str, is_builder: bool) -> list:
-    """``data.paths`` as [weight, prefix, ...]; the stdlib corpus when empty."""
+def default_corpus(cfg, cache_dir: str, is_builder: bool) -> dict:
+    """The embedded stdlib corpus tokenised with the config's tokenizer (built once, by the builder rank)."""
     from megatron_mtp.data.code_corpus import ensure_stdlib_corpus
 
-    paths = list(cfg.data.paths)
-    if not paths:
-        if cfg.data.tokenizer_type != "byte":
-            raise DataError("the embedded default corpus is byte-level: set data.tokenizer_type byte or give data.paths.")
-        if is_builder:
-            ensure_stdlib_corpus(cache_dir)
-        _barrier()
-        paths = [1.0, ensure_stdlib_corpus(cache_dir)["train_prefix"]]
-    if len(paths) == 1:
-        paths = [1.0, paths[0]]
-    return paths
+    kwargs = dict(tokenizer_type=cfg.data.tokenizer_type, tokenizer_model=cfg.data.tokenizer_model,
+                  # BPE is CPU-bound (about a CPU-second per MB); bytes are not worth a worker pool.
+                  workers=1 if not cfg.data.tokenizer_model else max(1, min(8, (os.cpu_count() or 1))))
+    if is_builder:
+        ensure_stdlib_corpus(cache_dir, **kwargs)
+    _barrier()
+    return ensure_stdlib_corpus(cache_dir, **kwargs)
 
 
-def build_train_iterators(cfg, dp_rank: int, dp_size: int, is_builder: bool) -> tuple:
-    """(train iterator, validation iterator or None) yielding [micro_batch, seq_length + 1] int64 batches."""
+def resolve_paths(cfg, cache_dir: str, is_builder: bool) -> list:
+    """``data.paths`` as [weight, prefix, ...]; the stdlib corpus when empty."""
+    from megatron_mtp.data.builder import parse_blend
+
+    if not cfg.data.paths:
+        return [1.0, default_corpus(cfg, cache_dir, is_builder)["train_prefix"]]
+    weights, prefixes = parse_blend(cfg.data.paths)
+    return [item for pair in zip(weights, prefixes) for item in pair]
+
+
+def check_data_tokenizers(prefixes, tokenizer, warn: bool) -> None:
+    """Refuse data a different tokenizer made; say once which prefixes carry no record to check."""
+    from megatron_mtp.data.tokenizers import check_data_tokenizer
+
+    present = [prefix for prefix in prefixes if os.path.isfile(f"{prefix}.idx")]  # a missing one fails later, named
+    unchecked = [prefix for prefix in present if not check_data_tokenizer(prefix, tokenizer)]
+    if unchecked and warn:
+        print(f"WARNING: {', '.join(unchecked)} carry no tokenizer record (made by Megatron-LM or an older "
+              f"megatron_mtp): only their largest token id is checked against model.vocab_size.", flush=True)
+
+
+def build_train_iterators(cfg, dp_rank: int, dp_size: int, is_builder: bool, tokenizer=None) -> tuple:
+    """(train iterator, validation iterator or None) yielding [micro_batch, seq_length + 1] int64 batches.
+
+    ``tokenizer`` (the run's) is checked against every prefix's tokenizer record; None builds it from the config.
+    """
     from megatron_mtp.data.builder import build_datasets
     from megatron_mtp.data.loader import MicroBatchIterator
+    from megatron_mtp.data.tokenizers import build_tokenizer
 
     t = cfg.train
     cache_dir = default_cache_dir(cfg)
     paths = resolve_paths(cfg, cache_dir, is_builder)
+    if tokenizer is None:
+        tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+    check_data_tokenizers(paths[1::2], tokenizer, warn=is_builder)
     train_samples = max(1, t.iters) * t.global_batch_size
     evals = (t.iters // t.eval_interval + 1) if t.eval_interval else 0
     valid_samples = evals * t.eval_iters * t.micro_batch_size * dp_size

@@ -5,7 +5,9 @@ tokenises the chunks (``imap``, ordered, so the output order equals the input or
 number of workers). Workers send back one compact numpy buffer per chunk and key, not lists of ints.
 
 Outputs are written under temporary names and renamed only after every input line was processed, so
-an interrupted or failed run never leaves a valid-looking dataset behind.
+an interrupted or failed run never leaves a valid-looking dataset behind. Each output gets a
+``{prefix}.tokenizer_info.json`` beside it recording the tokenizer (type, vocabulary size, content hash):
+training refuses data whose record names another tokenizer than its own.
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ import numpy as np
 from megatron_mtp.data.errors import DataError
 from megatron_mtp.data.indexed_dataset import IndexedDatasetBuilder
 from megatron_mtp.data.jsonl import LineChunk, expand_inputs, iter_line_chunks, parse_lines
-from megatron_mtp.data.tokenizers import build_tokenizer, optimal_token_dtype
+from megatron_mtp.data.tokenizers import (build_tokenizer, optimal_token_dtype, resolve_tokenizer_spec,
+                                          tokenizer_info_path, write_tokenizer_info)
 
 MAX_REPORTED_BAD_LINES = 5
 
@@ -43,6 +46,7 @@ class EncodedChunk:
 @dataclass
 class PreprocessStats:
     output_prefixes: dict[str, str]
+    tokenizer: str = ""  # e.g. "hf tokenizer (vocab 8192, sha256 ...)"
     documents: int = 0
     tokens: int = 0
     input_bytes: int = 0
@@ -62,6 +66,7 @@ class PreprocessStats:
             f"{self.input_bytes / 1e6:.1f} MB in {self.seconds:.1f}s "
             f"({self.documents / max(self.seconds, 1e-9):.0f} docs/s, {self.mb_per_s:.2f} MB/s)"
         ]
+        lines.append(f"tokenised with the {self.tokenizer}")
         lines += [f"  {key}: {prefix}.bin/.idx" for key, prefix in self.output_prefixes.items()]
         if self.empty_documents:
             lines.append(f"skipped {self.empty_documents} empty documents")
@@ -133,7 +138,7 @@ def output_prefix_for(output_prefix: str, key: str) -> str:
 def preprocess(
     input: Union[str, Sequence[str]],
     output_prefix: str,
-    tokenizer_type: str = "byte",
+    tokenizer_type: Optional[str] = None,
     tokenizer_model: Optional[str] = None,
     json_keys: Sequence[str] = ("text",),
     workers: int = 1,
@@ -145,19 +150,27 @@ def preprocess(
 ) -> PreprocessStats:
     """Tokenise ``input`` (.jsonl/.jsonl.gz paths or globs) into ``{output_prefix}_{key}_document.bin/.idx``.
 
+    ``tokenizer_type`` None infers it from ``tokenizer_model`` (byte level when there is no model); a type
+    that contradicts the model file is a ``DataError`` before anything is read.
+
     Bad lines (invalid UTF-8 or JSON, missing key) are skipped, counted and reported; with ``strict`` the
     first one raises ``DataError`` and no output file is written. ``workers <= 1`` tokenises in-process.
     """
     paths = expand_inputs(input)
     keys = list(json_keys)
+    tokenizer_type, tokenizer_model = resolve_tokenizer_spec(tokenizer_type, tokenizer_model)
     tokenizer = build_tokenizer(tokenizer_type, tokenizer_model)  # fail early, in the parent, on a bad model
     dtype = optimal_token_dtype(tokenizer.vocab_size)
     prefixes = {key: output_prefix_for(output_prefix, key) for key in keys}
-    stats = PreprocessStats(output_prefixes=prefixes, dtype=str(dtype))
+    stats = PreprocessStats(output_prefixes=prefixes, tokenizer=tokenizer.describe(), dtype=str(dtype))
     total_bytes = None if any(p.endswith(".gz") for p in paths) else sum(os.path.getsize(p) for p in paths)
     init_args = (tokenizer_type, tokenizer_model, keys, append_eod, dtype.str, workers > 1)
 
     start = time.perf_counter()
+    for prefix in prefixes.values():
+        # An old record must not outlive the data it described: it goes now, the new one comes after the data.
+        if os.path.exists(tokenizer_info_path(prefix)):
+            os.remove(tokenizer_info_path(prefix))
     builders = {key: IndexedDatasetBuilder(prefix, dtype) for key, prefix in prefixes.items()}
     bar = _progress_bar(total_bytes, progress)
     next_log = log_interval
@@ -178,6 +191,8 @@ def preprocess(
                     _show_rates(bar, stats, start)
         for builder in builders.values():
             builder.finalize()
+        for prefix in prefixes.values():
+            write_tokenizer_info(prefix, tokenizer, source=os.path.abspath(tokenizer_model) if tokenizer_model else None)
         _show_rates(bar, stats, start)
     except BaseException:
         for builder in builders.values():

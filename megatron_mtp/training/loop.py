@@ -92,6 +92,10 @@ class _StopRequest:
 
 def train(cfg: Config) -> dict:
     """Run training as configured; returns a summary (final losses, steps, run dir)."""
+    from megatron_mtp.data.tokenizers import resolve_config_tokenizer
+
+    # The tokenizer decides data.tokenizer_type and model.vocab_size: settle both before anything is written.
+    tokenizer = resolve_config_tokenizer(cfg)
     env = init_distributed(cfg.parallel.backend)
     dp = validate_layout(cfg, env.world_size)
     state.check_model_layout(cfg.model, cfg.parallel.tp, cfg.data.seq_length, cfg.parallel.sequence_parallel)
@@ -112,7 +116,7 @@ def train(cfg: Config) -> dict:
 
     t = cfg.train
     train_iter, valid_iter = build_train_iterators(cfg, dp_rank=state.dp_rank(), dp_size=dp,
-                                                   is_builder=env.rank == 0)
+                                                   is_builder=env.rank == 0, tokenizer=tokenizer)
 
     # Dropout streams: the default one alike on every TP rank, the tracker's one per TP rank. Seeded after
     # the data set-up, which may draw random numbers on the builder rank only.
