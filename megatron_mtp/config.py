@@ -100,8 +100,9 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    # Blend: [weight1, prefix1, weight2, prefix2, ...] of preprocessed .bin/.idx prefixes. Empty = the
-    # embedded default corpus: the Python standard library's source on this machine, byte-level tokens.
+    # Megatron's blend forms of preprocessed .bin/.idx prefixes: [weight1, prefix1, weight2, prefix2, ...], the
+    # string "w1 p1 w2 p2", or prefixes alone ([p1, p2] or "p1 p2": blended in proportion to size). Empty = the
+    # embedded default corpus: the Python standard library's source on this machine, with the run's tokenizer.
     paths: list = field(default_factory=list)
     seq_length: int = 256
     split: str = "969,30,1"
@@ -393,8 +394,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _check(not (cfg.data.tokenizer_type == "byte" and cfg.data.tokenizer_model),
            f"data.tokenizer_type is byte but data.tokenizer_model is {cfg.data.tokenizer_model!r}: the byte "
            f"tokenizer takes no model file; drop data.tokenizer_type to use the file (its type is inferred).")
-    _check(len(cfg.data.paths) % 2 == 0 or len(cfg.data.paths) == 1,
-           "data.paths must be [weight1, prefix1, weight2, prefix2, ...] or a single prefix.")
+    _check(all(isinstance(p, (str, int, float)) and not isinstance(p, bool) for p in cfg.data.paths),
+           f"data.paths must hold prefixes and weights (strings and numbers), got {cfg.data.paths!r}.")
     _check(t.iters >= 0, f"train.iters must be non-negative, got {t.iters}.")
     _check(t.exit_interval >= 0, f"train.exit_interval must be non-negative, got {t.exit_interval}.")
     _check(t.micro_batch_size >= 1, f"train.micro_batch_size must be at least 1, got {t.micro_batch_size}.")

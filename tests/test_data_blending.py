@@ -5,7 +5,7 @@ import pytest
 from megatron_mtp.data.blended_dataset import build_blending_indices
 from megatron_mtp.data.builder import build_datasets, parse_blend
 from megatron_mtp.data.errors import DataError
-from megatron_mtp.data.indexed_dataset import IndexedDatasetBuilder
+from megatron_mtp.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
 SEQ = 8
 
@@ -57,8 +57,29 @@ def test_blend_list_format_errors():
     with pytest.raises(DataError, match="odd number"):
         parse_blend([0.5, "a", 0.5])
     with pytest.raises(DataError, match="is not a number"):
-        parse_blend(["a", "b"])
+        parse_blend(["a", 0.5, "b", 0.5])
+    with pytest.raises(DataError, match="is a number, not a dataset prefix"):
+        parse_blend([0.5, 0.5])
     with pytest.raises(DataError, match="empty"):
         parse_blend([])
     with pytest.raises(DataError, match="non-negative"):
         parse_blend([-1, "a", 2, "b"])
+
+
+def test_megatron_blend_forms(tmp_path):
+    """Megatron's --data-path forms: one "w1 p1 w2 p2" string, and prefixes without weights (by size)."""
+    from megatron_mtp.config import load_config
+
+    prefixes = [corpus(tmp_path / f"c{i}", 1000 * i, num_docs=n) for i, n in enumerate((20, 60))]
+    text = f"0.25 {prefixes[0]} 0.75 {prefixes[1]}"
+    assert parse_blend(text) == parse_blend([text]) == parse_blend([0.25, prefixes[0], 0.75, prefixes[1]])
+    cfg = load_config(None, ["--data.paths", text])  # the string as the command line takes it
+    assert parse_blend(cfg.data.paths) == ([0.25, 0.75], prefixes)
+    assert parse_blend(f"{prefixes[0]} {prefixes[1]}") == parse_blend(prefixes) == (None, prefixes)
+
+    train, _, _ = build_datasets(prefixes, SEQ, "1,0,0", seed=1, num_samples=(4000, 0, 0),
+                                 cache_dir=str(tmp_path / "cache"))
+    sizes = np.array([IndexedDataset(p).sequence_lengths.sum() for p in prefixes], dtype=float)
+    sources = np.array([int(train[i][0]) // 1000 for i in range(len(train))])
+    shares = np.bincount(sources, minlength=2) / len(sources)
+    assert np.allclose(shares, sizes / sizes.sum(), atol=0.01), (shares, sizes / sizes.sum())

@@ -1,8 +1,10 @@
 """Top-level dataset construction: ``data.paths`` + split + sample counts -> train/valid/test datasets.
 
-``paths`` is Megatron's blend list, ``[weight1, prefix1, weight2, prefix2, ...]``, or a single
-``[prefix]``. Every prefix is split into train/valid/test by contiguous document ranges (ratios such
-as ``"969,30,1"``); each split of the blend draws from the same split of every prefix.
+``paths`` takes Megatron's ``--data-path`` forms: a weighted blend ``[w1, p1, w2, p2, ...]`` or the same as
+one string ``"w1 p1 w2 p2"``, or prefixes without weights (``[p1, p2]`` or ``"p1 p2"``), which are blended in
+proportion to their sizes (tokens in each split), as Megatron does for an unweighted list. Every prefix is
+split into train/valid/test by contiguous document ranges (ratios such as ``"969,30,1"``); each split of
+the blend draws from the same split of every prefix.
 """
 from __future__ import annotations
 
@@ -21,24 +23,53 @@ from megatron_mtp.data.indexed_dataset import IndexedDataset, data_path
 SPLIT_NAMES = ("train", "valid", "test")
 
 
-def parse_blend(paths: Sequence) -> tuple[list[float], list[str]]:
-    """``[w1, p1, w2, p2, ...]`` or ``[p]`` -> (weights, prefixes)."""
-    paths = list(paths)
-    if not paths:
-        raise DataError("data.paths is empty; give [prefix] or [weight1, prefix1, weight2, prefix2, ...]")
-    if len(paths) == 1:
-        return [1.0], [str(paths[0])]
-    if len(paths) % 2:
-        raise DataError(f"data.paths must alternate weight and prefix, got an odd number of entries: {paths}")
+def _is_number(value) -> bool:
+    if isinstance(value, bool):
+        return False
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def parse_blend(paths) -> tuple[Optional[list[float]], list[str]]:
+    """Megatron's blend forms -> ``(weights, prefixes)``; weights None means "in proportion to size".
+
+    Strings are split at whitespace first, so ``"0.7 a 0.3 b"`` (one string, as Megatron's command line
+    takes it) and ``[0.7, "a", 0.3, "b"]`` are the same blend.
+    """
+    items = []
+    for entry in ([paths] if isinstance(paths, str) else list(paths)):
+        items += entry.split() if isinstance(entry, str) else [entry]
+    if not items:
+        raise DataError("data.paths is empty; give [prefix], [prefix1, prefix2, ...] or [weight1, prefix1, "
+                        "weight2, prefix2, ...]")
+    numeric = [_is_number(item) for item in items]
+    if not any(numeric):
+        return (None if len(items) > 1 else [1.0]), [str(item) for item in items]
+    if len(items) % 2:
+        raise DataError(f"data.paths must alternate weight and prefix, got an odd number of entries: {items}")
     weights, prefixes = [], []
-    for weight, prefix in zip(paths[0::2], paths[1::2]):
-        try:
-            weights.append(float(weight))
-        except (TypeError, ValueError):
-            raise DataError(f"data.paths must alternate weight and prefix, but {weight!r} (before {prefix!r}) is not a number") from None
+    for weight, prefix in zip(items[0::2], items[1::2]):
+        if not _is_number(weight):
+            raise DataError(f"data.paths must alternate weight and prefix, but {weight!r} (before {prefix!r}) "
+                            f"is not a number; or give prefixes only, to blend them by size")
+        if _is_number(prefix):
+            raise DataError(f"data.paths must alternate weight and prefix, but {prefix!r} (after weight {weight!r}) "
+                            f"is a number, not a dataset prefix")
+        weights.append(float(weight))
         prefixes.append(str(prefix))
     normalize_weights(weights)  # validates
     return weights, prefixes
+
+
+def blend_as_list(paths) -> list:
+    """Any blend form -> the flat ``[w1, p1, w2, p2, ...]`` list, or the prefixes alone when unweighted."""
+    weights, prefixes = parse_blend(paths)
+    if weights is None:
+        return prefixes
+    return [item for pair in zip(weights, prefixes) for item in pair]
 
 
 def parse_split(split: str) -> list[float]:
@@ -129,7 +160,12 @@ def build_datasets(
         if len(indexed) == 1:
             result.append(GPTDataset(indexed[0], ranges[0][split_id], wanted, seq_length, seed, name, cache_dir))
             continue
-        dataset_index, dataset_sample_index = blending_indices(weights, wanted, cache_dir, name)
+        split_weights = weights
+        if split_weights is None:  # Megatron's unweighted list: each prefix in proportion to its size
+            split_weights = [float(dataset.sequence_lengths[dataset.document_indices[begin]:
+                                                            dataset.document_indices[end]].sum(dtype=np.int64))
+                             for dataset, (begin, end) in ((d, r[split_id]) for d, r in zip(indexed, ranges))]
+        dataset_index, dataset_sample_index = blending_indices(split_weights, wanted, cache_dir, name)
         needed = np.bincount(dataset_index, minlength=len(indexed))
         components = [
             # A component the blend never draws from still gets a 1-sample dataset, so indices stay aligned.

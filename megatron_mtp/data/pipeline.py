@@ -38,13 +38,25 @@ def default_corpus(cfg, cache_dir: str, is_builder: bool) -> dict:
 
 
 def resolve_paths(cfg, cache_dir: str, is_builder: bool) -> list:
-    """``data.paths`` as [weight, prefix, ...]; the stdlib corpus when empty."""
-    from megatron_mtp.data.builder import parse_blend
+    """``data.paths`` as a flat blend list (``[w1, p1, ...]``, or prefixes alone when unweighted); the stdlib
+    corpus when empty."""
+    from megatron_mtp.data.builder import blend_as_list
 
     if not cfg.data.paths:
-        return [1.0, default_corpus(cfg, cache_dir, is_builder)["train_prefix"]]
-    weights, prefixes = parse_blend(cfg.data.paths)
-    return [item for pair in zip(weights, prefixes) for item in pair]
+        return [default_corpus(cfg, cache_dir, is_builder)["train_prefix"]]
+    return blend_as_list(cfg.data.paths)
+
+
+def prepare_data_config(cfg):
+    """Settle what the data decides in the config before a run writes anything: the tokenizer (type and
+    ``model.vocab_size``, see ``resolve_config_tokenizer``) and the blend's form. Returns the tokenizer."""
+    from megatron_mtp.data.builder import parse_blend
+    from megatron_mtp.data.tokenizers import resolve_config_tokenizer
+
+    tokenizer = resolve_config_tokenizer(cfg)
+    if cfg.data.paths:
+        parse_blend(cfg.data.paths)
+    return tokenizer
 
 
 def check_data_tokenizers(prefixes, tokenizer, warn: bool) -> None:
@@ -63,7 +75,7 @@ def build_train_iterators(cfg, dp_rank: int, dp_size: int, is_builder: bool, tok
 
     ``tokenizer`` (the run's) is checked against every prefix's tokenizer record; None builds it from the config.
     """
-    from megatron_mtp.data.builder import build_datasets
+    from megatron_mtp.data.builder import build_datasets, parse_blend
     from megatron_mtp.data.loader import MicroBatchIterator
     from megatron_mtp.data.tokenizers import build_tokenizer
 
@@ -72,7 +84,7 @@ def build_train_iterators(cfg, dp_rank: int, dp_size: int, is_builder: bool, tok
     paths = resolve_paths(cfg, cache_dir, is_builder)
     if tokenizer is None:
         tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
-    check_data_tokenizers(paths[1::2], tokenizer, warn=is_builder)
+    check_data_tokenizers(parse_blend(paths)[1], tokenizer, warn=is_builder)
     train_samples = max(1, t.iters) * t.global_batch_size
     evals = (t.iters // t.eval_interval + 1) if t.eval_interval else 0
     valid_samples = evals * t.eval_iters * t.micro_batch_size * dp_size

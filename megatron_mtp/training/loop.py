@@ -92,10 +92,10 @@ class _StopRequest:
 
 def train(cfg: Config) -> dict:
     """Run training as configured; returns a summary (final losses, steps, run dir)."""
-    from megatron_mtp.data.tokenizers import resolve_config_tokenizer
+    from megatron_mtp.data.pipeline import prepare_data_config
 
     # The tokenizer decides data.tokenizer_type and model.vocab_size: settle both before anything is written.
-    tokenizer = resolve_config_tokenizer(cfg)
+    tokenizer = prepare_data_config(cfg)
     env = init_distributed(cfg.parallel.backend)
     dp = validate_layout(cfg, env.world_size)
     state.check_model_layout(cfg.model, cfg.parallel.tp, cfg.data.seq_length, cfg.parallel.sequence_parallel)
