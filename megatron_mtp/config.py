@@ -25,30 +25,36 @@ class ConfigError(ValueError):
 BYTE_VOCAB_SIZE = 258
 
 
+def option(default=None, help: str = "", factory=None):
+    """A config key: its default and the one line ``mtp-train --help`` shows for it."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ModelConfig:
     # Llama-style decoder shape. num_layers counts EVERY transformer layer, head layers included, so
     # models with different numbers of MTP heads are compute-matched (paper section 3).
-    # None (or left out of a config file) = the tokenizer's vocabulary size, read before anything is written;
-    # a value given must be at least the tokenizer's. 258 = the byte-level tokenizer's, for configs built in code.
-    vocab_size: Optional[int] = BYTE_VOCAB_SIZE
-    hidden_size: int = 128
-    num_layers: int = 6
-    num_attention_heads: int = 4
-    num_kv_heads: Optional[int] = None  # grouped-query attention; None = as many as attention heads
-    ffn_hidden_size: Optional[int] = None  # None = Llama's rule: 2/3 * 4h rounded up to multiple_of
-    ffn_multiple_of: int = 32
-    max_seq_length: int = 4096
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = False
-    init_std: float = 0.02
+    vocab_size: Optional[int] = option(
+        BYTE_VOCAB_SIZE, "vocabulary size; left out of a config = the tokenizer's, else at least the tokenizer's")
+    hidden_size: int = option(128, "model width d")
+    num_layers: int = option(6, "transformer layers, the n head layers INCLUDED (compute-matched across n)")
+    num_attention_heads: int = option(4, "attention heads per layer")
+    num_kv_heads: Optional[int] = option(None, "key/value heads (grouped-query attention); null = num_attention_heads")
+    ffn_hidden_size: Optional[int] = option(None, "SwiGLU width; null = Llama's 2/3 * 4d rounded up to ffn_multiple_of")
+    ffn_multiple_of: int = option(32, "rounding of the derived SwiGLU width")
+    max_seq_length: int = option(4096, "longest sequence the RoPE tables cover")
+    rope_theta: float = option(10000.0, "RoPE base")
+    norm_eps: float = option(1e-5, "RMSNorm epsilon")
+    tie_embeddings: bool = option(False, "share the input embedding and the unembedding")
+    init_std: float = option(0.02, "standard deviation of the weight initialisation")
     # Megatron pads the vocabulary to a multiple of this times tp so every shard has equal rows.
-    make_vocab_size_divisible_by: int = 128
+    make_vocab_size_divisible_by: int = option(128, "pad the vocabulary to a multiple of this x tp (Megatron)")
     # Dropout (0 = off, the Llama default): on each residual branch's output, and on attention
     # probabilities (drawn per TP rank from the RNG tracker, see megatron_mtp/parallel/random.py).
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
+    hidden_dropout: float = option(0.0, "dropout on each residual branch's output (0 = off)")
+    attention_dropout: float = option(0.0, "dropout on attention probabilities (0 = off)")
 
     @property
     def kv_heads(self) -> int:
@@ -73,29 +79,29 @@ class ModelConfig:
 
 @dataclass
 class MTPConfig:
-    n_heads: int = 4  # number of future tokens predicted (n in the paper); 1 = standard next-token LM
-    head_type: str = "transformer"  # "transformer" (one layer per head) | "linear" (paper Table S4)
-    loss_weights: Optional[list] = None  # per-head weights of the summed loss; None = all 1
+    n_heads: int = option(4, "future tokens predicted (n in the paper); 1 = a standard next-token LM")
+    head_type: str = option("transformer", "transformer (one layer per head) | linear (paper Table S4)")
+    loss_weights: Optional[list] = option(None, "per-head weights of the summed loss, e.g. [1, 0.5, 0.5, 0.5]; null = all 1")
     # Paper Fig. 2: run each head's forward+backward in turn so only one head's logits ever exist.
-    memory_efficient: bool = True
+    memory_efficient: bool = option(True, "run each head's forward and backward in turn (paper Fig. 2)")
     # Workspace of each head's fused cross-entropy (docs/cross_entropy.md). "fast": logits chunks of up to 4 GiB
     # and a float32 d(unembedding) accumulator (the fastest setting measured). "lean": Liger-Kernel's footprint,
     # chunks of ~T x d logits with d(unembedding) accumulated in bf16 -- 64-128 MiB at d = 4096 instead of up
     # to 4 GiB, for 3-61 % more loss time (most at large vocabularies; H100, docs/cross_entropy.md).
-    loss_memory: str = "fast"
+    loss_memory: str = option("fast", "fused cross-entropy workspace: fast (up to 4 GiB) | lean (~100 MiB, slower)")
 
 
 @dataclass
 class ParallelConfig:
-    tp: int = 1  # tensor-parallel size (innermost group, within a node)
-    pp: int = 1  # pipeline-parallel stages (DeepSpeed pipeline engine)
-    sequence_parallel: bool = False  # shard norms/dropout activations along the sequence across TP
-    zero_stage: int = 0  # DeepSpeed ZeRO stage: 0 (plain DDP), 1 or 2 (2 only without pipeline)
-    deepspeed_config: Optional[str] = None  # a user DeepSpeed JSON merged with ours
-    pipeline_partition: str = "parameters"  # "parameters" | "uniform" | "type:TransformerLayer"
-    reduce_bucket_size: int = 50_000_000
-    allgather_bucket_size: int = 50_000_000
-    backend: Optional[str] = None  # None = nccl on CUDA, gloo on CPU
+    tp: int = option(1, "tensor-parallel size (innermost group, within a node)")
+    pp: int = option(1, "pipeline-parallel stages (DeepSpeed pipeline engine)")
+    sequence_parallel: bool = option(False, "shard norm/dropout activations along the sequence across TP")
+    zero_stage: int = option(0, "DeepSpeed ZeRO stage: 0 (plain DDP), 1, or 2 (2 only without pipeline)")
+    deepspeed_config: Optional[str] = option(None, "a DeepSpeed JSON merged with ours")
+    pipeline_partition: str = option("parameters", "pipeline stage split: parameters | uniform | type:TransformerLayer")
+    reduce_bucket_size: int = option(50_000_000, "DeepSpeed gradient reduce bucket (elements)")
+    allgather_bucket_size: int = option(50_000_000, "DeepSpeed all-gather bucket (elements)")
+    backend: Optional[str] = option(None, "torch.distributed backend; null = nccl on CUDA, gloo on CPU")
 
 
 @dataclass
@@ -103,67 +109,68 @@ class DataConfig:
     # Megatron's blend forms of preprocessed .bin/.idx prefixes: [weight1, prefix1, weight2, prefix2, ...], the
     # string "w1 p1 w2 p2", or prefixes alone ([p1, p2] or "p1 p2": blended in proportion to size). Empty = the
     # embedded default corpus: the Python standard library's source on this machine, with the run's tokenizer.
-    paths: list = field(default_factory=list)
-    seq_length: int = 256
-    split: str = "969,30,1"
-    # byte | hf | sentencepiece; None = inferred from tokenizer_model (*.json or a directory with tokenizer.json:
-    # hf; *.model or a directory with tokenizer.model: sentencepiece), byte without a model.
-    tokenizer_type: Optional[str] = None
-    tokenizer_model: Optional[str] = None  # a tokenizer file or an HF tokenizer directory (save_pretrained's)
-    cache_dir: Optional[str] = None  # where sample indexes and the default corpus are cached
-    num_workers: int = 0
+    paths: list = option(help="blend of .bin/.idx prefixes: [w1, p1, w2, p2], \"w1 p1 w2 p2\" or [p1, p2] (by size); "
+                              "[] = the embedded stdlib corpus", factory=list)
+    seq_length: int = option(256, "tokens per training sample")
+    split: str = option("969,30,1", "train,valid,test shares of each prefix's documents")
+    # None = inferred from tokenizer_model (*.json or a directory with tokenizer.json: hf; *.model or a
+    # directory with tokenizer.model: sentencepiece), byte without a model.
+    tokenizer_type: Optional[str] = option(None, "byte | hf | sentencepiece; null = inferred from tokenizer_model "
+                                                 "(byte without one)")
+    tokenizer_model: Optional[str] = option(None, "tokenizer.json, a SentencePiece .model or an HF tokenizer directory")
+    cache_dir: Optional[str] = option(None, "cache of sample indexes and the default corpus; null = "
+                                            "$MTP_DATA_CACHE or ~/.cache/megatron_mtp")
 
 
 @dataclass
 class OptimizerConfig:
-    lr: float = 3e-4
-    min_lr: float = 3e-5
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    clip_grad: float = 1.0  # global grad-norm clipping across TP/PP/DP; 0 disables
-    warmup_iters: int = 100
-    decay_iters: Optional[int] = None  # cosine decay length; None = train.iters
-    fused: Optional[bool] = None  # fused AdamW on CUDA; None = when available
+    lr: float = option(3e-4, "peak learning rate")
+    min_lr: float = option(3e-5, "learning rate at the end of the cosine decay")
+    weight_decay: float = option(0.1, "AdamW weight decay (matrices only)")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.95, "AdamW beta2")
+    eps: float = option(1e-8, "AdamW epsilon")
+    clip_grad: float = option(1.0, "global grad-norm clipping across TP/PP/DP; 0 disables")
+    warmup_iters: int = option(100, "linear warm-up steps")
+    decay_iters: Optional[int] = option(None, "cosine decay length; null = train.iters")
+    fused: Optional[bool] = option(None, "fused AdamW on CUDA; null = when available")
 
 
 @dataclass
 class TrainConfig:
-    iters: int = 200
-    micro_batch_size: int = 8
-    global_batch_size: Optional[int] = None  # None = micro_batch_size * grad_accum * dp
-    grad_accum: Optional[int] = None  # derived from global batch when None
-    seed: int = 1234
-    run_dir: str = "runs/default"
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float64
-    activation_checkpointing: str = "none"  # none | full | every_<k>
-    # Save and exit once the step is a multiple of this (Megatron's --exit-interval: fit a long run into
-    # time-limited jobs; the schedule and data order still follow train.iters). 0 = run to train.iters.
-    exit_interval: int = 0
-    eval_interval: int = 0  # 0 disables validation
-    eval_iters: int = 10
-    compile: bool = False  # torch.compile each transformer layer (GPU; fuses norms, RoPE, SwiGLU)
-    # GPU bf16: bf16 parameters with fp32 master weights and fp32 gradient accumulation (fast; DeepSpeed's
-    # bf16 regime). false = fp32 parameters under bf16 autocast.
-    master_weights: bool = True
+    iters: int = option(200, "optimizer steps")
+    micro_batch_size: int = option(8, "samples per rank per forward")
+    global_batch_size: Optional[int] = option(None, "samples per step; null = micro_batch_size x grad_accum x dp")
+    grad_accum: Optional[int] = option(None, "micro-batches per step; null = derived from global_batch_size")
+    seed: int = option(1234, "seed of initialisation, data order and dropout")
+    run_dir: str = option("runs/default", "directory of config.yaml, metrics, TensorBoard, checkpoints")
+    device: str = option("auto", "auto | cpu | cuda")
+    dtype: str = option("auto", "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float64")
+    activation_checkpointing: str = option("none", "none | full | every_<k> (recompute every k-th layer)")
+    # Megatron's --exit-interval: fit a long run into time-limited jobs; the schedule and data order still
+    # follow train.iters.
+    exit_interval: int = option(0, "save and exit at every multiple of this step; 0 = run to train.iters")
+    eval_interval: int = option(0, "validate every k steps; 0 disables validation")
+    eval_iters: int = option(10, "micro-batches per validation")
+    compile: bool = option(False, "torch.compile each transformer layer (GPU; fuses norms, RoPE, SwiGLU)")
+    # DeepSpeed's bf16 regime: bf16 parameters with fp32 master weights and fp32 gradient accumulation.
+    master_weights: bool = option(True, "GPU bf16: fp32 master weights (fast); false = fp32 parameters under autocast")
 
 
 @dataclass
 class CheckpointConfig:
-    interval: int = 0  # save every k steps; 0 = only at the end and on SIGTERM/SIGUSR1
-    keep_last: int = 2
-    load: Optional[str] = None  # checkpoint dir to start from; None = resume from run_dir if present
-    save: bool = True
-    finetune: bool = False  # load weights only (fresh optimizer, step 0)
+    interval: int = option(0, "save every k steps; 0 = only at the end and on SIGTERM/SIGUSR1")
+    keep_last: int = option(2, "checkpoints kept")
+    load: Optional[str] = option(None, "checkpoint to start from; null = resume from train.run_dir if it has one")
+    save: bool = option(True, "save at the end of training")
+    finetune: bool = option(False, "load weights only (fresh optimizer, step 0)")
 
 
 @dataclass
 class LoggingConfig:
-    interval: int = 10
-    tensorboard: bool = True
-    plot: bool = True  # write loss_per_head.png in the run dir at the end
+    interval: int = option(10, "steps per log line / metrics.jsonl record (losses averaged over them)")
+    tensorboard: bool = option(True, "write TensorBoard events under run_dir/tensorboard")
+    plot: bool = option(True, "write loss_per_head.png in the run dir at the end")
 
 
 @dataclass
@@ -250,7 +257,17 @@ def _coerce(value: Any, typ, key: str) -> Any:
     return value
 
 
+# Keys earlier versions had: a saved config holding one loads (config_of skips unknown keys with a warning);
+# a user setting one is told why it went.
+REMOVED_KEYS = {
+    "data.num_workers": "samples are memory-mapped slices read in microseconds, so a loader worker pool had "
+                        "nothing to hide; remove it from the config",
+}
+
+
 def set_value(cfg: Config, dotted: str, value: Any) -> None:
+    if dotted in REMOVED_KEYS:
+        raise ConfigError(f"unknown config key {dotted!r}: it was removed ({REMOVED_KEYS[dotted]}).")
     parts = dotted.split(".")
     if len(parts) != 2:
         raise ConfigError(f"config key {dotted!r} must look like section.key (e.g. mtp.n_heads).")
@@ -442,3 +459,30 @@ def validate_layout(cfg: Config, world_size: int) -> int:
 
 def describe(cfg: Config) -> str:
     return json.dumps(cfg.to_dict(), indent=1)
+
+
+def _type_name(typ) -> str:
+    if typing.get_origin(typ) is typing.Union:
+        inner = [a for a in typing.get_args(typ) if a is not type(None)]
+        return f"{_type_name(inner[0])} or null"
+    if typ is list or typing.get_origin(typ) is list:
+        return "list"
+    return getattr(typ, "__name__", str(typ))
+
+
+def config_reference() -> list:
+    """Every config key as ``(section, key, type name, default, help)``, in declaration order: the source of
+    ``mtp-train --help`` and of the key table in docs/training.md."""
+    rows = []
+    for section in dataclasses.fields(Config):
+        section_cls = section.default_factory
+        types = _field_types(section_cls)
+        defaults = section_cls()
+        for f in dataclasses.fields(section_cls):
+            rows.append((section.name, f.name, _type_name(types[f.name]), getattr(defaults, f.name),
+                         f.metadata.get("help", "")))
+    return rows
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -2,7 +2,8 @@
 
 Launch it as it is for one process, or under torchrun / srun / mpirun for many: ranks are discovered from
 the launcher's environment. Mistakes in the config, data, checkpoint or launch environment end the run
-with one sentence on stderr and exit status 2.
+with one sentence on stderr and exit status 2. ``--help`` lists every config key (type, default, meaning),
+generated from the config dataclasses; ``--print-config`` prints the resolved config and exits.
 """
 from __future__ import annotations
 
@@ -30,20 +31,54 @@ def _launch_rank() -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """--config, --print-config, and one option per config key, grouped by section."""
+    from megatron_mtp.config import config_reference
+
     parser = argparse.ArgumentParser(
         prog="mtp-train",
-        description="Train a multi-token-prediction language model.",
-        epilog="Any config key can be overridden as --section.key value, e.g. --mtp.n_heads 4 --train.iters 100.",
+        usage="%(prog)s [-h] [--config FILE] [--print-config] [--section.key VALUE ...]",
+        description="Train a multi-token-prediction language model. Values come from the defaults, then "
+                    "--config, then --section.key overrides (also written --section.key=value).",
+        epilog="Lists are written YAML-style: --mtp.loss_weights '[1, 0.5, 0.5, 0.5]'; null unsets a key. "
+               "See docs/training.md.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,  # a mistyped key must be an error, never a guessed other key
     )
-    parser.add_argument("--config", help="YAML config file (configs/tiny.yaml, configs/7b.yaml, ...)")
-    args, overrides = parser.parse_known_args(argv)
+    parser.add_argument("--config", default=None, help="YAML config file (configs/tiny.yaml, configs/7b.yaml, ...)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config as YAML (tokenizer and vocabulary settled) and exit")
+    groups = {}
+    for section, key, type_name, default, meaning in config_reference():
+        if section not in groups:
+            groups[section] = parser.add_argument_group(f"{section} keys")
+        shown = "null" if default is None else default
+        groups[section].add_argument(
+            f"--{section}.{key}", dest=f"{section}.{key}", metavar=type_name.split()[0].upper(),
+            default=argparse.SUPPRESS,  # only keys given on the command line override the config file
+            help=f"{meaning} [{type_name}, default: {shown}]".replace("%", "%%"))
+    return parser
 
-    from megatron_mtp.config import load_config
+
+def main(argv=None) -> int:
+    args, unknown = build_parser().parse_known_args(argv)
+    overrides = []
+    for dotted, value in vars(args).items():
+        if "." in dotted:
+            overrides += [f"--{dotted}", value]
+    overrides += unknown  # unknown keys reach load_config, which names the section's real keys
+
+    from megatron_mtp.config import load_config, to_yaml
 
     errors = _user_errors()
     try:
         cfg = load_config(args.config, overrides)
+        if args.print_config:
+            from megatron_mtp.data.pipeline import prepare_data_config
+
+            prepare_data_config(cfg)
+            sys.stdout.write(to_yaml(cfg))
+            return 0
         from megatron_mtp.training.loop import train
 
         train(cfg)

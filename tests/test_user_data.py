@@ -103,3 +103,45 @@ def test_training_refuses_data_of_another_tokenizer(user, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.startswith(f"data error: {user['byte_prefix']} was tokenised with the byte tokenizer")
     assert "but training uses the hf tokenizer" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_help_lists_every_config_key_and_print_config_writes_nothing(user, tmp_path):
+    from megatron_mtp.config import config_reference
+
+    proc = train_cli(["--help"])
+    assert proc.returncode == 0
+    docs = open(os.path.join(REPO, "docs", "training.md")).read()
+    for section, key, type_name, default, meaning in config_reference():
+        assert f"--{section}.{key} " in proc.stdout, key
+        assert meaning and f"`{section}.{key}`" in docs, key  # every key has a meaning, and docs list it
+    assert "[int, default: 4]" in " ".join(proc.stdout.split())  # e.g. mtp.n_heads: type and default
+
+    import yaml
+
+    proc = train_cli(tiny_args(tmp_path / "run", "--data.tokenizer_model", user["tokenizer"], "--mtp.n_heads=2",
+                               "--print-config"))
+    assert proc.returncode == 0, proc.stderr
+    printed = yaml.safe_load(proc.stdout)
+    vocab = build_tokenizer(None, user["tokenizer"]).vocab_size
+    assert printed["model"]["vocab_size"] == vocab and printed["data"]["tokenizer_type"] == "hf"
+    assert printed["mtp"]["n_heads"] == 2 and not (tmp_path / "run").exists()
+    proc = train_cli(["--config", os.path.join(REPO, "configs/tiny.yaml"), "--data.num_workers", "2"])
+    assert proc.returncode == 2 and proc.stderr.startswith("config error: unknown config key 'data.num_workers': "
+                                                           "it was removed")
+
+
+def test_every_tool_is_a_console_script_with_defaults_in_its_help(capsys):
+    import importlib
+    import re
+
+    setup = open(os.path.join(REPO, "setup.py")).read()
+    scripts = dict(re.findall(r'"(mtp-[a-z-]+)=([\w.:]+)"', setup))
+    assert {"mtp-train", "mtp-preprocess", "mtp-export", "mtp-generate", "mtp-eval-perplexity",
+            "mtp-eval-humaneval", "mtp-reshard", "mtp-import", "mtp-train-tokenizer",
+            "mtp-estimate-memory"} <= set(scripts)
+    for name, target in scripts.items():
+        module, function = target.split(":")
+        with pytest.raises(SystemExit) as exit_info:
+            getattr(importlib.import_module(module), function)(["--help"])
+        assert exit_info.value.code == 0, name
+        assert "default" in capsys.readouterr().out, name

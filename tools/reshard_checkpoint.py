@@ -1,48 +1,11 @@
 #!/usr/bin/env python3
 """Convert a checkpoint to another tensor / pipeline / data-parallel layout.
 
-    python tools/reshard_checkpoint.py --load runs/big --output runs/big-tp1pp4 --tp 1 --pp 4 [--dp 2]
-    torchrun --nproc-per-node 8 -m megatron_mtp.train --config runs/big-tp1pp4/config.yaml
-
---load takes a run directory (its latest checkpoint) or one step_* directory. --output becomes a new run
-directory (config.yaml at the new layout, checkpoints/, metrics.jsonl up to the step) from which training
-continues exactly: same step, data position, LR schedule and Adam moments. See docs/checkpoints.md.
+The same as ``mtp-reshard`` (megatron_mtp/cli/reshard.py); run ``mtp-reshard --help`` for its options.
 """
-import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_mtp.checkpoint.manager import CheckpointError  # noqa: E402
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--load", required=True, help="run directory or step_* checkpoint directory")
-    parser.add_argument("--output", required=True, help="new run directory to write")
-    parser.add_argument("--tp", type=int, required=True, help="tensor-parallel size of the new layout")
-    parser.add_argument("--pp", type=int, required=True, help="pipeline stages of the new layout")
-    parser.add_argument("--dp", type=int, default=None, help="data-parallel size (default: the checkpoint's)")
-    parser.add_argument("--zero-stage", type=int, default=None, choices=(0, 1, 2),
-                        help="ZeRO stage of the new config (default: the checkpoint's)")
-    parser.add_argument("--weights-only", action="store_true", help="drop the optimizer state")
-    args = parser.parse_args(argv)
-    if min(args.tp, args.pp, args.dp or 1) < 1:
-        print("checkpoint error: --tp, --pp and --dp must be at least 1.", file=sys.stderr)
-        return 2
-    from megatron_mtp.checkpoint.reshard import reshard
-
-    try:
-        out = reshard(args.load, args.output, args.tp, args.pp, args.dp, args.zero_stage, args.weights_only)
-    except CheckpointError as exc:
-        print(f"checkpoint error: {exc}", file=sys.stderr)
-        return 2
-    world = args.tp * args.pp * (args.dp or 1)
-    print(f"wrote {out}\ncontinue with: torchrun --nproc-per-node {world} -m megatron_mtp.train "
-          f"--config {os.path.join(args.output, 'config.yaml')}")
-    return 0
-
+from megatron_mtp.cli.reshard import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,7 +11,6 @@ import os
 
 import torch.distributed as dist
 
-from megatron_mtp.data.errors import DataError
 
 
 def default_cache_dir(cfg) -> str:
