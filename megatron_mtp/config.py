@@ -171,6 +171,11 @@ class LoggingConfig:
     interval: int = option(10, "steps per log line / metrics.jsonl record (losses averaged over them)")
     tensorboard: bool = option(True, "write TensorBoard events under run_dir/tensorboard")
     plot: bool = option(True, "write loss_per_head.png in the run dir at the end")
+    # Weights & Biases is optional: imported only when enabled (pip install wandb, or the package's wandb extra).
+    wandb: bool = option(False, "also log every record to Weights & Biases")
+    wandb_project: str = option("megatron_mtp", "W&B project")
+    wandb_name: Optional[str] = option(None, "W&B run name; null = the run directory's name")
+    wandb_mode: str = option("online", "online | offline (no network: sync later with `wandb sync`) | disabled")
 
 
 @dataclass
@@ -426,6 +431,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _check(0 <= o.min_lr <= o.lr, f"optimizer.min_lr ({o.min_lr}) must lie between 0 and optimizer.lr ({o.lr}).")
     _check(o.warmup_iters >= 0, f"optimizer.warmup_iters must be non-negative, got {o.warmup_iters}.")
     _check(cfg.logging.interval >= 1, f"logging.interval must be at least 1, got {cfg.logging.interval}.")
+    _check(cfg.logging.wandb_mode in ("online", "offline", "disabled"),
+           f"logging.wandb_mode must be online, offline or disabled, got {cfg.logging.wandb_mode!r}.")
     _check(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be at least 1, got {cfg.checkpoint.keep_last}.")
     if world_size is not None:
         validate_layout(cfg, world_size)

@@ -145,3 +145,139 @@ def test_every_tool_is_a_console_script_with_defaults_in_its_help(capsys):
             getattr(importlib.import_module(module), function)(["--help"])
         assert exit_info.value.code == 0, name
         assert "default" in capsys.readouterr().out, name
+
+
+@pytest.fixture(scope="module")
+def moved_run(user, tmp_path_factory):
+    """A run trained with a tokenizer named relative to the launch directory, then moved elsewhere."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("runs")
+    proc = train_cli(tiny_args("run", "--data.tokenizer_model", "tokenizer.json", "--data.paths",
+                               f"[{user['hf_prefix']}]", "--train.iters", "3", "--train.eval_interval", "3",
+                               "--train.eval_iters", "1", "--logging.tensorboard", "true"), cwd=str(user["root"]))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    moved = root / "moved"
+    shutil.move(str(user["root"] / "run"), str(moved))
+    return {"run": str(moved), "stdout": proc.stdout}
+
+
+def test_run_directory_carries_its_tokenizer(user, moved_run):
+    import yaml
+
+    saved = yaml.safe_load(open(os.path.join(moved_run["run"], "config.yaml")))
+    assert saved["data"]["tokenizer_model"] == "tokenizer" and saved["data"]["tokenizer_type"] == "hf"
+    own = build_tokenizer(None, os.path.join(moved_run["run"], "tokenizer"))
+    assert own.content_hash() == build_tokenizer(None, user["tokenizer"]).content_hash()
+    assert saved["model"]["vocab_size"] == own.vocab_size
+
+
+def test_moved_run_generates_exports_and_evaluates_from_anywhere(user, moved_run, tmp_path, monkeypatch, capsys):
+    import importlib
+
+    monkeypatch.chdir(tmp_path)  # neither the launch directory nor the run's
+    run = moved_run["run"]
+    generate = importlib.import_module("megatron_mtp.cli.generate")
+    assert generate.main(["--load", run, "--prompt", "def f", "--max-new-tokens", "4", "--no-progress"]) == 0
+    export = importlib.import_module("megatron_mtp.cli.export")
+    assert export.main(["--load", run, "--format", "hf", "--output", "hf"]) == 0
+    tokenizer = build_tokenizer(None, user["tokenizer"])
+    config = json.load(open(tmp_path / "hf" / "config.json"))
+    assert config["eos_token_id"] == tokenizer.eod and (tmp_path / "hf" / "tokenizer.json").is_file()
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "hf")).encode(DOCS[5]) == tokenizer.encode(DOCS[5])
+    perplexity = importlib.import_module("megatron_mtp.cli.eval_perplexity")
+    assert perplexity.main(["--load", run, "--data", user["hf_prefix"], "--max-samples", "2", "--no-progress"]) == 0
+    reshard = importlib.import_module("megatron_mtp.cli.reshard")
+    assert reshard.main(["--load", run, "--output", "resharded", "--tp", "1", "--pp", "1"]) == 0
+    assert build_tokenizer(None, str(tmp_path / "resharded" / "tokenizer")).content_hash() == tokenizer.content_hash()
+    capsys.readouterr()
+
+
+def test_export_without_a_tokenizer_fails_and_writes_nothing(moved_run, tmp_path, capsys):
+    import importlib
+    import shutil
+
+    run = tmp_path / "no-tokenizer"
+    shutil.copytree(moved_run["run"], run)
+    shutil.rmtree(run / "tokenizer")
+    export = importlib.import_module("megatron_mtp.cli.export")
+    assert export.main(["--load", str(run), "--format", "hf", "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("checkpoint error: cannot export a complete tokenizer:") and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_validation_and_saves_are_logged(moved_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from megatron_mtp.training.metrics import read_metrics
+
+    run = moved_run["run"]
+    valid = read_metrics(run, "valid")
+    assert [r["step"] for r in valid] == [3]
+    heads = [valid[0][f"valid_loss_head_{i}"] for i in range(1, 5)]
+    assert all(h > 0 for h in heads) and valid[0]["valid_loss"] == pytest.approx(sum(heads))
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]  # training records apart from validation
+    events = EventAccumulator(os.path.join(run, "tensorboard")).Reload()
+    assert {"valid/valid_loss", "valid/valid_loss_head_4", "train/loss_head_1"} <= set(events.Tags()["scalars"])
+    assert events.Scalars("valid/valid_loss_head_2")[0].value == pytest.approx(heads[1], rel=1e-5)
+    assert "saved checkpoint " in moved_run["stdout"] and "at step 3 in " in moved_run["stdout"]
+
+
+def test_eval_perplexity_defaults_to_the_runs_validation_split(user, moved_run, capsys):
+    import importlib
+
+    perplexity = importlib.import_module("megatron_mtp.cli.eval_perplexity")
+    assert perplexity.main(["--load", moved_run["run"], "--max-samples", "3", "--no-progress"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["data"].startswith("the validation split (969,30,1) of ") and user["hf_prefix"] in result["data"]
+    assert result["samples"] >= 1 and len(result["heads"]) == 4 and all(h["tokens"] > 0 for h in result["heads"])
+
+
+FAKE_WANDB = '''
+import json, os
+class _Run:
+    def log(self, data, step=None):
+        _write({"log": data, "step": step})
+    def finish(self):
+        _write({"finish": True})
+def _write(record):
+    with open(os.environ["FAKE_WANDB_LOG"], "a") as f:
+        f.write(json.dumps(record) + "\\n")
+def init(**kwargs):
+    _write({"init": {k: v for k, v in kwargs.items() if k != "config"}, "has_config": "config" in kwargs})
+    return _Run()
+'''
+
+
+def test_wandb_is_optional_and_offline(tmp_path, monkeypatch):
+    import importlib.util
+
+    from megatron_mtp.config import Config
+    from megatron_mtp.training.metrics import check_logging
+
+    cfg = Config()
+    cfg.logging.wandb = True
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
+    with pytest.raises(ConfigError, match="logging.wandb is true but the wandb package is not installed"):
+        check_logging(cfg.logging)
+    monkeypatch.undo()
+    # The training loop's calls, through a stand-in module: offline mode, the run's id kept for resumes.
+    (tmp_path / "fake" / "wandb").mkdir(parents=True)
+    (tmp_path / "fake" / "wandb" / "__init__.py").write_text(FAKE_WANDB)
+    log = tmp_path / "wandb.jsonl"
+    env = dict(os.environ, FAKE_WANDB_LOG=str(log),
+               PYTHONPATH=os.pathsep.join([str(tmp_path / "fake"), REPO, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "megatron_mtp.train",
+                           *tiny_args(tmp_path / "run", "--logging.wandb", "true", "--logging.wandb_mode", "offline")],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert records[0]["init"]["mode"] == "offline" and records[0]["has_config"]
+    assert records[0]["init"]["id"] == (tmp_path / "run" / "wandb_run_id").read_text().strip()
+    logged = [r for r in records if "log" in r]
+    assert [r["step"] for r in logged] == [1, 2] and "train/loss_head_1" in logged[0]["log"]
+    assert records[-1] == {"finish": True}

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-from typing import Optional
 
 import torch
 
@@ -116,9 +114,12 @@ def load_source(path: str):
     from megatron_mtp.checkpoint.formats import open_checkpoint
     from megatron_mtp.checkpoint.manager import resolve_checkpoint, verify_checkpoint
 
+    from megatron_mtp.checkpoint.merge import locate_run_tokenizer
+
     ckpt = resolve_checkpoint(path)
     verify_checkpoint(ckpt)
     reader = open_checkpoint(ckpt)
+    locate_run_tokenizer(reader.cfg, ckpt)
     cache = {}
 
     def weights(key):
@@ -201,43 +202,67 @@ def _bytes_to_unicode() -> dict:
     return {b: chr(c) for b, c in zip(bs, cs)}
 
 
-def write_tokenizer(cfg, out_dir: str, model_max_length: int) -> Optional[dict]:
+def export_tokenizer(cfg):
+    """The run's tokenizer, loaded before an export writes anything: an export without a complete tokenizer
+    is refused (evaluation harnesses would fail on it later, or silently use another tokenizer)."""
+    from megatron_mtp.data.errors import DataError
+    from megatron_mtp.data.tokenizers import build_tokenizer
+
+    try:
+        return build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+    except DataError as exc:
+        raise CheckpointError(f"cannot export a complete tokenizer: {exc}. The run directory's own copy is "
+                              f"RUN/tokenizer/; restore it (or data.tokenizer_model) and export again") from None
+
+
+def write_tokenizer(tokenizer, out_dir: str, model_max_length: int) -> dict:
     """Tokenizer files AutoTokenizer loads; returns what mtp_config.json records about them."""
-    t = cfg.data.tokenizer_type
     common = {"model_max_length": model_max_length, "clean_up_tokenization_spaces": False}
-    if t == "byte":
+    if tokenizer.name == "byte":
         atomic_write_text(os.path.join(out_dir, "tokenizer.json"), byte_level_tokenizer_json())
         tc = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOD_TOKEN, "pad_token": PAD_TOKEN,
               "add_bos_token": False, "add_eos_token": False, **common}
         atomic_write_text(os.path.join(out_dir, "tokenizer_config.json"), json.dumps(tc, indent=1))
         atomic_write_text(os.path.join(out_dir, "special_tokens_map.json"),
                           json.dumps({"eos_token": EOD_TOKEN, "pad_token": PAD_TOKEN}, indent=1))
-        return {"tokenizer_type": "byte", "tokenizer_file": "tokenizer.json"}
-    src = cfg.data.tokenizer_model
-    if not src or not os.path.isfile(src):
-        print(f"WARNING: tokenizer model {src!r} not found: the export has no tokenizer files; copy them in "
-              f"before evaluating.", flush=True)
-        return None
-    from megatron_mtp.data.tokenizers import build_tokenizer
+        return {"tokenizer_type": "byte", "tokenizer_file": "tokenizer.json", "sha256": tokenizer.content_hash()}
+    from megatron_mtp.data.tokenizers import tokenizer_files
 
-    tok = build_tokenizer(t, src)
-    if t == "hf":
-        shutil.copyfile(src, os.path.join(out_dir, "tokenizer.json"))
-        eos = _token_name(tok, tok.eod)
-        tc = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, **common}
-        if tok.pad is not None:
-            tc["pad_token"] = _token_name(tok, tok.pad)
-        atomic_write_text(os.path.join(out_dir, "tokenizer_config.json"), json.dumps(tc, indent=1))
-        return {"tokenizer_type": "hf", "tokenizer_file": "tokenizer.json"}
-    shutil.copyfile(src, os.path.join(out_dir, "tokenizer.model"))
-    tc = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, **common}
+    files = tokenizer_files(tokenizer)
+    for name, source in files.items():
+        if name != "tokenizer_config.json":
+            with open(source, "rb") as stream:
+                _atomic_write_bytes(os.path.join(out_dir, name), stream.read())
+    # The source directory's tokenizer_config.json (chat template, ...) with the ids this model was trained on.
+    tc = {}
+    if "tokenizer_config.json" in files:
+        try:
+            with open(files["tokenizer_config.json"], encoding="utf-8") as stream:
+                loaded = json.load(stream)
+            tc = loaded if isinstance(loaded, dict) else {}
+        except (OSError, ValueError):
+            tc = {}
+    tc.pop("auto_map", None)  # never carry code references from a file we did not write
+    special = {"eos_token": tokenizer.token_name(tokenizer.eod)}
+    if tokenizer.pad is not None:
+        special["pad_token"] = tokenizer.token_name(tokenizer.pad)
+    if tokenizer.name == "hf":
+        tc.update(tokenizer_class="PreTrainedTokenizerFast", **special, **common)
+        model_file = "tokenizer.json"
+    else:
+        tc.update(tokenizer_class="LlamaTokenizer", add_bos_token=tc.get("add_bos_token", True),
+                  add_eos_token=False, **special, **common)
+        model_file = "tokenizer.model"
     atomic_write_text(os.path.join(out_dir, "tokenizer_config.json"), json.dumps(tc, indent=1))
-    return {"tokenizer_type": "sentencepiece", "tokenizer_file": "tokenizer.model"}
+    return {"tokenizer_type": tokenizer.name, "tokenizer_file": model_file, "sha256": tokenizer.content_hash()}
 
 
-def _token_name(tok, token_id: int) -> Optional[str]:
-    inner = getattr(tok, "_tokenizer", None)
-    return inner.id_to_token(token_id) if inner is not None else None
+def _atomic_write_bytes(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as stream:
+        stream.write(data)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
 
 
 def export_hf(source: str, out_dir: str, dtype: torch.dtype = torch.float32) -> str:
@@ -246,6 +271,7 @@ def export_hf(source: str, out_dir: str, dtype: torch.dtype = torch.float32) -> 
 
     cfg, weights = load_source(source)
     _require_transformer_heads(cfg, "hf")
+    tokenizer = export_tokenizer(cfg)
     os.makedirs(out_dir, exist_ok=True)
     main_keys, extra_keys = split_standard_and_extra(cfg)
     V = cfg.model.vocab_size
@@ -263,13 +289,7 @@ def export_hf(source: str, out_dir: str, dtype: torch.dtype = torch.float32) -> 
     save_file(cast(tensors), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     if extra:
         save_file(cast(extra), os.path.join(out_dir, "mtp_heads.safetensors"), metadata={"format": "pt"})
-    tok_info = write_tokenizer(cfg, out_dir, cfg.model.max_seq_length)
-    try:
-        from megatron_mtp.data.tokenizers import build_tokenizer
-
-        tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
-    except Exception:  # the tokenizer file may be missing on the exporting machine
-        tokenizer = None
+    tok_info = write_tokenizer(tokenizer, out_dir, cfg.model.max_seq_length)
     hf = hf_config(cfg, len(main_keys), tokenizer)
     hf["torch_dtype"] = hf["dtype"] = str(dtype).replace("torch.", "")
     atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(hf, indent=1))
@@ -327,6 +347,7 @@ def _to_meta_layer(hf_layer: dict, cfg) -> dict:
 def export_meta(source: str, out_dir: str, dtype: torch.dtype = torch.float32) -> str:
     cfg, weights = load_source(source)
     _require_transformer_heads(cfg, "meta")
+    tokenizer = export_tokenizer(cfg)
     os.makedirs(out_dir, exist_ok=True)
     main_keys, extra_keys = split_standard_and_extra(cfg)
     V = cfg.model.vocab_size
@@ -352,10 +373,12 @@ def export_meta(source: str, out_dir: str, dtype: torch.dtype = torch.float32) -
               "n_future_tokens": cfg.mtp.n_heads}
     atomic_write_text(os.path.join(out_dir, "params.json"), json.dumps(params, indent=1))
     tok_info = None
-    if cfg.data.tokenizer_type != "byte" and cfg.data.tokenizer_model and os.path.isfile(cfg.data.tokenizer_model):
-        name = "tokenizer.model" if cfg.data.tokenizer_type == "sentencepiece" else "tokenizer.json"
-        shutil.copyfile(cfg.data.tokenizer_model, os.path.join(out_dir, name))
-        tok_info = name
+    if tokenizer.name != "byte":
+        from megatron_mtp.data.tokenizers import MODEL_FILE_NAMES, tokenizer_files
+
+        tok_info = MODEL_FILE_NAMES[tokenizer.name]
+        with open(tokenizer_files(tokenizer)[tok_info], "rb") as stream:
+            _atomic_write_bytes(os.path.join(out_dir, tok_info), stream.read())
     atomic_write_text(os.path.join(out_dir, "megatron_mtp.json"), json.dumps(
         {"tokenizer_type": cfg.data.tokenizer_type, "tokenizer_file": tok_info, "config": cfg.to_dict()}, indent=1))
     return out_dir

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Optional
 
 import torch
@@ -177,9 +176,11 @@ def import_checkpoint(hf_dir: str, run_dir: str, n_heads: int, init_heads: str =
     cfg, weights = hf_to_canonical(hf_dir, n_heads, init_heads)
     os.makedirs(run_dir, exist_ok=True)
     if cfg.data.tokenizer_type != "byte" and cfg.data.tokenizer_model:
-        dst = os.path.join(run_dir, os.path.basename(cfg.data.tokenizer_model))
-        shutil.copyfile(cfg.data.tokenizer_model, dst)
-        cfg.data.tokenizer_model = os.path.abspath(dst)
+        from megatron_mtp.data.tokenizers import build_tokenizer, install_run_tokenizer
+
+        # Absolute: training runs in RUN_DIR/train; a moved import finds its copy again (locate_tokenizer_model).
+        copy = install_run_tokenizer(build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model), run_dir)
+        cfg.data.tokenizer_model = os.path.abspath(os.path.join(run_dir, copy))
     cfg.parallel.tp = cfg.parallel.pp = 1
     cfg.checkpoint.load = os.path.abspath(run_dir)
     cfg.checkpoint.finetune = True

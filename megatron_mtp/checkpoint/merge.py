@@ -36,7 +36,17 @@ def _load_canonical(path: str) -> tuple:
     ckpt = resolve_checkpoint(path)
     verify_checkpoint(ckpt)
     reader = open_checkpoint(ckpt)
+    locate_run_tokenizer(reader.cfg, ckpt)
     return reader.cfg, reader.weight
+
+
+def locate_run_tokenizer(cfg, ckpt_dir: str) -> None:
+    """Point ``cfg.data.tokenizer_model`` at the tokenizer of the run holding ``ckpt_dir``
+    (``RUN/checkpoints/step_X``), so a run loads from any working directory and after being moved."""
+    from megatron_mtp.data.tokenizers import locate_tokenizer_model
+
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(ckpt_dir)))
+    cfg.data.tokenizer_model = locate_tokenizer_model(cfg.data.tokenizer_model, run_dir)
 
 
 def build_single_process_model(cfg, weights, device: Union[str, torch.device] = "cpu",

@@ -92,6 +92,11 @@ def reshard(load: str, output: str, tp: int, pp: int, dp: Optional[int] = None,
     dp = int(dp or meta.get("dp", 1))
     if os.path.isdir(os.path.join(output, "checkpoints")):
         raise CheckpointError(f"{output} already holds checkpoints; choose a new --output directory.")
+    from megatron_mtp.checkpoint.merge import locate_run_tokenizer
+    from megatron_mtp.data.tokenizers import build_tokenizer, install_run_tokenizer
+
+    locate_run_tokenizer(reader.cfg, ckpt)
+    tokenizer = build_tokenizer(reader.cfg.data.tokenizer_type, reader.cfg.data.tokenizer_model)  # before writing
     cfg = target_config(reader.cfg, tp, pp, dp, zero_stage, output)
     optim = None if weights_only else reader.optimizer_state()
     if optim is None and not weights_only:
@@ -100,6 +105,7 @@ def reshard(load: str, output: str, tp: int, pp: int, dp: Optional[int] = None,
     same = (meta.get("tp"), meta.get("pp"), meta.get("dp")) == (tp, pp, dp)
     rng = {r: p.get("rng") for r, p in reader.payloads.items()} if same else None
     os.makedirs(output, exist_ok=True)
+    cfg.data.tokenizer_model = install_run_tokenizer(tokenizer, output)  # the new run carries its tokenizer
     target_local = pp == 1 and dp == 1 and cfg.parallel.zero_stage == 0
     if not target_local and cfg.parallel.zero_stage > 0 and optim is not None:
         _warn(f"the new layout uses ZeRO stage {cfg.parallel.zero_stage}, whose optimizer partitions are "

@@ -1,11 +1,12 @@
 """Per-head loss / perplexity of a trained MTP model on a held-out indexed dataset (.bin/.idx prefix).
 
-    mtp-eval-perplexity --load runs/tiny                      # the stdlib held-out split
+    mtp-eval-perplexity --load runs/7b                        # the run's own validation split
     mtp-eval-perplexity --load runs/7b --data /data/valid_text_document --seq-length 2048
 
-Head i is scored on token t+i, as in training. Without --data the held-out files of the embedded stdlib
-corpus are used (byte-level models). Prints JSON (per head: loss, perplexity, bits per token, tokens);
---output also writes it to a file.
+Head i is scored on token t+i, as in training. Without --data the run's validation split is used: the valid
+share (data.split) of its data.paths, blended as in training, or the held-out files of the embedded stdlib
+corpus (tokenised with the run's tokenizer) for runs on it. Prints JSON (per head: loss, perplexity, bits per
+token, tokens); --output also writes it to a file.
 """
 from __future__ import annotations
 
@@ -41,19 +42,17 @@ def main(argv=None) -> int:
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("--device cuda was asked for but no CUDA device is visible; use --device cpu.")
         cfg, model, _ = load_model(args.load, device=args.device, dtype=getattr(torch, args.dtype))
-        prefix = args.data
-        if prefix is None:
-            if cfg.data.tokenizer_type != "byte":
-                raise ValueError("the default held-out data is the byte-level stdlib corpus; pass --data PREFIX.")
-            from megatron_mtp.data.code_corpus import ensure_stdlib_corpus
-            from megatron_mtp.data.pipeline import default_cache_dir
+        seq_length = args.seq_length or cfg.data.seq_length
+        if args.data is None:
+            from megatron_mtp.data.pipeline import validation_split
 
-            prefix = ensure_stdlib_corpus(default_cache_dir(cfg))["heldout_prefix"]
-        dataset = perplexity_windows(prefix, args.seq_length or cfg.data.seq_length, args.max_samples)
+            dataset, source = validation_split(cfg, seq_length, args.max_samples)
+        else:
+            dataset, source = perplexity_windows(args.data, seq_length, args.max_samples), args.data
     except (ModelLoadError, ValueError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    result = {"load": args.load, "data": prefix, **evaluate_perplexity(model, dataset, args.batch_size,
+    result = {"load": args.load, "data": source, **evaluate_perplexity(model, dataset, args.batch_size,
                                                                         progress=not args.no_progress)}
     text = json.dumps(result, indent=1)
     print(text)

@@ -14,6 +14,7 @@ import sys
 
 from megatron_mtp.checkpoint.manager import CheckpointError
 from megatron_mtp.cli import HelpFormatter
+from megatron_mtp.data.errors import DataError
 
 
 def main(argv=None) -> int:
@@ -28,7 +29,7 @@ def main(argv=None) -> int:
 
     try:
         config = import_checkpoint(args.hf, args.output, args.n_heads, args.init_heads)
-    except CheckpointError as exc:
+    except (CheckpointError, DataError) as exc:
         print(f"checkpoint error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {args.output} (config {config})\ntrain with: mtp-train --config {config} --data.paths ...")

@@ -13,6 +13,7 @@ import sys
 
 from megatron_mtp.checkpoint.manager import CheckpointError
 from megatron_mtp.cli import HelpFormatter
+from megatron_mtp.data.errors import DataError
 
 
 def main(argv=None) -> int:
@@ -33,7 +34,7 @@ def main(argv=None) -> int:
 
     try:
         out = reshard(args.load, args.output, args.tp, args.pp, args.dp, args.zero_stage, args.weights_only)
-    except CheckpointError as exc:
+    except (CheckpointError, DataError) as exc:
         print(f"checkpoint error: {exc}", file=sys.stderr)
         return 2
     world = args.tp * args.pp * (args.dp or 1)

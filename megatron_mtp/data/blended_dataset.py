@@ -68,6 +68,10 @@ class BlendedDataset:
     def __len__(self) -> int:
         return len(self.dataset_index)
 
+    @property
+    def seq_length(self) -> int:
+        return self.datasets[0].seq_length
+
     def __getitem__(self, idx: int) -> np.ndarray:
         dataset = self.datasets[int(self.dataset_index[idx])]
         return dataset[int(self.dataset_sample_index[idx])]

@@ -38,6 +38,8 @@ EOD_TOKEN_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|
 MODEL_FILE_NAMES = {"hf": "tokenizer.json", "sentencepiece": "tokenizer.model"}
 # Files of an HF tokenizer directory worth carrying along (copied into run directories and exports).
 HF_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+# A run directory's own copy of its tokenizer; its config.yaml names it by this relative path.
+RUN_TOKENIZER_DIR = "tokenizer"
 TOKENIZER_INFO_SUFFIX = ".tokenizer_info.json"
 TOKENIZER_INFO_FORMAT = "megatron_mtp.tokenizer_info/1"
 
@@ -305,6 +307,61 @@ def tokenizer_files(tokenizer: Tokenizer) -> dict:
             if os.path.isfile(os.path.join(tokenizer.directory, name)):
                 files[name] = os.path.join(tokenizer.directory, name)
     return files
+
+
+# ---------------------------------------------------------------------------------------------
+# A run directory's own copy of the tokenizer
+
+
+def locate_tokenizer_model(tokenizer_model: Optional[str], run_dir: Optional[str]) -> Optional[str]:
+    """Where a run's ``data.tokenizer_model`` is, seen from the current directory.
+
+    A relative path is looked up in the run directory first (a run's config.yaml names its own copy,
+    ``tokenizer``), then in the current directory (a user's config, as Megatron reads paths). An absolute
+    path that no longer exists (the run was moved or copied to another machine) falls back to the run's
+    own copy when it has one.
+    """
+    if not tokenizer_model or not run_dir:
+        return tokenizer_model
+    if not os.path.isabs(tokenizer_model):
+        in_run = os.path.join(run_dir, tokenizer_model)
+        return in_run if os.path.exists(in_run) else tokenizer_model
+    own = os.path.join(run_dir, RUN_TOKENIZER_DIR)
+    if not os.path.exists(tokenizer_model) and os.path.isdir(own):
+        return own
+    return tokenizer_model
+
+
+def install_run_tokenizer(tokenizer: Tokenizer, run_dir: str) -> Optional[str]:
+    """Copy ``tokenizer``'s files into ``run_dir/tokenizer/`` (once, atomically: built under a temporary name
+    and renamed) and return the path a config names it by, relative to the run directory; None at byte level.
+
+    A run directory that already holds another tokenizer is refused: its checkpoints were trained with that one.
+    """
+    if tokenizer.name == "byte":
+        return None
+    destination = os.path.join(run_dir, RUN_TOKENIZER_DIR)
+    if os.path.isdir(destination):
+        present = build_tokenizer(None, destination)
+        if present.content_hash() != tokenizer.content_hash():
+            raise DataError(f"{destination} holds the {present.describe()}, but this run was given the "
+                            f"{tokenizer.describe()}; the run directory's checkpoints were trained with its own: "
+                            f"drop data.tokenizer_model to keep it, or train in a new train.run_dir")
+        return RUN_TOKENIZER_DIR
+    import shutil
+
+    work = f"{destination}.tmp-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    try:
+        for name, source in tokenizer_files(tokenizer).items():
+            shutil.copyfile(source, os.path.join(work, name))
+            os.chmod(os.path.join(work, name), 0o644)
+        os.rename(work, destination)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return RUN_TOKENIZER_DIR
 
 
 # ---------------------------------------------------------------------------------------------

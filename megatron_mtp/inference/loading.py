@@ -46,6 +46,9 @@ def load_local_checkpoint(path: str, device="cpu"):
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise ModelLoadError(f"checkpoint {ckpt} does not match its own config ({first}).") from None
+    from megatron_mtp.checkpoint.merge import locate_run_tokenizer
+
+    locate_run_tokenizer(cfg, ckpt)
     tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
     return cfg, model.to(device).eval(), tokenizer
 

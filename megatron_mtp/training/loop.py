@@ -20,8 +20,8 @@ from megatron_mtp.parallel.distributed import init_distributed
 from megatron_mtp.parallel.layers import initialize_parameters
 from megatron_mtp.parallel.random import model_parallel_seed
 from megatron_mtp.training.local_engine import LocalEngine
-from megatron_mtp.training.metrics import (MetricsLogger, flops_per_token, peak_flops, peak_memory_gib,
-                                           plot_head_losses)
+from megatron_mtp.training.metrics import (MetricsLogger, check_logging, flops_per_token, peak_flops,
+                                           peak_memory_gib, plot_head_losses)
 
 
 def resolve_device(cfg: Config) -> torch.device:
@@ -93,9 +93,11 @@ class _StopRequest:
 def train(cfg: Config) -> dict:
     """Run training as configured; returns a summary (final losses, steps, run dir)."""
     from megatron_mtp.data.pipeline import prepare_data_config
+    from megatron_mtp.data.tokenizers import RUN_TOKENIZER_DIR, install_run_tokenizer
 
     # The tokenizer decides data.tokenizer_type and model.vocab_size: settle both before anything is written.
     tokenizer = prepare_data_config(cfg)
+    check_logging(cfg.logging)
     env = init_distributed(cfg.parallel.backend)
     dp = validate_layout(cfg, env.world_size)
     state.check_model_layout(cfg.model, cfg.parallel.tp, cfg.data.seq_length, cfg.parallel.sequence_parallel)
@@ -108,6 +110,10 @@ def train(cfg: Config) -> dict:
     run_dir = cfg.train.run_dir
     if env.rank == 0:
         os.makedirs(run_dir, exist_ok=True)
+        install_run_tokenizer(tokenizer, run_dir)
+    if tokenizer.name != "byte":  # every rank's config names the run's own copy, so its checkpoints do too
+        cfg.data.tokenizer_model = RUN_TOKENIZER_DIR
+    if env.rank == 0:
         cfg.save(os.path.join(run_dir, "config.yaml"))
     seed_everything(cfg.train.seed)
 
@@ -144,7 +150,13 @@ def train(cfg: Config) -> dict:
     ckpt = CheckpointManager(cfg, engine, env.rank)
     start_step = ckpt.resume(train_iter)
     logger = MetricsLogger(run_dir, enabled=is_logger, tensorboard=cfg.logging.tensorboard, resume=start_step > 0,
-                           start_step=start_step)
+                           start_step=start_step, wandb_cfg=cfg.logging, config=cfg.to_dict())
+
+    def save_checkpoint(step: int) -> None:
+        started = time.perf_counter()
+        path = ckpt.save(step, train_iter)
+        if env.rank == 0:  # rank 0 publishes the checkpoint: one line per save, with where and how long
+            print(f"saved checkpoint {path} at step {step} in {time.perf_counter() - started:.1f} s", flush=True)
 
     tokens_per_step = t.global_batch_size * cfg.data.seq_length
     flops_per_step = flops_per_token(cfg.model, cfg.mtp, cfg.data.seq_length) * tokens_per_step
@@ -184,28 +196,26 @@ def train(cfg: Config) -> dict:
             last_record = record
         if t.eval_interval and valid_iter is not None and step % t.eval_interval == 0:
             heads = engine.eval_step([next(valid_iter) for _ in range(t.eval_iters)])
-            if is_logger:
-                print(f"validation at step {step}: " + " ".join(f"head{i + 1} {float(v):.4f}"
-                                                               for i, v in enumerate(heads)), flush=True)
+            logger.log_validation(step, heads)
         if ckpt.due(step):
-            ckpt.save(step, train_iter)
+            save_checkpoint(step)
         if stop.requested(device):
             if env.rank == 0:
                 print(f"stop signal received: saving a checkpoint at step {step} and exiting", flush=True)
-            ckpt.save(step, train_iter)
+            save_checkpoint(step)
             break
         if t.exit_interval and step % t.exit_interval == 0 and step < t.iters:
             if env.rank == 0:
                 print(f"train.exit_interval reached: saving a checkpoint at step {step} and exiting", flush=True)
             if not ckpt.saved_at(step):
-                ckpt.save(step, train_iter)
+                save_checkpoint(step)
             break
         if window_steps and step % cfg.logging.interval == 0:  # evaluation and saving stay out of the timing
             window_start, window_steps = time.perf_counter(), 0
             window_loss, window_heads = 0.0, 0.0
     else:
         if cfg.checkpoint.save and not ckpt.saved_at(step):
-            ckpt.save(step, train_iter)
+            save_checkpoint(step)
     logger.close()
     if is_logger and cfg.logging.plot and last_record:
         plot_head_losses(run_dir)

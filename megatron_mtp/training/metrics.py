@@ -1,4 +1,10 @@
-"""Throughput accounting (FLOPs, MFU) and the run's metrics: one log line, metrics.jsonl, TensorBoard, a plot."""
+"""Throughput accounting (FLOPs, MFU) and the run's metrics: one log line, metrics.jsonl, TensorBoard, optional
+Weights & Biases, a plot.
+
+``metrics.jsonl`` holds two kinds of records: training ones (``step``, ``loss``, ``loss_head_i``, ...) every
+``logging.interval`` steps, and validation ones (``step``, ``valid_loss``, ``valid_loss_head_i``) every
+``train.eval_interval`` steps; ``read_metrics(run_dir, kind)`` returns one kind.
+"""
 from __future__ import annotations
 
 import json
@@ -8,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from megatron_mtp.config import ModelConfig, MTPConfig
+from megatron_mtp.config import ConfigError, ModelConfig, MTPConfig
 
 # Dense bf16 peak of one H100 SXM (the number MFU is quoted against by Megatron-LM and the paper's peers).
 H100_BF16_PEAK = 989e12
@@ -45,14 +51,25 @@ def peak_flops(device: torch.device) -> Optional[float]:
     return None
 
 
+def check_logging(logging_cfg) -> None:
+    """Fail before a run writes anything when an enabled optional logger cannot work."""
+    if logging_cfg.wandb and logging_cfg.wandb_mode != "disabled":
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError("logging.wandb is true but the wandb package is not installed: pip install wandb "
+                              "(or the package's wandb extra), or set logging.wandb false.")
+
+
 class MetricsLogger:
-    """Rank 0 writes each record to stdout (one line), ``metrics.jsonl`` and TensorBoard."""
+    """Rank 0 writes each record to stdout (one line), ``metrics.jsonl``, TensorBoard and (optionally) W&B."""
 
     def __init__(self, run_dir: str, enabled: bool, tensorboard: bool = True, resume: bool = False,
-                 start_step: int = 0):
+                 start_step: int = 0, wandb_cfg=None, config: Optional[dict] = None):
         self.enabled = enabled
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.tb = None
+        self.wandb = None
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
@@ -67,6 +84,19 @@ class MetricsLogger:
                                         purge_step=start_step + 1 if resume else None)
             except ImportError:  # tensorboard is optional at run time
                 self.tb = None
+        if wandb_cfg is not None and wandb_cfg.wandb and wandb_cfg.wandb_mode != "disabled":
+            self.wandb = _start_wandb(run_dir, wandb_cfg, config)
+
+    def _write(self, record: dict, prefix: str) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        if self.tb is not None:
+            for key, value in scalars.items():
+                self.tb.add_scalar(f"{prefix}/{key}", value, record["step"])
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log({f"{prefix}/{k}": v for k, v in scalars.items()}, step=record["step"])
 
     def log(self, record: dict, total_steps: int) -> None:
         if not self.enabled:
@@ -81,22 +111,51 @@ class MetricsLogger:
             line += f" | MFU {100 * record['mfu']:.1f}%"
         line += f" | mem {record['memory_gib']:.2f} GiB"
         print(line, flush=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.tb.add_scalar(f"train/{key}", value, record["step"])
+        self._write(record, "train")
+
+    def log_validation(self, step: int, head_losses) -> None:
+        """One validation record: each head's mean loss and their (unweighted) sum, ``valid_loss``."""
+        if not self.enabled:
+            return
+        heads = [float(v) for v in head_losses]
+        record = {"step": step, "valid_loss": sum(heads),
+                  **{f"valid_loss_head_{i + 1}": v for i, v in enumerate(heads)}}
+        print(f"validation at step {step}: loss {record['valid_loss']:.4f} | heads "
+              + " ".join(f"{v:.3f}" for v in heads), flush=True)
+        self._write(record, "valid")
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
-def read_metrics(run_dir: str) -> list:
+def _start_wandb(run_dir: str, wandb_cfg, config: Optional[dict]):
+    """A W&B run that a resumed training continues (its id is kept in the run directory)."""
+    try:
+        import wandb
+    except ImportError:  # check_logging said so before anything was written; this is a second line of defence
+        raise ConfigError("logging.wandb is true but the wandb package is not installed: pip install wandb, or "
+                          "set logging.wandb false.") from None
+    from megatron_mtp.data.index_cache import write_text_atomic
+
+    id_path = os.path.join(run_dir, "wandb_run_id")
+    run_id = open(id_path).read().strip() if os.path.isfile(id_path) else None
+    if not run_id:
+        run_id = wandb.util.generate_id() if hasattr(wandb, "util") else os.urandom(8).hex()
+        write_text_atomic(id_path, run_id + "\n")
+    return wandb.init(project=wandb_cfg.wandb_project, name=wandb_cfg.wandb_name or os.path.basename(
+        os.path.abspath(run_dir)), id=run_id, resume="allow", dir=run_dir, mode=wandb_cfg.wandb_mode, config=config)
+
+
+def read_metrics(run_dir: str, kind: str = "train") -> list:
+    """The ``train`` records (``loss``, ...) or the ``valid`` ones (``valid_loss``, ...) of a run's metrics.jsonl."""
+    key = {"train": "loss", "valid": "valid_loss"}[kind]
     path = os.path.join(run_dir, "metrics.jsonl")
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        records = [json.loads(line) for line in f if line.strip()]
+    return [r for r in records if key in r]
 
 
 def plot_head_losses(run_dir: str, out_path: Optional[str] = None) -> Optional[str]:
@@ -114,9 +173,15 @@ def plot_head_losses(run_dir: str, out_path: Optional[str] = None) -> Optional[s
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for key in heads:
         ax.plot(steps, [r[key] for r in records], label=f"head {key.rsplit('_', 1)[1]} (t+{key.rsplit('_', 1)[1]})")
+    valid = read_metrics(run_dir, "valid")
+    for key in heads:
+        head = key.rsplit("_", 1)[1]
+        if valid and f"valid_{key}" in valid[0]:
+            ax.plot([r["step"] for r in valid], [r[f"valid_{key}"] for r in valid], "o--", markersize=3,
+                    color=ax.lines[heads.index(key)].get_color(), label=f"head {head} validation")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats)")
-    ax.set_title("Training loss per MTP head")
+    ax.set_title("Loss per MTP head (training; validation dashed)" if valid else "Training loss per MTP head")
     ax.grid(alpha=0.3)
     ax.legend()
     out_path = out_path or os.path.join(run_dir, "loss_per_head.png")
