@@ -281,3 +281,56 @@ def test_wandb_is_optional_and_offline(tmp_path, monkeypatch):
     logged = [r for r in records if "log" in r]
     assert [r["step"] for r in logged] == [1, 2] and "train/loss_head_1" in logged[0]["log"]
     assert records[-1] == {"finish": True}
+
+
+def test_export_is_sharded_readable_documented_and_loads_every_head(user, moved_run, tmp_path):
+    import stat
+
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    from megatron_mtp.checkpoint.export import export_hf
+    from megatron_mtp.checkpoint.merge import load_merged_model
+
+    out = str(tmp_path / "hf")
+    export_hf(moved_run["run"], out, max_shard_bytes=60_000)  # a tiny threshold: the tiny model needs shards
+    files = sorted(os.listdir(out))
+    index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and shards == [n for n in files if n.startswith("model-")]
+    assert "model.safetensors" not in files
+    assert all(stat.S_IMODE(os.stat(os.path.join(out, n)).st_mode) == 0o644 for n in files)
+    card = open(os.path.join(out, "README.md")).read()
+    valid = json.loads([line for line in open(os.path.join(moved_run["run"], "metrics.jsonl"))
+                        if "valid_loss" in line][-1])
+    assert "**4 output heads**" in card and "3 steps" in card and user["hf_prefix"] in card
+    assert f"head 2: {valid['valid_loss_head_2']:.4f}" in card and "trust_remote_code=True" in card
+
+    cfg, ours, tokenizer = load_merged_model(moved_run["run"])
+    ids = torch_ids(tokenizer.encode(DOCS[7])[:40])
+    import torch
+
+    with torch.no_grad():
+        reference = ours.logits(ids, heads="all")
+        plain = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        auto = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()  # no remote code: plain Llama
+        assert type(auto).__name__ == "LlamaForCausalLM"
+        remote = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, trust_remote_code=True).eval()
+        assert type(remote).__name__ == "MTPLlamaForCausalLM"
+        assert (plain(ids).logits - reference[0]).abs().max().item() <= 1e-4
+        heads = remote(ids).heads_logits
+        generated = remote.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.eod)
+        assert torch.equal(generated, plain.generate(ids, max_new_tokens=4, do_sample=False,
+                                                     pad_token_id=tokenizer.eod))
+    assert len(heads) == 4
+    for i in range(4):
+        assert (heads[i] - reference[i]).abs().max().item() <= 1e-4, i
+
+    # Re-exporting below the threshold leaves one file, and no stale shard to shadow it.
+    export_hf(moved_run["run"], out)
+    assert "model.safetensors" in os.listdir(out) and not any(n.startswith("model-") for n in os.listdir(out))
+
+
+def torch_ids(ids):
+    import torch
+
+    return torch.tensor([ids])

@@ -1,6 +1,9 @@
 """Export a checkpoint (any layout) for evaluation and serving.
 
-* ``hf``: a HuggingFace Llama directory that ``LlamaForCausalLM`` / lm-evaluation-harness load as it is.
+* ``hf``: a HuggingFace Llama directory that ``LlamaForCausalLM`` / lm-evaluation-harness load as it is
+  (``model.safetensors``, or shards + ``model.safetensors.index.json`` above ``max_shard_bytes`` as
+  ``save_pretrained`` writes them; files mode 0644; a ``README.md`` model card; ``modeling_mtp_llama.py`` so
+  ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` returns every head's logits).
   Trunk + head 1 form the standard model: ``model.layers.{0..L-1}`` are the trunk layers then head 1's
   layer, ``model.norm`` is the shared final norm and ``lm_head`` the unembedding (padded rows dropped).
   Heads 2..n go to ``mtp_heads.safetensors`` (``mtp_heads.{j}.<HF layer names>``, j=0 for head 2) with
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Optional
 
 import torch
 
@@ -265,13 +269,79 @@ def _atomic_write_bytes(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def export_hf(source: str, out_dir: str, dtype: torch.dtype = torch.float32) -> str:
-    """Write the HF Llama directory for checkpoint/run ``source`` into ``out_dir``; returns ``out_dir``."""
+# As transformers' save_pretrained: one model.safetensors up to this size, else shards with an index.
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+REMOTE_CODE_FILE = "modeling_mtp_llama.py"
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text) -> int:
+    """``"5GB"``, ``"500MiB"`` or a number of bytes -> bytes."""
+    value = str(text).strip().upper().replace(" ", "")
+    number = value.rstrip("KMGIB")
+    unit = value[len(number):]
+    try:
+        size = int(float(number) * _SIZE_UNITS[unit])
+    except (KeyError, ValueError):
+        raise CheckpointError(f"shard size {text!r} is not a size such as 5GB, 500MB or 2GiB.") from None
+    if size < 1:
+        raise CheckpointError(f"shard size {text!r} must be positive.")
+    return size
+
+
+def _atomic_save_safetensors(tensors: dict, path: str) -> None:
     from safetensors.torch import save_file
 
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file(tensors, tmp, metadata={"format": "pt"})
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def save_sharded(tensors: dict, out_dir: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list:
+    """``model.safetensors``, or ``model-0000k-of-0000N.safetensors`` + ``model.safetensors.index.json`` when the
+    tensors exceed ``max_shard_bytes`` (packed in order; a tensor larger than that gets a shard of its own).
+    Earlier weight files in ``out_dir`` go first: a stale single file would shadow a new index. Returns the files."""
+    for name in os.listdir(out_dir):
+        if name == "model.safetensors" or name == "model.safetensors.index.json" or (
+                name.startswith("model-") and name.endswith(".safetensors")):
+            os.remove(os.path.join(out_dir, name))
+    shards, current, size = [], {}, 0
+    for key, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = tensor
+        size += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        _atomic_save_safetensors(shards[0], os.path.join(out_dir, "model.safetensors"))
+        return ["model.safetensors"]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for name, shard in zip(names, shards):
+        _atomic_save_safetensors(shard, os.path.join(out_dir, name))
+        weight_map.update({key: name for key in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    atomic_write_text(os.path.join(out_dir, "model.safetensors.index.json"), json.dumps(index, indent=1))
+    return names + ["model.safetensors.index.json"]
+
+
+def remote_code_source() -> str:
+    """The text of ``hf_modeling_mtp.py``, written into exports as ``modeling_mtp_llama.py``."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_modeling_mtp.py"), encoding="utf-8") as f:
+        return f.read()
+
+
+def export_hf(source: str, out_dir: str, dtype: torch.dtype = torch.float32,
+              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
+    """Write the HF Llama directory for checkpoint/run ``source`` into ``out_dir``; returns ``out_dir``."""
     cfg, weights = load_source(source)
     _require_transformer_heads(cfg, "hf")
     tokenizer = export_tokenizer(cfg)
+    info = source_info(source)
     os.makedirs(out_dir, exist_ok=True)
     main_keys, extra_keys = split_standard_and_extra(cfg)
     V = cfg.model.vocab_size
@@ -286,13 +356,18 @@ def export_hf(source: str, out_dir: str, dtype: torch.dtype = torch.float32) -> 
         for suffix, t in split_layer(weights, key, cfg).items():
             extra[f"mtp_heads.{j}.{suffix}"] = t
     cast = lambda d: {k: v.to(dtype).contiguous() for k, v in d.items()}  # noqa: E731
-    save_file(cast(tensors), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    weight_files = save_sharded(cast(tensors), out_dir, max_shard_bytes)
     if extra:
-        save_file(cast(extra), os.path.join(out_dir, "mtp_heads.safetensors"), metadata={"format": "pt"})
+        _atomic_save_safetensors(cast(extra), os.path.join(out_dir, "mtp_heads.safetensors"))
     tok_info = write_tokenizer(tokenizer, out_dir, cfg.model.max_seq_length)
     hf = hf_config(cfg, len(main_keys), tokenizer)
     hf["torch_dtype"] = hf["dtype"] = str(dtype).replace("torch.", "")
+    # trust_remote_code=True loads every head (MTPLlamaForCausalLM); without it, the plain LlamaForCausalLM.
+    hf["auto_map"] = {"AutoModelForCausalLM": f"{REMOTE_CODE_FILE[:-3]}.MTPLlamaForCausalLM"}
+    hf.update(mtp_n_heads=cfg.mtp.n_heads, mtp_trunk_layers=len(main_keys) - 1,
+              mtp_heads_file="mtp_heads.safetensors" if extra else None)
     atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(hf, indent=1))
+    atomic_write_text(os.path.join(out_dir, REMOTE_CODE_FILE), remote_code_source())
     gen = {"eos_token_id": hf["eos_token_id"], "pad_token_id": hf["pad_token_id"], "do_sample": False}
     atomic_write_text(os.path.join(out_dir, "generation_config.json"), json.dumps(gen, indent=1))
     mtp = {
@@ -309,10 +384,104 @@ def export_hf(source: str, out_dir: str, dtype: torch.dtype = torch.float32) -> 
         "usage": "head 1 = the LlamaForCausalLM itself; head j+2 = mtp_heads.{j} applied to the output of "
                  "model.layers.{trunk_layers-1} (the trunk), then model.norm and the unembedding",
         "tokenizer": tok_info,
+        "weight_files": weight_files,
+        "training": info,
         "megatron_mtp_config": cfg.to_dict(),
     }
     atomic_write_text(os.path.join(out_dir, "mtp_config.json"), json.dumps(mtp, indent=1))
+    atomic_write_text(os.path.join(out_dir, "README.md"), model_card(cfg, info, tokenizer, weight_files, dtype))
+    for name in os.listdir(out_dir):  # readable by the evaluation jobs of other users, as save_pretrained leaves them
+        if os.path.isfile(os.path.join(out_dir, name)):
+            os.chmod(os.path.join(out_dir, name), 0o644)
     return out_dir
+
+
+def source_info(source: str) -> Optional[dict]:
+    """What the model card reports about training: step, tokens seen and the last validation losses per head,
+    from the checkpoint and its run's metrics.jsonl; None for an HF source."""
+    if os.path.isfile(os.path.join(source, "config.json")):
+        return None
+    from megatron_mtp.checkpoint.manager import read_meta, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(source)
+    meta = read_meta(ckpt)
+    cfg = meta.get("config") or {}
+    step = int(meta.get("step", 0))
+    batch = (cfg.get("train") or {}).get("global_batch_size") or 0
+    seq = (cfg.get("data") or {}).get("seq_length") or 0
+    info = {"checkpoint": os.path.abspath(ckpt), "step": step, "tokens": step * int(batch) * int(seq),
+            "validation": None}
+    metrics = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(ckpt))), "metrics.jsonl")
+    if os.path.isfile(metrics):
+        last = None
+        with open(metrics) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and "valid_loss" in record and record.get("step", 0) <= step:
+                    last = record
+        if last is not None:
+            heads = sorted((k for k in last if k.startswith("valid_loss_head_")), key=lambda k: int(k.rsplit("_", 1)[1]))
+            info["validation"] = {"step": last["step"], "heads": [float(last[k]) for k in heads]}
+    return info
+
+
+def model_card(cfg, info: Optional[dict], tokenizer, weight_files: list, dtype: torch.dtype) -> str:
+    """The export's README.md: what the model is, what it was trained on, how well, and how to load it."""
+    from megatron_mtp.model.mtp_model import trunk_layer_count
+
+    m, n = cfg.model, cfg.mtp.n_heads
+    trunk = trunk_layer_count(cfg.model, cfg.mtp)
+    if cfg.data.paths:
+        data = "`" + " ".join(str(p) for p in cfg.data.paths) + f"` (data.paths; split {cfg.data.split})"
+    else:
+        data = "the Python standard library's source files (megatron_mtp's embedded corpus)"
+    lines = [
+        "---", "library_name: transformers", "tags:", "- multi-token-prediction", "- megatron_mtp", "---", "",
+        "# Multi-token-prediction Llama", "",
+        f"Trained with megatron_mtp: a shared Llama trunk of {trunk} layers and **{n} output heads**, head i "
+        f"predicting token t+i (Gloeckle et al., 2024). Trunk + head 1 form a standard `LlamaForCausalLM` of "
+        f"{trunk + 1} layers; heads 2..{n} are in `mtp_heads.safetensors`." if n > 1 else
+        f"Trained with megatron_mtp: a standard Llama of {trunk + 1} layers (one head, next-token prediction).", "",
+        "| | |", "|---|---|",
+        f"| architecture | Llama: d = {m.hidden_size}, {m.num_attention_heads} attention heads ({m.kv_heads} key/value), "
+        f"SwiGLU {m.ffn_size}, RoPE theta {m.rope_theta:g}, context {m.max_seq_length} |",
+        f"| heads | {n} ({cfg.mtp.head_type}), {trunk} trunk layers + {n} head layers = {m.num_layers} layers |",
+        f"| vocabulary | {m.vocab_size}, {tokenizer.describe()} |",
+        f"| weights | {dtype} in {', '.join(f'`{w}`' for w in weight_files)} |",
+        f"| data | {data} |",
+    ]
+    if info:
+        lines.append(f"| training | {info['step']} steps, {info['tokens']:,} tokens "
+                     f"(global batch {cfg.train.global_batch_size} x {cfg.data.seq_length}) |")
+        valid = info.get("validation")
+        if valid:
+            losses = ", ".join(f"head {i + 1}: {v:.4f}" for i, v in enumerate(valid["heads"]))
+            lines.append(f"| validation loss (nats, step {valid['step']}) | {losses} |")
+        else:
+            lines.append("| validation loss | not measured (the run had train.eval_interval 0) |")
+    lines += [
+        "", "## Load", "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "tokenizer = AutoTokenizer.from_pretrained(PATH)",
+        "model = AutoModelForCausalLM.from_pretrained(PATH)             # head 1: a plain LlamaForCausalLM",
+        "mtp = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)  # every head",
+        "out = mtp(tokenizer('def f(x):', return_tensors='pt').input_ids)",
+        "out.heads_logits  # one [batch, seq, vocab] tensor per head; head i at position t predicts token t+i",
+        "```", "",
+        "`trust_remote_code=True` runs `modeling_mtp_llama.py` from this directory (written by megatron_mtp's "
+        "export; read it first). Self-speculative decoding and per-head perplexity: "
+        "`mtp-generate --load PATH --speculative`, `mtp-eval-perplexity --load PATH --data PREFIX`.", "",
+        "## Evaluate with lm-evaluation-harness", "",
+        "```bash",
+        "pip install 'lm-eval>=0.4'      # or megatron_mtp's eval extra",
+        f"lm_eval --model hf --model_args pretrained=PATH,dtype={str(dtype).replace('torch.', '')} --tasks hellaswag",
+        "```", "",
+    ]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -381,6 +550,9 @@ def export_meta(source: str, out_dir: str, dtype: torch.dtype = torch.float32) -
             _atomic_write_bytes(os.path.join(out_dir, tok_info), stream.read())
     atomic_write_text(os.path.join(out_dir, "megatron_mtp.json"), json.dumps(
         {"tokenizer_type": cfg.data.tokenizer_type, "tokenizer_file": tok_info, "config": cfg.to_dict()}, indent=1))
+    for name in os.listdir(out_dir):
+        if os.path.isfile(os.path.join(out_dir, name)):
+            os.chmod(os.path.join(out_dir, name), 0o644)
     return out_dir
 
 
@@ -432,9 +604,10 @@ def read_meta_export(path: str) -> tuple:
     return params, cfg, weights
 
 
-def export(source: str, fmt: str, out_dir: str, dtype: torch.dtype = torch.float32) -> str:
+def export(source: str, fmt: str, out_dir: str, dtype: torch.dtype = torch.float32,
+           max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
     if fmt == "hf":
-        return export_hf(source, out_dir, dtype)
+        return export_hf(source, out_dir, dtype, max_shard_bytes)
     if fmt == "meta":
         return export_meta(source, out_dir, dtype)
     raise CheckpointError(f"unknown export format {fmt!r}; choose hf or meta.")
