@@ -81,7 +81,8 @@ class ModelConfig:
 class MTPConfig:
     n_heads: int = option(4, "future tokens predicted (n in the paper); 1 = a standard next-token LM")
     head_type: str = option("transformer", "transformer (one layer per head) | linear (paper Table S4)")
-    loss_weights: Optional[list] = option(None, "per-head weights of the summed loss, e.g. [1, 0.5, 0.5, 0.5]; null = all 1")
+    loss_weights: Optional[list] = option(None, "per-head weights of the summed loss, e.g. [1, 0.5, 0.5, 0.5]; "
+                                                "null = all 1")
     # Paper Fig. 2: run each head's forward+backward in turn so only one head's logits ever exist.
     memory_efficient: bool = option(True, "run each head's forward and backward in turn (paper Fig. 2)")
     # Workspace of each head's fused cross-entropy (docs/cross_entropy.md). "fast": logits chunks of up to 4 GiB

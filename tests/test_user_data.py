@@ -103,6 +103,7 @@ def test_training_refuses_data_of_another_tokenizer(user, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.startswith(f"data error: {user['byte_prefix']} was tokenised with the byte tokenizer")
     assert "but training uses the hf tokenizer" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()  # refused before the run wrote anything
 
 
 def test_help_lists_every_config_key_and_print_config_writes_nothing(user, tmp_path):
@@ -261,7 +262,8 @@ def test_wandb_is_optional_and_offline(tmp_path, monkeypatch):
     cfg = Config()
     cfg.logging.wandb = True
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
     with pytest.raises(ConfigError, match="logging.wandb is true but the wandb package is not installed"):
         check_logging(cfg.logging)
     monkeypatch.undo()
@@ -334,3 +336,17 @@ def torch_ids(ids):
     import torch
 
     return torch.tensor([ids])
+
+
+def test_a_run_directory_keeps_its_tokenizer(user, tmp_path):
+    from megatron_mtp.data.tokenizers import install_run_tokenizer
+
+    tokenizer = build_tokenizer(None, user["tokenizer"])
+    assert install_run_tokenizer(tokenizer, str(tmp_path)) == "tokenizer"
+    assert install_run_tokenizer(tokenizer, str(tmp_path)) == "tokenizer"  # the same one again: fine
+    other = train_bpe_tokenizer(DOCS[:40], vocab_size=280, output_path=str(tmp_path / "other.json"),
+                                show_progress=False)
+    with pytest.raises(DataError, match="holds the hf tokenizer .* but this run was given the hf tokenizer"):
+        install_run_tokenizer(build_tokenizer(None, other), str(tmp_path))
+    assert install_run_tokenizer(build_tokenizer("byte"), str(tmp_path / "byte")) is None
+    assert not (tmp_path / "byte").exists()

@@ -423,7 +423,8 @@ def source_info(source: str) -> Optional[dict]:
                 if isinstance(record, dict) and "valid_loss" in record and record.get("step", 0) <= step:
                     last = record
         if last is not None:
-            heads = sorted((k for k in last if k.startswith("valid_loss_head_")), key=lambda k: int(k.rsplit("_", 1)[1]))
+            heads = sorted((k for k in last if k.startswith("valid_loss_head_")),
+                           key=lambda k: int(k.rsplit("_", 1)[1]))
             info["validation"] = {"step": last["step"], "heads": [float(last[k]) for k in heads]}
     return info
 
@@ -446,7 +447,8 @@ def model_card(cfg, info: Optional[dict], tokenizer, weight_files: list, dtype: 
         f"{trunk + 1} layers; heads 2..{n} are in `mtp_heads.safetensors`." if n > 1 else
         f"Trained with megatron_mtp: a standard Llama of {trunk + 1} layers (one head, next-token prediction).", "",
         "| | |", "|---|---|",
-        f"| architecture | Llama: d = {m.hidden_size}, {m.num_attention_heads} attention heads ({m.kv_heads} key/value), "
+        f"| architecture | Llama: d = {m.hidden_size}, {m.num_attention_heads} attention heads "
+        f"({m.kv_heads} key/value), "
         f"SwiGLU {m.ffn_size}, RoPE theta {m.rope_theta:g}, context {m.max_seq_length} |",
         f"| heads | {n} ({cfg.mtp.head_type}), {trunk} trunk layers + {n} head layers = {m.num_layers} layers |",
         f"| vocabulary | {m.vocab_size}, {tokenizer.describe()} |",

@@ -12,7 +12,8 @@ _TOOL = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abs
 
 def main(argv=None) -> int:
     if not os.path.isfile(_TOOL):
-        print(f"error: {_TOOL} is missing: mtp-eval-humaneval needs the source checkout (pip install -e .)", file=sys.stderr)
+        print(f"error: {_TOOL} is missing: mtp-eval-humaneval needs the source checkout (pip install -e .)",
+              file=sys.stderr)
         return 2
     spec = importlib.util.spec_from_file_location("megatron_mtp_tool_eval_humaneval", _TOOL)
     module = importlib.util.module_from_spec(spec)

@@ -20,7 +20,8 @@ from megatron_mtp.cli import HelpFormatter
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--load", required=True, help="run directory, step_* directory or HF export")
-    parser.add_argument("--format", required=True, choices=("hf", "meta"), help="hf: LlamaForCausalLM directory; meta: Meta's MTP layout")
+    parser.add_argument("--format", required=True, choices=("hf", "meta"),
+                        help="hf: LlamaForCausalLM directory; meta: Meta's MTP layout")
     parser.add_argument("--output", required=True, help="directory to write")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="dtype of the written tensors")

@@ -22,11 +22,13 @@ from megatron_mtp.data.tokenizers import TOKENIZER_TYPES
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--output-dir", required=True, help="directory to write the JSONL (and .bin/.idx) into")
-    parser.add_argument("--heldout-fraction", type=float, default=DEFAULT_HELDOUT_FRACTION, help="share of files held out")
+    parser.add_argument("--heldout-fraction", type=float, default=DEFAULT_HELDOUT_FRACTION,
+                        help="share of files held out")
     parser.add_argument("--max-docs", type=int, default=None, help="keep only the first N files (sorted)")
     parser.add_argument("--include-tests", action="store_true", help="also include the stdlib's test packages")
     parser.add_argument("--preprocess", action="store_true", help="also tokenise into .bin/.idx")
-    parser.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None, help="with --preprocess; inferred from --tokenizer-model, byte without one")
+    parser.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None,
+                        help="with --preprocess; inferred from --tokenizer-model, byte without one")
     parser.add_argument("--tokenizer-model", default=None, help="tokenizer.json, a .model or an HF tokenizer directory")
     parser.add_argument("--workers", type=int, default=1, help="tokenising processes")
     args = parser.parse_args(argv)

@@ -12,8 +12,14 @@ import os
 import numpy as np
 import torch.distributed as dist
 
+from megatron_mtp.data.builder import (blend_as_list, build_datasets, parse_blend, parse_split,
+                                       split_document_ranges)
+from megatron_mtp.data.code_corpus import ensure_stdlib_corpus
 from megatron_mtp.data.errors import DataError
-
+from megatron_mtp.data.indexed_dataset import IndexedDataset
+from megatron_mtp.data.loader import MicroBatchIterator
+from megatron_mtp.data.tokenizers import (build_tokenizer, check_data_tokenizer, locate_tokenizer_model,
+                                          resolve_config_tokenizer)
 
 
 def default_cache_dir(cfg) -> str:
@@ -28,10 +34,6 @@ def _barrier() -> None:
 
 def default_corpus(cfg, cache_dir: str, is_builder: bool) -> dict:
     """The embedded stdlib corpus tokenised with the config's tokenizer (built once, by the builder rank)."""
-    from megatron_mtp.data.code_corpus import ensure_stdlib_corpus
-
-    from megatron_mtp.data.tokenizers import locate_tokenizer_model
-
     model = locate_tokenizer_model(cfg.data.tokenizer_model, cfg.train.run_dir)
     kwargs = dict(tokenizer_type=cfg.data.tokenizer_type, tokenizer_model=model,
                   # BPE is CPU-bound (about a CPU-second per MB); bytes are not worth a worker pool.
@@ -45,8 +47,6 @@ def default_corpus(cfg, cache_dir: str, is_builder: bool) -> dict:
 def resolve_paths(cfg, cache_dir: str, is_builder: bool) -> list:
     """``data.paths`` as a flat blend list (``[w1, p1, ...]``, or prefixes alone when unweighted); the stdlib
     corpus when empty."""
-    from megatron_mtp.data.builder import blend_as_list
-
     if not cfg.data.paths:
         return [default_corpus(cfg, cache_dir, is_builder)["train_prefix"]]
     return blend_as_list(cfg.data.paths)
@@ -55,9 +55,6 @@ def resolve_paths(cfg, cache_dir: str, is_builder: bool) -> list:
 def prepare_data_config(cfg):
     """Settle what the data decides in the config before a run writes anything: the tokenizer (type and
     ``model.vocab_size``, see ``resolve_config_tokenizer``) and the blend's form. Returns the tokenizer."""
-    from megatron_mtp.data.builder import parse_blend
-    from megatron_mtp.data.tokenizers import locate_tokenizer_model, resolve_config_tokenizer
-
     cfg.data.tokenizer_model = locate_tokenizer_model(cfg.data.tokenizer_model, cfg.train.run_dir)
     tokenizer = resolve_config_tokenizer(cfg)
     if cfg.data.paths:
@@ -65,6 +62,7 @@ def prepare_data_config(cfg):
         weights, prefixes = parse_blend(cfg.data.paths)
         prefixes = [os.path.abspath(prefix) for prefix in prefixes]
         cfg.data.paths = prefixes if weights is None else [x for pair in zip(weights, prefixes) for x in pair]
+        check_data_tokenizers(prefixes, tokenizer, warn=False)  # a mix-up stops the run before it writes
     return tokenizer
 
 
@@ -75,9 +73,6 @@ def validation_split(cfg, seq_length: int, max_samples: int):
     With ``data.paths`` that is the valid share (``data.split``) of every prefix, blended as in training,
     at most one epoch of it; with the embedded corpus, its held-out files (never trained on).
     """
-    from megatron_mtp.data.builder import build_datasets, parse_blend, parse_split, split_document_ranges
-    from megatron_mtp.data.indexed_dataset import IndexedDataset
-
     cache_dir = default_cache_dir(cfg)
     if not cfg.data.paths:
         prefix = default_corpus(cfg, cache_dir, is_builder=True)["heldout_prefix"]
@@ -106,8 +101,6 @@ def validation_split(cfg, seq_length: int, max_samples: int):
 
 def check_data_tokenizers(prefixes, tokenizer, warn: bool) -> None:
     """Refuse data a different tokenizer made; say once which prefixes carry no record to check."""
-    from megatron_mtp.data.tokenizers import check_data_tokenizer
-
     present = [prefix for prefix in prefixes if os.path.isfile(f"{prefix}.idx")]  # a missing one fails later, named
     unchecked = [prefix for prefix in present if not check_data_tokenizer(prefix, tokenizer)]
     if unchecked and warn:
@@ -120,16 +113,10 @@ def build_train_iterators(cfg, dp_rank: int, dp_size: int, is_builder: bool, tok
 
     ``tokenizer`` (the run's) is checked against every prefix's tokenizer record; None builds it from the config.
     """
-    from megatron_mtp.data.builder import build_datasets, parse_blend
-    from megatron_mtp.data.loader import MicroBatchIterator
-    from megatron_mtp.data.tokenizers import build_tokenizer
-
     t = cfg.train
     cache_dir = default_cache_dir(cfg)
     paths = resolve_paths(cfg, cache_dir, is_builder)
     if tokenizer is None:
-        from megatron_mtp.data.tokenizers import locate_tokenizer_model
-
         tokenizer = build_tokenizer(cfg.data.tokenizer_type,
                                     locate_tokenizer_model(cfg.data.tokenizer_model, cfg.train.run_dir))
     check_data_tokenizers(parse_blend(paths)[1], tokenizer, warn=is_builder)

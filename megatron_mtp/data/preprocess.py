@@ -192,7 +192,8 @@ def preprocess(
         for builder in builders.values():
             builder.finalize()
         for prefix in prefixes.values():
-            write_tokenizer_info(prefix, tokenizer, source=os.path.abspath(tokenizer_model) if tokenizer_model else None)
+            source = os.path.abspath(tokenizer_model) if tokenizer_model else None
+            write_tokenizer_info(prefix, tokenizer, source=source)
         _show_rates(bar, stats, start)
     except BaseException:
         for builder in builders.values():

@@ -401,8 +401,9 @@ def check_data_tokenizer(prefix: str, tokenizer: Tokenizer) -> bool:
     if record is None:
         return False
     if record["sha256"] != tokenizer.content_hash():
-        made_by = (f"the {record.get('type')} tokenizer {record.get('source') or ''} (vocab {record.get('vocab_size')}, "
-                   f"sha256 {str(record['sha256'])[:12]})").replace("  ", " ")
+        source = f" {record['source']}" if record.get("source") else ""
+        made_by = (f"the {record.get('type')} tokenizer{source} (vocab {record.get('vocab_size')}, "
+                   f"sha256 {str(record['sha256'])[:12]})")
         raise DataError(f"{prefix} was tokenised with {made_by}, but training uses the {tokenizer.describe()}: "
                         f"preprocess it again with the training tokenizer, or set data.tokenizer_model to the one "
                         f"that made it")

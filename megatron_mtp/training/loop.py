@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_mtp.config import Config, validate_layout
+from megatron_mtp.data.pipeline import prepare_data_config
+from megatron_mtp.data.tokenizers import RUN_TOKENIZER_DIR, install_run_tokenizer
 from megatron_mtp.model.mtp_model import MTPModel, count_parameters
 from megatron_mtp.parallel import state
 from megatron_mtp.parallel.distributed import init_distributed
@@ -92,9 +94,6 @@ class _StopRequest:
 
 def train(cfg: Config) -> dict:
     """Run training as configured; returns a summary (final losses, steps, run dir)."""
-    from megatron_mtp.data.pipeline import prepare_data_config
-    from megatron_mtp.data.tokenizers import RUN_TOKENIZER_DIR, install_run_tokenizer
-
     # The tokenizer decides data.tokenizer_type and model.vocab_size: settle both before anything is written.
     tokenizer = prepare_data_config(cfg)
     check_logging(cfg.logging)
