@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_mtp.config import Config, validate_layout
-from megatron_mtp.data.pipeline import prepare_data_config
+from megatron_mtp.data.pipeline import build_train_iterators, prepare_data_config
 from megatron_mtp.data.tokenizers import RUN_TOKENIZER_DIR, install_run_tokenizer
 from megatron_mtp.model.mtp_model import MTPModel, count_parameters
 from megatron_mtp.parallel import state
@@ -117,8 +117,6 @@ def train(cfg: Config) -> dict:
     seed_everything(cfg.train.seed)
 
     # ---- data: every DP rank reads its own slice of each global batch ----
-    from megatron_mtp.data.pipeline import build_train_iterators
-
     t = cfg.train
     train_iter, valid_iter = build_train_iterators(cfg, dp_rank=state.dp_rank(), dp_size=dp,
                                                    is_builder=env.rank == 0, tokenizer=tokenizer)
