@@ -250,7 +250,7 @@ def test_isolated_view_of_the_machine(mode):
     assert result.passed, result
     out = result.stdout_tail
     uid = uid_of(result)
-    assert sandbox.ID_RANGE[0] <= uid < sandbox.ID_RANGE[1] and "groups []" in out and "nnp 1" in out
+    assert sandbox._id_range()[0] <= uid < sandbox._id_range()[1] and "groups []" in out and "nnp 1" in out
     assert f"cwd_mode 0o700 owner {uid}" in out
     if mode == "namespaces":  # its own pid namespace: the launcher and itself
         assert int(out.split("pids")[1].split()[0]) <= 3

@@ -8,27 +8,32 @@ A generated program is hostile. Each one runs in its own process tree, never in 
 * **An unprivileged user of its own**: every program gets a fresh random uid/gid (named in no passwd or
   group entry, used by no process), no supplementary groups and ``no_new_privs`` (set-uid binaries grant
   nothing). It reads only world-readable files, writes only its own directory (mode 0700, its uid) and
-  world-writable places, cannot signal or trace the evaluator and cannot read its ``/proc/<pid>/environ``.
-  This needs the evaluator to run as root.
-* **Namespaces where the kernel lets us** (probed once): its own pid namespace with its own /proc (it sees
-  no other process, and when the launcher, pid 1 there, ends the kernel kills everything in it), private
-  tmpfs mounts on /tmp, /var/tmp and /dev/shm, an empty network namespace, its own IPC namespace.
+  world-writable places, cannot signal or trace the evaluator or another program, and cannot read their
+  ``/proc/<pid>/environ``. This needs the evaluator to run as root.
+* **Namespaces where the kernel lets us** (probed once; ``isolation()`` says which mode is in use): its own
+  pid namespace and /proc (it sees no other process; when the launcher, pid 1 there, ends, the kernel kills
+  everything in it), size-capped private tmpfs mounts on /tmp (its directory lives there), /var/tmp and
+  /dev/shm, so nothing it writes reaches the host's disks, an empty network namespace and its own IPC
+  namespace. Without them (``uid`` mode, e.g. a container without CAP_SYS_ADMIN) its directory is on disk
+  and the network block is the runner's alone.
 * **A fixed environment** with nothing from the evaluator's (PATH, HOME, TMPDIR, LANG), ``python -I``.
 * **Limits**: RLIMIT_AS (memory), RLIMIT_CPU, RLIMIT_FSIZE, RLIMIT_NPROC (counted per uid, so exactly this
   program's processes and threads), RLIMIT_NOFILE, no core files, and a wall-clock timeout.
-* **Nothing outlives it**: at the end every process of its uid is killed by ``kill(-1, SIGKILL)`` sent as
-  that uid (the kernel delivers it to all of them at once, so neither ``setsid`` nor a fork race escapes),
-  then the launcher's process group and the program's session; leftovers it wrote to world-writable
-  directories are removed.
+* **Nothing outlives it**: at the end the launcher's process group is killed (with a pid namespace that ends
+  it), then every process of the uid by ``kill(-1, SIGKILL)`` sent as that uid (the kernel delivers it to
+  all of them at once, so neither ``setsid`` nor a fork race escapes), until none is left; files it left
+  at the top of world-writable directories are removed.
 * **A pass needs a marker**: a fresh random nonce goes to the program over stdin, which is closed before
   the program runs; the runner prints it after the program ran to its end (for HumanEval: after
   ``check()`` returned). Exit status 0 alone (``sys.exit(0)`` or ``os._exit(0)`` before the tests) fails.
 * **No network**: the empty network namespace where available, and always a runner that replaces the
-  socket constructors with ones that refuse.
+  socket constructors with ones that refuse (a program can get past that one by itself, e.g. with ctypes
+  or a subprocess).
 
 Where the evaluator is not root, or no configuration passes the start-up probe, ``run_programs`` refuses
 to run anything unless ``allow_unsandboxed=True``; then programs run as the evaluator's own user with only
-the limits, the fixed environment, their own session and the network block.
+the limits (no RLIMIT_NPROC: it would count the user's other processes), the fixed environment, their own
+session and the network block.
 
 Processes are started from the calling thread and polled (no helper threads), up to ``workers`` at once.
 """
@@ -100,16 +105,19 @@ def mount(source, target, fstype, flags, data):
     if libc.mount(source, target, fstype, ctypes.c_ulong(flags), data) != 0:
         fail("cannot mount " + target.decode() + ": " + os.strerror(ctypes.get_errno()))
 workdir = cfg["workdir"]
-if cfg["private_tmp"]:
-    MS_NOSUID, MS_NODEV, MS_BIND = 2, 4, 4096
-    keep = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY)  # reachable after /tmp is covered
+if workdir is None:  # its directory lives in the private /tmp: nothing it writes reaches the host's disks
+    with open(cfg["program"], "rb") as f:
+        source = f.read()
+    MS_NOSUID, MS_NODEV = 2, 4
     for d in ("/tmp", "/var/tmp", "/dev/shm"):
         if os.path.isdir(d):
             mount(b"tmpfs", d.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"size=64m,nr_inodes=4096,mode=1777")
     workdir = "/tmp/sandbox"
     os.mkdir(workdir, 0o700)
-    mount(("/proc/self/fd/%d" % keep).encode(), workdir.encode(), None, MS_BIND, None)
-    os.close(keep)
+    with open(workdir + "/program.py", "wb") as f:
+        f.write(source)
+    for path in (workdir, workdir + "/program.py"):
+        os.chown(path, cfg["uid"], cfg["uid"])
 pid = os.fork()
 if pid == 0:
     try:
@@ -138,11 +146,11 @@ STATUSES = ("passed", "failed", "timeout", "memory")
 
 # Environment of every program: constants only, nothing of the evaluator's. HOME and TMPDIR are set to the
 # program's own directory by the launcher.
-PROGRAM_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0",
-               "OMP_NUM_THREADS": "1"}
+PROGRAM_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1"}
 
 # Fresh ids come from a range that systemd's uid allocation table leaves unassigned (between the container
-# range and the foreign range), so they belong to no user or container on a normal host.
+# range and the foreign range), so they belong to no user or container on a normal host. Inside a user
+# namespace that maps fewer ids (a remapped container), the upper half of the mapped ids is used instead.
 ID_RANGE = (0x70000000, 0x7FFD0000)
 WORLD_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm")
 
@@ -211,9 +219,25 @@ def _pids_of(uid: int) -> list:
     return pids
 
 
+@functools.lru_cache(maxsize=1)
+def _id_range() -> tuple:
+    spans = []
+    for kind in ("uid_map", "gid_map"):
+        try:
+            with open(f"/proc/self/{kind}") as f:
+                rows = [tuple(map(int, line.split())) for line in f if line.strip()]
+        except OSError:
+            return ID_RANGE
+        spans.append(max(((inside, inside + count) for inside, _, count in rows), key=lambda r: r[1] - r[0]))
+    lo, hi = max(s[0] for s in spans), min(s[1] for s in spans)
+    if lo <= ID_RANGE[0] and ID_RANGE[1] <= hi:
+        return ID_RANGE
+    return ((lo + hi) // 2, hi - 2)  # hi - 1 is often "nobody" (65534 of 65536)
+
+
 def _fresh_id() -> int:
     while True:
-        uid = secrets.SystemRandom().randrange(*ID_RANGE)
+        uid = secrets.SystemRandom().randrange(*_id_range())
         try:
             pwd.getpwuid(uid)
             continue
@@ -231,15 +255,16 @@ def _fresh_id() -> int:
 def _kill_uid(uid: int, python: str) -> None:
     """SIGKILL every process of ``uid``: a helper running as ``uid`` calls ``kill(-1, SIGKILL)``, which the
     kernel delivers to all of that user's processes under one lock (a process that is forking dies with its
-    child). Repeated while any is left, e.g. one that was between fork and exec."""
+    child). Repeated until none is left, so none is still dying when this returns (a pid namespace is torn
+    down asynchronously); one stuck in the kernel keeps its pending SIGKILL and never runs code again."""
     helper = [python, "-I", "-S", "-c", "import os\ntry:\n    os.kill(-1, 9)\nexcept ProcessLookupError:\n    pass\n"]
-    for _ in range(100):
+    for _ in range(200):
         if not _pids_of(uid):
             return
         subprocess.run(helper, user=uid, group=uid, extra_groups=[], env={}, stdin=subprocess.DEVNULL,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)
         time.sleep(0.01)
-    raise RuntimeError(f"could not kill the sandbox processes of uid {uid}: {_pids_of(uid)}")
+    warnings.warn(f"sandbox processes {_pids_of(uid)} of uid {uid} got SIGKILL but have not exited yet")
 
 
 def _remove_leftovers(uid: int) -> None:
@@ -281,11 +306,12 @@ class _Job:
         self.index, self.iso = index, iso
         self.uid = None if iso.mode == "none" else _fresh_id()
         self.control = tempfile.mkdtemp(prefix="mtp_sandbox_ctl_")
-        self.workdir = tempfile.mkdtemp(prefix="mtp_sandbox_")
-        path = os.path.join(self.workdir, "program.py")
+        # With namespaces the launcher copies the program into the private /tmp; else it gets a directory here.
+        self.workdir = None if iso.mode == "namespaces" else tempfile.mkdtemp(prefix="mtp_sandbox_")
+        path = os.path.join(self.workdir or self.control, "program.py")
         with open(path, "w", encoding="utf-8") as f:
             f.write(program)
-        if self.uid is not None:
+        if self.uid is not None and self.workdir is not None:
             os.chown(path, self.uid, self.uid)
             os.chown(self.workdir, self.uid, self.uid)
         self.nonce = secrets.token_hex(16)
@@ -296,8 +322,8 @@ class _Job:
             limits.append(("RLIMIT_NPROC", nproc, nproc))
         self.paths = {name: os.path.join(self.control, name) for name in ("stdout", "stderr", "status")}
         files = {name: open(p, "wb") for name, p in self.paths.items()}
-        cfg = {"status_fd": files["status"].fileno(), "workdir": self.workdir, "uid": self.uid,
-               "private_tmp": iso.mode == "namespaces", "limits": limits, "env": PROGRAM_ENV,
+        cfg = {"status_fd": files["status"].fileno(), "workdir": self.workdir, "program": path, "uid": self.uid,
+               "limits": limits, "env": PROGRAM_ENV,
                "python": iso.python, "runner": RUNNER}
         launcher = [sys.executable, "-I", "-S", "-c", LAUNCHER, json.dumps(cfg)]
         if iso.mode == "namespaces":
@@ -355,9 +381,10 @@ class _Job:
             if self.iso.mode != "namespaces":
                 _remove_leftovers(self.uid)
         stdout, stderr = _tail(self.paths["stdout"]), _tail(self.paths["stderr"])
-        shutil.rmtree(self.workdir, ignore_errors=True)
-        shutil.rmtree(self.control, ignore_errors=True)
         report = self._launcher_report()
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        shutil.rmtree(self.control, ignore_errors=True)
         rc = os.waitstatus_to_exitcode(report["status"]) if "status" in report else self.proc.returncode
         marked = f"\n{self.nonce}\n" in stdout
         if self.timed_out or rc == -signal.SIGXCPU:
@@ -421,7 +448,7 @@ def require_isolation(allow_unsandboxed: bool = False) -> Isolation:
 
 
 def run_programs(programs: Sequence[str], timeout: float = 10.0, memory_mb: int = 1024, workers: int = 4,
-                 isolate_network: bool = True, allow_unsandboxed: bool = False, nproc: int = 64,
+                 isolate_network: bool = True, allow_unsandboxed: bool = False, nproc: int = 16,
                  poll_interval: float = 0.005) -> list:
     """Run each program (Python source) in the sandbox; return an ``ExecResult`` per program, in order.
 
@@ -452,6 +479,6 @@ def run_programs(programs: Sequence[str], timeout: float = 10.0, memory_mb: int 
 
 
 def run_program(program: str, timeout: float = 10.0, memory_mb: int = 1024, isolate_network: bool = True,
-                allow_unsandboxed: bool = False, nproc: int = 64) -> ExecResult:
+                allow_unsandboxed: bool = False, nproc: int = 16) -> ExecResult:
     return run_programs([program], timeout, memory_mb, workers=1, isolate_network=isolate_network,
                         allow_unsandboxed=allow_unsandboxed, nproc=nproc)[0]
