@@ -243,17 +243,20 @@ def test_fork_bomb_is_bounded_by_nproc(mode):
 def test_isolated_view_of_the_machine(mode):
     result = run("""
         import os
-        print("uid=%d" % os.getuid(), "groups", os.getgroups(), "pids", len([p for p in os.listdir("/proc") if p.isdigit()]))
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+        print("uid=%d" % os.getuid(), "groups", os.getgroups(), "pids", len(pids))
         print("nnp", [l for l in open("/proc/self/status") if l.startswith("NoNewPrivs")][0].split()[1])
         print("cwd_mode", oct(os.stat(".").st_mode & 0o777), "owner", os.stat(".").st_uid)
+        print("interfaces", sorted(l.split(":")[0].strip() for l in open("/proc/net/dev").readlines()[2:]))
         """)
     assert result.passed, result
     out = result.stdout_tail
     uid = uid_of(result)
     assert sandbox._id_range()[0] <= uid < sandbox._id_range()[1] and "groups []" in out and "nnp 1" in out
     assert f"cwd_mode 0o700 owner {uid}" in out
-    if mode == "namespaces":  # its own pid namespace: the launcher and itself
+    if mode == "namespaces":  # its own pid namespace (the launcher and itself), an empty network namespace
         assert int(out.split("pids")[1].split()[0]) <= 3
+        assert "interfaces ['lo']" in out
 
 
 def test_refuses_without_isolation(monkeypatch):
