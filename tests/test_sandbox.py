@@ -123,6 +123,26 @@ def test_cannot_write_outside_its_dir(mode):
         os.rmdir(target_dir)
 
 
+def test_leaves_nothing_behind(mode):
+    # Files in world-writable directories and a SysV shared-memory segment: both outlive a plain process.
+    token = os.urandom(6).hex()
+    paths = [os.path.join(d, f"mtp_sandbox_left_{token}") for d in sandbox.WORLD_WRITABLE if os.path.isdir(d)]
+    result = run(f"""
+        import ctypes, os
+        print("uid=%d" % os.getuid())
+        for path in {paths!r}:
+            open(path, "w").write("left behind")
+        shmid = ctypes.CDLL(None, use_errno=True).shmget(0, 4096, 0o1000 | 0o600)  # IPC_PRIVATE, IPC_CREAT
+        assert shmid >= 0, os.strerror(ctypes.get_errno())
+        """)
+    assert result.passed, result
+    uid = uid_of(result)
+    assert [p for p in paths if os.path.exists(p)] == []
+    with open("/proc/sysvipc/shm") as f:
+        rows = [line.split() for line in f.read().splitlines()[1:]]
+    assert [r for r in rows if str(uid) in (r[7], r[9])] == []  # uid, cuid columns
+
+
 def test_cannot_read_the_evaluators_environment(mode, tmp_path):
     # The evaluator is a child process whose environment (at exec, which is what /proc shows) holds a secret.
     token = "s3cr3t-" + os.urandom(8).hex()

@@ -12,8 +12,8 @@ A generated program is hostile. Each one runs in its own process tree, never in 
   ``/proc/<pid>/environ``. This needs the evaluator to run as root.
 * **Namespaces where the kernel lets us** (probed once; ``isolation()`` says which mode is in use): its own
   pid namespace and /proc (it sees no other process; when the launcher, pid 1 there, ends, the kernel kills
-  everything in it), size-capped private tmpfs mounts on /tmp (its directory lives there), /var/tmp and
-  /dev/shm, so nothing it writes reaches the host's disks, an empty network namespace and its own IPC
+  everything in it), size-capped private tmpfs mounts on /tmp (its directory lives there), /var/tmp,
+  /dev/shm and /run/lock, so nothing it writes reaches the host's disks, an empty network namespace and its own IPC
   namespace. Without them (``uid`` mode, e.g. a container without CAP_SYS_ADMIN) its directory is on disk
   and the network block is the runner's alone.
 * **A fixed environment** with nothing from the evaluator's (PATH, HOME, TMPDIR, LANG), ``python -I``.
@@ -21,8 +21,8 @@ A generated program is hostile. Each one runs in its own process tree, never in 
   program's processes and threads), RLIMIT_NOFILE, no core files, and a wall-clock timeout.
 * **Nothing outlives it**: at the end the launcher's process group is killed (with a pid namespace that ends
   it), then every process of the uid by ``kill(-1, SIGKILL)`` sent as that uid (the kernel delivers it to
-  all of them at once, so neither ``setsid`` nor a fork race escapes), until none is left; files it left
-  at the top of world-writable directories are removed.
+  all of them at once, so neither ``setsid`` nor a fork race escapes), until none is left; without
+  namespaces, what it left at the top of world-writable directories and its SysV IPC objects are removed.
 * **A pass needs a marker**: a fresh random nonce goes to the program over stdin, which is closed before
   the program runs; the runner prints it after the program ran to its end (for HumanEval: after
   ``check()`` returned). Exit status 0 alone (``sys.exit(0)`` or ``os._exit(0)`` before the tests) fails.
@@ -39,6 +39,7 @@ Processes are started from the calling thread and polled (no helper threads), up
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import grp
 import json
@@ -109,8 +110,8 @@ if workdir is None:  # its directory lives in the private /tmp: nothing it write
     with open(cfg["program"], "rb") as f:
         source = f.read()
     MS_NOSUID, MS_NODEV = 2, 4
-    for d in ("/tmp", "/var/tmp", "/dev/shm"):
-        if os.path.isdir(d):
+    for d in cfg["private_dirs"]:
+        if os.path.isdir(d) and not os.path.islink(d):
             mount(b"tmpfs", d.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"size=64m,nr_inodes=4096,mode=1777")
     workdir = "/tmp/sandbox"
     os.mkdir(workdir, 0o700)
@@ -152,7 +153,9 @@ PROGRAM_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "OMP_N
 # range and the foreign range), so they belong to no user or container on a normal host. Inside a user
 # namespace that maps fewer ids (a remapped container), the upper half of the mapped ids is used instead.
 ID_RANGE = (0x70000000, 0x7FFD0000)
-WORLD_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm")
+# World-writable directories of a Debian-like system: private tmpfs mounts with namespaces, cleaned after
+# each program without.
+WORLD_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
 
 
 class SandboxUnavailable(RuntimeError):
@@ -287,6 +290,29 @@ def _remove_leftovers(uid: int) -> None:
                 pass
 
 
+def _remove_ipc(uid: int) -> None:
+    """SysV shared memory, semaphores and message queues outlive their creator; without an IPC namespace of
+    its own (which the kernel empties when it ends), remove those the program's uid created or owns."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    ipc_rmid = 0
+    removers = {"shm": lambda i: libc.shmctl(i, ipc_rmid, None), "sem": lambda i: libc.semctl(i, 0, ipc_rmid),
+                "msg": lambda i: libc.msgctl(i, ipc_rmid, None)}
+    for kind, remove in removers.items():
+        try:
+            with open(f"/proc/sysvipc/{kind}") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            continue
+        if not lines:
+            continue
+        header = lines[0].split()
+        columns = [header.index("uid"), header.index("cuid")]
+        for line in lines[1:]:
+            row = line.split()
+            if uid in (int(row[c]) for c in columns):
+                remove(int(row[1]))
+
+
 def _tail(path: str, limit: int = 4000) -> str:
     try:
         with open(path, "rb") as f:
@@ -323,7 +349,7 @@ class _Job:
         self.paths = {name: os.path.join(self.control, name) for name in ("stdout", "stderr", "status")}
         files = {name: open(p, "wb") for name, p in self.paths.items()}
         cfg = {"status_fd": files["status"].fileno(), "workdir": self.workdir, "program": path, "uid": self.uid,
-               "limits": limits, "env": PROGRAM_ENV,
+               "limits": limits, "env": PROGRAM_ENV, "private_dirs": WORLD_WRITABLE,
                "python": iso.python, "runner": RUNNER}
         launcher = [sys.executable, "-I", "-S", "-c", LAUNCHER, json.dumps(cfg)]
         if iso.mode == "namespaces":
@@ -377,9 +403,9 @@ class _Job:
         self.kill()
         self.proc.wait()
         seconds = time.monotonic() - self.start
-        if self.uid is not None:
-            if self.iso.mode != "namespaces":
-                _remove_leftovers(self.uid)
+        if self.uid is not None and self.iso.mode != "namespaces":
+            _remove_leftovers(self.uid)
+            _remove_ipc(self.uid)
         stdout, stderr = _tail(self.paths["stdout"]), _tail(self.paths["stderr"])
         report = self._launcher_report()
         if self.workdir is not None:
