@@ -279,7 +279,7 @@ def test_isolated_view_of_the_machine(mode):
         assert "interfaces ['lo']" in out
 
 
-def test_refuses_without_isolation(monkeypatch):
+def test_refuses_without_isolation(monkeypatch, capsys):
     monkeypatch.setattr(sandbox, "isolation", lambda: sandbox.Isolation("none", sys.executable, "not root"))
     with pytest.raises(sandbox.SandboxUnavailable, match="refusing to run untrusted generated code without a "
                                                          "sandbox: not root; run the evaluator as root"):
@@ -287,6 +287,14 @@ def test_refuses_without_isolation(monkeypatch):
     with pytest.warns(UserWarning, match="WITHOUT a sandbox"):
         result = sandbox.run_program("print('hello')\n", allow_unsandboxed=True)
     assert result.passed and "hello" in result.stdout_tail
+    # The tool refuses before it loads a model (this --load does not exist) and generates for hours.
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+    try:
+        import eval_humaneval
+    finally:
+        sys.path.pop(0)
+    assert eval_humaneval.main(["--load", "/nonexistent/run", "--n-samples", "1", "--greedy", "--k", "1"]) == 2
+    assert "refusing to run untrusted generated code without a sandbox" in capsys.readouterr().err
     monkeypatch.undo()
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     sandbox.isolation.cache_clear()

@@ -224,6 +224,7 @@ def _pids_of(uid: int) -> list:
 
 @functools.lru_cache(maxsize=1)
 def _id_range() -> tuple:
+    """Where fresh uids/gids come from: ``ID_RANGE``, or the upper half of the ids our user namespace maps."""
     spans = []
     for kind in ("uid_map", "gid_map"):
         try:
