@@ -15,9 +15,6 @@ import pytest
 from megatron_mtp.eval import sandbox
 from megatron_mtp.eval.humaneval import build_program
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox runs programs as another user, which "
-                                                          "needs root (CI runs as root)")
-
 
 @pytest.fixture(params=["namespaces", "uid"])
 def mode(request, monkeypatch):
