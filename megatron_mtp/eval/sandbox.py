@@ -13,9 +13,9 @@ A generated program is hostile. Each one runs in its own process tree, never in 
 * **Namespaces where the kernel lets us** (probed once; ``isolation()`` says which mode is in use): its own
   pid namespace and /proc (it sees no other process; when the launcher, pid 1 there, ends, the kernel kills
   everything in it), size-capped private tmpfs mounts on /tmp (its directory lives there), /var/tmp,
-  /dev/shm and /run/lock, so nothing it writes reaches the host's disks, an empty network namespace and its own IPC
-  namespace. Without them (``uid`` mode, e.g. a container without CAP_SYS_ADMIN) its directory is on disk
-  and the network block is the runner's alone.
+  /dev/shm and /run/lock, so nothing it writes reaches the host's disks, an empty network namespace and
+  its own IPC namespace. Without them (``uid`` mode, e.g. a container without CAP_SYS_ADMIN) its directory
+  is on disk, and unless ``unshare -n`` works the network block is the runner's alone.
 * **A fixed environment** with nothing from the evaluator's (PATH, HOME, TMPDIR, LANG), ``python -I``.
 * **Limits**: RLIMIT_AS (memory), RLIMIT_CPU, RLIMIT_FSIZE, RLIMIT_NPROC (counted per uid, so exactly this
   program's processes and threads), RLIMIT_NOFILE, no core files, and a wall-clock timeout.
@@ -188,13 +188,14 @@ class Isolation:
                 "none": "none (" + self.reason + ")"}[self.mode] + f"; python {self.python}"
 
 
-@functools.lru_cache(maxsize=1)
-def network_isolation_prefix() -> tuple:
-    """``("unshare", "-n")`` (or the user-namespace variant) where that works here, else ``()``."""
+@functools.lru_cache(maxsize=2)
+def network_isolation_prefix(user_namespace: bool = True) -> tuple:
+    """``("unshare", "-n")`` (or, if ``user_namespace``, the user-namespace variant ``-rn``, which maps only
+    the caller's own uid and so rules out switching to another) where that works here, else ``()``."""
     unshare = shutil.which("unshare")
     if unshare is None:
         return ()
-    for flags in (("-n",), ("-rn",)):
+    for flags in (("-n",), ("-rn",))[:2 if user_namespace else 1]:
         try:
             ok = subprocess.run([unshare, *flags, "true"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 timeout=10).returncode == 0
@@ -357,7 +358,8 @@ class _Job:
             cmd = [shutil.which("unshare"), "--pid", "--fork", "--kill-child", "--mount", "--mount-proc", "--ipc",
                    *(["--net"] if isolate_network else []), *launcher]
         else:
-            cmd = [*(network_isolation_prefix() if isolate_network else ()), *launcher]
+            prefix = network_isolation_prefix(user_namespace=self.uid is None) if isolate_network else ()
+            cmd = [*prefix, *launcher]
         self.start = time.monotonic()
         self.deadline = self.start + timeout
         self.timed_out = False
