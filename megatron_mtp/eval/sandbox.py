@@ -275,7 +275,7 @@ def _kill_uid(uid: int, python: str) -> None:
 def _remove_leftovers(uid: int) -> None:
     """Entries that the program's uid left at the top of the world-writable directories (only reachable
     without the private tmpfs mounts). Links are removed, never followed."""
-    for top in {*WORLD_WRITABLE, tempfile.gettempdir()}:
+    for top in {*WORLD_WRITABLE, tempfile.gettempdir(), _reachable_tmp()}:
         try:
             entries = list(os.scandir(top))
         except OSError:
@@ -315,6 +315,19 @@ def _remove_ipc(uid: int) -> None:
                 remove(int(row[1]))
 
 
+def _reachable_tmp() -> str:
+    """A temporary directory that another uid can reach (TMPDIR may sit under a private home)."""
+    for top in (tempfile.gettempdir(), *WORLD_WRITABLE):
+        path, ok = os.path.realpath(top), True
+        while ok and path != "/":
+            ok = os.path.isdir(path) and bool(os.stat(path).st_mode & 0o001)
+            path = os.path.dirname(path)
+        if ok:
+            return top
+    raise SandboxUnavailable("no temporary directory that an unprivileged user can reach (tried TMPDIR, "
+                             f"{', '.join(WORLD_WRITABLE)}); set TMPDIR to one.")
+
+
 def _tail(path: str, limit: int = 4000) -> str:
     try:
         with open(path, "rb") as f:
@@ -335,7 +348,8 @@ class _Job:
         self.uid = None if iso.mode == "none" else _fresh_id()
         self.control = tempfile.mkdtemp(prefix="mtp_sandbox_ctl_")
         # With namespaces the launcher copies the program into the private /tmp; else it gets a directory here.
-        self.workdir = None if iso.mode == "namespaces" else tempfile.mkdtemp(prefix="mtp_sandbox_")
+        self.workdir = None if iso.mode == "namespaces" else tempfile.mkdtemp(
+            prefix="mtp_sandbox_", dir=_reachable_tmp() if self.uid is not None else None)
         path = os.path.join(self.workdir or self.control, "program.py")
         with open(path, "w", encoding="utf-8") as f:
             f.write(program)
