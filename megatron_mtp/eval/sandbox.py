@@ -378,7 +378,7 @@ class _Job:
         self.deadline = self.start + timeout
         self.timed_out = False
         try:
-            self.proc = subprocess.Popen(cmd, cwd=self.control, env={}, stdin=subprocess.PIPE, stdout=files["stdout"],
+            self.proc = subprocess.Popen(cmd, cwd="/", env={}, stdin=subprocess.PIPE, stdout=files["stdout"],
                                          stderr=files["stderr"], pass_fds=(files["status"].fileno(),),
                                          close_fds=True, start_new_session=True)
         finally:
