@@ -88,6 +88,10 @@ def test_vocab_size_comes_from_the_tokenizer_or_is_checked(user, tmp_path):
     small = load_config(None, ["--data.tokenizer_model", user["tokenizer"], "--model.vocab_size", "100"])
     with pytest.raises(ConfigError, match=r"model.vocab_size \(100\) is smaller than the vocabulary"):
         resolve_config_tokenizer(small)
+    # Naming no tokenizer at all leaves a smaller vocabulary to the user (data tokenised elsewhere).
+    assert resolve_config_tokenizer(load_config(None, ["--model.vocab_size", "64"])).name == "byte"
+    with pytest.raises(ConfigError, match=r"model.vocab_size \(64\) is smaller"):
+        resolve_config_tokenizer(load_config(None, ["--model.vocab_size", "64", "--data.tokenizer_type", "byte"]))
     with pytest.raises(ConfigError, match="byte tokenizer takes no model file"):
         load_config(None, ["--data.tokenizer_model", user["tokenizer"], "--data.tokenizer_type", "byte"])
     # From the command line: one sentence, exit 2, and nothing written.

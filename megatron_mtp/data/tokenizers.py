@@ -284,12 +284,17 @@ def build_tokenizer(tokenizer_type: Optional[str], tokenizer_model: Optional[str
 def resolve_config_tokenizer(cfg) -> Tokenizer:
     """Load the config's tokenizer and make the config agree with it, before a run writes anything:
     ``data.tokenizer_type`` becomes explicit and ``model.vocab_size`` is the tokenizer's when unset (None)
-    or checked to be at least the tokenizer's when set (larger is allowed: the extra rows are padding)."""
+    or checked to be at least the tokenizer's when set (larger is allowed: the extra rows are padding).
+
+    With no tokenizer configured at all (neither type nor model: byte level by default), a smaller vocab_size
+    is taken as given: the data was tokenised elsewhere, and its largest token id is checked against it.
+    """
+    configured = cfg.data.tokenizer_type is not None or bool(cfg.data.tokenizer_model)
     tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
     cfg.data.tokenizer_type = tokenizer.name
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = int(tokenizer.vocab_size)
-    elif cfg.model.vocab_size < tokenizer.vocab_size:
+    elif cfg.model.vocab_size < tokenizer.vocab_size and configured:
         raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the vocabulary of the "
                           f"{tokenizer.describe()}: leave model.vocab_size out to take the tokenizer's, or set it "
                           f"to at least {tokenizer.vocab_size}.")
