@@ -354,3 +354,22 @@ def test_a_run_directory_keeps_its_tokenizer(user, tmp_path):
         install_run_tokenizer(build_tokenizer(None, other), str(tmp_path))
     assert install_run_tokenizer(build_tokenizer("byte"), str(tmp_path / "byte")) is None
     assert not (tmp_path / "byte").exists()
+
+
+def test_data_without_a_record_warns_and_a_damaged_record_is_one_sentence(user, tmp_path, capsys):
+    import numpy as np
+
+    from megatron_mtp.data.indexed_dataset import IndexedDatasetBuilder
+    from megatron_mtp.data.pipeline import check_data_tokenizers
+
+    prefix = str(tmp_path / "megatron_made")  # as Megatron-LM writes it: .bin/.idx and nothing else
+    with IndexedDatasetBuilder(prefix, np.uint16) as builder:
+        builder.add_document(np.arange(10))
+        builder.finalize()
+    tokenizer = build_tokenizer(None, user["tokenizer"])
+    check_data_tokenizers([prefix, user["hf_prefix"]], tokenizer, warn=True)
+    out = capsys.readouterr().out
+    assert f"WARNING: {prefix} carry no tokenizer record" in out and user["hf_prefix"] not in out
+    (tmp_path / "megatron_made.tokenizer_info.json").write_text("{not json")
+    with pytest.raises(DataError, match="megatron_made.tokenizer_info.json is not readable JSON"):
+        check_data_tokenizers([prefix], tokenizer, warn=True)
