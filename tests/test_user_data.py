@@ -331,6 +331,11 @@ def test_export_is_sharded_readable_documented_and_loads_every_head(user, moved_
     for i in range(4):
         assert (heads[i] - reference[i]).abs().max().item() <= 1e-4, i
 
+    # Our own loader reads the sharded export back, every head included.
+    _, again, _ = load_merged_model(out)
+    with torch.no_grad():
+        assert all((a - b).abs().max().item() <= 1e-6 for a, b in zip(again.logits(ids, heads="all"), reference))
+
     # Re-exporting below the threshold leaves one file, and no stale shard to shadow it.
     export_hf(moved_run["run"], out)
     assert "model.safetensors" in os.listdir(out) and not any(n.startswith("model-") for n in os.listdir(out))
