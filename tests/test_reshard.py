@@ -14,8 +14,7 @@ import os
 import pytest
 import torch
 
-from test_checkpoint_resume import (_train_in_process, assert_bitwise, final_state, losses, run_ds_scenario,
-                                    tiny_overrides)
+from helpers import _train_in_process, assert_bitwise, final_state, losses, run_ds_scenario, tiny_overrides
 
 
 def test_reshard_tp2pp2_to_tp1pp4_continues(tmp_path_factory):

@@ -1,4 +1,4 @@
-"""Per-GPU memory of a training configuration, for any TP / PP / DP / ZeRO layout (issue 10's planner).
+"""Per-GPU memory of a training configuration, for any TP / PP / DP / ZeRO layout (the memory planner).
 
 The estimate is a sum of named parts, each a formula of the config (see docs/benchmarks.md, "Memory planner"):
 
@@ -8,10 +8,10 @@ The estimate is a sum of named parts, each a formula of the config (see docs/ben
   ============  ======================================================  =========================================
   regime        who uses it                                             bytes per parameter
   ============  ======================================================  =========================================
-  autocast      LocalEngine default; DeepSpeed with ZeRO 0              fp32 weights 4 + fp32 grads 4 + Adam 8,
-                                                                        + 2 for autocast's bf16 weight copies
-  bf16_master   LocalEngine(master_weights=True) (training/perf.py)     bf16 weights 2 + fp32 masters 4 + Adam 8;
-                                                                        fp32 grads 4 after backward
+  autocast      LocalEngine with train.master_weights false;            fp32 weights 4 + fp32 grads 4 + Adam 8,
+                DeepSpeed with ZeRO 0                                   + 2 for autocast's bf16 weight copies
+  bf16_master   LocalEngine's default (train.master_weights true;       bf16 weights 2 + fp32 masters 4 + Adam 8;
+                training/master_weights.py)                             fp32 grads 4 after backward
   ds_bf16       DeepSpeed bf16 with ZeRO 1/2                            bf16 weights 2 + bf16 grads 2 + fp32
                                                                         grad accumulation 4 (/dp under ZeRO 2) +
                                                                         fp32 masters and Adam 12 (/dp, ZeRO >= 1)
@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from megatron_mtp.config import Config, ModelConfig, MTPConfig
+from megatron_mtp.training.engine import uses_deepspeed_layout
 
 GiB = float(2**30)
 
@@ -53,7 +54,7 @@ GiB = float(2**30)
 #   rep  residual-stream / norm tensors: replicated over TP, sharded by sequence parallelism
 #   lin  inputs of the two column-parallel GEMMs (QKV, gate/up): saved whole (gathered under SP)
 #   tp   attention and MLP internals: sharded by TP
-# Eager, autocast over fp32 weights (LocalEngine default): per norm x (fp32) and x*rsqrt (fp32) 8d, bf16 cast
+# Eager, autocast over fp32 weights (LocalEngine with train.master_weights false): per norm x (fp32) and x*rsqrt (fp32) 8d, bf16 cast
 # of the norm output for the GEMM 2d; attention: the QKV output 2(d+2Dkv) (v is a view of it), roped q 2d and
 # k 2Dkv, the output 2d, log-sum-exp 4h; MLP: gate/up output 4f, silu 2f, silu*up 2f; two rsqrt rows (8 bytes).
 # Eager, bf16 weights: each norm saves x.float() 4d and its bf16 output 2d instead of 8d.
@@ -202,9 +203,9 @@ def default_precision(cfg: Config, layout: Layout, engine: str = "auto") -> str:
     """The regime the engines run for this layout on GPU with bf16 (see the module docstring)."""
     if cfg.train.dtype == "float32":
         return "fp32"
-    uses_ds = layout.dp > 1 or layout.pp > 1 or layout.zero_stage > 0
+    uses_ds = uses_deepspeed_layout(layout.dp, layout.pp, layout.zero_stage)
     if engine == "local" or (engine == "auto" and not uses_ds):
-        return "autocast"
+        return "bf16_master" if cfg.train.master_weights else "autocast"
     return "ds_bf16" if layout.zero_stage >= 1 else "autocast"
 
 
