@@ -51,20 +51,29 @@ def fsync_tree(path: str) -> None:
         fsync_path(root)
 
 
-def atomic_write(path: str, write: Callable, mode: str = "wb") -> None:
-    """Write ``path`` atomically: ``write(f)`` fills a temporary file opened with ``mode``."""
-    tmp = f"{path}{TMP_MARK}{os.getpid()}"
+def _replace_atomically(tmp: str, path: str, produce: Callable[[str], None]) -> None:
+    """``produce(tmp)`` writes and fsyncs the temporary file; it then replaces ``path`` and the directory
+    entry is fsynced. A failure removes the temporary file and re-raises."""
     try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        produce(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
     fsync_path(os.path.dirname(os.path.abspath(path)))
+
+
+def atomic_write(path: str, write: Callable, mode: str = "wb") -> None:
+    """Write ``path`` atomically: ``write(f)`` fills a temporary file opened with ``mode``."""
+
+    def produce(tmp: str) -> None:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    _replace_atomically(f"{path}{TMP_MARK}{os.getpid()}", path, produce)
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -94,16 +103,12 @@ def atomic_save_path(path: str, save: Callable[[str], None]) -> None:
     writes a temporary path, which is then fsynced and renamed over ``path``. The temporary name keeps
     ``path``'s extension, since such writers often pick the format from it."""
     root, ext = os.path.splitext(path)
-    tmp = f"{root}{TMP_MARK}{os.getpid()}{ext}"
-    try:
+
+    def produce(tmp: str) -> None:
         save(tmp)
         fsync_path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    fsync_path(os.path.dirname(os.path.abspath(path)))
+
+    _replace_atomically(f"{root}{TMP_MARK}{os.getpid()}{ext}", path, produce)
 
 
 def sha256_file(path: str, chunk: int = 1 << 22) -> str:

@@ -34,3 +34,13 @@ def test_checkpoint_of_the_previous_format_resumes_exactly(tmp_path, capsys):
     want = [tuple(r) for r in expected["losses"]]
     assert [r[0] for r in got] == list(range(1, 9))
     assert got == want  # steps 1-4 kept from the old run's log, steps 5-8 resumed: bit for bit
+
+
+def test_every_previous_engine_tag_maps_to_a_format_id():
+    from megatron_mtp.checkpoint.store import (DEEPSPEED_FORMAT, LEGACY_FORMAT_IDS, LOCAL_FORMAT, UNIVERSAL_FORMAT,
+                                               engine_format)
+
+    assert {tag: engine_format({"engine": tag}) for tag in ("LocalEngine", "DeepSpeedEngine", "Universal")} == {
+        "LocalEngine": LOCAL_FORMAT, "DeepSpeedEngine": DEEPSPEED_FORMAT, "Universal": UNIVERSAL_FORMAT}
+    assert engine_format({}) == LOCAL_FORMAT  # format 1 had no tag: LocalEngine files
+    assert set(LEGACY_FORMAT_IDS.values()) == {LOCAL_FORMAT, DEEPSPEED_FORMAT, UNIVERSAL_FORMAT}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 import warnings
 
 import pytest
@@ -15,15 +16,13 @@ from megatron_mtp.training import ds_compat  # noqa: E402
 
 
 def _has_instance_attribute(cls, name: str) -> bool:
-    """Set in __init__ (``self.<name> =``) of the class or one of its bases."""
+    """Assigned (``<something>.<name> =``) in the source of the class or one of its bases."""
     for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is not None:
-            try:
-                if f"self.{name} =" in inspect.getsource(init):
-                    return True
-            except (OSError, TypeError):
-                continue
+        try:
+            if re.search(rf"\.{name}\s*=[^=]", inspect.getsource(klass)):
+                return True
+        except (OSError, TypeError):
+            continue
     return False
 
 

@@ -21,8 +21,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from dist_utils import run_distributed  # noqa: E402
 from megatron_mtp.config import ConfigError, load_config, validate  # noqa: E402
-from test_deepspeed_engine import (CKPT_TOL, assert_same_curve, check_layout, make_config,  # noqa: E402
-                                   run_layouts, two_process_results)
+from ds_layouts import (CKPT_TOL, assert_same_curve, baseline, check_layout, make_config,  # noqa: E402
+                        run_layouts, two_process_results)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -201,8 +201,6 @@ def two_process_pipeline(tiny_dataset, tmp_path_factory, reference):
 
 @pytest.fixture(scope="session")
 def reference(tiny_dataset, tmp_path_factory):
-    from test_deepspeed_engine import baseline
-
     return baseline(tiny_dataset, str(tmp_path_factory.mktemp("reference")))
 
 

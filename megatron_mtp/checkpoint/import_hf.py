@@ -20,7 +20,9 @@ import torch
 
 from megatron_mtp.checkpoint.export import HF_LAYER_NAMES, fuse_layer
 from megatron_mtp.checkpoint.formats import publish_as_run
+from megatron_mtp.checkpoint.reader import config_of
 from megatron_mtp.checkpoint.store import LOCAL_FORMAT
+from megatron_mtp.config import Config, ConfigError, validate
 from megatron_mtp.errors import CheckpointError
 from megatron_mtp.io_utils import UnsafeFileError, load_torch
 
@@ -66,9 +68,6 @@ def _rope_theta(hf: dict) -> float:
 
 def config_from_hf(hf: dict, n_heads: int, hf_dir: str, base: Optional[dict] = None):
     """Our Config for an HF Llama config.json with ``n_heads`` heads (num_layers = L - 1 + n)."""
-    from megatron_mtp.checkpoint.formats import config_of
-    from megatron_mtp.config import Config, ConfigError, validate
-
     if hf.get("model_type", "llama") not in ("llama", "mistral") and "LlamaForCausalLM" not in hf.get("architectures", []):
         raise CheckpointError(f"{hf_dir} is a {hf.get('model_type')!r} model; only Llama-architecture models "
                               f"can be imported.")

@@ -33,12 +33,11 @@ from megatron_mtp.model.builder import build_model, param_dtype
 from megatron_mtp.model.compile import apply_compile
 from megatron_mtp.model.mtp_model import checkpoint_interval
 from megatron_mtp.parallel import state
-from megatron_mtp.parallel.canonical import copy_into_model, inject_optimizer_state
+from megatron_mtp.parallel.canonical import copy_into_model
 from megatron_mtp.parallel.distributed import _free_port
 from megatron_mtp.parallel.layers import initialize_parameters
 from megatron_mtp.training import ds_compat
-from megatron_mtp.training import engine as engine_api
-from megatron_mtp.training.engine import DEEPSPEED_FORMAT, StepResult
+from megatron_mtp.training.engine import DEEPSPEED_FORMAT, EngineBase, StepResult
 from megatron_mtp.training.grads import autocast_context, clip_gradients
 from megatron_mtp.training.optimizer import build_optimizer
 
@@ -305,7 +304,7 @@ def _ensure_process_group(cfg: Config, device: torch.device) -> None:
 # The engine
 
 
-class DeepSpeedEngine:
+class DeepSpeedEngine(EngineBase):
     """DP / ZeRO / pipeline training through DeepSpeed (``training.engine.Engine``)."""
 
     checkpoint_format = DEEPSPEED_FORMAT
@@ -371,9 +370,6 @@ class DeepSpeedEngine:
         and sums over the TP x PP group (DP ranks already hold equal, averaged gradients)."""
         ds_compat.own_fp32_clipping(self.engine, lambda: clip_gradients(self.model, self.cfg.optimizer.clip_grad),
                                     on_norm=lambda norm: setattr(self, "_grad_norm", norm))
-
-    def lr_at(self, step: int) -> float:
-        return engine_api.lr_at(self.cfg, step)
 
     def _grad_norm_tensor(self) -> torch.Tensor:
         norm = self._grad_norm
@@ -468,11 +464,3 @@ class DeepSpeedEngine:
         copy_into_model(self.model, weight)
         ds_compat.refresh_fp32_params(self.engine)
 
-    def load_full_optimizer_state(self, optim: dict) -> bool:
-        return inject_optimizer_state(self.optimizer, self.model, optim)
-
-    def parameter_marks(self) -> list:
-        return engine_api.parameter_marks(self.model)
-
-    def optimizer_keys(self) -> Optional[list]:
-        return engine_api.optimizer_keys(self.optimizer, self.model)

@@ -36,6 +36,7 @@ PATCHED_MEMBERS = (
     ("deepspeed.runtime.pipe.module", "PipelineModule", "_count_layer_params"),  # count_layer_params
     ("deepspeed.runtime.pipe.module", "PipelineModule", "_set_bounds"),  # set_stage_bounds
     ("deepspeed.runtime.pipe.module", "PipelineModule", "_topo"),
+    ("deepspeed.runtime.pipe.module", "PipelineModule", "ds_pipe_replicated"),  # is_pipe_replicated (on params)
     ("deepspeed.runtime.pipe.module", "PipelineModule", "get_additional_losses"),
     ("deepspeed.runtime.utils", None, "partition_uniform"),
     ("deepspeed.runtime.utils", None, "partition_balanced"),
@@ -44,8 +45,9 @@ PATCHED_MEMBERS = (
     ("deepspeed.runtime.zero.config", None, "ZeroStageEnum"),
     ("deepspeed.utils.tensor_fragment", None, "fragment_address"),
 )
-# Members that are instance attributes (set in __init__), so the test builds an engine to see them.
-INSTANCE_MEMBERS = {"checkpoint_engine", "agg_additional_losses", "_layer_specs", "_topo"}
+# Attributes DeepSpeed sets on instances (of the class, or of the parameters it holds): the test looks for the
+# assignment in the class's source.
+INSTANCE_MEMBERS = {"checkpoint_engine", "agg_additional_losses", "_layer_specs", "_topo", "ds_pipe_replicated"}
 
 
 def quiet_startup(device: torch.device) -> None:
@@ -116,6 +118,12 @@ def load_checkpoints_weights_only(ds_engine) -> None:
         return load_torch(path, map_location=map_location if map_location is not None else "cpu")
 
     checkpoint_engine.load = load
+
+
+def is_pipe_replicated(param) -> bool:
+    """A tied weight's copy on a stage that does not own it (DeepSpeed marks it ``ds_pipe_replicated``;
+    checked: 0.19.8): gradient norms count it once, on the owning stage. False outside DeepSpeed."""
+    return bool(getattr(param, "ds_pipe_replicated", False))
 
 
 def refresh_fp32_params(ds_engine) -> None:

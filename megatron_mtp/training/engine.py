@@ -15,7 +15,7 @@ from typing import Callable, Optional, Protocol, runtime_checkable
 import torch
 
 from megatron_mtp.config import Config
-from megatron_mtp.parallel.canonical import marks_of
+from megatron_mtp.parallel.canonical import inject_optimizer_state, marks_of
 from megatron_mtp.training.lr_schedule import learning_rate
 
 # On-disk format ids of the engines' checkpoint files (meta.json's "engine"); bump the version when the
@@ -63,6 +63,22 @@ class Engine(Protocol):
 
     def optimizer_keys(self) -> Optional[list]:
         """init_keys of the optimizer's parameters, group by group (the numbering of its state_dict)."""
+
+
+class EngineBase:
+    """What both engines share, from their ``cfg``, ``model`` and (torch) ``optimizer``."""
+
+    def lr_at(self, step: int) -> float:
+        return lr_at(self.cfg, step)
+
+    def load_full_optimizer_state(self, optim: dict) -> bool:
+        return inject_optimizer_state(self.optimizer, self.model, optim)
+
+    def parameter_marks(self) -> list:
+        return parameter_marks(self.model)
+
+    def optimizer_keys(self) -> Optional[list]:
+        return optimizer_keys(self.optimizer, self.model)
 
 
 def uses_deepspeed_layout(dp: int, pp: int, zero_stage: int) -> bool:

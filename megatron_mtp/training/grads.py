@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_mtp.parallel import state
+from megatron_mtp.training import ds_compat
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype):
@@ -37,7 +38,7 @@ def global_grad_norm(model: torch.nn.Module) -> torch.Tensor:
     on TP rank 0 only, then summed over the model-parallel (TP x PP) group. A weight tied across pipeline
     stages (DeepSpeed's ``ds_pipe_replicated`` copies of the embedding) counts once, on its owning stage."""
     grads = [p.grad.detach() for p in model.parameters() if p.grad is not None
-             and not getattr(p, "ds_pipe_replicated", False)
+             and not ds_compat.is_pipe_replicated(p)
              and (getattr(p, "tensor_model_parallel", False) or state.tp_rank() == 0)]
     if grads:  # one fused multi-tensor kernel instead of pow + sum per parameter
         norms = torch._foreach_norm(grads)

@@ -6,16 +6,15 @@ Data parallelism, ZeRO and pipeline stages go through DeepSpeed (``deepspeed_eng
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
 from megatron_mtp.config import Config
 from megatron_mtp.io_utils import atomic_torch_save, load_torch
 from megatron_mtp.parallel import state
-from megatron_mtp.parallel.canonical import copy_into_model, copy_into_params, inject_optimizer_state
-from megatron_mtp.training import engine as engine_api
-from megatron_mtp.training.engine import LOCAL_FORMAT, StepResult
+from megatron_mtp.parallel.canonical import copy_into_model, copy_into_params
+from megatron_mtp.training.engine import LOCAL_FORMAT, EngineBase, StepResult
 from megatron_mtp.training.grads import allreduce_sequence_parallel_grads, autocast_context, clip_gradients
 from megatron_mtp.training.master_weights import MasterWeightAdamW
 from megatron_mtp.training.optimizer import build_optimizer
@@ -27,7 +26,7 @@ def use_master_weights(cfg: Config, device: torch.device, dtype: torch.dtype) ->
     return bool(cfg.train.master_weights) and device.type == "cuda" and dtype == torch.bfloat16
 
 
-class LocalEngine:
+class LocalEngine(EngineBase):
     checkpoint_format = LOCAL_FORMAT
 
     def __init__(self, model: torch.nn.Module, cfg: Config, device: torch.device, dtype: torch.dtype,
@@ -43,8 +42,6 @@ class LocalEngine:
         else:
             self.optimizer = build_optimizer(model, cfg.optimizer, device)
 
-    def lr_at(self, step: int) -> float:
-        return engine_api.lr_at(self.cfg, step)
 
     def train_step(self, micro_batches: list, step: int) -> StepResult:
         self.model.train()
@@ -105,11 +102,3 @@ class LocalEngine:
         if self.master_weights:  # the fp32 masters take the fp32 values, not the bf16 rounding
             copy_into_params(((str(i), m) for i, m in enumerate(self.optimizer.masters)), weight)
 
-    def load_full_optimizer_state(self, optim: dict) -> bool:
-        return inject_optimizer_state(self.optimizer, self.model, optim)
-
-    def parameter_marks(self) -> list:
-        return engine_api.parameter_marks(self.model)
-
-    def optimizer_keys(self) -> Optional[list]:
-        return engine_api.optimizer_keys(self.optimizer, self.model)

@@ -137,7 +137,8 @@ def train(cfg: Config) -> dict:
         step += 1
         window_steps += 1
         if step % cfg.logging.interval == 0 or step == t.iters:
-            losses = (window_heads / window_steps).float().cpu()  # the only host sync, once per log interval
+            # Host syncs: this copy once per log interval, and the one-element stop-request flag below every step.
+            losses = (window_heads / window_steps).float().cpu()
             elapsed = time.perf_counter() - window_start
             tflops = flops_per_step * window_steps / elapsed / gpus / 1e12
             record = {

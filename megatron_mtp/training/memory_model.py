@@ -43,8 +43,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
+
 from megatron_mtp.config import Config, ModelConfig, MTPConfig
+from megatron_mtp.model.transformer import TransformerLayer, rope_cos_sin
+from megatron_mtp.ops.linear_cross_entropy import loss_memory_chunking
 from megatron_mtp.training.engine import uses_deepspeed_layout
+from megatron_mtp.validation import trunk_layer_count
 
 GiB = float(2**30)
 
@@ -110,8 +115,6 @@ def layer_params(m: ModelConfig, tp: int = 1) -> dict:
 def pipeline_pieces(m: ModelConfig, mtp: MTPConfig, tp: int = 1) -> list:
     """The pieces the pipeline partitioner distributes, with parameter counts on one TP rank:
     embedding, each trunk layer, the output group (heads + final norm + unembedding)."""
-    from megatron_mtp.model.mtp_model import trunk_layer_count
-
     vocab = m.padded_vocab_size(tp) / tp
     layer = sum(layer_params(m, tp).values())
     trunk = trunk_layer_count(m, mtp)
@@ -234,9 +237,6 @@ def ce_buffer_bytes(m: ModelConfig, tokens: int, tp: int, compute_bytes: int, lo
     """Peak extra bytes of one fused linear cross-entropy call (ops/linear_cross_entropy.py): a logits chunk,
     d(hidden), d(weight) with, over several chunks in "fast" mode, half of its fp32 accumulator beside it,
     per-row statistics."""
-    from megatron_mtp.ops.linear_cross_entropy import loss_memory_chunking
-    import torch
-
     v_local = m.padded_vocab_size(tp) // tp
     chunk, fp32_weight_grad = loss_memory_chunking(loss_memory, tokens, v_local, m.hidden_size, compute_bytes,
                                                    torch.device("cuda"))
@@ -387,8 +387,6 @@ def recommend(cfg: Config, gpus: int, gpu_memory_gib: float, *, gpus_per_node: i
     """Layouts that fit ``gpus`` GPUs of ``gpu_memory_gib`` each (TP within a node), best throughput proxy first.
 
     Fits: estimated peak <= (memory - reserved_gib for the CUDA context / NCCL / cuBLAS) x (1 - headroom)."""
-    from megatron_mtp.model.mtp_model import trunk_layer_count
-
     m = cfg.model
     gbs = global_batch or cfg.train.global_batch_size or 1024
     budget = (gpu_memory_gib - reserved_gib) * (1 - headroom) * GiB
@@ -439,10 +437,6 @@ def measure_layer_saved_bytes(m: ModelConfig, *, precision: str = "autocast", co
     """Saved-for-backward bytes per token of one ``TransformerLayer``: forward at two batch sizes under
     ``saved_tensors_hooks``, unique storages (a view keeps its whole base alive), parameters excluded, and the
     slope taken so per-call constants (weight casts, RoPE tables) drop out."""
-    import torch
-
-    from megatron_mtp.model.transformer import TransformerLayer, rope_cos_sin
-
     torch.manual_seed(0)
     dev = torch.device(device)
     pdtype = torch.bfloat16 if precision in ("bf16", "bf16_master", "ds_bf16") else torch.float32
