@@ -40,6 +40,7 @@ from megatron_mtp.training import ds_compat
 from megatron_mtp.training.engine import DEEPSPEED_FORMAT, EngineBase, StepResult
 from megatron_mtp.training.grads import autocast_context, clip_gradients
 from megatron_mtp.training.optimizer import build_optimizer
+from megatron_mtp.validation import validate_layout
 
 # ---------------------------------------------------------------------------------------------------------
 # The model-parallel unit DeepSpeed queries for groups
@@ -323,9 +324,7 @@ class DeepSpeedEngine(EngineBase):
         deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, verbose=False)
         s = state.get_state()
         p, t = cfg.parallel, cfg.train
-        if t.global_batch_size != t.micro_batch_size * t.grad_accum * s.dp:
-            raise ConfigError(f"train.global_batch_size ({t.global_batch_size}) must equal train.micro_batch_size x "
-                              f"train.grad_accum x data-parallel size ({t.micro_batch_size} x {t.grad_accum} x {s.dp}).")
+        validate_layout(cfg, s.tp * s.pp * s.dp)  # the batch layout (validation.py), also when built directly
         self.config = merge_user_config(ds_config(cfg, device, dtype), p.deepspeed_config)
         self.pipelined = p.pp > 1
         # bf16 without DeepSpeed's bf16 mode (ZeRO 0 on GPU): autocast over fp32 weights, as LocalEngine.
