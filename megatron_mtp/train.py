@@ -2,8 +2,9 @@
 
 Launch it as it is for one process, or under torchrun / srun / mpirun for many: ranks are discovered from
 the launcher's environment. Mistakes in the config, data, checkpoint or launch environment end the run
-with one sentence on stderr and exit status 2. ``--help`` lists every config key (type, default, meaning),
-generated from the config dataclasses; ``--print-config`` prints the resolved config and exits.
+with one sentence on stderr and the exit status of ``megatron_mtp.errors.EXIT_CODES`` (2). ``--help`` lists
+every config key (type, default, meaning), generated from the config dataclasses; ``--print-config`` prints
+the resolved config and exits.
 """
 from __future__ import annotations
 
@@ -11,15 +12,11 @@ import argparse
 import os
 import sys
 
-
-def _user_errors() -> tuple:
-    from megatron_mtp.checkpoint.manager import CheckpointError
-    from megatron_mtp.config import ConfigError
-    from megatron_mtp.data.errors import DataError
-    from megatron_mtp.parallel.distributed import LaunchError
-    from megatron_mtp.parallel.state import LayoutError
-
-    return ConfigError, DataError, LaunchError, LayoutError, CheckpointError
+from megatron_mtp.config import config_reference, load_config, to_yaml
+from megatron_mtp.data.pipeline import prepare_data_config
+from megatron_mtp.errors import UserError, report
+from megatron_mtp.parallel.distributed import destroy_distributed
+from megatron_mtp.training.loop import train
 
 
 def _launch_rank() -> int:
@@ -33,8 +30,6 @@ def _launch_rank() -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """--config, --print-config, and one option per config key, grouped by section."""
-    from megatron_mtp.config import config_reference
-
     parser = argparse.ArgumentParser(
         prog="mtp-train",
         usage="%(prog)s [-h] [--config FILE] [--print-config] [--section.key VALUE ...]",
@@ -68,30 +63,16 @@ def main(argv=None) -> int:
             overrides += [f"--{dotted}", value]
     overrides += unknown  # unknown keys reach load_config, which names the section's real keys
 
-    from megatron_mtp.config import load_config, to_yaml
-
-    errors = _user_errors()
     try:
         cfg = load_config(args.config, overrides)
         if args.print_config:
-            from megatron_mtp.data.pipeline import prepare_data_config
-
             prepare_data_config(cfg)
             sys.stdout.write(to_yaml(cfg))
             return 0
-        from megatron_mtp.training.loop import train
-
         train(cfg)
-    except errors as exc:
-        kind = {"ConfigError": "config", "LayoutError": "config", "DataError": "data",
-                "LaunchError": "launch", "CheckpointError": "checkpoint"}.get(type(exc).__name__, "input")
-        # Config and layout errors are the same on every rank: say them once. Others may be rank-specific.
-        if kind != "config" or _launch_rank() == 0:
-            print(f"{kind} error: {exc}", file=sys.stderr, flush=True)
-        return 2
+    except UserError as exc:
+        return report(exc, rank=_launch_rank())
     finally:
-        from megatron_mtp.parallel.distributed import destroy_distributed
-
         destroy_distributed()
     return 0
 

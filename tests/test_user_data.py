@@ -84,7 +84,10 @@ def test_vocab_size_comes_from_the_tokenizer_or_is_checked(user, tmp_path):
     assert cfg.model.vocab_size is None and cfg.data.tokenizer_type is None
     tokenizer = resolve_config_tokenizer(cfg)
     assert (cfg.model.vocab_size, cfg.data.tokenizer_type) == (tokenizer.vocab_size, "hf")
-    assert load_config(os.path.join(REPO, "configs/tiny.yaml")).model.vocab_size == 258  # byte level
+    from megatron_mtp.config import BYTE_VOCAB_SIZE
+
+    assert load_config(os.path.join(REPO, "configs/tiny.yaml")).model.vocab_size == BYTE_VOCAB_SIZE  # byte level
+    assert build_tokenizer("byte").vocab_size == BYTE_VOCAB_SIZE
     small = load_config(None, ["--data.tokenizer_model", user["tokenizer"], "--model.vocab_size", "100"])
     with pytest.raises(ConfigError, match=r"model.vocab_size \(100\) is smaller than the vocabulary"):
         resolve_config_tokenizer(small)

@@ -27,7 +27,15 @@ from typing import Optional
 
 import torch
 
-from megatron_mtp.checkpoint.manager import CheckpointError, atomic_write_text
+from megatron_mtp.checkpoint.formats import open_checkpoint
+from megatron_mtp.checkpoint.reader import config_of
+from megatron_mtp.checkpoint.store import locate_run_tokenizer, read_meta, resolve_checkpoint, verify_checkpoint
+from megatron_mtp.config import Config
+from megatron_mtp.data.tokenizers import MODEL_FILE_NAMES, build_tokenizer, tokenizer_files
+from megatron_mtp.errors import CheckpointError, DataError
+from megatron_mtp.io_utils import (atomic_save_safetensors, atomic_torch_save, atomic_write_bytes, atomic_write_text,
+                                   load_torch)
+from megatron_mtp.model.mtp_model import trunk_layer_count
 
 HF_LAYER_NAMES = ("input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
                   "self_attn.v_proj.weight", "self_attn.o_proj.weight", "post_attention_layernorm.weight",
@@ -83,8 +91,6 @@ def fuse_layer(hf: dict, key: str, cfg) -> dict:
 
 def layer_keys(cfg) -> list:
     """Our layer keys in export order: trunk layers, then heads 1..n."""
-    from megatron_mtp.model.mtp_model import trunk_layer_count
-
     return [f"trunk.{i}" for i in range(trunk_layer_count(cfg.model, cfg.mtp))] + \
            [f"heads.{j}" for j in range(cfg.mtp.n_heads)]
 
@@ -115,11 +121,6 @@ def load_source(path: str):
 
         cfg, weights = hf_to_canonical(path)
         return cfg, weights.__getitem__
-    from megatron_mtp.checkpoint.formats import open_checkpoint
-    from megatron_mtp.checkpoint.manager import resolve_checkpoint, verify_checkpoint
-
-    from megatron_mtp.checkpoint.merge import locate_run_tokenizer
-
     ckpt = resolve_checkpoint(path)
     verify_checkpoint(ckpt)
     reader = open_checkpoint(ckpt)
@@ -209,9 +210,6 @@ def _bytes_to_unicode() -> dict:
 def export_tokenizer(cfg):
     """The run's tokenizer, loaded before an export writes anything: an export without a complete tokenizer
     is refused (evaluation harnesses would fail on it later, or silently use another tokenizer)."""
-    from megatron_mtp.data.errors import DataError
-    from megatron_mtp.data.tokenizers import build_tokenizer
-
     try:
         return build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
     except DataError as exc:
@@ -230,13 +228,11 @@ def write_tokenizer(tokenizer, out_dir: str, model_max_length: int) -> dict:
         atomic_write_text(os.path.join(out_dir, "special_tokens_map.json"),
                           json.dumps({"eos_token": EOD_TOKEN, "pad_token": PAD_TOKEN}, indent=1))
         return {"tokenizer_type": "byte", "tokenizer_file": "tokenizer.json", "sha256": tokenizer.content_hash()}
-    from megatron_mtp.data.tokenizers import tokenizer_files
-
     files = tokenizer_files(tokenizer)
     for name, source in files.items():
         if name != "tokenizer_config.json":
             with open(source, "rb") as stream:
-                _atomic_write_bytes(os.path.join(out_dir, name), stream.read())
+                atomic_write_bytes(os.path.join(out_dir, name), stream.read())
     # The source directory's tokenizer_config.json (chat template, ...) with the ids this model was trained on.
     tc = {}
     if "tokenizer_config.json" in files:
@@ -261,14 +257,6 @@ def write_tokenizer(tokenizer, out_dir: str, model_max_length: int) -> dict:
     return {"tokenizer_type": tokenizer.name, "tokenizer_file": model_file, "sha256": tokenizer.content_hash()}
 
 
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as stream:
-        stream.write(data)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 # As transformers' save_pretrained: one model.safetensors up to this size, else shards with an index.
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 REMOTE_CODE_FILE = "modeling_mtp_llama.py"
@@ -289,15 +277,6 @@ def parse_size(text) -> int:
     return size
 
 
-def _atomic_save_safetensors(tensors: dict, path: str) -> None:
-    from safetensors.torch import save_file
-
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def save_sharded(tensors: dict, out_dir: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list:
     """``model.safetensors``, or ``model-0000k-of-0000N.safetensors`` + ``model.safetensors.index.json`` when the
     tensors exceed ``max_shard_bytes`` (packed in order; a tensor larger than that gets a shard of its own).
@@ -316,12 +295,12 @@ def save_sharded(tensors: dict, out_dir: str, max_shard_bytes: int = DEFAULT_MAX
         size += nbytes
     shards.append(current)
     if len(shards) == 1:
-        _atomic_save_safetensors(shards[0], os.path.join(out_dir, "model.safetensors"))
+        atomic_save_safetensors(shards[0], os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
         return ["model.safetensors"]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
     for name, shard in zip(names, shards):
-        _atomic_save_safetensors(shard, os.path.join(out_dir, name))
+        atomic_save_safetensors(shard, os.path.join(out_dir, name), metadata={"format": "pt"})
         weight_map.update({key: name for key in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -358,7 +337,7 @@ def export_hf(source: str, out_dir: str, dtype: torch.dtype = torch.float32,
     cast = lambda d: {k: v.to(dtype).contiguous() for k, v in d.items()}  # noqa: E731
     weight_files = save_sharded(cast(tensors), out_dir, max_shard_bytes)
     if extra:
-        _atomic_save_safetensors(cast(extra), os.path.join(out_dir, "mtp_heads.safetensors"))
+        atomic_save_safetensors(cast(extra), os.path.join(out_dir, "mtp_heads.safetensors"), metadata={"format": "pt"})
     tok_info = write_tokenizer(tokenizer, out_dir, cfg.model.max_seq_length)
     hf = hf_config(cfg, len(main_keys), tokenizer)
     hf["torch_dtype"] = hf["dtype"] = str(dtype).replace("torch.", "")
@@ -401,8 +380,6 @@ def source_info(source: str) -> Optional[dict]:
     from the checkpoint and its run's metrics.jsonl; None for an HF source."""
     if os.path.isfile(os.path.join(source, "config.json")):
         return None
-    from megatron_mtp.checkpoint.manager import read_meta, resolve_checkpoint
-
     ckpt = resolve_checkpoint(source)
     meta = read_meta(ckpt)
     cfg = meta.get("config") or {}
@@ -431,8 +408,6 @@ def source_info(source: str) -> Optional[dict]:
 
 def model_card(cfg, info: Optional[dict], tokenizer, weight_files: list, dtype: torch.dtype) -> str:
     """The export's README.md: what the model is, what it was trained on, how well, and how to load it."""
-    from megatron_mtp.model.mtp_model import trunk_layer_count
-
     m, n = cfg.model, cfg.mtp.n_heads
     trunk = trunk_layer_count(cfg.model, cfg.mtp)
     if cfg.data.paths:
@@ -531,8 +506,6 @@ def export_meta(source: str, out_dir: str, dtype: torch.dtype = torch.float32) -
         for name, t in _to_meta_layer(split_layer(weights, key, cfg), cfg).items():
             sd[f"extra_heads.{j}.{name}"] = t
     sd = {k: v.to(dtype).contiguous().clone() for k, v in sd.items()}
-    from megatron_mtp.checkpoint.manager import atomic_torch_save
-
     atomic_torch_save(sd, os.path.join(out_dir, "consolidated.pth"))
     m = cfg.model
     # Meta's ModelArgs derives the FFN width: multiple_of * ceil(int(multiplier * int(8 dim / 3)) / multiple_of).
@@ -545,11 +518,9 @@ def export_meta(source: str, out_dir: str, dtype: torch.dtype = torch.float32) -
     atomic_write_text(os.path.join(out_dir, "params.json"), json.dumps(params, indent=1))
     tok_info = None
     if tokenizer.name != "byte":
-        from megatron_mtp.data.tokenizers import MODEL_FILE_NAMES, tokenizer_files
-
         tok_info = MODEL_FILE_NAMES[tokenizer.name]
         with open(tokenizer_files(tokenizer)[tok_info], "rb") as stream:
-            _atomic_write_bytes(os.path.join(out_dir, tok_info), stream.read())
+            atomic_write_bytes(os.path.join(out_dir, tok_info), stream.read())
     atomic_write_text(os.path.join(out_dir, "megatron_mtp.json"), json.dumps(
         {"tokenizer_type": cfg.data.tokenizer_type, "tokenizer_file": tok_info, "config": cfg.to_dict()}, indent=1))
     for name in os.listdir(out_dir):
@@ -561,16 +532,12 @@ def export_meta(source: str, out_dir: str, dtype: torch.dtype = torch.float32) -
 def read_meta_export(path: str) -> tuple:
     """(params.json dict, canonical weights of our model) from a Meta-layout directory: the names mapped
     back and wq/wk permuted back to the half-split layout. The inverse of ``export_meta``."""
-    from megatron_mtp.config import Config
-
     with open(os.path.join(path, "params.json")) as f:
         params = json.load(f)
-    sd = torch.load(os.path.join(path, "consolidated.pth"), map_location="cpu", weights_only=True)
+    sd = load_torch(os.path.join(path, "consolidated.pth"))
     cfg = Config()
     ours = os.path.join(path, "megatron_mtp.json")
     if os.path.isfile(ours):  # our own export: keep the rest of the config (tokenizer, context length, ...)
-        from megatron_mtp.checkpoint.formats import config_of
-
         with open(ours) as f:
             extra = json.load(f)
         cfg = config_of(extra, path)

@@ -13,8 +13,8 @@ meta: consolidated.pth + params.json (n_future_tokens = heads), interleaved-RoPE
 import argparse
 import sys
 
-from megatron_mtp.checkpoint.manager import CheckpointError
 from megatron_mtp.cli import HelpFormatter
+from megatron_mtp.errors import CheckpointError, DataError
 
 
 def main(argv=None) -> int:
@@ -31,8 +31,7 @@ def main(argv=None) -> int:
     import torch
 
     from megatron_mtp.checkpoint.export import export, parse_size
-    from megatron_mtp.data.errors import DataError
-
+    
     try:
         out = export(args.load, args.format, args.output, getattr(torch, args.dtype), parse_size(args.max_shard_size))
     except (CheckpointError, DataError) as exc:

@@ -12,9 +12,8 @@ any parallel layout can start from it).
 import argparse
 import sys
 
-from megatron_mtp.checkpoint.manager import CheckpointError
 from megatron_mtp.cli import HelpFormatter
-from megatron_mtp.data.errors import DataError
+from megatron_mtp.errors import CheckpointError, DataError
 
 
 def main(argv=None) -> int:

@@ -26,9 +26,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from megatron_mtp.config import BYTE_VOCAB_SIZE, ConfigError
-from megatron_mtp.data.errors import DataError
+# Neither megatron_mtp.config nor io_utils: both import torch, which preprocessing workers (they import this
+# module) must not pay for. Hence index_cache's writer, and the byte vocabulary restated below.
 from megatron_mtp.data.index_cache import write_text_atomic
+from megatron_mtp.errors import ConfigError, DataError
 
 TOKENIZER_TYPES = ("byte", "hf", "sentencepiece")
 
@@ -85,7 +86,7 @@ class ByteTokenizer(Tokenizer):
     """UTF-8 bytes as tokens; ids 256 (EOD) and 257 (pad) are the only specials."""
 
     name = "byte"
-    vocab_size = BYTE_VOCAB_SIZE
+    vocab_size = 258  # = config.BYTE_VOCAB_SIZE (tests/test_user_data.py checks they agree)
     eod = 256
     pad = 257
 

@@ -14,7 +14,9 @@ from typing import Optional
 
 import torch
 
-from megatron_mtp.config import ConfigError, ModelConfig, MTPConfig
+from megatron_mtp.config import ModelConfig, MTPConfig
+from megatron_mtp.errors import ConfigError
+from megatron_mtp.io_utils import atomic_save_path, atomic_write_text
 
 # Dense bf16 peak of one H100 SXM (the number MFU is quoted against by Megatron-LM and the paper's peers).
 H100_BF16_PEAK = 989e12
@@ -138,13 +140,11 @@ def _start_wandb(run_dir: str, wandb_cfg, config: Optional[dict]):
     except ImportError:  # check_logging said so before anything was written; this is a second line of defence
         raise ConfigError("logging.wandb is true but the wandb package is not installed: pip install wandb, or "
                           "set logging.wandb false.") from None
-    from megatron_mtp.data.index_cache import write_text_atomic
-
     id_path = os.path.join(run_dir, "wandb_run_id")
     run_id = open(id_path).read().strip() if os.path.isfile(id_path) else None
     if not run_id:
         run_id = os.urandom(8).hex()  # W&B ids: lowercase letters and digits
-        write_text_atomic(id_path, run_id + "\n")
+        atomic_write_text(id_path, run_id + "\n")
     return wandb.init(project=wandb_cfg.wandb_project, name=wandb_cfg.wandb_name or os.path.basename(
         os.path.abspath(run_dir)), id=run_id, resume="allow", dir=run_dir, mode=wandb_cfg.wandb_mode, config=config)
 
@@ -185,9 +185,7 @@ def plot_head_losses(run_dir: str, out_path: Optional[str] = None) -> Optional[s
     ax.grid(alpha=0.3)
     ax.legend()
     out_path = out_path or os.path.join(run_dir, "loss_per_head.png")
-    tmp = out_path + ".tmp.png"
     fig.tight_layout()
-    fig.savefig(tmp, dpi=110)
+    atomic_save_path(out_path, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
-    os.replace(tmp, out_path)
     return out_path
