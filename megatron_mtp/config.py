@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -260,17 +261,19 @@ def _coerce(value: Any, typ, key: str) -> Any:
     return value
 
 
-# Keys earlier versions had: a saved config holding one loads (config_of skips unknown keys with a warning);
-# a user setting one is told why it went.
+# Keys earlier versions had. Every config.yaml those versions saved holds them, so setting one is ignored with
+# a warning saying why it went, not refused: old runs resume with their own config.
 REMOVED_KEYS = {
     "data.num_workers": "samples are memory-mapped slices read in microseconds, so a loader worker pool had "
-                        "nothing to hide; remove it from the config",
+                        "nothing to hide",
 }
 
 
 def set_value(cfg: Config, dotted: str, value: Any) -> None:
     if dotted in REMOVED_KEYS:
-        raise ConfigError(f"unknown config key {dotted!r}: it was removed ({REMOVED_KEYS[dotted]}).")
+        print(f"WARNING: config key {dotted} was removed and is ignored ({REMOVED_KEYS[dotted]}); drop it from the "
+              f"config.", file=sys.stderr, flush=True)
+        return
     parts = dotted.split(".")
     if len(parts) != 2:
         raise ConfigError(f"config key {dotted!r} must look like section.key (e.g. mtp.n_heads).")
