@@ -31,7 +31,7 @@ def check_tp_divides(model, tp: int, seq_length=None, sequence_parallel: bool = 
     under sequence parallelism so is the sequence."""
     sharded = [("model.num_attention_heads", model.num_attention_heads), ("model.num_kv_heads", model.kv_heads),
                ("the ffn size (model.ffn_hidden_size)", model.ffn_size)]
-    if model.vocab_size is not None:  # None until the data layer takes it from the tokenizer; checked again then
+    if getattr(model, "vocab_size", 0) is not None:  # None until taken from the tokenizer; checked again then
         sharded.append(("the padded vocabulary (model.make_vocab_size_divisible_by x tp)", model.padded_vocab_size(tp)))
     for name, value in sharded:
         if value % tp:
