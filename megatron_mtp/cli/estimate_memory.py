@@ -1,4 +1,4 @@
-"""Per-GPU memory of a training config, and the parallel layouts that fit (issue 10's memory planner).
+"""Per-GPU memory of a training config, and the parallel layouts that fit (the memory planner).
 
     mtp-estimate-memory --config configs/7b.yaml --gpus-per-node 8 --gpu-memory-gib 80
     mtp-estimate-memory --config configs/13b.yaml --gpus-per-node 8 --gpu-memory-gib 80 --recommend
