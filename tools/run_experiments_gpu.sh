@@ -17,7 +17,7 @@ WORK=${WORK:-/tmp/repro_work}
 SIZE=${SIZE:-small}
 DEVICE=${DEVICE:-cuda}
 RUN_BUDGET=${RUN_BUDGET:-240}   # seconds for the training runs after calibration
-HARD=${HARD:-$((RUN_BUDGET + 90))}  # runs still going after this are stopped (their finished jobs are kept)
+HARD=${HARD:-$((RUN_BUDGET + 60))}  # seconds after launch: runs still going are stopped (finished jobs are kept)
 CAL_JOBS=${CAL_JOBS:-16}
 CAL_STEPS=${CAL_STEPS:-45}
 mkdir -p "$OUT" "$WORK"
@@ -48,6 +48,7 @@ PY
 log "iters scale $SCALE (run budget ${RUN_BUDGET}s)"
 
 START_BUDGET=$((RUN_BUDGET * 3 / 4))
+RUN_T0=$(date +%s)
 declare -A PGID
 launch() {  # experiment, workers, seeds...
   local exp=$1 jobs=$2; shift 2
@@ -66,7 +67,7 @@ while :; do
   running=0
   for exp in "${!PGID[@]}"; do kill -0 "${PGID[$exp]}" 2>/dev/null && running=1; done
   [ $running = 0 ] && break
-  if [ $(( $(date +%s) - T0 )) -gt "$HARD" ]; then
+  if [ $(( $(date +%s) - RUN_T0 )) -gt "$HARD" ]; then
     for exp in "${!PGID[@]}"; do
       if kill -0 "${PGID[$exp]}" 2>/dev/null; then
         log "stopping $exp: past the hard limit (its finished runs are in its results.json)"
