@@ -9,6 +9,7 @@ import pytest
 from numpy.polynomial import polynomial as P
 
 from megatron_mtp.tasks import induction, polynomial
+from megatron_mtp.tasks.io import read_jsonl
 
 MOD, DEG = 7, 5
 
@@ -75,7 +76,7 @@ def test_dataset_splits_are_disjoint(tmp_path):
 
     assert main(["polynomial", "--out", str(tmp_path), "--train", "300", "--test", "50",
                  "--in-ops", "1-2", "--ood-ops", "3-4"]) == 0
-    splits = {name: polynomial.load_samples(str(tmp_path / f"{name}.jsonl")) for name in ("train", "test_in", "test_ood")}
+    splits = {name: read_jsonl(str(tmp_path / f"{name}.jsonl")) for name in ("train", "test_in", "test_ood")}
     train_texts = {s["text"] for s in splits["train"]}
     assert len(splits["test_in"]) == 50 and not train_texts & {s["text"] for s in splits["test_in"]}
     assert {s["ops"] for s in splits["train"]} <= {1, 2} and {s["ops"] for s in splits["test_ood"]} <= {3, 4}

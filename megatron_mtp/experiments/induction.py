@@ -58,7 +58,7 @@ def induction_success(model, tokenizer, stories: list, batch_size: int = 32) -> 
 
 
 def run_job(job: dict, shared: dict) -> dict:
-    from megatron_mtp.tasks.polynomial import load_samples
+    from megatron_mtp.tasks.io import read_jsonl
 
     spec = shared["spec"]
     hidden, layers, heads = spec["models"][job["model"]]
@@ -68,7 +68,7 @@ def run_job(job: dict, shared: dict) -> dict:
                  "data.cache_dir": os.path.join(shared["out_dir"], "cache"), "train.iters": spec["iters"],
                  "train.micro_batch_size": spec["batch"], "optimizer.warmup_iters": spec["warmup"],
                  "train.seed": job["seed"]}
-    stories = load_samples(shared["dataset"]["paths"]["test"])
+    stories = read_jsonl(shared["dataset"]["paths"]["test"])
     curve = []
 
     def evaluate(step: int) -> None:

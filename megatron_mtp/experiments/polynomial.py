@@ -73,12 +73,12 @@ def exact_match(model, tokenizer, samples: list, batch_size: int = 256) -> dict:
 
 
 def evaluate_run(run_dir: str, shared: dict) -> dict:
-    from megatron_mtp.tasks.polynomial import load_samples
+    from megatron_mtp.tasks.io import read_jsonl
 
     _, model, tokenizer = common.load_trained(run_dir, shared["device"])
     paths = shared["dataset"]["paths"]
-    return {"in_domain": exact_match(model, tokenizer, load_samples(paths["test_in"])),
-            "out_of_domain": exact_match(model, tokenizer, load_samples(paths["test_ood"]))}
+    return {"in_domain": exact_match(model, tokenizer, read_jsonl(paths["test_in"])),
+            "out_of_domain": exact_match(model, tokenizer, read_jsonl(paths["test_ood"]))}
 
 
 def run_job(job: dict, shared: dict) -> dict:

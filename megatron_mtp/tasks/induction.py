@@ -80,10 +80,10 @@ def induction_hits(predicted_next: Sequence[int], tokens: Sequence[int], positio
 
 
 def write_dataset(out_dir: str, train: int, test: int, seed: int) -> dict:
-    from megatron_mtp.tasks.io import write_jsonl
+    from megatron_mtp.tasks.io import write_json, write_jsonl
 
     splits = {"train": generate_stories(train, seed), "test": generate_stories(test, seed + 1)}
     paths = {name: write_jsonl(f"{out_dir}/{name}.jsonl", samples) for name, samples in splits.items()}
     info = {"task": "induction", "seed": seed, "counts": {k: len(v) for k, v in splits.items()}, "paths": paths}
-    write_jsonl(f"{out_dir}/dataset.json", [info], as_lines=False)
+    write_json(f"{out_dir}/dataset.json", info)
     return info

@@ -21,7 +21,6 @@ is the number of internal nodes of its tree.
 """
 from __future__ import annotations
 
-import json
 import random
 from typing import Iterable, Optional
 
@@ -172,7 +171,7 @@ def generate_split(count: int, min_ops: int, max_ops: int, seed: int, exclude: O
 def write_dataset(out_dir: str, train: int, test: int, in_ops: tuple, ood_ops: tuple, seed: int) -> dict:
     """Write ``train.jsonl`` (in-domain), ``test_in.jsonl`` (in-domain, disjoint from train) and
     ``test_ood.jsonl`` (more operations) under ``out_dir``; return their paths and the settings."""
-    from megatron_mtp.tasks.io import write_jsonl
+    from megatron_mtp.tasks.io import write_json, write_jsonl
 
     train_samples = generate_split(train, *in_ops, seed=seed)
     train_texts = {s["text"] for s in train_samples}
@@ -185,10 +184,5 @@ def write_dataset(out_dir: str, train: int, test: int, in_ops: tuple, ood_ops: t
     info = {"task": "polynomial", "modulus": MOD, "degree_bound": DEGREE, "in_ops": list(in_ops),
             "ood_ops": list(ood_ops), "seed": seed, "counts": {k: len(v) for k, v in splits.items()},
             "paths": paths}
-    write_jsonl(f"{out_dir}/dataset.json", [info], as_lines=False)
+    write_json(f"{out_dir}/dataset.json", info)
     return info
-
-
-def load_samples(path: str) -> list:
-    with open(path) as stream:
-        return [json.loads(line) for line in stream if line.strip()]
