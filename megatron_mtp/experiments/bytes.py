@@ -13,6 +13,8 @@ NS = (1, 8)
 SIZES = {
     "smoke": {"max_docs": 12, "models": {"xs": (32, 9, 2)}, "iters": 4, "batch": 4, "seq": 64, "warmup": 1,
               "eval_windows": 4, "prompts": 2, "prompt_bytes": 16, "new_bytes": 8},
+    "cpu": {"max_docs": None, "models": {"1.1M": (96, 9, 4)}, "iters": 300, "batch": 16, "seq": 128,
+            "warmup": 30, "eval_windows": 100, "prompts": 8, "prompt_bytes": 64, "new_bytes": 64},
     "small": {"max_docs": None, "models": {"10M": (256, 12, 8)}, "iters": 1200, "batch": 32, "seq": 256,
               "warmup": 100, "eval_windows": 400, "prompts": 32, "prompt_bytes": 128, "new_bytes": 128},
 }

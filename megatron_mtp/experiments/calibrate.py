@@ -2,7 +2,7 @@
 runs so a GPU script can size their schedules (``--iters-scale``) to the time it has.
 
 ``python -m megatron_mtp.experiments calibrate --device cuda --jobs 16 --steps 60`` trains the polynomial
-experiment's 6M model (8 layers, n = 4) in ``jobs`` concurrent processes and prints the median step time of
+experiment's 6.6M model (8 layers, n = 4) in ``jobs`` concurrent processes and prints the median step time of
 the last logging window (steady state: start-up and the first steps are outside it).
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ def calibrate(out_dir: str, device: str, workers: int, steps: int) -> dict:
     shared = polynomial.prepare(out_dir, "smoke", device)
     shared["spec"] = {**polynomial.SIZES["small"], "iters": steps}
     shared["steps"] = steps
-    jobs = [{"model": "6M", "n": 4, "seed": i} for i in range(workers)]
+    jobs = [{"model": "6.6M", "n": 4, "seed": i} for i in range(workers)]
     results = common.run_jobs(__name__, jobs, shared, workers, None, lambda _: None)
     times = [r["step_time_s"] for r in results if r["status"] == "ok"]
     summary = {"workers": workers, "steps": steps, "step_time_s": statistics.median(times) if times else None,

@@ -14,6 +14,9 @@ VARIANTS = ((4, 4), (4, 1), (1, 1))  # (pretraining n, finetuning n')
 SIZES = {
     "smoke": {"max_docs": 12, "data": {"train": 300, "test": 8, "in_ops": (1, 2), "ood_ops": (3, 3)},
               "model": (32, 5, 2), "pretrain_iters": 3, "finetune_iters": 3, "batch": 4, "seq": 64, "warmup": 1},
+    "cpu": {"max_docs": None, "data": {"train": 20_000, "test": 200, "in_ops": (1, 1), "ood_ops": (2, 2)},
+            "model": (96, 6, 4), "pretrain_iters": 300, "finetune_iters": 200, "batch": 16, "seq": 128,
+            "warmup": 30},
     "small": {"max_docs": None, "data": {"train": 100_000, "test": 500, "in_ops": (1, 2), "ood_ops": (3, 3)},
               "model": (256, 8, 8), "pretrain_iters": 1000, "finetune_iters": 600, "batch": 32, "seq": 256,
               "warmup": 50},

@@ -13,7 +13,9 @@ NS = (1, 2)
 SIZES = {
     "smoke": {"data": {"train": 200, "test": 4}, "models": {"xs": (32, 3, 2)}, "iters": 4, "eval_every": 2,
               "batch": 4, "seq": 64, "warmup": 1},
-    "small": {"data": {"train": 40_000, "test": 300}, "models": {"0.5M": (96, 4, 4), "3M": (192, 6, 6)},
+    "cpu": {"data": {"train": 10_000, "test": 100}, "models": {"0.2M": (64, 3, 4), "0.5M": (96, 4, 4)},
+            "iters": 300, "eval_every": 50, "batch": 16, "seq": 128, "warmup": 30},
+    "small": {"data": {"train": 40_000, "test": 300}, "models": {"0.5M": (96, 4, 4), "2.8M": (192, 6, 6)},
               "iters": 1200, "eval_every": 150, "batch": 32, "seq": 256, "warmup": 100},
 }
 

@@ -15,9 +15,13 @@ SIZES = {
     # CI: the pipeline end to end in seconds, not the science.
     "smoke": {"data": {"train": 300, "test": 8, "in_ops": (1, 2), "ood_ops": (3, 3)},
               "models": {"xs": (32, 5, 2)}, "iters": 4, "batch": 4, "seq": 64, "warmup": 1},
+    # This machine's CPU when no GPU is available: one small model pair, short runs (docs/reproduction.md).
+    "cpu": {"data": {"train": 50_000, "test": 200, "in_ops": (1, 2), "ood_ops": (3, 4)},
+            "models": {"0.3M": (64, 5, 4), "0.7M": (96, 6, 4)}, "iters": 300, "batch": 16, "seq": 128,
+            "warmup": 30},
     # One H100 shared by ~16 concurrent runs for a few minutes (docs/reproduction.md says what was cut).
     "small": {"data": {"train": 200_000, "test": 500, "in_ops": (1, 3), "ood_ops": (4, 5)},
-              "models": {"1M": (128, 6, 4), "6M": (256, 8, 8)}, "iters": 1200, "batch": 32, "seq": 256,
+              "models": {"1.3M": (128, 6, 4), "6.6M": (256, 8, 8)}, "iters": 1200, "batch": 32, "seq": 256,
               "warmup": 100},
 }
 
