@@ -15,9 +15,9 @@ from typing import Any, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A mistake in the user's configuration; the message is one sentence naming the key to fix."""
+from megatron_mtp.errors import ConfigError
+from megatron_mtp.io_utils import atomic_write_text
+from megatron_mtp.validation import validate_combinations, validate_layout  # noqa: F401  (validate_layout: here too)
 
 
 @dataclass
@@ -171,10 +171,7 @@ class Config:
         return dataclasses.asdict(self)
 
     def save(self, path: str) -> None:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
-        os.replace(tmp, path)
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -358,14 +355,6 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _check(p.tp >= 1, f"parallel.tp must be at least 1, got {p.tp}.")
     _check(p.pp >= 1, f"parallel.pp must be at least 1, got {p.pp}.")
     _check(p.zero_stage in (0, 1, 2), f"parallel.zero_stage must be 0, 1 or 2, got {p.zero_stage}.")
-    _check(
-        not (p.pp > 1 and p.zero_stage > 1),
-        f"parallel.zero_stage={p.zero_stage} is not possible with pipeline parallelism (parallel.pp={p.pp}): "
-        f"DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only.",
-    )
-    for name, value in (("num_attention_heads", m.num_attention_heads), ("num_kv_heads", m.kv_heads),
-                        ("ffn size", m.ffn_size)):
-        _check(value % p.tp == 0, f"parallel.tp ({p.tp}) must divide model.{name} ({value}).")
     _check(cfg.data.seq_length > 0, f"data.seq_length must be positive, got {cfg.data.seq_length}.")
     _check(
         cfg.data.seq_length <= m.max_seq_length,
@@ -389,34 +378,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _check(o.warmup_iters >= 0, f"optimizer.warmup_iters must be non-negative, got {o.warmup_iters}.")
     _check(cfg.logging.interval >= 1, f"logging.interval must be at least 1, got {cfg.logging.interval}.")
     _check(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be at least 1, got {cfg.checkpoint.keep_last}.")
+    validate_combinations(cfg)  # rules spanning sections: validation.py
     if world_size is not None:
         validate_layout(cfg, world_size)
-
-
-def validate_layout(cfg: Config, world_size: int) -> int:
-    """Check the parallel layout against the world size; return the data-parallel size and fix batch sizes."""
-    p, t = cfg.parallel, cfg.train
-    _check(
-        world_size % (p.tp * p.pp) == 0,
-        f"the world size ({world_size}) must be divisible by parallel.tp x parallel.pp ({p.tp} x {p.pp}).",
-    )
-    dp = world_size // (p.tp * p.pp)
-    per_step = t.micro_batch_size * dp
-    if t.global_batch_size is None:
-        t.global_batch_size = per_step * (t.grad_accum or 1)
-    _check(
-        t.global_batch_size % per_step == 0,
-        f"train.global_batch_size ({t.global_batch_size}) must be a multiple of train.micro_batch_size x "
-        f"data-parallel size ({t.micro_batch_size} x {dp}).",
-    )
-    accum = t.global_batch_size // per_step
-    _check(
-        t.grad_accum is None or t.grad_accum == accum,
-        f"train.grad_accum ({t.grad_accum}) contradicts train.global_batch_size ({t.global_batch_size}) = "
-        f"micro_batch_size ({t.micro_batch_size}) x data-parallel size ({dp}) x grad_accum ({accum}).",
-    )
-    t.grad_accum = accum
-    return dp
 
 
 def describe(cfg: Config) -> str:
