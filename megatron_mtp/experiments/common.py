@@ -111,9 +111,9 @@ def environment(device: str) -> dict:
 
 
 def write_text(path: str, text: str) -> None:
-    from megatron_mtp.data.index_cache import write_text_atomic
+    from megatron_mtp.io_utils import atomic_write_text
 
-    write_text_atomic(path, text)
+    atomic_write_text(path, text)
 
 
 def write_json(path: str, data: dict) -> None:
@@ -170,10 +170,10 @@ def _report(result: dict) -> None:
 
 
 def savefig(fig, path: str) -> str:
-    tmp = path + ".tmp.png"
+    from megatron_mtp.io_utils import atomic_save_path
+
     fig.tight_layout()
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    atomic_save_path(path, lambda tmp: fig.savefig(tmp, dpi=110))
     return path
 
 
