@@ -1,8 +1,10 @@
 """Entry point: ``mtp-train --config FILE [--section.key value ...]`` (also ``python -m megatron_mtp.train``).
 
 Launch it as it is for one process, or under torchrun / srun / mpirun for many: ranks are discovered from
-the launcher's environment. Mistakes in the config, data, checkpoint or launch environment end the run
-with one sentence on stderr and exit status 2.
+the launcher's environment. Mistakes in the config, data, checkpoint or launch environment, and a run
+directory another trainer holds, end the run with one sentence on stderr and exit status 2; a run that
+diverges (``train.max_consecutive_skips`` non-finite steps in a row) or whose rank stops answering (the
+heartbeat watchdog) ends with one sentence and exit status 3.
 """
 from __future__ import annotations
 
@@ -17,8 +19,10 @@ def _user_errors() -> tuple:
     from megatron_mtp.data.errors import DataError
     from megatron_mtp.parallel.distributed import LaunchError
     from megatron_mtp.parallel.state import LayoutError
+    from megatron_mtp.training.guard import TrainingError
+    from megatron_mtp.training.run_lock import RunLockError
 
-    return ConfigError, DataError, LaunchError, LayoutError, CheckpointError
+    return ConfigError, DataError, LaunchError, LayoutError, CheckpointError, RunLockError, TrainingError
 
 
 def _launch_rank() -> int:
@@ -49,11 +53,14 @@ def main(argv=None) -> int:
         train(cfg)
     except errors as exc:
         kind = {"ConfigError": "config", "LayoutError": "config", "DataError": "data",
-                "LaunchError": "launch", "CheckpointError": "checkpoint"}.get(type(exc).__name__, "input")
-        # Config and layout errors are the same on every rank: say them once. Others may be rank-specific.
-        if kind != "config" or _launch_rank() == 0:
+                "LaunchError": "launch", "CheckpointError": "checkpoint", "RunLockError": "run directory",
+                "TrainingError": "training"}.get(type(exc).__name__, "input")
+        # Config, layout, lock and divergence errors are decided alike on every rank: say them once (rank 0 holds
+        # the lock's details). Others may be rank-specific.
+        if kind not in ("config", "run directory", "training") or _launch_rank() == 0:
             print(f"{kind} error: {exc}", file=sys.stderr, flush=True)
-        return 2
+        # 3: the run stopped on a fault of its own (it diverged), not on a mistake in its inputs.
+        return 3 if kind == "training" else 2
     finally:
         from megatron_mtp.parallel.distributed import destroy_distributed
 

@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from megatron_mtp.config import Config, ConfigError
 from megatron_mtp.parallel import state
+from megatron_mtp.training.guard import all_finite, poison_non_finite
 from megatron_mtp.training.local_engine import StepResult, autocast_context, clip_gradients
 from megatron_mtp.training.lr_schedule import learning_rate
 from megatron_mtp.training.optimizer import build_optimizer
@@ -407,6 +408,8 @@ class DeepSpeedEngine:
         self.model = self.engine.module
         self._grad_accumulators = _register_sequence_parallel_hooks(self.model) if p.sequence_parallel else []
         self._grad_norm: Optional[torch.Tensor] = None
+        self._own_clipping = False
+        self._skipped = False  # set by our clipping hook when it drops a non-finite step
         if not (self.engine.zero_optimization() or self.engine.bfloat16_enabled() or self.engine.fp16_enabled()):
             self._own_fp32_clipping()
 
@@ -417,12 +420,21 @@ class DeepSpeedEngine:
         DeepSpeed's fp32 ZeRO-0 clipping (``clip_grad_norm_``) counts replicated parameters only on
         model-parallel rank 0, i.e. only on the first pipeline stage. ``local_engine.clip_gradients`` counts
         TP-sharded parameters on every TP rank, replicated ones on TP rank 0 of each stage, tied copies once,
-        and sums over the TP x PP group (DP ranks already hold equal, averaged gradients)."""
+        and sums over the TP x PP group (DP ranks already hold equal, averaged gradients).
+
+        A non-finite norm skips the update (training/guard.py), as DeepSpeed's ZeRO optimizers do by themselves:
+        the gradients are dropped, so the torch optimizer's step passes over every parameter (weights and Adam
+        moments untouched) while DeepSpeed's bookkeeping (step counters, zeroing) runs as usual."""
         ds = self.engine
         take_model_step = ds._take_model_step
+        self._own_clipping = True
 
         def _take_model_step(*args, **kwargs):
             self._grad_norm = clip_gradients(self.model, self.cfg.optimizer.clip_grad)
+            if not all_finite(self._grad_norm):
+                self._skipped = True
+                for p in self.model.parameters():
+                    p.grad = None
             return take_model_step(*args, **kwargs)
 
         ds._take_model_step = _take_model_step
@@ -457,21 +469,29 @@ class DeepSpeedEngine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self._grad_norm = None
+        self._skipped = False
         if self.pipelined:
+            # Under the pipeline the loss is computed inside DeepSpeed's schedule, so a non-finite loss is caught
+            # through the gradients it produces (the gradient-norm test) rather than poisoned here.
             loss = self.engine.train_batch(data_iter=iter(self._pipe_batches(micro_batches)))
             heads = torch.stack([v.reshape(()) for v in self.engine.agg_additional_losses.values()]).float()
-            return StepResult(loss.detach().float(), heads, self._grad_norm_tensor(), lr)
+            return StepResult(loss.detach().float(), heads, self._grad_norm_tensor(), lr, skipped=self._step_skipped())
 
         self.engine.train()
         losses = []
         for tokens in micro_batches:
             with self._autocast():
                 loss, head_losses = self.engine(tokens.to(self.device, non_blocking=True))
-            self.engine.backward(loss)
+            self.engine.backward(poison_non_finite(loss))  # a non-finite loss fails the step's gradient test
             self.engine.step()
             losses.append(torch.cat([loss.detach().float().reshape(1), head_losses.detach().float()]))
         mean = self._dp_mean(torch.stack(losses).mean(0))
-        return StepResult(mean[0], mean[1:], self._grad_norm_tensor(), lr)
+        return StepResult(mean[0], mean[1:], self._grad_norm_tensor(), lr, skipped=self._step_skipped())
+
+    def _step_skipped(self) -> bool:
+        """Whether the step just taken left the weights alone (a non-finite gradient norm; the same on every
+        rank: DeepSpeed reduces its overflow flag over DP and model parallel, our hook reduces over the world)."""
+        return self._skipped if self._own_clipping else not self.engine.was_step_applied()
 
     def _dp_mean(self, values: torch.Tensor) -> torch.Tensor:
         group = state.dp_group()

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from megatron_mtp.config import Config
 from megatron_mtp.parallel import state
+from megatron_mtp.training.guard import all_finite
 from megatron_mtp.training.lr_schedule import learning_rate
 from megatron_mtp.training.optimizer import build_optimizer
 
@@ -24,6 +25,7 @@ class StepResult:
     head_losses: torch.Tensor  # [n] per-head mean losses
     grad_norm: torch.Tensor
     lr: float
+    skipped: bool = False  # the loss or gradient norm was not finite, so no update (training/guard.py)
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype):
@@ -115,10 +117,14 @@ class LocalEngine:
             allreduce_sequence_parallel_grads(self.model)
             grad_norm = clip_gradients(self.model, self.cfg.optimizer.clip_grad)
         lr = self.lr_at(step)
+        loss = loss_sum / accum
+        if not all_finite(loss, grad_norm):  # reduced over the world: every TP rank skips together
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepResult(loss, heads_sum / accum, grad_norm, lr, skipped=True)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
-        return StepResult(loss_sum / accum, heads_sum / accum, grad_norm, lr)
+        return StepResult(loss, heads_sum / accum, grad_norm, lr)
 
     @torch.no_grad()
     def eval_step(self, micro_batches: list) -> torch.Tensor:
