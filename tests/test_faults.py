@@ -1,0 +1,204 @@
+"""Faults a run must survive or end cleanly on (docs/training.md, "Faults and failure model").
+
+* Non-finite steps: a NaN loss or an infinite gradient skips the update (weights and Adam state bit-for-bit
+  unchanged), is counted as ``skipped_iters``, and ``train.max_consecutive_skips`` of them in a row end the run
+  with one sentence and exit status 3. A non-finite state is never saved, so rotation cannot prune the last
+  good checkpoint. Across ranks (TP = 2 on LocalEngine; DP = 2 on DeepSpeed, ZeRO 0 and 1) a NaN on ONE rank
+  makes every rank skip the same step.
+* A SIGSTOPped rank (either the one hosting the rendezvous store or not) ends the job within
+  ``parallel.heartbeat_timeout_s`` with a message naming it.
+* A second trainer on a locked run directory is refused with one sentence (exit 2); a lock left by a killed
+  trainer is taken over.
+
+The NaNs are injected by monkeypatching the model's forward (a NaN loss) or a gradient hook (an infinite
+gradient with a finite loss) at chosen steps.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from dist_utils import run_distributed
+from test_checkpoint_resume import REPO, free_port, make_corpus, tiny_overrides
+
+
+def _records(run_dir: str) -> list:
+    from megatron_mtp.training.metrics import read_metrics
+
+    return read_metrics(run_dir)
+
+
+class _Injector:
+    """Makes chosen (1-based) steps non-finite: ``nan_loss`` steps get a NaN loss (and so NaN gradients),
+    ``inf_grad`` steps a finite loss with an infinite gradient; ``corrupt_after`` writes a NaN into a weight
+    after that step's update, a state the step test cannot see. ``ranks`` limits it to some ranks."""
+
+    def __init__(self, nan_loss=(), inf_grad=(), corrupt_after=None, ranks=None):
+        self.nan_loss, self.inf_grad, self.corrupt_after, self.ranks = set(nan_loss), set(inf_grad), corrupt_after, ranks
+        self.step = 0
+        self.skipped = []  # StepResult.skipped per step
+        self.checksums = []  # float64 sum of this rank's parameters after each step
+
+    def _mine(self) -> bool:
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        return self.ranks is None or rank in self.ranks
+
+    def install(self, monkeypatch) -> None:
+        from megatron_mtp.model.mtp_model import MTPModel
+        from megatron_mtp.training import deepspeed_engine, local_engine
+
+        injector = self
+        forward = MTPModel.forward
+
+        def poisoned_forward(model, *args, **kwargs):
+            loss, heads = forward(model, *args, **kwargs)
+            if injector._mine() and injector.step in injector.nan_loss:
+                loss = loss * math.nan
+            if injector._mine() and injector.step in injector.inf_grad and torch.is_grad_enabled():
+                loss = _InfGrad.apply(loss)
+            return loss, heads
+
+        monkeypatch.setattr(MTPModel, "forward", poisoned_forward)
+        for cls in (local_engine.LocalEngine, deepspeed_engine.DeepSpeedEngine):
+            monkeypatch.setattr(cls, "train_step", self._wrap(cls.train_step))
+
+    def _wrap(self, train_step):
+        injector = self
+
+        def wrapped(engine, micro_batches, step):
+            injector.step = step + 1
+            result = train_step(engine, micro_batches, step)
+            injector.skipped.append(bool(result.skipped))
+            if injector.corrupt_after == step + 1:
+                with torch.no_grad():
+                    next(engine.model.parameters()).view(-1)[0] = math.nan
+            injector.checksums.append(sum(float(p.detach().double().sum()) for p in engine.model.parameters()))
+            return result
+
+        return wrapped
+
+
+class _InfGrad(torch.autograd.Function):
+    """Identity forward; backward hands an infinite gradient upstream (the loss itself stays finite)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * math.inf
+
+
+def _run_main(args: list) -> int:
+    from megatron_mtp.train import main
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        return main(args)
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeypatch, capsys):
+    from megatron_mtp.checkpoint.formats import open_checkpoint
+    from megatron_mtp.checkpoint.manager import complete_checkpoints
+
+    run, data = str(tmp_path / "run"), str(tmp_path / "data")
+    injector = _Injector(inf_grad={3}, nan_loss=set(range(7, 100)))
+    injector.install(monkeypatch)
+    args = tiny_overrides(run, data, **{"train.iters": 20, "checkpoint.interval": 2, "checkpoint.keep_last": 3,
+                                        "train.max_consecutive_skips": 3})
+    assert _run_main(args) == 3
+    out, err = capsys.readouterr()
+    assert err.strip() == ("training error: the loss or gradient norm was not finite for 3 steps in a row (steps "
+                           "7-9), so training stopped; resume from the last checkpoint with a lower optimizer.lr "
+                           "or a stricter optimizer.clip_grad.")
+    assert injector.skipped == [False, False, True, False, False, False, True, True, True]
+    # a skip changes nothing: step 3 (finite loss, infinite gradient) and steps 7-9 leave the weights as they were
+    sums = injector.checksums
+    assert sums[2] == sums[1] and sums[6] == sums[5] == sums[7] == sums[8] and sums[3] != sums[2]
+
+    records = {r["step"]: r for r in _records(run)}
+    assert sorted(records) == list(range(1, 9))  # step 9 raised before it was logged
+    assert [s for s, r in records.items() if r["skipped_iters"]] == [3, 7, 8]
+    assert all(r["skipped_iters"] == 0 and math.isfinite(r["loss"]) for s, r in records.items() if s not in (3, 7, 8))
+    assert math.isfinite(records[3]["loss"]) is False and math.isnan(records[7]["loss"])  # skipped: no loss to log
+    assert "| skipped 1" in out and "step 3: the loss or gradient norm is not finite; update skipped (1 in a row" in out
+
+    # checkpoints 4, 6, 8 (keep_last 3), all finite; 8 follows two skipped steps, so it equals 6 bit for bit
+    steps = [s for s, _ in complete_checkpoints(os.path.join(run, "checkpoints"))]
+    assert steps == [4, 6, 8]
+    readers = {s: open_checkpoint(os.path.join(run, "checkpoints", f"step_{s:08d}")) for s in steps}
+    for reader in readers.values():
+        assert all(torch.isfinite(w).all() for w in reader.weights().values())
+    w6, w8 = readers[6].weights(), readers[8].weights()
+    assert w6.keys() == w8.keys() and all(torch.equal(w6[k], w8[k]) for k in w6)
+    o6, o8 = readers[6].optimizer_state(), readers[8].optimizer_state()
+    assert o6 is not None and o6["state"].keys() == o8["state"].keys()
+    for key, moments in o6["state"].items():
+        assert all(torch.equal(moments[m], o8["state"][key][m]) for m in moments), key
+    assert float(o6["step"]) == float(o8["step"]) == 5  # Adam's step count: 6 steps taken, one (step 3) skipped
+
+
+def test_a_non_finite_state_is_never_saved_and_the_last_good_checkpoint_survives(tmp_path, monkeypatch, capsys):
+    from megatron_mtp.checkpoint.formats import open_checkpoint
+    from megatron_mtp.checkpoint.manager import resolve_checkpoint
+
+    run, data = str(tmp_path / "run"), str(tmp_path / "data")
+    _Injector(corrupt_after=5).install(monkeypatch)  # a NaN weight after step 5's (finite) update
+    args = tiny_overrides(run, data, **{"train.iters": 20, "checkpoint.interval": 2, "checkpoint.keep_last": 1})
+    assert _run_main(args) == 3
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("training error: the model's parameters are not finite at step 6, so no checkpoint was "
+                          "written; resume from the newest one under"), err
+    assert err.count("\n") == 0
+    # keep_last 1: publishing step 6 would have pruned step 4, the last good state; nothing was written instead
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["latest", "step_00000004"]
+    reader = open_checkpoint(resolve_checkpoint(run))
+    assert reader.step == 4 and all(torch.isfinite(w).all() for w in reader.weights().values())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Several ranks: a NaN on one rank only must make every rank skip the same step
+
+
+def _skip_worker(rank: int, world_size: int, base: str, data: str, layouts: list):
+    import pytest as _pytest
+
+    from megatron_mtp.config import load_config
+    from megatron_mtp.training import loop
+
+    out = {}
+    for name, extra in layouts:
+        cfg = load_config(None, tiny_overrides(os.path.join(base, name), data, **{"train.iters": 4, **extra}))
+        injector = _Injector(nan_loss={2}, inf_grad={3}, ranks={1})
+        with _pytest.MonkeyPatch.context() as monkeypatch:
+            injector.install(monkeypatch)
+            loop.train(cfg)
+        out[name] = (injector.skipped, injector.checksums)
+    return out
+
+
+def test_one_rank_non_finite_makes_every_rank_skip(tmp_path):
+    data = str(tmp_path / "data")
+    make_corpus(data)
+    layouts = [("tp2", {"parallel.tp": 2}),
+               ("dp2_zero0", {"parallel.zero_stage": 0, "train.grad_accum": 1}),
+               ("dp2_zero1", {"parallel.zero_stage": 1, "train.grad_accum": 1})]
+    results = run_distributed(_skip_worker, 2, str(tmp_path), data, layouts, timeout=600)
+    for name, _ in layouts:
+        (skipped0, sums0), (skipped1, sums1) = results[0][name], results[1][name]
+        assert skipped0 == skipped1 == [False, True, True, False], name
+        for sums in (sums0, sums1):
+            assert sums[1] == sums[0] and sums[2] == sums[1] and sums[3] != sums[2], (name, sums)
