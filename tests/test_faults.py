@@ -202,3 +202,132 @@ def test_one_rank_non_finite_makes_every_rank_skip(tmp_path):
         assert skipped0 == skipped1 == [False, True, True, False], name
         for sums in (sums0, sums1):
             assert sums[1] == sums[0] and sums[2] == sums[1] and sums[3] != sums[2], (name, sums)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bounded waits: a stopped rank ends the job, by name
+
+
+def _start_ranks(world: int, args: list, logs: str, port: int) -> list:
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                   LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", GLOO_SOCKET_IFNAME="lo",
+                   PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        for k in ("SLURM_PROCID", "SLURM_STEP_ID", "OMPI_COMM_WORLD_RANK", "TORCHELASTIC_USE_AGENT_STORE"):
+            env.pop(k, None)
+        with open(os.path.join(logs, f"rank{rank}.log"), "w") as log:
+            procs.append(subprocess.Popen([sys.executable, "-m", "megatron_mtp.train", *args], cwd=REPO, env=env,
+                                          stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+
+def _wait_for(path: str, text: str, procs: list, seconds: float = 180) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if os.path.exists(path) and text in open(path).read():
+            return
+        if any(p.poll() is not None for p in procs):
+            break
+        time.sleep(0.1)
+    raise AssertionError(f"{text!r} never appeared in {path}:\n" + (open(path).read()[-3000:] if os.path.exists(path) else ""))
+
+
+@pytest.mark.parametrize("stopped, heartbeat_s, timeout_min", [
+    (1, 5, 5),    # the watchdog on rank 0 names rank 1
+    (0, 5, 5),    # rank 0 hosts the rendezvous store, which stops with it: rank 1's watchdog names rank 0
+    (1, 0, 0.1),  # no watchdog: the collective timeout (6 s) alone bounds the wait
+])
+def test_a_stopped_rank_ends_the_job_within_the_timeout(tmp_path, stopped, heartbeat_s, timeout_min):
+    run, data, logs = str(tmp_path / "run"), str(tmp_path / "data"), str(tmp_path)
+    port = free_port()
+    args = tiny_overrides(run, data, **{"train.iters": 100000, "parallel.tp": 2, "checkpoint.save": False,
+                                        "parallel.heartbeat_timeout_s": heartbeat_s,
+                                        "parallel.timeout_minutes": timeout_min})
+    procs = _start_ranks(2, args, logs, port)
+    survivor = 1 - stopped
+    try:
+        _wait_for(os.path.join(logs, "rank0.log"), "step     3/", procs)
+        os.kill(procs[stopped].pid, signal.SIGSTOP)
+        start = time.monotonic()
+        rc = procs[survivor].wait(timeout=90)
+        elapsed = time.monotonic() - start
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()  # SIGKILL ends a stopped process too, as the launcher would
+            p.wait()
+    log = open(os.path.join(logs, f"rank{survivor}.log")).read()
+    limit = heartbeat_s or timeout_min * 60
+    assert limit - 1.5 < elapsed < limit + 8, (elapsed, log[-2000:])
+    if heartbeat_s:
+        assert rc == 3, log[-3000:]
+        who = f"rank {stopped}"
+        lines = [line for line in log.splitlines() if "stopped answering" in line]
+        assert len(lines) == 1 and lines[0].startswith(f"watchdog on rank {survivor}: {who} stopped answering for "), log[-3000:]
+        assert lines[0].endswith("s (parallel.heartbeat_timeout_s is 5); ending the job.")
+    else:
+        assert rc != 0, log[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One run directory, one trainer
+
+
+def _acquire_in_subprocess(run_dir: str, then: str = "") -> subprocess.CompletedProcess:
+    code = ("import sys\nfrom megatron_mtp.training.run_lock import RunLockError, acquire\n"
+            f"try:\n    note = acquire({run_dir!r})\nexcept RunLockError as exc:\n    print(exc)\n    sys.exit(2)\n"
+            f"print('acquired', note)\n{then}")
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_run_lock_refuses_a_second_holder_and_takes_over_a_dead_ones(tmp_path):
+    import socket
+
+    from megatron_mtp.training import run_lock
+
+    run = str(tmp_path / "run")
+    assert run_lock.acquire(run) is None
+    try:
+        assert run_lock.acquire(run) is None  # this process again (an in-process train() that raised): fine
+        other = _acquire_in_subprocess(run)
+        assert other.returncode == 2
+        assert other.stdout.strip().startswith(f"run directory {run} is in use by another trainer (pid {os.getpid()} "
+                                               f"on host {socket.gethostname()}, started ")
+        assert other.stdout.strip().endswith("); stop that trainer or choose another train.run_dir.")
+    finally:
+        run_lock.release(run)
+    # a holder that is SIGKILLed leaves its record behind; the next one takes over and says from whom
+    dead = _acquire_in_subprocess(run, then="import os, signal\nos.kill(os.getpid(), signal.SIGKILL)")
+    assert dead.returncode == -signal.SIGKILL and dead.stdout.startswith("acquired None")
+    note = run_lock.acquire(run)
+    try:
+        assert note is not None and note.startswith(f"took over the lock of {run} from a trainer that is gone (pid ")
+    finally:
+        run_lock.release(run)
+    assert _acquire_in_subprocess(run).stdout.startswith("acquired None")  # released cleanly: nothing to take over
+
+
+def test_second_trainer_on_a_run_dir_is_refused_on_every_rank(tmp_path):
+    from megatron_mtp.training import run_lock
+
+    run, data, logs = str(tmp_path / "run"), str(tmp_path / "data"), str(tmp_path)
+    args = tiny_overrides(run, data, **{"parallel.tp": 2, "train.iters": 2})
+    run_lock.acquire(run)  # this process plays the first trainer
+    try:
+        procs = _start_ranks(2, args, logs, free_port())
+        codes = [p.wait(timeout=120) for p in procs]
+    finally:
+        run_lock.release(run)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    rank0, rank1 = (open(os.path.join(logs, f"rank{r}.log")).read() for r in range(2))
+    assert codes == [2, 2], (rank0[-2000:], rank1[-2000:])
+    errors = [line for line in rank0.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"run directory error: run directory {run} is in use by another trainer (pid {os.getpid()} on host "), rank0
+    assert "error" not in rank1 and "Traceback" not in rank0 + rank1
+    assert sorted(os.listdir(run)) == ["trainer.lock"]  # nothing written

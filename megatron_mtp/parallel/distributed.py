@@ -319,6 +319,7 @@ def discover_launch_env(environ: Mapping[str, str] = os.environ) -> LaunchEnv:
 
 _LAUNCH_ENV: Optional[LaunchEnv] = None
 _WATCHDOG = None  # parallel.watchdog.Watchdog of this process, while the process group it watches is up
+_TIMEOUT: Optional[timedelta] = None  # the collective timeout init_distributed gave the default group
 
 # How long a collective may wait before the job ends (``parallel.timeout_minutes``): minutes, not torch's ten, so a
 # wedged job gives its allocation back soon; long enough for a first-time data-index build on rank 0.
@@ -336,7 +337,7 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = DEFAULT_T
     ``heartbeat_timeout_s`` > 0 a heartbeat watchdog (``parallel/watchdog.py``) ends the job when a rank stops
     answering for that long. Calling it again returns the first answer.
     """
-    global _LAUNCH_ENV, _WATCHDOG
+    global _LAUNCH_ENV, _WATCHDOG, _TIMEOUT
     import torch
     import torch.distributed as dist
 
@@ -375,6 +376,7 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = DEFAULT_T
             backend=backend, init_method="env://", rank=env.rank, world_size=env.world_size,
             timeout=timedelta(seconds=timeout_s),
         )
+        _TIMEOUT = timedelta(seconds=timeout_s)
         if heartbeat_timeout_s > 0:
             from megatron_mtp.parallel.watchdog import Watchdog
 
@@ -386,11 +388,19 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = DEFAULT_T
     return env
 
 
+def collective_timeout() -> Optional[timedelta]:
+    """The default group's collective timeout, for every group created after it: ``dist.new_group`` does not
+    inherit it (a new group gets torch's backend default, 30 minutes for gloo, 10 for NCCL). None when the
+    group was started by someone else (then torch's default applies, as for them)."""
+    return _TIMEOUT
+
+
 def destroy_distributed() -> None:
     """Tear down the default process group (if any) so a later init_distributed starts afresh."""
-    global _LAUNCH_ENV, _WATCHDOG
+    global _LAUNCH_ENV, _WATCHDOG, _TIMEOUT
     import torch.distributed as dist
 
+    _TIMEOUT = None
     if _WATCHDOG is not None:  # first: a rank leaving normally is not a rank that stopped answering
         _WATCHDOG.stop()
         _WATCHDOG = None

@@ -106,8 +106,7 @@ class Watchdog:
             now = time.monotonic()
             since = self._round_trip_since
             if since is not None and now - since > self.timeout_s:
-                who = (f"rank 0 (which hosts the rendezvous store at {self.host}:{self.port})"
-                       if self.store_on_rank0 else f"the rendezvous store at {self.host}:{self.port}")
+                who = "rank 0" if self.store_on_rank0 else f"the rendezvous store at {self.host}:{self.port}"
                 self._fail(who, now - since)
                 return
             if self._lost:

@@ -19,9 +19,6 @@ import socket
 import time
 from typing import Optional
 
-import torch
-import torch.distributed as dist
-
 LOCK_NAME = "trainer.lock"
 _NO_FLOCK = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
 
@@ -123,8 +120,11 @@ def release(run_dir: str) -> None:
         os.close(fd)
 
 
-def lock_run_dir(run_dir: str, rank: int, device: torch.device) -> None:
+def lock_run_dir(run_dir: str, rank: int, device) -> None:
     """Global rank 0 takes the lock; every rank raises RunLockError if it could not (collective)."""
+    import torch  # here, not at the top: the lock itself is plain POSIX and usable without torch
+    import torch.distributed as dist
+
     error: Optional[RunLockError] = None
     if rank == 0:
         try:
