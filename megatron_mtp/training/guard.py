@@ -11,7 +11,8 @@ Where the decision is taken:
 
 * ``LocalEngine``: after the gradient norm, before ``optimizer.step`` (:func:`all_finite`).
 * ``DeepSpeedEngine``: DeepSpeed's ZeRO optimizers skip a step whose gradient norm is not finite, for bf16 and
-  fp32 alike (``engine.was_step_applied()`` reports it); without ZeRO our own clipping hook drops the
+  fp32 alike (``engine.was_step_applied()`` reports it; checked with deepspeed 0.19.8, and a user JSON that
+  sets ``bf16.check_grad_overflow`` false turns it off for bf16); without ZeRO our own clipping hook drops the
   gradients instead. A non-finite loss is turned into NaN gradients on its rank (:func:`poison_non_finite`)
   so the same gradient test catches it on every rank, with no extra collective.
 """
@@ -38,7 +39,6 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
 
 def all_finite(*values: torch.Tensor) -> bool:
     """Whether every value is finite on every rank (the same answer everywhere)."""
-    device = values[0].device
     bad = torch.stack([(~torch.isfinite(v.detach().float())).any() for v in values]).any()
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         bad = bad.float().reshape(1)
