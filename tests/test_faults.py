@@ -40,8 +40,9 @@ class _Injector:
     ``inf_grad`` steps a finite loss with an infinite gradient; ``corrupt_after`` writes a NaN into a weight
     after that step's update, a state the step test cannot see. ``ranks`` limits it to some ranks."""
 
-    def __init__(self, nan_loss=(), inf_grad=(), corrupt_after=None, ranks=None):
+    def __init__(self, nan_loss=(), inf_grad=(), corrupt_after=None, ranks=None, inf_param_grad=()):
         self.nan_loss, self.inf_grad, self.corrupt_after, self.ranks = set(nan_loss), set(inf_grad), corrupt_after, ranks
+        self.inf_param_grad = set(inf_param_grad)  # an infinite gradient on one parameter (any engine, pipeline too)
         self.step = 0
         self.skipped = []  # StepResult.skipped per step
         self.checksums = []  # float64 sum of this rank's parameters after each step
@@ -76,7 +77,12 @@ class _Injector:
 
         def wrapped(engine, micro_batches, step):
             injector.step = step + 1
+            hook = None
+            if injector._mine() and injector.step in injector.inf_param_grad:
+                hook = next(engine.model.parameters()).register_hook(lambda g: g * math.inf)
             result = train_step(engine, micro_batches, step)
+            if hook is not None:
+                hook.remove()
             injector.skipped.append(bool(result.skipped))
             if injector.corrupt_after == step + 1:
                 with torch.no_grad():
@@ -182,7 +188,10 @@ def _skip_worker(rank: int, world_size: int, base: str, data: str, layouts: list
     out = {}
     for name, extra in layouts:
         cfg = load_config(None, tiny_overrides(os.path.join(base, name), data, **{"train.iters": 4, **extra}))
-        injector = _Injector(nan_loss={2}, inf_grad={3}, ranks={1})
+        if extra.get("parallel.pp", 1) > 1:  # the pipeline runs its own stage modules: hook a parameter instead
+            injector = _Injector(inf_param_grad={2, 3}, ranks={1})
+        else:
+            injector = _Injector(nan_loss={2}, inf_grad={3}, ranks={1})
         with _pytest.MonkeyPatch.context() as monkeypatch:
             injector.install(monkeypatch)
             loop.train(cfg)
@@ -195,7 +204,8 @@ def test_one_rank_non_finite_makes_every_rank_skip(tmp_path):
     make_corpus(data)
     layouts = [("tp2", {"parallel.tp": 2}),
                ("dp2_zero0", {"parallel.zero_stage": 0, "train.grad_accum": 1}),
-               ("dp2_zero1", {"parallel.zero_stage": 1, "train.grad_accum": 1})]
+               ("dp2_zero1", {"parallel.zero_stage": 1, "train.grad_accum": 1}),
+               ("pp2", {"parallel.pp": 2})]
     results = run_distributed(_skip_worker, 2, str(tmp_path), data, layouts, timeout=600)
     for name, _ in layouts:
         (skipped0, sums0), (skipped1, sums1) = results[0][name], results[1][name]
