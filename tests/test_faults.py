@@ -3,8 +3,8 @@
 * Non-finite steps: a NaN loss or an infinite gradient skips the update (weights and Adam state bit-for-bit
   unchanged), is counted as ``skipped_iters``, and ``train.max_consecutive_skips`` of them in a row end the run
   with one sentence and exit status 3. A non-finite state is never saved, so rotation cannot prune the last
-  good checkpoint. Across ranks (TP = 2 on LocalEngine; DP = 2 on DeepSpeed, ZeRO 0 and 1) a NaN on ONE rank
-  makes every rank skip the same step.
+  good checkpoint. Across ranks (TP = 2 on LocalEngine; DP = 2 on DeepSpeed, ZeRO 0 and 1; PP = 2) a NaN or
+  an infinity on ONE rank makes every rank skip the same step.
 * A SIGSTOPped rank (either the one hosting the rendezvous store or not) ends the job within
   ``parallel.heartbeat_timeout_s`` with a message naming it.
 * A second trainer on a locked run directory is refused with one sentence (exit 2); a lock left by a killed
