@@ -90,8 +90,8 @@ class ParallelConfig:
     reduce_bucket_size: int = 50_000_000
     allgather_bucket_size: int = 50_000_000
     backend: Optional[str] = None  # None = nccl on CUDA, gloo on CPU
-    # Bounded waits (docs/training.md, "Faults"): a collective that waits longer than this ends the job
-    # (torch.distributed's process-group timeout; torch's default is 10 minutes) ...
+    # Bounded waits (docs/training.md, "Faults and failure model"): a collective that waits longer than this
+    # ends the job (the process groups' timeout; torch's defaults are 10 minutes for NCCL, 30 for gloo) ...
     timeout_minutes: float = 5.0
     # ... and a rank whose heartbeat stalls this long (a stopped or frozen process, an unreachable node) ends
     # it sooner, naming that rank (parallel/watchdog.py). 0 = no watchdog.
