@@ -95,6 +95,10 @@ class Watchdog:
                     elif value != self._seen[r][0]:
                         self._seen[r] = (value, time.monotonic())
                 self._round_trip_since = None
+                if self.rank != 0 and not self.watched:
+                    # Rank 0 is leaving, and its process hosts the store: stop touching it before it closes.
+                    self._lost = self.store_on_rank0
+                    return
             except Exception:  # connection closed: the store's host has exited, so the job is ending
                 self._lost = True
                 self._round_trip_since = None
