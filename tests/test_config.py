@@ -112,7 +112,8 @@ def test_cli_reports_config_error_and_exit_code(tmp_path):
         ("model.max_seq_length", "0", "model.max_seq_length must be positive, got 0."),
         ("mtp.n_heads", "0", "mtp.n_heads must be positive, got 0."),
         ("mtp.loss_weights", "[0, 0, 0, 0]",
-         "mtp.loss_weights must be a list of non-negative finite numbers with a positive sum (or none), got [0, 0, 0, 0]."),
+         "mtp.loss_weights must be a list of non-negative finite numbers with a positive sum (or none), "
+         "got [0, 0, 0, 0]."),
         ("parallel.zero_stage", "3", "parallel.zero_stage must be 0, 1 or 2, got 3."),
         ("parallel.reduce_bucket_size", "0", "parallel.reduce_bucket_size must be positive, got 0."),
         ("parallel.backend", "tcp", "parallel.backend must be nccl, gloo, mpi or ucc (or none), got 'tcp'."),

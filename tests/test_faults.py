@@ -41,7 +41,8 @@ class _Injector:
     after that step's update, a state the step test cannot see. ``ranks`` limits it to some ranks."""
 
     def __init__(self, nan_loss=(), inf_grad=(), corrupt_after=None, ranks=None, inf_param_grad=()):
-        self.nan_loss, self.inf_grad, self.corrupt_after, self.ranks = set(nan_loss), set(inf_grad), corrupt_after, ranks
+        self.nan_loss, self.inf_grad = set(nan_loss), set(inf_grad)
+        self.corrupt_after, self.ranks = corrupt_after, ranks
         self.inf_param_grad = set(inf_param_grad)  # an infinite gradient on one parameter (any engine, pipeline too)
         self.step = 0
         self.skipped = []  # StepResult.skipped per step
@@ -241,7 +242,8 @@ def _wait_for(path: str, text: str, procs: list, seconds: float = 180) -> None:
         if any(p.poll() is not None for p in procs):
             break
         time.sleep(0.1)
-    raise AssertionError(f"{text!r} never appeared in {path}:\n" + (open(path).read()[-3000:] if os.path.exists(path) else ""))
+    tail = open(path).read()[-3000:] if os.path.exists(path) else ""
+    raise AssertionError(f"{text!r} never appeared in {path}:\n{tail}")
 
 
 @pytest.mark.parametrize("stopped, heartbeat_s, timeout_min", [
@@ -275,7 +277,8 @@ def test_a_stopped_rank_ends_the_job_within_the_timeout(tmp_path, stopped, heart
         assert rc == 3, log[-3000:]
         who = f"rank {stopped}"
         lines = [line for line in log.splitlines() if "stopped answering" in line]
-        assert len(lines) == 1 and lines[0].startswith(f"watchdog on rank {survivor}: {who} stopped answering for "), log[-3000:]
+        assert len(lines) == 1, log[-3000:]
+        assert lines[0].startswith(f"watchdog on rank {survivor}: {who} stopped answering for "), lines[0]
         assert lines[0].endswith("s (parallel.heartbeat_timeout_s is 5); ending the job.")
     else:
         assert rc != 0, log[-3000:]
