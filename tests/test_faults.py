@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -282,6 +283,30 @@ def test_a_stopped_rank_ends_the_job_within_the_timeout(tmp_path, stopped, heart
         assert lines[0].endswith("s (parallel.heartbeat_timeout_s is 5); ending the job.")
     else:
         assert rc != 0, log[-3000:]
+
+
+def test_watchdog_names_the_silent_rank_and_not_one_that_left(capsys):
+    """In-process: a store, rank 0's watchdog, rank 1 beating and then leaving normally, rank 2 never heard."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from megatron_mtp.parallel.watchdog import EXIT_STATUS, Watchdog
+
+    store = dist.TCPStore("127.0.0.1", 0, None, True, timedelta(seconds=10), wait_for_workers=False)
+    exits: list = []
+    rank1 = Watchdog(1, 3, "127.0.0.1", store.port, 1.0, exit_fn=exits.append).start()
+    rank0 = Watchdog(0, 3, "127.0.0.1", store.port, 1.0, exit_fn=exits.append).start()
+    time.sleep(0.5)
+    rank1.stop()  # left normally: marked done, so nobody reports it
+    deadline = time.monotonic() + 10
+    while not exits and time.monotonic() < deadline:
+        time.sleep(0.05)
+    rank0.stop()
+    assert exits == [EXIT_STATUS]
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and re.fullmatch(r"watchdog on rank 0: rank 2 stopped answering for \d+ s "
+                                            r"\(parallel.heartbeat_timeout_s is 1\); ending the job\.", lines[0])
 
 
 # ---------------------------------------------------------------------------------------------------------
