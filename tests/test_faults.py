@@ -273,7 +273,8 @@ def test_a_stopped_rank_ends_the_job_within_the_timeout(tmp_path, stopped, heart
             p.wait()
     log = open(os.path.join(logs, f"rank{survivor}.log")).read()
     limit = heartbeat_s or timeout_min * 60
-    assert limit - 1.5 < elapsed < limit + 8, (elapsed, log[-2000:])
+    # not before the limit (less the heartbeat interval the last beat may predate the stop by), not long after
+    assert limit / 2 < elapsed < limit + 8, (elapsed, log[-2000:])
     if heartbeat_s:
         assert rc == 3, log[-3000:]
         who = f"rank {stopped}"
