@@ -16,9 +16,9 @@ from typing import Any, Callable, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A mistake in the user's configuration; the message is one sentence naming the key to fix."""
+from megatron_mtp.errors import ConfigError
+from megatron_mtp.io_utils import atomic_write_text
+from megatron_mtp.validation import validate_combinations, validate_layout  # noqa: F401  (validate_layout: here too)
 
 
 @dataclass
@@ -181,10 +181,7 @@ class Config:
         return dataclasses.asdict(self)
 
     def save(self, path: str) -> None:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
-        os.replace(tmp, path)
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -533,48 +530,15 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
             f"mtp.loss_weights has {len(mtp.loss_weights)} entries but mtp.n_heads is {mtp.n_heads}.",
         )
     _check(
-        not (p.pp > 1 and p.zero_stage > 1),
-        f"parallel.zero_stage={p.zero_stage} is not possible with pipeline parallelism (parallel.pp={p.pp}): "
-        f"DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only.",
-    )
-    for name, value in (("num_attention_heads", m.num_attention_heads), ("num_kv_heads", m.kv_heads),
-                        ("ffn size", m.ffn_size)):
-        _check(value % p.tp == 0, f"parallel.tp ({p.tp}) must divide model.{name} ({value}).")
-    _check(
         cfg.data.seq_length <= m.max_seq_length,
         f"data.seq_length ({cfg.data.seq_length}) exceeds model.max_seq_length ({m.max_seq_length}).",
     )
     _check(len(cfg.data.paths) % 2 == 0 or len(cfg.data.paths) == 1,
            "data.paths must be [weight1, prefix1, weight2, prefix2, ...] or a single prefix.")
     _check(0 <= o.min_lr <= o.lr, f"optimizer.min_lr ({o.min_lr}) must lie between 0 and optimizer.lr ({o.lr}).")
+    validate_combinations(cfg)  # rules spanning sections: validation.py
     if world_size is not None:
         validate_layout(cfg, world_size)
-
-
-def validate_layout(cfg: Config, world_size: int) -> int:
-    """Check the parallel layout against the world size; return the data-parallel size and fix batch sizes."""
-    p, t = cfg.parallel, cfg.train
-    _check(
-        world_size % (p.tp * p.pp) == 0,
-        f"the world size ({world_size}) must be divisible by parallel.tp x parallel.pp ({p.tp} x {p.pp}).",
-    )
-    dp = world_size // (p.tp * p.pp)
-    per_step = t.micro_batch_size * dp
-    if t.global_batch_size is None:
-        t.global_batch_size = per_step * (t.grad_accum or 1)
-    _check(
-        t.global_batch_size % per_step == 0,
-        f"train.global_batch_size ({t.global_batch_size}) must be a multiple of train.micro_batch_size x "
-        f"data-parallel size ({t.micro_batch_size} x {dp}).",
-    )
-    accum = t.global_batch_size // per_step
-    _check(
-        t.grad_accum is None or t.grad_accum == accum,
-        f"train.grad_accum ({t.grad_accum}) contradicts train.global_batch_size ({t.global_batch_size}) = "
-        f"micro_batch_size ({t.micro_batch_size}) x data-parallel size ({dp}) x grad_accum ({accum}).",
-    )
-    t.grad_accum = accum
-    return dp
 
 
 def describe(cfg: Config) -> str:

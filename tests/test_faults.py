@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
-from test_checkpoint_resume import REPO, free_port, make_corpus, tiny_overrides
+from helpers import REPO, free_port, make_corpus, tiny_overrides
 
 
 def _records(run_dir: str) -> list:

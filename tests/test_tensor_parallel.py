@@ -25,7 +25,7 @@ from megatron_mtp.parallel import state
 from megatron_mtp.parallel.layers import initialize_parameters, shard_of, unshard
 from megatron_mtp.parallel.random import get_rng_tracker, model_parallel_seed
 from megatron_mtp.parallel.state import LayoutError
-from megatron_mtp.training.local_engine import allreduce_sequence_parallel_grads
+from megatron_mtp.training.grads import allreduce_sequence_parallel_grads
 
 VOCAB, SEQ, BATCH, SEED = 100, 16, 2, 11
 RTOL = 1e-5

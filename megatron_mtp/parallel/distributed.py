@@ -28,15 +28,13 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import List, Mapping, Optional
 
+from megatron_mtp.errors import LaunchError
+
 # Slurm jobs without MASTER_PORT get a port from their job id, so every task of the job computes the
 # same one without talking. The range sits below Linux's ephemeral ports (32768-60999), where the
 # kernel hands out outgoing connections, and above the well-known ones.
 SLURM_PORT_BASE = 10000
 SLURM_PORT_SPAN = 20000
-
-
-class LaunchError(RuntimeError):
-    """The launcher's environment cannot describe this process's place in the job."""
 
 
 @dataclass

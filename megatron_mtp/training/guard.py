@@ -23,9 +23,7 @@ import math
 import torch
 import torch.distributed as dist
 
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (it diverged, or its state is not finite); one sentence saying what to do."""
+from megatron_mtp.errors import TrainingError
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:

@@ -13,15 +13,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_mtp.config import Config, validate_layout
-from megatron_mtp.model.mtp_model import MTPModel, count_parameters
+from megatron_mtp.checkpoint.manager import CheckpointManager
+from megatron_mtp.config import Config, ConfigError
+from megatron_mtp.data.pipeline import build_train_iterators
+from megatron_mtp.model.builder import build_model
+from megatron_mtp.model.mtp_model import count_parameters
 from megatron_mtp.parallel import state
 from megatron_mtp.parallel.distributed import init_distributed
-from megatron_mtp.parallel.layers import initialize_parameters
 from megatron_mtp.parallel.random import model_parallel_seed
 from megatron_mtp.training import run_lock
+from megatron_mtp.training.deepspeed_engine import DeepSpeedEngine
+from megatron_mtp.training.engine import uses_deepspeed
 from megatron_mtp.training.guard import SkipCounter, save_if_finite
-from megatron_mtp.training.local_engine import LocalEngine
+from megatron_mtp.training.local_engine import LocalEngine, use_master_weights
+from megatron_mtp.validation import validate_run
 from megatron_mtp.training.metrics import (MetricsLogger, flops_per_token, peak_flops, peak_memory_gib,
                                            plot_head_losses)
 
@@ -32,15 +37,14 @@ def resolve_device(cfg: Config) -> torch.device:
         want = "cuda" if torch.cuda.is_available() else "cpu"
     if want == "cuda":
         if not torch.cuda.is_available():
-            from megatron_mtp.config import ConfigError
-
             raise ConfigError("train.device is cuda but no CUDA device is visible; use --train.device cpu.")
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
 def resolve_dtype(cfg: Config, device: torch.device) -> torch.dtype:
-    """Parameters stay fp32 (fp64 for exactness tests); bf16 means autocast compute on the GPU."""
+    """The compute dtype: bf16 on the GPU by default (bf16 parameters with fp32 masters under
+    ``train.master_weights``, the default; else autocast over fp32 parameters), fp32 on the CPU."""
     name = cfg.train.dtype
     if name == "auto":
         name = "bfloat16" if device.type == "cuda" else "float32"
@@ -51,24 +55,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def build_model(cfg: Config, device: torch.device, dtype: torch.dtype) -> MTPModel:
-    """The plain (non-pipelined) model for this TP rank, initialised layout-independently from the seed."""
-    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    model = MTPModel(cfg.model, cfg.mtp, sequence_parallel=cfg.parallel.sequence_parallel,
-                     activation_checkpointing=cfg.train.activation_checkpointing, dtype=param_dtype)
-    initialize_parameters(model, cfg.train.seed)
-    model = model.to(device)
-    if cfg.train.compile:  # torch.compile each transformer layer in place (training/perf.py)
-        from megatron_mtp.training.perf import apply_compile
-
-        apply_compile(model)
-    return model
-
-
-def uses_deepspeed(cfg: Config, dp: int) -> bool:
-    return dp > 1 or cfg.parallel.pp > 1 or cfg.parallel.zero_stage > 0
 
 
 class _StopRequest:
@@ -96,8 +82,7 @@ def train(cfg: Config) -> dict:
     """Run training as configured; returns a summary (final losses, steps, run dir)."""
     env = init_distributed(cfg.parallel.backend, timeout_s=cfg.parallel.timeout_minutes * 60,
                            heartbeat_timeout_s=cfg.parallel.heartbeat_timeout_s)
-    dp = validate_layout(cfg, env.world_size)
-    state.check_model_layout(cfg.model, cfg.parallel.tp, cfg.data.seq_length, cfg.parallel.sequence_parallel)
+    dp = validate_run(cfg, env.world_size)  # every cross-section rule, before anything is written
     state.initialize_model_parallel(cfg.parallel.tp, cfg.parallel.pp)
     device = resolve_device(cfg)
     dtype = resolve_dtype(cfg, device)
@@ -113,8 +98,6 @@ def train(cfg: Config) -> dict:
     seed_everything(cfg.train.seed)
 
     # ---- data: every DP rank reads its own slice of each global batch ----
-    from megatron_mtp.data.pipeline import build_train_iterators
-
     t = cfg.train
     train_iter, valid_iter = build_train_iterators(cfg, dp_rank=state.dp_rank(), dp_size=dp,
                                                    is_builder=env.rank == 0)
@@ -125,14 +108,10 @@ def train(cfg: Config) -> dict:
 
     # ---- model and engine ----
     if uses_deepspeed(cfg, dp):
-        from megatron_mtp.training.deepspeed_engine import DeepSpeedEngine
-
         engine = DeepSpeedEngine(cfg, device, dtype)
     else:
-        from megatron_mtp.training.perf import use_master_weights
-
-        engine = LocalEngine(build_model(cfg, device, dtype), cfg, device, dtype,
-                             master_weights=cfg.train.master_weights and use_master_weights(device, dtype))
+        engine = LocalEngine(build_model(cfg, device, dtype, seed=cfg.train.seed), cfg, device, dtype,
+                             master_weights=use_master_weights(cfg, device, dtype))
     n_params = count_parameters(engine.model)
     if env.rank == 0:
         print(f"model: {n_params / 1e6:.2f}M parameters on this rank, {cfg.mtp.n_heads} heads "
@@ -140,8 +119,6 @@ def train(cfg: Config) -> dict:
               f"grad accumulation {t.grad_accum}", flush=True)
 
     # ---- resume ----
-    from megatron_mtp.checkpoint.manager import CheckpointManager
-
     ckpt = CheckpointManager(cfg, engine, env.rank)
     start_step = ckpt.resume(train_iter)
     logger = MetricsLogger(run_dir, enabled=is_logger, tensorboard=cfg.logging.tensorboard, resume=start_step > 0,
@@ -171,9 +148,11 @@ def train(cfg: Config) -> dict:
         step += 1
         window_steps += 1
         if step % cfg.logging.interval == 0 or step == t.iters:
+            # Host syncs: this copy once per log interval; every step, the one-element stop-request flag below
+            # and the non-finite test of the engines (training/guard.py).
             skipped = skips.take_window()
             applied = window_steps - skipped
-            if applied:  # the only host sync of the losses, once per log interval
+            if applied:
                 losses = (window_heads / applied).float().cpu().tolist()
                 mean_loss = float(window_loss / applied)
             else:

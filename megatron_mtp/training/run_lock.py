@@ -19,6 +19,8 @@ import socket
 import time
 from typing import Optional
 
+from megatron_mtp.errors import RunLockError
+
 LOCK_NAME = "trainer.lock"
 _NO_FLOCK = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
 
@@ -26,10 +28,6 @@ _NO_FLOCK = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
 # (an in-process train() that raised before releasing it) takes it again rather than refusing itself: flock
 # locks belong to open files, so a second open in the same process would conflict with the first.
 _HELD: dict = {}
-
-
-class RunLockError(RuntimeError):
-    """Another trainer is using the run directory; the message says which and what to do."""
 
 
 def _describe(record: dict) -> str:
