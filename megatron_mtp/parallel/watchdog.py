@@ -13,7 +13,8 @@ So every rank runs two daemon threads next to training:
   beater's own store round trip has hung that long (the store's host, rank 0 unless torchrun's agent hosts
   it, stopped answering: a TCPStore client's ``add`` does not time out by itself).
 
-"Ends the job": one line on stderr naming the rank and how long it has been silent, then ``os._exit(3)``.
+"Ends the job": one line on stderr naming the rank and how long it has been silent, then ``os._exit(3)``
+(``EXIT_STATUS``).
 The launcher (torchrun, srun, mpirun) then takes down the other processes; a stopped process cannot run its
 own exit code, so killing it is the launcher's job.
 
@@ -30,9 +31,11 @@ import time
 from datetime import timedelta
 from typing import Callable, Optional
 
+from megatron_mtp.errors import EXIT_CODES
+
 # A counter at or above this marks a rank that left normally (ordinary heartbeats never get near it).
 DONE = 1 << 40
-EXIT_STATUS = 3
+EXIT_STATUS = EXIT_CODES["training"]  # 3: the run stopped on a fault, not on a mistake in its inputs
 
 
 def _run_bounded(fn: Callable[[], None], seconds: float) -> bool:
