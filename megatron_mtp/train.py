@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     for section, key, type_name, default, meaning in config_reference():
         if section not in groups:
             groups[section] = parser.add_argument_group(f"{section} keys")
-        shown = "null" if default is None else default
+        shown = "null" if default is None else str(default).lower() if isinstance(default, bool) else default
         groups[section].add_argument(
             f"--{section}.{key}", dest=f"{section}.{key}", metavar=type_name.split()[0].upper(),
             default=argparse.SUPPRESS,  # only keys given on the command line override the config file
