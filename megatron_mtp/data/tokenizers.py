@@ -209,7 +209,7 @@ def _find_special(lookup, path: str) -> int:
             return token_id
     raise DataError(
         f"tokenizer {path!r} has no end-of-document token (looked for {', '.join(EOD_TOKEN_CANDIDATES)}); "
-        "add one as a special token, e.g. retrain with tools/train_tokenizer.py"
+        "add one as a special token, e.g. retrain with mtp-train-tokenizer"
     )
 
 
