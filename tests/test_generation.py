@@ -80,12 +80,12 @@ def test_kv_cache_matches_full_forward_with_padding_rollback_and_gqa():
                 prefix = seqs[b] + chunk[b, : j + 1].tolist()
                 for h, ref in enumerate(full_logits(model, prefix)):
                     torch.testing.assert_close(out[h][b, j], ref)
-        cache.advance(torch.tensor(commit), commit)
+        cache.advance(torch.tensor(commit))
         for b in range(3):
             seqs[b] += chunk[b, : commit[b]].tolist()
-        assert cache.lengths_host == [width + len(s) - len(p) for s, p in zip(seqs, prompts)]
+        assert cache.lengths_host() == [width + len(s) - len(p) for s, p in zip(seqs, prompts)]
     # Explicit rollback to shorter lengths, then continue: the stale slots are overwritten.
-    cache.rollback([n - 2 for n in cache.lengths_host])
+    cache.rollback([n - 2 for n in cache.lengths_host()])
     seqs = [s[:-2] for s in seqs]
     nxt = torch.randint(0, 16, (3, 1), generator=g)
     out = step(nxt)
