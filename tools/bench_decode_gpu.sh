@@ -9,7 +9,7 @@
 #      lookup and static-cache compiled generate -> decode_cuda.json;
 #   4. the bandwidth regime on the 1.1B shape (random weights) -> decode_cuda_1b.json;
 #   5. the n = 8 byte model at batch 1, k = 1..8 -> decode_cuda_n8.json.
-# Everything lands in $OUT (default benchmarks/): the JSON files, plots and log.txt.
+# Everything lands in $OUT (default benchmarks/): three JSON files, their plots and log.txt (seven files).
 #
 #   bash tools/bench_decode_gpu.sh                     # on the GPU machine, from the repository root
 #   ITERS=20 TRAIN_S=60 QUICK=1 bash tools/bench_decode_gpu.sh   # a dry run at tiny size (CPU or GPU)
@@ -21,6 +21,7 @@ DEADLINE_S=${DEADLINE_S:-570}   # the whole script's budget: later phases get wh
 QUICK=${QUICK:-0}
 DEVICE=${DEVICE:-cuda}
 mkdir -p "$OUT"
+WORK=$(mktemp -d)  # per-process logs; their tails go into log.txt (the GPU machine returns few files)
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 LOG=$OUT/log.txt
 T0=$(date +%s)
@@ -42,12 +43,12 @@ if [ "$QUICK" = 1 ]; then
 fi
 
 # 1 + 2: tests and both trainings at once
-(python3 -m pytest -q -x -k cuda tests/test_generation.py tests/test_speculative.py > "$OUT/tests.txt" 2>&1;
- echo "pytest rc=$?" >> "$OUT/tests.txt") &
+(python3 -m pytest -q -x -k cuda tests/test_generation.py tests/test_speculative.py > "$WORK/tests.txt" 2>&1;
+ echo "pytest rc=$?" >> "$WORK/tests.txt") &
 TESTS=$!
 train() {  # config run_dir
   timeout -s TERM "$TRAIN_S" python3 -m megatron_mtp.train --config "$1" --train.iters "$ITERS" \
-    --train.run_dir "$2" "${TRAIN_EXTRA[@]}" > "$OUT/train_$(basename "$2").txt" 2>&1
+    --train.run_dir "$2" "${TRAIN_EXTRA[@]}" > "$WORK/train_$(basename "$2").txt" 2>&1
   echo "train $2 rc=$?" >> "$LOG"
 }
 train configs/code_100m.yaml runs/code_100m &
@@ -57,8 +58,9 @@ train configs/code_100m_n8.yaml runs/code_100m_n8 &
 P8=$!
 wait $P4 $P8
 wait $TESTS
-say "trained; tests: $(tail -n 3 "$OUT/tests.txt" | tr '\n' ' ')"
-for f in "$OUT"/train_*.txt; do tail -n 2 "$f" | tee -a "$LOG"; done
+say "trained; tests:"
+tail -n 40 "$WORK/tests.txt" | tee -a "$LOG"
+for f in "$WORK"/train_*.txt; do echo "== $f"; grep -v "^step" "$f" | tail -n 5; grep "^step" "$f" | tail -n 2; done | tee -a "$LOG"
 
 # 3: the n = 4 model against transformers
 cap=$(( $(left) - 150 )); [ $cap -lt 60 ] && cap=60
