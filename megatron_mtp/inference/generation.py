@@ -158,14 +158,16 @@ def _round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
 
-def _draft(model, z, cos, sin, cache, mask, index, k, sampling, generator) -> tuple:
+def _draft(model, z, cos, sin, cache, mask, index, k, sampling, generator, hidden=None) -> tuple:
     """Drafts of heads 2..k at input ``index`` [b] -> (tokens [b, k-1], their distributions [b, k-1, V] or None).
 
-    Every head layer runs over all inputs (its KV cache needs them); the final norm, unembedding and
-    token choice then run once for the k-1 selected rows together."""
+    Every head layer runs over all inputs (its KV cache needs them) — unless ``hidden``, their outputs,
+    is given; the final norm, unembedding and token choice then run once for the k-1 selected rows."""
     if k == 1:
         return z.new_zeros((z.size(0), 0), dtype=torch.long), None
-    states = torch.stack([model.head_states(i, z, cos, sin, cache, mask, index=index) for i in range(1, k)], 1)
+    if hidden is None:
+        hidden = [model.output.heads[i](z, cos, sin, cache, mask) for i in range(1, k)]
+    states = model.select_states(torch.stack(hidden, 1), index)  # [b, k-1, hidden]
     return next_tokens(model.unembed(states), sampling, generator)
 
 
@@ -237,6 +239,7 @@ class Decoder:
         self._graphs: dict = {}
         self._pool = None
         self._generator = torch.Generator(device=self.device) if self.graphs else None
+        self._streams = [torch.cuda.Stream(self.device) for _ in range(model.mtp.n_heads - 1)] if self.graphs else []
         self.signature = self._signature(model)
 
     @staticmethod
@@ -288,6 +291,17 @@ class Decoder:
         inputs = st.inputs[k]
         mask, pos = cache.attention_bias(k, self.group, self.dtype), cache.positions(k)
         z, cos, sin = model.trunk_hidden(inputs, pos, cache, mask)
+        hidden = None
+        if k > 1 and self.graphs:
+            # Heads 2..k do not depend on head 1 until their rows are picked: in the graph they run on side
+            # streams, beside head 1 and the verification (small decode kernels leave the GPU mostly idle,
+            # so the branches overlap and a k-head step costs little more than a plain one).
+            main = torch.cuda.current_stream(self.device)
+            hidden = []
+            for i, side in zip(range(1, k), self._streams):
+                side.wait_stream(main)
+                with torch.cuda.stream(side):
+                    hidden.append(model.output.heads[i](z, cos, sin, cache, mask))
         logits1 = model.head_logits(0, z, cos, sin, cache, mask, index=None)  # [b, k, V]
         if k == 1:
             y, _ = next_tokens(logits1[:, 0], sampling, generator)
@@ -298,7 +312,10 @@ class Decoder:
                 accepted, y = verify_greedy(logits1, inputs[:, 1:])
             else:
                 accepted, y = verify_sampled(probabilities(logits1, sampling), st.q[k], inputs[:, 1:], generator)
-            drafts, q = _draft(model, z, cos, sin, cache, mask, accepted, k, sampling, generator)
+            if hidden is not None:
+                for side in self._streams[: k - 1]:
+                    main.wait_stream(side)
+            drafts, q = _draft(model, z, cos, sin, cache, mask, accepted, k, sampling, generator, hidden)
         # Emitted this forward: the accepted drafts then y, at columns out_len .. out_len + a. All k columns
         # are written (the ones past a are overwritten by the next step); only a + 1 are committed.
         j = torch.arange(k, device=self.device)[None]

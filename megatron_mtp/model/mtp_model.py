@@ -205,12 +205,21 @@ class MTPModel(nn.Module):
         """Inference: head ``i`` (0-based) run over every position of ``z`` (so its KV cache sees them all),
         then the shared final norm on the selected rows only: ``index`` None -> all [b, s, hidden]; ``index``
         [b] -> [b, hidden] (one position per sequence); ``index`` [b, m] -> [b, m, hidden]."""
-        h = self.output.heads[i](z, cos, sin, kv_cache, attn_mask)
+        return self.select_states(self.output.heads[i](z, cos, sin, kv_cache, attn_mask), index)
+
+    @torch.no_grad()
+    def select_states(self, h: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Inference: the rows ``index`` picks (see head_states) of head outputs ``h`` [b, s, hidden] — or
+        of several heads' stacked outputs [b, m, s, hidden], one position per sequence -> [b, m, hidden] —
+        through the shared final norm."""
         if index is not None:
-            idx = index if index.dim() == 2 else index[:, None]
-            h = h.gather(1, idx[..., None].expand(-1, -1, h.size(-1)))
-            if index.dim() == 1:
-                h = h[:, 0]
+            if h.dim() == 4:
+                h = h.gather(2, index[:, None, None, None].expand(-1, h.size(1), 1, h.size(-1)))[:, :, 0]
+            else:
+                idx = index if index.dim() == 2 else index[:, None]
+                h = h.gather(1, idx[..., None].expand(-1, -1, h.size(-1)))
+                if index.dim() == 1:
+                    h = h[:, 0]
         return self.output.final_norm(h)
 
     @torch.no_grad()
