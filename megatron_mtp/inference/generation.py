@@ -175,7 +175,7 @@ class _State:
     """Every tensor a decode step reads or writes, for one (batch, capacity) bucket. The tensors never move:
     captured graphs replay on them; a new call refills them in place."""
 
-    def __init__(self, model, b: int, capacity: int, device, n_heads: int, vocab: int):
+    def __init__(self, b: int, capacity: int, device, n_heads: int, vocab: int):
         self.b, self.capacity = b, capacity
         self.cache = KVCache(b, capacity, device)
         z = dict(dtype=torch.long, device=device)
@@ -251,7 +251,7 @@ class Decoder:
     def state(self, b: int, capacity: int) -> _State:
         key = (b, capacity)
         if key not in self._states:
-            st = _State(self.model, b, capacity, self.device, self.model.mtp.n_heads, self.model.cfg.vocab_size)
+            st = _State(b, capacity, self.device, self.model.mtp.n_heads, self.model.cfg.vocab_size)
             st.cache.kernels = self.kernels
             self._states[key] = st
         return self._states[key]
