@@ -303,3 +303,18 @@ def test_cuda_graph_path_gives_the_eager_tokens(compile_layers):
     from megatron_mtp.inference.generation import decoder_for
 
     assert decoder_for(model, graphs=True, compile=compile_layers).compile_error is None
+
+
+def test_decoder_reuses_and_bounds_its_buffers():
+    """Prompts of many lengths reuse a bucket of up to twice the needed capacity and keep at most
+    MAX_STATES buckets alive; the tokens stay those of recomputation."""
+    from megatron_mtp.inference.generation import Decoder, decoder_for
+
+    model = tiny_model(n_heads=2, layers=4)
+    dec = decoder_for(model)
+    for n in (200, 60, 330, 450, 570, 700):  # capacities 256, 128 -> reuses 256, 384, 512, 640, 768
+        prompt = random_prompts([n], 16, seed=n)[0]
+        out = generate(model, [prompt], 3, heads=2)
+        assert out.tokens[0] == recompute_greedy(model, prompt, 3)
+        assert len(dec._states) <= Decoder.MAX_STATES
+    assert sorted(c for _, c in dec._states) == [384, 512, 640, 768]

@@ -220,6 +220,7 @@ class Decoder:
     CAPACITY_BUCKET = 128  # attention runs over the whole capacity: keep it close to what is needed
     POLL_LAG = 3  # graph mode: the host reads the stop flag of the step POLL_LAG launches back
     STREAM_EVERY = 4  # steps between reads of the emitted tokens when streaming (callback / progress bar)
+    MAX_STATES = 4  # (batch, capacity) buckets kept at once
 
     def __init__(self, model, graphs: Optional[bool] = None, compile: Optional[bool] = None):
         self.model = model
@@ -249,12 +250,21 @@ class Decoder:
         return (w.device, w.dtype, w.data_ptr())
 
     def state(self, b: int, capacity: int) -> _State:
-        key = (b, capacity)
-        if key not in self._states:
+        """The buffers for batch ``b`` and at least ``capacity`` slots: an existing bucket of up to twice that
+        capacity is reused; beyond MAX_STATES buckets the least recently used one (its KV cache and graphs)
+        is dropped, so prompts of many lengths (HumanEval) do not pile up caches."""
+        fits = [key for key in self._states if key[0] == b and capacity <= key[1] <= 2 * capacity]
+        key = min(fits, key=lambda k: k[1]) if fits else (b, capacity)
+        st = self._states.pop(key, None)
+        if st is None:
             st = _State(b, capacity, self.device, self.model.mtp.n_heads, self.model.cfg.vocab_size)
             st.cache.kernels = self.kernels
-            self._states[key] = st
-        return self._states[key]
+            while len(self._states) >= self.MAX_STATES:
+                old = next(iter(self._states))
+                del self._states[old]
+                self._graphs = {g: v for g, v in self._graphs.items() if g[1:3] != old}
+        self._states[key] = st  # (re)inserted last: the dict's order is the recency order
+        return st
 
     # ---- the two programs -----------------------------------------------------------------------------
 
@@ -390,6 +400,7 @@ class Decoder:
         stats = DecodeStats(heads=k, batch_size=b, prompt_tokens=sum(lengths))
         t0 = time.perf_counter()
         st = self.state(b, capacity)
+        capacity = st.capacity
         rows = [[pad_id] * (width - len(p)) + list(p) for p in prompts]
         st.prompt_buffer(width).copy_(torch.tensor(rows, dtype=torch.long))
         st.cache.reset([width - n for n in lengths])
