@@ -8,7 +8,8 @@
     # GPU, one command: trains configs/code_100m.yaml first when its run has no checkpoint
     python tools/bench_decode.py --train configs/code_100m.yaml --device cuda
     # byte-level n = 8, batch 1, k = 1..8
-    python tools/bench_decode.py --train configs/code_100m_n8.yaml --device cuda --batch-sizes 1 --peers none --tag cuda_n8
+    python tools/bench_decode.py --train configs/code_100m_n8.yaml --device cuda --batch-sizes 1 --peers none \
+        --tag cuda_n8
     # the bandwidth regime: the 1.1B shape with random weights, forward time for 1..k tokens vs the HBM floor
     python tools/bench_decode.py --bandwidth configs/1b.yaml --device cuda --tag cuda_1b
 
@@ -99,7 +100,8 @@ def aggregate(stats_list: list, k: int) -> dict:
         "tokens": tokens, "forwards": sum(s.forwards for s in stats_list), "wall_s": wall,
         "prefill_s": sum(s.prefill_s for s in stats_list),
         "tokens_per_forward": tokens / max(1, seq_forwards), "tokens_per_s": tokens / wall if wall else 0.0,
-        "acceptance_per_head": {f"head_{i + 2}": (a / p if p else None) for i, (a, p) in enumerate(zip(accepted, proposed))},
+        "acceptance_per_head": {f"head_{i + 2}": (a / p if p else None)
+                                for i, (a, p) in enumerate(zip(accepted, proposed))},
         "acceptance_unconditional_per_head": {f"head_{i + 2}": (a / verify if verify else None)
                                               for i, a in enumerate(accepted)},
     }
@@ -340,7 +342,8 @@ def plot(result: dict, path: str) -> None:
         ax2.plot([r["k"] for r in sel], [r["tokens_per_forward"] for r in sel], "x:", alpha=0.7,
                  label=f"tokens/forward, batch {bs}")
     for i, r in enumerate(peers):
-        ax1.axhline(r["tokens_per_s"], ls="--", lw=1, color=f"C{i + len(batch_sizes)}", label=f"{r['decoder']} (batch 1)")
+        ax1.axhline(r["tokens_per_s"], ls="--", lw=1, color=f"C{i + len(batch_sizes)}",
+                    label=f"{r['decoder']} (batch 1)")
     ax1.set_yscale("log")
     ax1.set_xticks(list(range(1, kmax + 1)))
     ax1.set_xlabel("heads used (k)")
@@ -393,7 +396,8 @@ def write_result(result: dict, output_dir: str, tag: str) -> str:
 def print_table(result: dict) -> None:
     if result.get("mode") == "bandwidth":
         print(f"copy bandwidth {result['copy_bandwidth_GBps']:.0f} GB/s; plain step reads "
-              f"{result['weight_bytes_plain_step'] / 1e9:.2f} GB -> floor {result['hbm_floor_tokens_per_s']:.0f} tokens/s; "
+              f"{result['weight_bytes_plain_step'] / 1e9:.2f} GB -> floor "
+              f"{result['hbm_floor_tokens_per_s']:.0f} tokens/s; "
               f"plain decode {result['plain_decode_tokens_per_s']:.0f} tokens/s "
               f"({100 * result['plain_fraction_of_floor']:.0f} % of the floor)")
         for r in result["rows"]:
@@ -403,11 +407,13 @@ def print_table(result: dict) -> None:
             else:
                 print(f"generate k={r['k']}: {r['tokens_per_s']:.0f} tokens/s, {r['ms_per_step']:.3f} ms/step")
         return
-    print(f"{'decoder':>20} {'batch':>5} {'k':>2} {'tok/fwd':>7} {'tok/s':>9} {'x plain':>7} {'same':>6}  acceptance 2..k")
+    print(f"{'decoder':>20} {'batch':>5} {'k':>2} {'tok/fwd':>7} {'tok/s':>9} {'x plain':>7} {'same':>6}  "
+          f"acceptance 2..k")
     for r in result["rows"]:
         acc = " ".join(f"{v:.2f}" if v is not None else "-" for v in r.get("acceptance_per_head", {}).values())
         print(f"{r['decoder']:>20} {r['batch_size']:>5} {r['k']:>2} {(r.get('tokens_per_forward') or 0):>7.2f} "
-              f"{r['tokens_per_s']:>9.1f} {(r.get('speedup_vs_plain') or 0):>6.2f}x {r['identical_to_plain']:>6}  {acc}")
+              f"{r['tokens_per_s']:>9.1f} {(r.get('speedup_vs_plain') or 0):>6.2f}x "
+              f"{r['identical_to_plain']:>6}  {acc}")
 
 
 def main(argv=None) -> int:
