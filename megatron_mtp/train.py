@@ -1,8 +1,10 @@
 """Entry point: ``mtp-train --config FILE [--section.key value ...]`` (also ``python -m megatron_mtp.train``).
 
 Launch it as it is for one process, or under torchrun / srun / mpirun for many: ranks are discovered from
-the launcher's environment. Mistakes in the config, data, checkpoint or launch environment end the run
-with one sentence on stderr and exit status 2.
+the launcher's environment. Mistakes in the config, data, checkpoint or launch environment, and a run
+directory another trainer holds, end the run with one sentence on stderr and the exit status of
+``megatron_mtp.errors.EXIT_CODES`` (2); a run that diverges (``train.max_consecutive_skips`` non-finite steps in
+a row) or whose rank stops answering (the heartbeat watchdog) ends with one sentence and exit status 3.
 """
 from __future__ import annotations
 
@@ -10,15 +12,10 @@ import argparse
 import os
 import sys
 
-
-def _user_errors() -> tuple:
-    from megatron_mtp.checkpoint.manager import CheckpointError
-    from megatron_mtp.config import ConfigError
-    from megatron_mtp.data.errors import DataError
-    from megatron_mtp.parallel.distributed import LaunchError
-    from megatron_mtp.parallel.state import LayoutError
-
-    return ConfigError, DataError, LaunchError, LayoutError, CheckpointError
+from megatron_mtp.config import load_config
+from megatron_mtp.errors import UserError, report
+from megatron_mtp.parallel.distributed import destroy_distributed
+from megatron_mtp.training.loop import train
 
 
 def _launch_rank() -> int:
@@ -39,24 +36,11 @@ def main(argv=None) -> int:
     parser.add_argument("--config", help="YAML config file (configs/tiny.yaml, configs/7b.yaml, ...)")
     args, overrides = parser.parse_known_args(argv)
 
-    from megatron_mtp.config import load_config
-
-    errors = _user_errors()
     try:
-        cfg = load_config(args.config, overrides)
-        from megatron_mtp.training.loop import train
-
-        train(cfg)
-    except errors as exc:
-        kind = {"ConfigError": "config", "LayoutError": "config", "DataError": "data",
-                "LaunchError": "launch", "CheckpointError": "checkpoint"}.get(type(exc).__name__, "input")
-        # Config and layout errors are the same on every rank: say them once. Others may be rank-specific.
-        if kind != "config" or _launch_rank() == 0:
-            print(f"{kind} error: {exc}", file=sys.stderr, flush=True)
-        return 2
+        train(load_config(args.config, overrides))
+    except UserError as exc:
+        return report(exc, rank=_launch_rank())
     finally:
-        from megatron_mtp.parallel.distributed import destroy_distributed
-
         destroy_distributed()
     return 0
 

@@ -1,4 +1,4 @@
-"""CPU smoke tests of issue 10's tools: tools/bench_train.py --tiny, tools/estimate_memory.py, the memory model's
+"""CPU smoke tests of the benchmark tools: tools/bench_train.py --tiny, tools/estimate_memory.py, the memory model's
 activation formula against saved-tensor hooks, and the perf passes (master weights, attention layout)."""
 import copy
 import functools
@@ -16,7 +16,9 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 from megatron_mtp.config import Config, ModelConfig  # noqa: E402
 from megatron_mtp.training import memory_model as mm  # noqa: E402
-from megatron_mtp.training import perf  # noqa: E402
+from megatron_mtp.training.master_weights import MasterWeightAdamW  # noqa: E402
+
+import attention_layout  # noqa: E402  (tools/)
 
 
 @pytest.fixture
@@ -136,7 +138,7 @@ def test_attention_layout_pass_is_exact(torch_ce):
     for expand in (False, True):
         patched = copy.deepcopy(model)
         patched.zero_grad()
-        assert perf.apply_attention_layout(patched, expand_kv=expand) == 3
+        assert attention_layout.apply_attention_layout(patched, expand_kv=expand) == 3
         loss, _ = patched(tokens)
         loss.backward()
         torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
@@ -158,7 +160,7 @@ def test_master_weights_engine_trains_in_bf16_with_fp32_masters(torch_ce):
     initialize_parameters(model, 3)
     ref = LocalEngine(copy.deepcopy(model), cfg, torch.device("cpu"), torch.float32)
     eng = LocalEngine(model, cfg, torch.device("cpu"), torch.bfloat16, master_weights=True)
-    assert isinstance(eng.optimizer, perf.MasterWeightAdamW)
+    assert isinstance(eng.optimizer, MasterWeightAdamW)
     assert all(p.dtype == torch.bfloat16 for p in eng.model.parameters())
     assert all(m.dtype == torch.float32 for m in eng.optimizer.masters)
     gen = torch.Generator().manual_seed(0)

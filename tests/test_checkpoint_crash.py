@@ -24,7 +24,7 @@ import time
 
 import pytest
 
-from test_checkpoint_resume import REPO, _train_in_process, losses, tiny_overrides
+from helpers import REPO, _train_in_process, losses, tiny_overrides
 
 KILLS = 12
 
@@ -210,6 +210,7 @@ def test_damaged_file_without_manifest_entry(saved_run, tmp_path, capsys):
     with open(os.path.join(ckpt, "meta.json")) as f:
         meta = json.load(f)
     meta.pop("files")  # an older checkpoint without a manifest: the load itself must still say it clearly
+    meta.pop("sha256")  # (nor checksums)
     with open(os.path.join(ckpt, "meta.json"), "w") as f:
         json.dump(meta, f)
     with open(os.path.join(ckpt, "rank_00000.pt"), "r+b") as f:
@@ -263,16 +264,22 @@ def test_publish_prune_and_recovery_mechanics(tmp_path):
                                                  verify_checkpoint)
     from megatron_mtp.config import Config
 
-    class Engine:
-        model = None
+    class Engine:  # the part of training.engine.Engine that saving uses
+        checkpoint_format = "local-v1"
 
         def save_to(self, d):
             atomic_torch_save({"x": 1}, os.path.join(d, "model_tp00.pt"))
 
+        def parameter_marks(self):
+            return []
+
+        def optimizer_keys(self):
+            return None
+
     cfg = Config()
     cfg.train.run_dir, cfg.checkpoint.keep_last = str(tmp_path / "run"), 2
     mgr = CheckpointManager(cfg, Engine(), 0)
-    it = SimpleNamespace(consumed_samples=0)
+    it = SimpleNamespace(state_dict=lambda: {"consumed_samples": 0})
     root = os.path.join(cfg.train.run_dir, "checkpoints")
     for step in (1, 2, 3):
         mgr.save(step, it)

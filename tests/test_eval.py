@@ -1,7 +1,9 @@
 """Evaluation: the unbiased pass@k estimator, the sandbox (timeouts, memory limits, no network, the
-evaluator survives), the HumanEval harness on bundled problems, and per-head perplexity."""
+evaluator survives), the HumanEval harness on bundled problems, and per-head perplexity. The sandbox's
+isolation against hostile programs is tested in tests/test_sandbox.py."""
 import json
 import math
+import os
 from fractions import Fraction
 
 import numpy as np
@@ -13,6 +15,10 @@ from megatron_mtp.eval.sandbox import run_program, run_programs
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+# As root (CI) programs run fully sandboxed; elsewhere these behaviour tests run them as the same user,
+# which the sandbox refuses unless told so.
+UNSANDBOXED = os.geteuid() != 0
 
 
 def closed_form(n, c, k):
@@ -51,8 +57,11 @@ def test_sandbox_kills_runaway_programs_and_blocks_network():
         "child": "import os, time\nif os.fork() == 0:\n    time.sleep(60)\nwhile True:\n    time.sleep(0.1)\n",
         "exit0_after_error": "import sys\ntry:\n    1 / 0\nexcept ZeroDivisionError:\n    sys.exit(0)\n",
     }
-    results = dict(zip(programs, run_programs(list(programs.values()), timeout=5.0, memory_mb=300, workers=8)))
-    assert results["ok"].passed and results["exit0_after_error"].passed
+    results = dict(zip(programs, run_programs(list(programs.values()), timeout=5.0, memory_mb=300, workers=8,
+                                              allow_unsandboxed=UNSANDBOXED)))
+    assert results["ok"].passed and "hi" in results["ok"].stdout_tail
+    # Exit status 0 before the program's end is not a pass: the runner's marker is missing.
+    assert results["exit0_after_error"].status == "failed" and results["exit0_after_error"].returncode == 0
     assert results["assert"].status == "failed" and "AssertionError" in results["assert"].stderr_tail
     assert results["forever"].status == "timeout" and not results["forever"].passed
     assert results["forever"].seconds < 15
@@ -62,7 +71,7 @@ def test_sandbox_kills_runaway_programs_and_blocks_network():
     assert results["child"].status == "timeout"
     # The evaluator survived all of it and still runs programs (also without the network namespace).
     again = run_program("import socket\ntry:\n    socket.socket()\nexcept OSError:\n    pass\nelse:\n    raise SystemExit(1)\n",
-                        timeout=5.0, isolate_network=False)
+                        timeout=5.0, isolate_network=False, allow_unsandboxed=UNSANDBOXED)
     assert again.passed
 
 
@@ -78,7 +87,7 @@ def test_humaneval_harness_on_bundled_problems(tmp_path):
     completions = [[p["canonical_solution"], "    return None\n", "    while True:\n        pass\n"] for p in problems]
     out = tmp_path / "results.jsonl"
     result = evaluate_completions(problems, completions, ks=(1, 2, 10), timeout=6.0, memory_mb=512, workers=6,
-                                  output_jsonl=str(out))
+                                  output_jsonl=str(out), allow_unsandboxed=UNSANDBOXED)
     summary = result["summary"]
     assert summary["problems"] == 2 and summary["samples_per_problem"] == 3
     assert summary["pass@1"] == pytest.approx(1 / 3) and summary["pass@2"] == pytest.approx(2 / 3)

@@ -19,7 +19,7 @@ import shutil
 import pytest
 import torch
 
-from test_checkpoint_resume import REPO, _train_in_process, losses, tiny_overrides
+from helpers import REPO, _train_in_process, losses, tiny_overrides
 
 SAMPLE = "def f(x):\n    return x * 2  # héllo ✓\n"
 

@@ -165,7 +165,7 @@ def _save_run(tmp_path):
     model = MTPModel(cfg.model, cfg.mtp)
     initialize_parameters(model, 7)
     engine = LocalEngine(model, cfg, torch.device("cpu"), torch.float32)
-    CheckpointManager(cfg, engine, 0).save(3, types.SimpleNamespace(consumed_samples=0))
+    CheckpointManager(cfg, engine, 0).save(3, types.SimpleNamespace(state_dict=lambda: {"consumed_samples": 0}))
     return cfg.train.run_dir, model
 
 

@@ -21,8 +21,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from dist_utils import run_distributed  # noqa: E402
 from megatron_mtp.config import ConfigError, load_config, validate  # noqa: E402
-from test_deepspeed_engine import (CKPT_TOL, assert_same_curve, check_layout, make_config,  # noqa: E402
-                                   run_layouts, two_process_results)
+from ds_layouts import (CKPT_TOL, assert_same_curve, baseline, check_layout, make_config,  # noqa: E402
+                        run_layouts, two_process_results)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -42,7 +42,7 @@ def _partition(cfg, stage: int = 0):
     """Run MTPPipelineModule's partitioner on a stand-in (a real PipelineModule needs its processes)."""
     from deepspeed.pipe import PipelineModule
 
-    from megatron_mtp.model.pipeline import MTPPipelineModule, layer_specs
+    from megatron_mtp.training.pipeline_module import MTPPipelineModule, layer_specs
 
     fake = types.SimpleNamespace(_layer_specs=layer_specs(cfg), num_stages=cfg.parallel.pp, global_rank=0)
     fake._count_layer_params = types.MethodType(PipelineModule._count_layer_params, fake)
@@ -83,7 +83,7 @@ def test_type_partition_balances_trunk_layers():
     (2, "by_magic", "must be parameters, uniform or type"),
 ])
 def test_impossible_pipelines_are_one_sentence(pp, partition, words):
-    from megatron_mtp.model.pipeline import check_pipeline_layout
+    from megatron_mtp.validation import check_pipeline_layout
 
     cfg = _cfg(pp=pp, partition=partition)
     with pytest.raises(ConfigError, match=words):
@@ -141,12 +141,13 @@ def _checkpointing_worker(rank, world_size, vocab):
     import deepspeed
 
     from megatron_mtp.model.mtp_model import MTPModel
-    from megatron_mtp.model.pipeline import build_pipeline_module
+    from megatron_mtp.training.pipeline_module import build_pipeline_module
     from megatron_mtp.parallel import state
     from megatron_mtp.parallel.layers import initialize_parameters
-    from megatron_mtp.training.deepspeed_engine import _prepare_deepspeed, pipeline_topology
+    from megatron_mtp.training.deepspeed_engine import pipeline_topology
+    from megatron_mtp.training.ds_compat import quiet_startup
 
-    _prepare_deepspeed(torch.device("cpu"))
+    quiet_startup(torch.device("cpu"))
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
     state.initialize_model_parallel(1, 1)
     gen = torch.Generator().manual_seed(5)
@@ -200,8 +201,6 @@ def two_process_pipeline(tiny_dataset, tmp_path_factory, reference):
 
 @pytest.fixture(scope="session")
 def reference(tiny_dataset, tmp_path_factory):
-    from test_deepspeed_engine import baseline
-
     return baseline(tiny_dataset, str(tmp_path_factory.mktemp("reference")))
 
 

@@ -14,8 +14,7 @@ import os
 import pytest
 import torch
 
-from test_checkpoint_resume import (_train_in_process, assert_bitwise, final_state, losses, run_ds_scenario,
-                                    tiny_overrides)
+from helpers import _train_in_process, assert_bitwise, final_state, losses, run_ds_scenario, tiny_overrides
 
 
 def test_reshard_tp2pp2_to_tp1pp4_continues(tmp_path_factory):
@@ -23,7 +22,7 @@ def test_reshard_tp2pp2_to_tp1pp4_continues(tmp_path_factory):
     out = dirs["resharded"]
     with open(os.path.join(out, "checkpoints", "step_00000010", "meta.json")) as f:
         meta = json.load(f)
-    assert (meta["tp"], meta["pp"], meta["engine"]) == (1, 4, "Universal")
+    assert (meta["tp"], meta["pp"], meta["engine"]) == (1, 4, "universal-v1")
     straight = {r[0]: r for r in losses(dirs["straight"])}
     resumed = losses(out)
     assert [r[0] for r in resumed] == list(range(1, 13))  # the source log up to 10, then 11 and 12
@@ -34,7 +33,7 @@ def test_reshard_tp2pp2_to_tp1pp4_continues(tmp_path_factory):
     # after the first save at the new layout the files are DeepSpeed's own again
     latest = open(os.path.join(out, "checkpoints", "latest")).read().strip()
     with open(os.path.join(out, "checkpoints", latest, "meta.json")) as f:
-        assert json.load(f)["engine"] == "DeepSpeedEngine"
+        assert json.load(f)["engine"] == "deepspeed-v1"
 
 
 def test_reshard_local_tp_roundtrip(tmp_path):
@@ -73,7 +72,7 @@ def test_reshard_local_tp_roundtrip(tmp_path):
     # DeepSpeed layouts get the layout-independent files, cut per rank at resume
     reshard(run, str(tmp_path / "pp2dp2"), tp=1, pp=2, dp=2)
     reader = open_checkpoint(resolve_checkpoint(str(tmp_path / "pp2dp2")))
-    assert (reader.meta["engine"], reader.meta["world_size"], reader.cfg.train.grad_accum) == ("Universal", 4, 1)
+    assert (reader.meta["engine"], reader.meta["world_size"], reader.cfg.train.grad_accum) == ("universal-v1", 4, 1)
     assert_bitwise(w1, reader.weights(), "weights universal")
     o4 = reader.optimizer_state()
     assert_bitwise({k: v["exp_avg"] for k, v in o1["state"].items()}, {k: v["exp_avg"] for k, v in o4["state"].items()},

@@ -312,6 +312,8 @@ def plot(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from megatron_mtp.io_utils import atomic_save_path
+
     if result.get("mode") == "bandwidth":
         fwd = [r for r in result["rows"] if r.get("kind") == "forward"]
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -327,7 +329,7 @@ def plot(result: dict, path: str) -> None:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        atomic_save_path(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
         plt.close(fig)
         return
     rows = [r for r in result["rows"] if r["decoder"] == "ours"]
@@ -361,7 +363,7 @@ def plot(result: dict, path: str) -> None:
     fig.suptitle(f"Decoding: {result['model']['parameters'] / 1e6:.1f}M params, n={result['model']['n_heads']}, "
                  f"{result['date'][:10]}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_save_path(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 
 
@@ -385,11 +387,11 @@ def ensure_trained(config: str, overrides: list) -> str:
 
 
 def write_result(result: dict, output_dir: str, tag: str) -> str:
-    from megatron_mtp.checkpoint.manager import atomic_write_text
+    from megatron_mtp.io_utils import atomic_write_json
 
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, f"decode_{tag}.json")
-    atomic_write_text(path, json.dumps(result, indent=1))
+    atomic_write_json(path, result)
     return path
 
 

@@ -43,7 +43,11 @@ import torch  # noqa: E402
 
 from megatron_mtp.config import Config, ModelConfig, MTPConfig  # noqa: E402
 from megatron_mtp.training import memory_model as mm  # noqa: E402
-from megatron_mtp.training import perf  # noqa: E402
+from megatron_mtp.io_utils import atomic_write_text  # noqa: E402
+from megatron_mtp.model.builder import build_model  # noqa: E402
+from megatron_mtp.model.compile import apply_compile  # noqa: E402
+
+import attention_layout  # noqa: E402  (tools/, next to this script)
 from megatron_mtp.training.metrics import H100_BF16_PEAK, flops_per_token  # noqa: E402
 
 SHAPES = {
@@ -191,25 +195,22 @@ def make_config(shape: dict, n_heads: int, seq: int, mb: int) -> Config:
 
 
 def build_ours(cfg: Config, device, *, master: bool, compiled: bool, attention: str):
-    from megatron_mtp.model.mtp_model import MTPModel
-    from megatron_mtp.parallel.layers import initialize_parameters
     from megatron_mtp.training.local_engine import LocalEngine
 
     if device.type == "cuda":
         # Values do not matter for speed: draw them on the GPU (the CPU init of 1B parameters takes a minute).
         with torch.device(device):
-            model = MTPModel(cfg.model, cfg.mtp, dtype=torch.float32)
+            model = build_model(cfg, device, compile=False)
         with torch.no_grad():
             for p in model.parameters():
                 std = getattr(p, "init_std", 0.02)
                 p.fill_(1.0) if std is None else p.normal_(0.0, std)
     else:
-        model = MTPModel(cfg.model, cfg.mtp, dtype=torch.float32)
-        initialize_parameters(model, 1234)
+        model = build_model(cfg, "cpu", seed=1234, compile=False)
     if attention != "default":
-        perf.apply_attention_layout(model, expand_kv=attention == "bshd-expand")
+        attention_layout.apply_attention_layout(model, expand_kv=attention == "bshd-expand")
     if compiled:
-        perf.apply_compile(model)
+        apply_compile(model)
     dtype = torch.bfloat16 if (device.type == "cuda" or master) else torch.float32
     engine = LocalEngine(model, cfg, device, dtype, master_weights=master)
     return engine
@@ -465,9 +466,9 @@ def attention_bench(shape, mb, seq, device, reps=10):
     for name, make in layouts.items():
         qkv, q, k, v = make()
         gqa = q.size(1) != k.size(1)
-        entry = {"chosen": perf.sdpa_backend(q, k, v, True, gqa)}
+        entry = {"chosen": attention_layout.sdpa_backend(q, k, v, True, gqa)}
         if device.type == "cuda":
-            entry["usable"] = perf.sdpa_reasons(q, k, v, True, gqa)
+            entry["usable"] = attention_layout.sdpa_reasons(q, k, v, True, gqa)
         for label, ctx in [("default", contextlib.nullcontext)] + [
                 (b, functools.partial(sdpa_kernel, [backend])) for b, backend in forced.items()]:
             if device.type != "cuda" and label != "default":
@@ -583,10 +584,7 @@ def write_json(path, payload):
     if not path:
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1, default=str)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(payload, indent=1, default=str))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -5,9 +5,12 @@
         --top-p 0.95 --speculative --heads 4 --device cuda --output results/humaneval.jsonl
 
 Completions are sampled (or decoded greedily with --greedy, n-samples 1), cut at the usual stop sequences,
-and every program runs in a sandboxed subprocess (timeout, memory limit, no network) — never in this
-process. One JSON line per problem goes to --output (samples with their status, n, correct, pass@k); the
-summary (mean unbiased pass@k, status counts, decoding statistics) is printed as JSON on stdout.
+and every program runs in the sandbox (megatron_mtp.eval.sandbox, docs/security.md): as a fresh unprivileged
+user, in namespaces where available, with a timeout, memory and process limits and no network — never in
+this process. That needs root; otherwise the tool refuses before loading the model, unless
+--allow-unsandboxed. One JSON line per problem goes to --output (samples with their status, n, correct,
+pass@k); the summary (mean unbiased pass@k, status counts, decoding statistics, isolation) is printed as
+JSON on stdout.
 """
 from __future__ import annotations
 
@@ -38,6 +41,8 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per program")
     p.add_argument("--memory-mb", type=int, default=1024, help="address-space limit per program")
     p.add_argument("--workers", type=int, default=4, help="programs run at once")
+    p.add_argument("--allow-unsandboxed", action="store_true",
+                   help="where programs cannot be isolated (not root), run them as your own user anyway")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float64"], default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -48,9 +53,11 @@ def main(argv=None) -> int:
     import torch
 
     from megatron_mtp.eval.humaneval import evaluate_completions, generate_completions, load_problems
+    from megatron_mtp.eval.sandbox import SandboxUnavailable, require_isolation
     from megatron_mtp.inference import ModelLoadError, SamplingParams, default_dtype, load_model
 
     try:
+        isolation = require_isolation(args.allow_unsandboxed)  # before hours of generation, not after
         ks = sorted({int(k) for k in args.k.split(",") if k.strip()})
         if args.greedy and args.n_samples != 1:
             raise ValueError("--greedy gives one completion per problem: use --n-samples 1.")
@@ -66,7 +73,7 @@ def main(argv=None) -> int:
         heads = (args.heads or cfg.mtp.n_heads) if args.speculative else 1
         if not 1 <= heads <= cfg.mtp.n_heads:
             raise ValueError(f"--heads must lie in 1..{cfg.mtp.n_heads}, got {heads}.")
-    except (ModelLoadError, ValueError, RuntimeError) as exc:
+    except (ModelLoadError, ValueError, RuntimeError, SandboxUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
@@ -74,13 +81,14 @@ def main(argv=None) -> int:
                                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                               generator=gen, progress=not args.no_progress)
     result = evaluate_completions(problems, completions, ks=ks, timeout=args.timeout, memory_mb=args.memory_mb,
-                                  workers=args.workers, output_jsonl=args.output)
+                                  workers=args.workers, output_jsonl=args.output,
+                                  allow_unsandboxed=args.allow_unsandboxed)
     tokens = sum(s.tokens for s in stats)
     seq_forwards = sum(s.seq_forwards for s in stats)
     summary = {**result["summary"], "load": args.load, "heads": heads, "sampling": sampling.describe(),
                "tokens_per_forward": tokens / max(1, seq_forwards),
                "generation_tokens_per_s": tokens / max(1e-9, sum(s.wall_s for s in stats)),
-               "output": args.output}
+               "isolation": isolation.describe(), "output": args.output}
     print(json.dumps(summary, indent=1))
     return 0
 

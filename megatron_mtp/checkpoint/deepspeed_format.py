@@ -24,9 +24,10 @@ from typing import Optional
 
 import torch
 
-from megatron_mtp.checkpoint.formats import ADAM_STATES, Reader
-from megatron_mtp.checkpoint.manager import CheckpointError, load_file
+from megatron_mtp.checkpoint.reader import ADAM_STATES, Reader
+from megatron_mtp.checkpoint.store import load_file
 from megatron_mtp.checkpoint.universal import canonical
+from megatron_mtp.errors import CheckpointError
 from megatron_mtp.parallel.state import rank_of
 
 

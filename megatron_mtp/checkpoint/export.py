@@ -25,7 +25,13 @@ from typing import Optional
 
 import torch
 
-from megatron_mtp.checkpoint.manager import CheckpointError, atomic_write_text
+from megatron_mtp.checkpoint.formats import open_checkpoint
+from megatron_mtp.checkpoint.reader import config_of
+from megatron_mtp.checkpoint.store import resolve_checkpoint, verify_checkpoint
+from megatron_mtp.config import Config
+from megatron_mtp.errors import CheckpointError
+from megatron_mtp.io_utils import atomic_torch_save, atomic_write_text, load_torch
+from megatron_mtp.model.mtp_model import trunk_layer_count
 
 HF_LAYER_NAMES = ("input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
                   "self_attn.v_proj.weight", "self_attn.o_proj.weight", "post_attention_layernorm.weight",
@@ -81,8 +87,6 @@ def fuse_layer(hf: dict, key: str, cfg) -> dict:
 
 def layer_keys(cfg) -> list:
     """Our layer keys in export order: trunk layers, then heads 1..n."""
-    from megatron_mtp.model.mtp_model import trunk_layer_count
-
     return [f"trunk.{i}" for i in range(trunk_layer_count(cfg.model, cfg.mtp))] + \
            [f"heads.{j}" for j in range(cfg.mtp.n_heads)]
 
@@ -113,9 +117,6 @@ def load_source(path: str):
 
         cfg, weights = hf_to_canonical(path)
         return cfg, weights.__getitem__
-    from megatron_mtp.checkpoint.formats import open_checkpoint
-    from megatron_mtp.checkpoint.manager import resolve_checkpoint, verify_checkpoint
-
     ckpt = resolve_checkpoint(path)
     verify_checkpoint(ckpt)
     reader = open_checkpoint(ckpt)
@@ -339,8 +340,6 @@ def export_meta(source: str, out_dir: str, dtype: torch.dtype = torch.float32) -
         for name, t in _to_meta_layer(split_layer(weights, key, cfg), cfg).items():
             sd[f"extra_heads.{j}.{name}"] = t
     sd = {k: v.to(dtype).contiguous().clone() for k, v in sd.items()}
-    from megatron_mtp.checkpoint.manager import atomic_torch_save
-
     atomic_torch_save(sd, os.path.join(out_dir, "consolidated.pth"))
     m = cfg.model
     # Meta's ModelArgs derives the FFN width: multiple_of * ceil(int(multiplier * int(8 dim / 3)) / multiple_of).
@@ -364,16 +363,12 @@ def export_meta(source: str, out_dir: str, dtype: torch.dtype = torch.float32) -
 def read_meta_export(path: str) -> tuple:
     """(params.json dict, canonical weights of our model) from a Meta-layout directory: the names mapped
     back and wq/wk permuted back to the half-split layout. The inverse of ``export_meta``."""
-    from megatron_mtp.config import Config
-
     with open(os.path.join(path, "params.json")) as f:
         params = json.load(f)
-    sd = torch.load(os.path.join(path, "consolidated.pth"), map_location="cpu", weights_only=True)
+    sd = load_torch(os.path.join(path, "consolidated.pth"))
     cfg = Config()
     ours = os.path.join(path, "megatron_mtp.json")
     if os.path.isfile(ours):  # our own export: keep the rest of the config (tokenizer, context length, ...)
-        from megatron_mtp.checkpoint.formats import config_of
-
         with open(ours) as f:
             extra = json.load(f)
         cfg = config_of(extra, path)

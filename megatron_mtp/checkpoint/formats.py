@@ -10,94 +10,33 @@ A *reader* opens one checkpoint directory of any layout and engine and hands out
 
 A *writer* produces the files an engine's ``load_from`` reads, for any layout (``write_checkpoint``).
 
-Supported engines: ``LocalEngine`` (one process or one TP group: ``model_tpXX.pt`` = model + AdamW state),
-``DeepSpeedEngine`` (DeepSpeed's own files, read by ``deepspeed_format.py``) and ``Universal`` (the
-layout-independent ``weights.pt`` + ``optimizer.pt`` that resharding writes for DeepSpeed layouts).
+Format ids (``store.py``): ``local-v1`` (LocalEngine, one process or one TP group: ``model_tpXX.pt`` = model
++ AdamW state), ``deepspeed-v1`` (DeepSpeed's own files, read by ``deepspeed_format.py``) and
+``universal-v1`` (the layout-independent ``weights.pt`` + ``optimizer.pt`` that resharding writes for
+DeepSpeed layouts). Format-2 checkpoints named them LocalEngine, DeepSpeedEngine and Universal.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
+import shutil
 from typing import Optional
 
 import torch
 
-from megatron_mtp.checkpoint.manager import (META, CheckpointError, atomic_torch_save, atomic_write_text, load_file,
-                                             manifest, read_meta)
-from megatron_mtp.checkpoint.universal import canonical, optimizer_order, padded_rows, param_infos, shard_for
-
-ADAM_STATES = ("exp_avg", "exp_avg_sq")
-
-
-def config_of(meta: dict, ckpt_dir: str = "?"):
-    """The Config a checkpoint was saved with. Keys this version does not know (a checkpoint from a newer or
-    older megatron_mtp) are skipped with a warning rather than refused."""
-    from megatron_mtp.config import Config, ConfigError, set_value, validate
-
-    data = meta.get("config")
-    if not isinstance(data, dict):
-        raise CheckpointError(f"checkpoint {ckpt_dir} has no config in its {META}; it was not written by "
-                              f"megatron_mtp.")
-    cfg, skipped = Config(), []
-    try:
-        for section, values in data.items():
-            for key, value in (values or {}).items():
-                try:
-                    set_value(cfg, f"{section}.{key}", value)
-                except ConfigError as exc:
-                    if "unknown config" not in str(exc):
-                        raise
-                    skipped.append(f"{section}.{key}")
-        validate(cfg)
-    except (ConfigError, AttributeError) as exc:
-        raise CheckpointError(f"checkpoint {ckpt_dir} has an unusable config in its {META} ({exc}); it was not "
-                              f"written by this version of megatron_mtp.") from None
-    if skipped:
-        print(f"WARNING: checkpoint {ckpt_dir} sets config keys this version does not know, ignored: "
-              f"{', '.join(skipped)}", flush=True)
-    return cfg
-
-
-class Reader:
-    """Base: meta, config, per-rank payloads."""
-
-    def __init__(self, ckpt_dir: str, meta: Optional[dict] = None):
-        self.dir = ckpt_dir
-        self.meta = meta if meta is not None else read_meta(ckpt_dir)
-        self.cfg = config_of(self.meta, ckpt_dir)
-        self.tp, self.pp = int(self.meta.get("tp", 1)), int(self.meta.get("pp", 1))
-        self.dp = int(self.meta.get("dp", 1))
-        self.world = int(self.meta.get("world_size", self.tp * self.pp * self.dp))
-        self.infos = param_infos(self.cfg)
-        self._payloads = None
-
-    @property
-    def step(self) -> int:
-        return int(self.meta.get("step", 0))
-
-    @property
-    def payloads(self) -> dict:
-        if self._payloads is None:
-            self._payloads = {}
-            for r in range(self.world):
-                path = os.path.join(self.dir, f"rank_{r:05d}.pt")
-                if os.path.isfile(path):
-                    self._payloads[r] = load_file(path, self.dir)
-        return self._payloads
-
-    def consumed_samples(self) -> int:
-        for p in self.payloads.values():
-            return int(p.get("consumed_samples", 0))
-        return 0
-
-    def weight(self, key: str) -> torch.Tensor:
-        raise NotImplementedError
-
-    def weights(self) -> dict:
-        return {key: self.weight(key) for key in self.infos}
-
-    def optimizer_state(self) -> Optional[dict]:
-        return None
+from megatron_mtp.checkpoint.deepspeed_format import DeepSpeedReader
+from megatron_mtp.checkpoint.reader import ADAM_STATES, Reader
+from megatron_mtp.checkpoint.store import (DEEPSPEED_FORMAT, FORMAT_VERSION, LOCAL_FORMAT, META, POINTER,
+                                           UNIVERSAL_FORMAT, digests, engine_format, load_file, manifest, read_meta,
+                                           step_dir_name)
+from megatron_mtp.checkpoint.universal import (build_meta_model, canonical, optimizer_order, padded_rows, param_infos,
+                                               shard_for)
+from megatron_mtp.errors import CheckpointError
+from megatron_mtp.io_utils import atomic_torch_save, atomic_write_text, fsync_path, fsync_tree
+from megatron_mtp.parallel.state import layout_coordinates
+from megatron_mtp.training.engine import uses_deepspeed
+from megatron_mtp.training.optimizer import build_optimizer
 
 
 class LocalReader(Reader):
@@ -185,17 +124,12 @@ class UniversalReader(Reader):
 
 def open_checkpoint(ckpt_dir: str, meta: Optional[dict] = None) -> Reader:
     meta = meta if meta is not None else read_meta(ckpt_dir)
-    engine = meta.get("engine", "LocalEngine")
-    if engine == "LocalEngine":
-        return LocalReader(ckpt_dir, meta)
-    if engine == "Universal":
-        return UniversalReader(ckpt_dir, meta)
-    if engine == "DeepSpeedEngine":
-        from megatron_mtp.checkpoint.deepspeed_format import DeepSpeedReader
-
-        return DeepSpeedReader(ckpt_dir, meta)
-    raise CheckpointError(f"checkpoint {ckpt_dir} was written by an unknown engine {engine!r}; it cannot be "
-                          f"converted by this version of megatron_mtp.")
+    readers = {LOCAL_FORMAT: LocalReader, UNIVERSAL_FORMAT: UniversalReader, DEEPSPEED_FORMAT: DeepSpeedReader}
+    fmt = engine_format(meta)
+    if fmt not in readers:
+        raise CheckpointError(f"checkpoint {ckpt_dir} holds engine files of an unknown format {fmt!r}; it cannot "
+                              f"be read by this version of megatron_mtp.")
+    return readers[fmt](ckpt_dir, meta)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -204,14 +138,10 @@ def open_checkpoint(ckpt_dir: str, meta: Optional[dict] = None) -> Reader:
 
 def _adamw_state_dict(cfg, tp: int, rank: int, infos: dict, optim: Optional[dict]) -> dict:
     """A torch AdamW state_dict for LocalEngine at TP rank ``rank`` from canonical optimizer state."""
-    from megatron_mtp.training.optimizer import build_optimizer
-
     order = optimizer_order(cfg)
     if optim is not None and optim.get("param_groups") and len(optim["param_groups"]) == len(order):
         hyper = optim["param_groups"]
     else:
-        from megatron_mtp.checkpoint.universal import build_meta_model
-
         # Default hyper-parameters of the optimizer LocalEngine builds (lr is set every step anyway).
         opt = build_optimizer(build_meta_model(cfg), cfg.optimizer, torch.device("cpu"))
         hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.state_dict()["param_groups"]]
@@ -262,18 +192,15 @@ def write_checkpoint(out_dir: str, cfg, *, tp: int, pp: int, dp: int, weights, o
                      engine: Optional[str] = None) -> str:
     """A complete checkpoint directory (engine files, rank payloads, meta.json with manifest) that
     ``CheckpointManager.resume`` loads at layout tp x pp x dp. ``weights`` maps init_key -> canonical tensor
-    (or is a callable). ``engine`` defaults to the one the training loop picks for that layout."""
-    from megatron_mtp.parallel.state import layout_coordinates
-
-    import copy
-
+    (or is a callable). ``engine`` (a format id) defaults to LocalEngine's files where the training loop
+    runs LocalEngine at that layout, else the universal format."""
     cfg = copy.deepcopy(cfg)
     world = tp * pp * dp
-    if engine is None:  # LocalEngine files where the loop runs LocalEngine, else the universal format
-        engine = "Universal" if (dp > 1 or pp > 1 or cfg.parallel.zero_stage > 0) else "LocalEngine"
-    os.makedirs(out_dir, exist_ok=True)
     cfg.parallel.tp, cfg.parallel.pp = tp, pp
-    if engine == "LocalEngine":
+    if engine is None:
+        engine = UNIVERSAL_FORMAT if uses_deepspeed(cfg, dp) else LOCAL_FORMAT
+    os.makedirs(out_dir, exist_ok=True)
+    if engine == LOCAL_FORMAT:
         if pp != 1 or dp != 1:
             raise CheckpointError(f"LocalEngine checkpoints hold one TP group only (pp=1, dp=1), not pp={pp} dp={dp}.")
         write_local(out_dir, cfg, tp, weights, optim)
@@ -285,9 +212,10 @@ def write_checkpoint(out_dir: str, cfg, *, tp: int, pp: int, dp: int, weights, o
                    "rng": (rng_by_rank or {}).get(rank),
                    "coords": {"tp_rank": tp_rank, "pp_rank": pp_rank, "dp_rank": dp_rank}, "params": []}
         atomic_torch_save(payload, os.path.join(out_dir, f"rank_{rank:05d}.pt"))
-    meta = {"format": 2, "step": step, "tp": tp, "pp": pp, "dp": dp, "world_size": world, "engine": engine,
-            "weights_only": weights_only, "has_optimizer": optim is not None, "config": cfg.to_dict(),
-            "files": manifest(out_dir)}
+    files = manifest(out_dir)
+    meta = {"format": FORMAT_VERSION, "step": step, "tp": tp, "pp": pp, "dp": dp, "world_size": world,
+            "engine": engine, "weights_only": weights_only, "has_optimizer": optim is not None,
+            "config": cfg.to_dict(), "files": files, "sha256": digests(out_dir, files)}
     atomic_write_text(os.path.join(out_dir, META), json.dumps(meta, indent=1))
     return out_dir
 
@@ -295,8 +223,6 @@ def write_checkpoint(out_dir: str, cfg, *, tp: int, pp: int, dp: int, weights, o
 def publish_as_run(run_dir: str, cfg, **kwargs) -> str:
     """Write a checkpoint as ``run_dir/checkpoints/step_XXXXXXXX`` with its ``latest`` pointer and the run's
     ``config.yaml`` (what tools/import_checkpoint.py and tools/reshard_checkpoint.py produce)."""
-    from megatron_mtp.checkpoint.manager import POINTER, fsync_tree, step_dir_name
-
     root = os.path.join(run_dir, "checkpoints")
     os.makedirs(root, exist_ok=True)
     name = step_dir_name(kwargs["step"])
@@ -304,13 +230,12 @@ def publish_as_run(run_dir: str, cfg, **kwargs) -> str:
     partial = final + ".partial"
     if os.path.exists(final):
         raise CheckpointError(f"{final} already exists; choose an empty --output directory.")
-    import shutil
-
     if os.path.isdir(partial):
         shutil.rmtree(partial)
     write_checkpoint(partial, cfg, **kwargs)
     fsync_tree(partial)
     os.replace(partial, final)
+    fsync_path(root)
     atomic_write_text(os.path.join(root, POINTER), name)
     cfg.save(os.path.join(run_dir, "config.yaml"))
     return final

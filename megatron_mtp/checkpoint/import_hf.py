@@ -19,7 +19,12 @@ from typing import Optional
 import torch
 
 from megatron_mtp.checkpoint.export import HF_LAYER_NAMES, fuse_layer
-from megatron_mtp.checkpoint.manager import CheckpointError
+from megatron_mtp.checkpoint.formats import publish_as_run
+from megatron_mtp.checkpoint.reader import config_of
+from megatron_mtp.checkpoint.store import LOCAL_FORMAT
+from megatron_mtp.config import Config, ConfigError, validate
+from megatron_mtp.errors import CheckpointError
+from megatron_mtp.io_utils import UnsafeFileError, load_torch
 
 
 def _read_json(path: str) -> dict:
@@ -42,7 +47,11 @@ def read_hf_tensors(hf_dir: str) -> dict:
         return out
     binary = os.path.join(hf_dir, "pytorch_model.bin")
     if os.path.isfile(binary):
-        return torch.load(binary, map_location="cpu", weights_only=True)
+        try:
+            return load_torch(binary)
+        except UnsafeFileError as exc:
+            raise CheckpointError(f"{binary} holds Python objects other than tensors ({exc.global_name}), which "
+                                  f"could run code when loaded, so it is refused; use its safetensors files.") from None
     raise CheckpointError(f"{hf_dir} holds no model.safetensors, model.safetensors.index.json or pytorch_model.bin; "
                           f"pass a HuggingFace Llama model directory.")
 
@@ -59,9 +68,6 @@ def _rope_theta(hf: dict) -> float:
 
 def config_from_hf(hf: dict, n_heads: int, hf_dir: str, base: Optional[dict] = None):
     """Our Config for an HF Llama config.json with ``n_heads`` heads (num_layers = L - 1 + n)."""
-    from megatron_mtp.checkpoint.formats import config_of
-    from megatron_mtp.config import Config, ConfigError, validate
-
     if hf.get("model_type", "llama") not in ("llama", "mistral") and "LlamaForCausalLM" not in hf.get("architectures", []):
         raise CheckpointError(f"{hf_dir} is a {hf.get('model_type')!r} model; only Llama-architecture models "
                               f"can be imported.")
@@ -172,8 +178,6 @@ def import_checkpoint(hf_dir: str, run_dir: str, n_heads: int, init_heads: str =
     """Write ``run_dir`` (config.yaml + checkpoints/step_00000000, weights only, TP=1) from an HF model;
     returns the config path. Train with ``mtp-train --config RUN_DIR/config.yaml`` (or pass
     ``--checkpoint.load RUN_DIR --checkpoint.finetune true`` with your own config)."""
-    from megatron_mtp.checkpoint.formats import publish_as_run
-
     cfg, weights = hf_to_canonical(hf_dir, n_heads, init_heads)
     os.makedirs(run_dir, exist_ok=True)
     if cfg.data.tokenizer_type != "byte" and cfg.data.tokenizer_model:
@@ -186,5 +190,5 @@ def import_checkpoint(hf_dir: str, run_dir: str, n_heads: int, init_heads: str =
     cfg.train.run_dir = os.path.join(os.path.abspath(run_dir), "train")
     cfg.train.global_batch_size = cfg.train.grad_accum = None
     publish_as_run(run_dir, cfg, tp=1, pp=1, dp=1, weights=weights, optim=None, step=0, consumed_samples=0,
-                   weights_only=True, engine="LocalEngine")
+                   weights_only=True, engine=LOCAL_FORMAT)
     return os.path.join(run_dir, "config.yaml")

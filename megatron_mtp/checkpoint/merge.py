@@ -7,7 +7,7 @@
 The model is an ``MTPModel`` built for one process (tp=1, pp=1), in eval mode, float32 on ``device``;
 ``cfg.parallel`` is reset to tp=pp=1. The tokenizer comes from ``build_tokenizer(cfg.data.tokenizer_type,
 cfg.data.tokenizer_model)``. A plain HF Llama (no ``mtp_config.json``) loads as a 1-head model whose last
-layer is head 1.
+layer is head 1. Checkpoint files are verified (size, SHA-256) and loaded weights-only.
 """
 from __future__ import annotations
 
@@ -16,23 +16,23 @@ from typing import Optional, Union
 
 import torch
 
-from megatron_mtp.checkpoint.manager import CheckpointError
+from megatron_mtp.checkpoint.export import read_meta_export
+from megatron_mtp.checkpoint.formats import open_checkpoint
+from megatron_mtp.checkpoint.import_hf import hf_to_canonical
+from megatron_mtp.checkpoint.store import resolve_checkpoint, verify_checkpoint
+from megatron_mtp.data.tokenizers import build_tokenizer
+from megatron_mtp.errors import CheckpointError
+from megatron_mtp.model.builder import build_model
+from megatron_mtp.parallel.canonical import copy_into_model
 
 
 def _load_canonical(path: str) -> tuple:
     if os.path.isfile(os.path.join(path, "config.json")):
-        from megatron_mtp.checkpoint.import_hf import hf_to_canonical
-
         cfg, weights = hf_to_canonical(path)
         return cfg, weights.__getitem__
     if os.path.isfile(os.path.join(path, "params.json")) and os.path.isfile(os.path.join(path, "consolidated.pth")):
-        from megatron_mtp.checkpoint.export import read_meta_export
-
         _, cfg, weights = read_meta_export(path)
         return cfg, weights.__getitem__
-    from megatron_mtp.checkpoint.formats import open_checkpoint
-    from megatron_mtp.checkpoint.manager import resolve_checkpoint, verify_checkpoint
-
     ckpt = resolve_checkpoint(path)
     verify_checkpoint(ckpt)
     reader = open_checkpoint(ckpt)
@@ -42,12 +42,8 @@ def _load_canonical(path: str) -> tuple:
 def build_single_process_model(cfg, weights, device: Union[str, torch.device] = "cpu",
                                dtype: torch.dtype = torch.float32):
     """An MTPModel for one process holding the canonical ``weights`` (dict or callable)."""
-    from megatron_mtp.checkpoint.universal import copy_into_model, single_process_layout
-    from megatron_mtp.model.mtp_model import MTPModel
-
-    with single_process_layout():
-        model = MTPModel(cfg.model, cfg.mtp, dtype=torch.float32)
-        copy_into_model(model, weights, tp=1, tp_rank=0)
+    model = build_model(cfg, "cpu", torch.float32, single_process=True, compile=False)
+    copy_into_model(model, weights, tp=1, tp_rank=0)
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -64,7 +60,5 @@ def load_merged_model(path: str, device: Union[str, torch.device] = "cpu", dtype
     model = build_single_process_model(cfg, weights, device, dtype)
     tokenizer: Optional[object] = None
     if with_tokenizer:
-        from megatron_mtp.data.tokenizers import build_tokenizer
-
         tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
     return cfg, model, tokenizer

@@ -26,7 +26,13 @@ import os
 import sys
 from typing import Optional
 
-from megatron_mtp.checkpoint.manager import CheckpointError, resolve_checkpoint, verify_checkpoint
+from megatron_mtp.checkpoint.formats import open_checkpoint, publish_as_run
+from megatron_mtp.checkpoint.store import LOCAL_FORMAT, UNIVERSAL_FORMAT, resolve_checkpoint, verify_checkpoint
+from megatron_mtp.config import ConfigError, validate
+from megatron_mtp.errors import CheckpointError, LayoutError
+from megatron_mtp.io_utils import atomic_write_text
+from megatron_mtp.training.engine import uses_deepspeed
+from megatron_mtp.validation import validate_run
 
 
 def _warn(msg: str) -> None:
@@ -35,10 +41,6 @@ def _warn(msg: str) -> None:
 
 def target_config(cfg, tp: int, pp: int, dp: int, zero_stage: Optional[int], run_dir: str):
     """The source config at the new layout; raises CheckpointError when the layout cannot hold the model."""
-    from megatron_mtp.config import ConfigError, validate, validate_layout
-    from megatron_mtp.model.mtp_model import trunk_layer_count
-    from megatron_mtp.parallel.state import LayoutError, check_model_layout
-
     cfg = copy.deepcopy(cfg)
     cfg.parallel.tp, cfg.parallel.pp = tp, pp
     if zero_stage is not None:
@@ -50,14 +52,9 @@ def target_config(cfg, tp: int, pp: int, dp: int, zero_stage: Optional[int], run
     cfg.train.run_dir = os.path.abspath(run_dir)
     cfg.checkpoint.load = None
     cfg.checkpoint.finetune = False
-    pieces = trunk_layer_count(cfg.model, cfg.mtp) + 2
     try:
         validate(cfg)
-        check_model_layout(cfg.model, tp, cfg.data.seq_length, cfg.parallel.sequence_parallel)
-        if pp > pieces:
-            raise LayoutError(f"--pp {pp} exceeds the {pieces} pipeline pieces of this model (embedding, trunk "
-                              f"layers, output with all heads)")
-        validate_layout(cfg, tp * pp * dp)
+        validate_run(cfg, tp * pp * dp)
     except (ConfigError, LayoutError) as exc:
         raise CheckpointError(f"cannot reshard to tp={tp} pp={pp} dp={dp}: {str(exc).rstrip('.')}.") from None
     return cfg
@@ -76,16 +73,13 @@ def _copy_metrics(src_ckpt: str, out_dir: str, step: int) -> None:
                     kept.append(line if line.endswith("\n") else line + "\n")
             except (json.JSONDecodeError, ValueError):
                 continue
-    with open(os.path.join(out_dir, "metrics.jsonl"), "w") as f:
-        f.writelines(kept)
+    atomic_write_text(os.path.join(out_dir, "metrics.jsonl"), "".join(kept))
 
 
 def reshard(load: str, output: str, tp: int, pp: int, dp: Optional[int] = None,
             zero_stage: Optional[int] = None, weights_only: bool = False) -> str:
     """Write the checkpoint ``load`` (run dir or step dir) at layout tp x pp x dp into run dir ``output``;
     returns the new checkpoint directory."""
-    from megatron_mtp.checkpoint.formats import open_checkpoint, publish_as_run
-
     ckpt = resolve_checkpoint(load)
     meta = verify_checkpoint(ckpt)
     reader = open_checkpoint(ckpt, meta)
@@ -100,13 +94,13 @@ def reshard(load: str, output: str, tp: int, pp: int, dp: Optional[int] = None,
     same = (meta.get("tp"), meta.get("pp"), meta.get("dp")) == (tp, pp, dp)
     rng = {r: p.get("rng") for r, p in reader.payloads.items()} if same else None
     os.makedirs(output, exist_ok=True)
-    target_local = pp == 1 and dp == 1 and cfg.parallel.zero_stage == 0
+    target_local = not uses_deepspeed(cfg, dp)
     if not target_local and cfg.parallel.zero_stage > 0 and optim is not None:
         _warn(f"the new layout uses ZeRO stage {cfg.parallel.zero_stage}, whose optimizer partitions are "
               f"DeepSpeed's: the Adam moments are kept in the checkpoint but will only be restored by engines "
               f"with an unsharded optimizer (ZeRO 0); under ZeRO they restart from zero.")
     out = publish_as_run(output, cfg, tp=tp, pp=pp, dp=dp, weights=reader.weight, optim=optim, step=reader.step,
                          consumed_samples=reader.consumed_samples(), rng_by_rank=rng, weights_only=weights_only,
-                         engine="LocalEngine" if target_local else "Universal")
+                         engine=LOCAL_FORMAT if target_local else UNIVERSAL_FORMAT)
     _copy_metrics(ckpt, output, reader.step)
     return out

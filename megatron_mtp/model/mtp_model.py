@@ -22,10 +22,7 @@ from megatron_mtp.model.transformer import LinearHead, TransformerLayer, rope_co
 from megatron_mtp.parallel import mappings, state
 from megatron_mtp.parallel.layers import RMSNorm, VocabParallelEmbedding, _mark
 from megatron_mtp.parallel.random import checkpoint  # replays the TP dropout stream on recompute
-
-
-def trunk_layer_count(cfg: ModelConfig, mtp: MTPConfig) -> int:
-    return cfg.num_layers - mtp.n_heads if mtp.head_type == "transformer" else cfg.num_layers
+from megatron_mtp.validation import trunk_layer_count  # noqa: F401  (also imported from here)
 
 
 class MTPEmbedding(nn.Module):

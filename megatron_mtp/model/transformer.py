@@ -14,17 +14,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megatron_mtp.config import ConfigError, ModelConfig
+from megatron_mtp.config import ModelConfig
 from megatron_mtp.parallel import mappings, state
 from megatron_mtp.parallel.layers import ColumnParallelLinear, RMSNorm, RowParallelLinear, scaled_init_std
 from megatron_mtp.parallel.random import get_rng_tracker
-
-
-def _dropout_probability(cfg: ModelConfig, name: str) -> float:
-    p = getattr(cfg, name, 0.0)
-    if not 0.0 <= p < 1.0:
-        raise ConfigError(f"model.{name} must lie in [0, 1), got {p}.")
-    return p
+from megatron_mtp.validation import dropout_probability
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple:
@@ -65,7 +59,7 @@ class Attention(nn.Module):
         self.out = RowParallelLinear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size,
                                      init_key=f"{key}.out", init_std=scaled_init_std(cfg.init_std, cfg.num_layers),
                                      sequence_parallel=sequence_parallel, dtype=dtype)
-        self.dropout = _dropout_probability(cfg, "attention_dropout")
+        self.dropout = dropout_probability(cfg, "attention_dropout")
 
     def _attention(self, q, k, v, attn_mask):
         p = self.dropout if self.training else 0.0
@@ -169,7 +163,7 @@ class TransformerLayer(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, init_key=f"{key}.mlp_norm",
                                 sequence_parallel=sequence_parallel, dtype=dtype)
         self.mlp = SwiGLU(cfg, f"{key}.mlp", sequence_parallel, dtype=dtype)
-        self.hidden_dropout = _dropout_probability(cfg, "hidden_dropout")
+        self.hidden_dropout = dropout_probability(cfg, "hidden_dropout")
         self.sequence_parallel = sequence_parallel and state.tp_size() > 1
 
     def _residual(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:

@@ -174,9 +174,8 @@ def _group(group):
 
 # The public mappings run eagerly under torch.compile (train.compile compiles each TransformerLayer): every call is
 # a graph break, and its autograd Function an ordinary autograd node with eager collectives in both directions.
-# Traced by dynamo instead, the collectives lost gradients on NCCL (H100 x2, 2026-11-25: TP = 2 with sequence
-# parallelism, 1B shape, step-1 gradient norm 25.8 compiled against 206.7 uncompiled and at TP = 1; gloo on CPU
-# was unaffected).
+# Traced by dynamo instead, the collectives lost gradients over NCCL (TP with sequence parallelism; gloo on CPU is
+# unaffected): the measurement is in docs/benchmarks.md.
 _eager = torch.compiler.disable
 
 

@@ -17,8 +17,10 @@ Activation checkpointing must replay the tracker too, or recomputed attention dr
 from __future__ import annotations
 
 import contextlib
+import random
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.utils.checkpoint
 
@@ -171,3 +173,27 @@ def checkpoint(function, *args, **kwargs):
     itself already replays the default CPU/CUDA generators (``preserve_rng_state``)."""
     return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False,
                                              context_fn=_tracker_contexts, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Every random stream of this process, for checkpoints
+
+
+def all_rng_states() -> dict:
+    """python, numpy, torch (CPU and, once initialised, CUDA) and the TP tracker's states."""
+    out = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+           "tracker": get_rng_tracker().get_states()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_all_rng_states(saved: dict) -> None:
+    """Restore what ``all_rng_states`` captured."""
+    random.setstate(saved["python"])
+    np.random.set_state(saved["numpy"])
+    torch.set_rng_state(saved["torch"])
+    if saved.get("tracker") is not None:
+        get_rng_tracker().set_states(saved["tracker"])
+    if "cuda" in saved and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["cuda"])

@@ -13,9 +13,9 @@ from typing import Optional
 
 import torch.distributed as dist
 
-
-class LayoutError(ValueError):
-    """A parallel layout that cannot work for this world or model; one sentence naming what to change."""
+from megatron_mtp.errors import LayoutError
+from megatron_mtp.parallel.distributed import collective_timeout
+from megatron_mtp.validation import check_tp_divides
 
 
 @dataclass
@@ -66,29 +66,29 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1) -> ParallelState:
     for p in range(pp):
         for d in range(dp):
             ranks = [rank_of(t, d, p, tp, dp) for t in range(tp)]
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=collective_timeout())
             if rank in ranks:
                 state.tp_group = group
     for p in range(pp):
         for t in range(tp):
             ranks = [rank_of(t, d, p, tp, dp) for d in range(dp)]
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=collective_timeout())
             if rank in ranks:
                 state.dp_group = group
     for d in range(dp):
         for t in range(tp):
             ranks = [rank_of(t, d, p, tp, dp) for p in range(pp)]
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=collective_timeout())
             if rank in ranks:
                 state.pp_group = group
                 state.pp_ranks = tuple(ranks)
             embedding_ranks = sorted({ranks[0], ranks[-1]})
-            group = dist.new_group(embedding_ranks)
+            group = dist.new_group(embedding_ranks, timeout=collective_timeout())
             if rank in embedding_ranks:
                 state.embedding_group = group
     for d in range(dp):
         ranks = [rank_of(t, d, p, tp, dp) for p in range(pp) for t in range(tp)]
-        group = dist.new_group(ranks)
+        group = dist.new_group(ranks, timeout=collective_timeout())
         if rank in ranks:
             state.model_parallel_group = group
     _STATE = state
@@ -163,19 +163,5 @@ def is_last_stage() -> bool:
 
 def check_model_layout(model_cfg, tp: int, seq_length: Optional[int] = None,
                        sequence_parallel: bool = False) -> None:
-    """tp must divide everything that is sharded across it; say which key otherwise.
-
-    Heads are sharded whole per KV group (a rank owns kv_heads/tp groups with all their query heads), the
-    SwiGLU width and the padded vocabulary by rows; under sequence parallelism so is the sequence."""
-    for name, value in (
-        ("model.num_attention_heads", model_cfg.num_attention_heads),
-        ("model.num_kv_heads", model_cfg.kv_heads),
-        ("the ffn size (model.ffn_hidden_size)", model_cfg.ffn_size),
-        ("the padded vocabulary (model.make_vocab_size_divisible_by x tp)", model_cfg.padded_vocab_size(tp)),
-    ):
-        if value % tp:
-            raise LayoutError(f"parallel.tp ({tp}) must divide {name} ({value}).")
-    if sequence_parallel and tp > 1 and seq_length is not None and seq_length % tp:
-        raise LayoutError(
-            f"parallel.tp ({tp}) must divide data.seq_length ({seq_length}) under parallel.sequence_parallel."
-        )
+    """tp must divide everything that is sharded across it; say which key otherwise (``validation``)."""
+    check_tp_divides(model_cfg, tp, seq_length, sequence_parallel, error=LayoutError)

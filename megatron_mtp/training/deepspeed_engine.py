@@ -1,7 +1,7 @@
 """The DeepSpeed engine: data parallelism, ZeRO optimizer sharding and the pipeline schedule.
 
-Same interface as ``LocalEngine`` (``model``, ``train_step``, ``eval_step``, ``save_to``, ``load_from``), so
-the training loop drives either. What DeepSpeed does here, and what we keep:
+Implements ``training.engine.Engine``, as ``LocalEngine`` does, so the training loop and the checkpoint
+manager drive either. Every touch of DeepSpeed's private API goes through ``ds_compat``. What DeepSpeed does here, and what we keep:
 
 * **DeepSpeed**: the DP gradient all-reduce (ZeRO 0) or reduce-scatter into optimizer shards (ZeRO 1/2), the
   sharded optimizer step and parameter all-gather, bf16 master weights with fp32 gradient accumulation on
@@ -20,21 +20,28 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import os
-import sys
 from contextlib import nullcontext
 from datetime import timedelta
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
 from megatron_mtp.config import Config, ConfigError
+from megatron_mtp.model.builder import build_model, param_dtype
+from megatron_mtp.model.compile import apply_compile
+from megatron_mtp.model.mtp_model import checkpoint_interval
 from megatron_mtp.parallel import state
-from megatron_mtp.training.local_engine import StepResult, autocast_context, clip_gradients
-from megatron_mtp.training.lr_schedule import learning_rate
+from megatron_mtp.parallel.canonical import copy_into_model
+from megatron_mtp.parallel.distributed import _free_port
+from megatron_mtp.parallel.layers import initialize_parameters
+from megatron_mtp.training import ds_compat
+from megatron_mtp.training.engine import DEEPSPEED_FORMAT, EngineBase, StepResult
+from megatron_mtp.training.grads import autocast_context, clip_gradients
+from megatron_mtp.training.guard import all_finite, poison_non_finite
 from megatron_mtp.training.optimizer import build_optimizer
+from megatron_mtp.validation import validate_layout
 
 # ---------------------------------------------------------------------------------------------------------
 # The model-parallel unit DeepSpeed queries for groups
@@ -168,8 +175,6 @@ def ds_config(cfg: Config, device: torch.device, dtype: torch.dtype) -> dict:
         config["bf16"] = {"enabled": True}
         config["data_types"] = {"grad_accum_dtype": "fp32"}
     if p.pp > 1:
-        from megatron_mtp.model.mtp_model import checkpoint_interval
-
         config["pipeline"] = {
             "activation_checkpoint_interval": checkpoint_interval(t.activation_checkpointing),
             # DeepSpeed's activation partitioning across TP assumes the activation is replicated over TP;
@@ -283,43 +288,6 @@ def _register_sequence_parallel_hooks(module: torch.nn.Module) -> list:
     return nodes
 
 
-def _prepare_deepspeed(device: torch.device) -> None:
-    """Cut DeepSpeed's start-up, which is seconds per process:
-
-    * INFO logging off;
-    * ZeRO and the bf16 optimizer import DeepSpeed's Muon optimizer for ``isinstance`` checks, and that module
-      ``torch.compile``-decorates its kernels at import, which imports torch's inductor (5-10 s a process).
-      We never run Muon (the optimizer is our AdamW), so it is imported once here with the decorator off;
-    * on CPU, no JIT build of DeepSpeed's shared-memory all-reduce op (a C++ compile of a minute or more on a
-      fresh machine, used only by inference all-reduce).
-    """
-    from deepspeed.utils import logger as ds_logger
-
-    ds_logger.setLevel(logging.WARNING)
-    # Both are speed-ups only: if a DeepSpeed release moves these internals, start-up is just slower.
-    try:
-        if "deepspeed.runtime.zero.muon.original_muon" not in sys.modules:
-            from deepspeed.runtime import compiler
-
-            compile_decorator = compiler.compile
-            compiler.compile = lambda: compiler.dummy_decorator
-            try:
-                import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
-            finally:
-                compiler.compile = compile_decorator
-    except (ImportError, AttributeError):
-        pass
-    if device.type == "cpu":
-        try:
-            import deepspeed.comm.torch  # noqa: F401  (the package attribute "torch" is torch itself)
-
-            module = sys.modules["deepspeed.comm.torch"]
-            if hasattr(module, "build_shm_op"):
-                module.build_shm_op = lambda: None
-        except ImportError:
-            pass
-
-
 def _ensure_process_group(cfg: Config, device: torch.device) -> None:
     """DeepSpeed needs torch.distributed even for one process (ZeRO on one GPU): start a group of one and
     create our (trivial) parallel groups on it."""
@@ -327,8 +295,6 @@ def _ensure_process_group(cfg: Config, device: torch.device) -> None:
         return
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if not os.environ.get("MASTER_PORT"):
-        from megatron_mtp.parallel.distributed import _free_port
-
         os.environ["MASTER_PORT"] = str(_free_port())
     backend = cfg.parallel.backend or ("nccl" if device.type == "cuda" else "gloo")
     dist.init_process_group(backend=backend, init_method="env://", rank=0, world_size=1,
@@ -340,8 +306,10 @@ def _ensure_process_group(cfg: Config, device: torch.device) -> None:
 # The engine
 
 
-class DeepSpeedEngine:
-    """DP / ZeRO / pipeline training through DeepSpeed; same interface as ``LocalEngine``."""
+class DeepSpeedEngine(EngineBase):
+    """DP / ZeRO / pipeline training through DeepSpeed (``training.engine.Engine``)."""
+
+    checkpoint_format = DEEPSPEED_FORMAT
 
     def __init__(self, cfg: Config, device: torch.device, dtype: torch.dtype):
         self.cfg, self.device, self.dtype = cfg, device, dtype
@@ -350,63 +318,47 @@ class DeepSpeedEngine:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
 
-        _prepare_deepspeed(device)
+        ds_compat.quiet_startup(device)
 
         _ensure_process_group(cfg, device)
         # DeepSpeed's comm layer wraps the process group we started (no new rendezvous, no MPI discovery).
         deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, verbose=False)
         s = state.get_state()
         p, t = cfg.parallel, cfg.train
-        if p.pp > 1 and p.zero_stage > 1:  # config.validate says so too; keep the engine honest on its own
-            raise ConfigError(f"parallel.zero_stage={p.zero_stage} is not possible with pipeline parallelism "
-                              f"(parallel.pp={p.pp}): DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only.")
-        if t.global_batch_size != t.micro_batch_size * t.grad_accum * s.dp:
-            raise ConfigError(f"train.global_batch_size ({t.global_batch_size}) must equal train.micro_batch_size x "
-                              f"train.grad_accum x data-parallel size ({t.micro_batch_size} x {t.grad_accum} x {s.dp}).")
+        validate_layout(cfg, s.tp * s.pp * s.dp)  # the batch layout (validation.py), also when built directly
         self.config = merge_user_config(ds_config(cfg, device, dtype), p.deepspeed_config)
-        self.decay_iters = cfg.optimizer.decay_iters or t.iters
         self.pipelined = p.pp > 1
         # bf16 without DeepSpeed's bf16 mode (ZeRO 0 on GPU): autocast over fp32 weights, as LocalEngine.
         use_autocast = dtype == torch.bfloat16 and not self.config.get("bf16", {}).get("enabled", False)
         self._autocast = (lambda: autocast_context(device, dtype)) if use_autocast else nullcontext
-        param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-
-        from megatron_mtp.parallel.layers import initialize_parameters
-
         if self.pipelined:
-            from deepspeed.pipe import PipelineModule
+            from megatron_mtp.training.pipeline_module import build_pipeline_module
 
-            from megatron_mtp.model.pipeline import build_pipeline_module
-
-            if not hasattr(PipelineModule, "get_additional_losses"):
+            if not ds_compat.has_additional_losses():
                 raise ConfigError(f"parallel.pp={p.pp} needs a DeepSpeed whose pipeline reports additional losses "
                                   f"(the per-head losses), but deepspeed {deepspeed.__version__} does not; upgrade "
                                   f"deepspeed (tested with 0.19.8).")
 
             topology = pipeline_topology(s.tp, s.pp, s.dp)
-            module = build_pipeline_module(cfg, topology, dtype=param_dtype, autocast=self._autocast)
+            module = build_pipeline_module(cfg, topology, dtype=param_dtype(dtype), autocast=self._autocast)
             initialize_parameters(module, t.seed)  # init keys do not depend on the stage
             module.to(device)
             mpu = None  # DeepSpeed uses the module's grid, built from the same topology
         else:
-            from megatron_mtp.model.mtp_model import MTPModel
-
-            module = MTPModel(cfg.model, cfg.mtp, sequence_parallel=p.sequence_parallel,
-                              activation_checkpointing=t.activation_checkpointing, dtype=param_dtype)
-            initialize_parameters(module, t.seed)
-            module.to(device)
+            module = build_model(cfg, device, dtype, seed=t.seed, compile=False)
             mpu = MegatronMPU()
         if t.compile:  # the same pass as the single-replica engine: compile each transformer layer in place
-            from megatron_mtp.training.perf import apply_compile
-
             apply_compile(module)
         self.optimizer = build_optimizer(module, cfg.optimizer, device)
         self.optimizer.param_groups[:] = [g for g in self.optimizer.param_groups if g["params"]]
         self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=self.optimizer, config=self.config,
                                                     mpu=mpu, dist_init_required=False)
         self.model = self.engine.module
+        ds_compat.load_checkpoints_weights_only(self.engine)
         self._grad_accumulators = _register_sequence_parallel_hooks(self.model) if p.sequence_parallel else []
         self._grad_norm: Optional[torch.Tensor] = None
+        self._own_clipping = False
+        self._skipped = False  # set by our clipping hook when it drops a non-finite step
         if not (self.engine.zero_optimization() or self.engine.bfloat16_enabled() or self.engine.fp16_enabled()):
             self._own_fp32_clipping()
 
@@ -415,22 +367,25 @@ class DeepSpeedEngine:
         our groups right before that step (after DP/tied reductions), and skip DeepSpeed's own clipping.
 
         DeepSpeed's fp32 ZeRO-0 clipping (``clip_grad_norm_``) counts replicated parameters only on
-        model-parallel rank 0, i.e. only on the first pipeline stage. ``local_engine.clip_gradients`` counts
+        model-parallel rank 0, i.e. only on the first pipeline stage. ``grads.clip_gradients`` counts
         TP-sharded parameters on every TP rank, replicated ones on TP rank 0 of each stage, tied copies once,
-        and sums over the TP x PP group (DP ranks already hold equal, averaged gradients)."""
-        ds = self.engine
-        take_model_step = ds._take_model_step
+        and sums over the TP x PP group (DP ranks already hold equal, averaged gradients).
 
-        def _take_model_step(*args, **kwargs):
-            self._grad_norm = clip_gradients(self.model, self.cfg.optimizer.clip_grad)
-            return take_model_step(*args, **kwargs)
+        A non-finite norm skips the update (training/guard.py), as DeepSpeed's ZeRO optimizers do by themselves:
+        ``_take_norm`` drops the gradients, so the torch optimizer's step passes over every parameter (weights
+        and Adam moments untouched) while DeepSpeed's bookkeeping (step counters, zeroing) runs as usual."""
+        self._own_clipping = True
+        ds_compat.own_fp32_clipping(self.engine, lambda: clip_gradients(self.model, self.cfg.optimizer.clip_grad),
+                                    on_norm=self._take_norm)
 
-        ds._take_model_step = _take_model_step
-        ds.clip_fp32_gradients = lambda: None
-
-    def lr_at(self, step: int) -> float:
-        o = self.cfg.optimizer
-        return learning_rate(step, o.lr, o.min_lr, o.warmup_iters, self.decay_iters)
+    def _take_norm(self, norm: torch.Tensor) -> None:
+        """Our clipping's norm, right before DeepSpeed steps the torch optimizer: keep it for the log, and
+        if it is not finite (on any rank: the test is reduced) drop every gradient, so the step is a no-op."""
+        self._grad_norm = norm
+        if not all_finite(norm):
+            self._skipped = True
+            for p in self.model.parameters():
+                p.grad = None
 
     def _grad_norm_tensor(self) -> torch.Tensor:
         norm = self._grad_norm
@@ -457,21 +412,29 @@ class DeepSpeedEngine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self._grad_norm = None
+        self._skipped = False
         if self.pipelined:
+            # Under the pipeline the loss is computed inside DeepSpeed's schedule, so a non-finite loss is caught
+            # through the gradients it produces (the gradient-norm test) rather than poisoned here.
             loss = self.engine.train_batch(data_iter=iter(self._pipe_batches(micro_batches)))
-            heads = torch.stack([v.reshape(()) for v in self.engine.agg_additional_losses.values()]).float()
-            return StepResult(loss.detach().float(), heads, self._grad_norm_tensor(), lr)
+            heads = torch.stack([v.reshape(()) for v in ds_compat.additional_losses(self.engine)]).float()
+            return StepResult(loss.detach().float(), heads, self._grad_norm_tensor(), lr, skipped=self._step_skipped())
 
         self.engine.train()
         losses = []
         for tokens in micro_batches:
             with self._autocast():
                 loss, head_losses = self.engine(tokens.to(self.device, non_blocking=True))
-            self.engine.backward(loss)
+            self.engine.backward(poison_non_finite(loss))  # a non-finite loss fails the step's gradient test
             self.engine.step()
             losses.append(torch.cat([loss.detach().float().reshape(1), head_losses.detach().float()]))
         mean = self._dp_mean(torch.stack(losses).mean(0))
-        return StepResult(mean[0], mean[1:], self._grad_norm_tensor(), lr)
+        return StepResult(mean[0], mean[1:], self._grad_norm_tensor(), lr, skipped=self._step_skipped())
+
+    def _step_skipped(self) -> bool:
+        """Whether the step just taken left the weights alone (a non-finite gradient norm; the same on every
+        rank: DeepSpeed reduces its overflow flag over DP and model parallel, our hook reduces over the world)."""
+        return self._skipped if self._own_clipping else not self.engine.was_step_applied()
 
     def _dp_mean(self, values: torch.Tensor) -> torch.Tensor:
         group = state.dp_group()
@@ -508,13 +471,9 @@ class DeepSpeedEngine:
 
     def save_to(self, ckpt_dir: str) -> None:
         root, tag = os.path.split(os.path.abspath(ckpt_dir))
-        ds = self.engine
-        # DeepSpeed drops its zero_to_fp32.py / zero_to_torch.py next to the tags, i.e. into our checkpoints/
-        # directory: keep them inside the step directory, which is published atomically with the rest.
-        if hasattr(type(ds), "_copy_recovery_script"):
-            ds._copy_recovery_script = lambda _save_path: type(ds)._copy_recovery_script(ds, ckpt_dir)
+        ds_compat.keep_recovery_script_in(self.engine, ckpt_dir)
         # save_latest=False: the manager owns the "latest" pointer and publishes the directory atomically.
-        ds.save_checkpoint(root, tag=tag, save_latest=False)
+        self.engine.save_checkpoint(root, tag=tag, save_latest=False)
 
     def load_from(self, ckpt_dir: str, load_optimizer: bool = True) -> None:
         root, tag = os.path.split(os.path.abspath(ckpt_dir))
@@ -523,3 +482,9 @@ class DeepSpeedEngine:
                                               load_module_only=not load_optimizer)
         if path is None:
             raise RuntimeError(f"no DeepSpeed checkpoint files for this layout in {ckpt_dir}")
+
+    @torch.no_grad()
+    def load_full_weights(self, weight: Callable[[str], torch.Tensor]) -> None:
+        copy_into_model(self.model, weight)
+        ds_compat.refresh_fp32_params(self.engine)
+

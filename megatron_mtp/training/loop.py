@@ -13,13 +13,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_mtp.config import Config, validate_layout
-from megatron_mtp.model.mtp_model import MTPModel, count_parameters
+from megatron_mtp.checkpoint.manager import CheckpointManager
+from megatron_mtp.config import Config, ConfigError
+from megatron_mtp.data.pipeline import build_train_iterators
+from megatron_mtp.model.builder import build_model
+from megatron_mtp.model.mtp_model import count_parameters
 from megatron_mtp.parallel import state
 from megatron_mtp.parallel.distributed import init_distributed
-from megatron_mtp.parallel.layers import initialize_parameters
 from megatron_mtp.parallel.random import model_parallel_seed
-from megatron_mtp.training.local_engine import LocalEngine
+from megatron_mtp.training import run_lock
+from megatron_mtp.training.deepspeed_engine import DeepSpeedEngine
+from megatron_mtp.training.engine import uses_deepspeed
+from megatron_mtp.training.guard import SkipCounter, save_if_finite
+from megatron_mtp.training.local_engine import LocalEngine, use_master_weights
+from megatron_mtp.validation import validate_run
 from megatron_mtp.training.metrics import (MetricsLogger, flops_per_token, peak_flops, peak_memory_gib,
                                            plot_head_losses)
 
@@ -30,15 +37,14 @@ def resolve_device(cfg: Config) -> torch.device:
         want = "cuda" if torch.cuda.is_available() else "cpu"
     if want == "cuda":
         if not torch.cuda.is_available():
-            from megatron_mtp.config import ConfigError
-
             raise ConfigError("train.device is cuda but no CUDA device is visible; use --train.device cpu.")
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
 def resolve_dtype(cfg: Config, device: torch.device) -> torch.dtype:
-    """Parameters stay fp32 (fp64 for exactness tests); bf16 means autocast compute on the GPU."""
+    """The compute dtype: bf16 on the GPU by default (bf16 parameters with fp32 masters under
+    ``train.master_weights``, the default; else autocast over fp32 parameters), fp32 on the CPU."""
     name = cfg.train.dtype
     if name == "auto":
         name = "bfloat16" if device.type == "cuda" else "float32"
@@ -49,24 +55,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def build_model(cfg: Config, device: torch.device, dtype: torch.dtype) -> MTPModel:
-    """The plain (non-pipelined) model for this TP rank, initialised layout-independently from the seed."""
-    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    model = MTPModel(cfg.model, cfg.mtp, sequence_parallel=cfg.parallel.sequence_parallel,
-                     activation_checkpointing=cfg.train.activation_checkpointing, dtype=param_dtype)
-    initialize_parameters(model, cfg.train.seed)
-    model = model.to(device)
-    if cfg.train.compile:  # torch.compile each transformer layer in place (training/perf.py)
-        from megatron_mtp.training.perf import apply_compile
-
-        apply_compile(model)
-    return model
-
-
-def uses_deepspeed(cfg: Config, dp: int) -> bool:
-    return dp > 1 or cfg.parallel.pp > 1 or cfg.parallel.zero_stage > 0
 
 
 class _StopRequest:
@@ -92,9 +80,9 @@ class _StopRequest:
 
 def train(cfg: Config) -> dict:
     """Run training as configured; returns a summary (final losses, steps, run dir)."""
-    env = init_distributed(cfg.parallel.backend)
-    dp = validate_layout(cfg, env.world_size)
-    state.check_model_layout(cfg.model, cfg.parallel.tp, cfg.data.seq_length, cfg.parallel.sequence_parallel)
+    env = init_distributed(cfg.parallel.backend, timeout_s=cfg.parallel.timeout_minutes * 60,
+                           heartbeat_timeout_s=cfg.parallel.heartbeat_timeout_s)
+    dp = validate_run(cfg, env.world_size)  # every cross-section rule, before anything is written
     state.initialize_model_parallel(cfg.parallel.tp, cfg.parallel.pp)
     device = resolve_device(cfg)
     dtype = resolve_dtype(cfg, device)
@@ -102,14 +90,14 @@ def train(cfg: Config) -> dict:
     print(f"rank {env.rank}/{env.world_size} (launcher {env.launcher}): tp {state.tp_rank()}/{state.tp_size()} "
           f"dp {state.dp_rank()}/{dp} pp {state.pp_rank()}/{state.pp_size()} on {device}", flush=True)
     run_dir = cfg.train.run_dir
+    # One run directory, one trainer: refused on every rank before anything is written (training/run_lock.py).
+    run_lock.lock_run_dir(run_dir, env.rank, device)
     if env.rank == 0:
         os.makedirs(run_dir, exist_ok=True)
         cfg.save(os.path.join(run_dir, "config.yaml"))
     seed_everything(cfg.train.seed)
 
     # ---- data: every DP rank reads its own slice of each global batch ----
-    from megatron_mtp.data.pipeline import build_train_iterators
-
     t = cfg.train
     train_iter, valid_iter = build_train_iterators(cfg, dp_rank=state.dp_rank(), dp_size=dp,
                                                    is_builder=env.rank == 0)
@@ -120,14 +108,10 @@ def train(cfg: Config) -> dict:
 
     # ---- model and engine ----
     if uses_deepspeed(cfg, dp):
-        from megatron_mtp.training.deepspeed_engine import DeepSpeedEngine
-
         engine = DeepSpeedEngine(cfg, device, dtype)
     else:
-        from megatron_mtp.training.perf import use_master_weights
-
-        engine = LocalEngine(build_model(cfg, device, dtype), cfg, device, dtype,
-                             master_weights=cfg.train.master_weights and use_master_weights(device, dtype))
+        engine = LocalEngine(build_model(cfg, device, dtype, seed=cfg.train.seed), cfg, device, dtype,
+                             master_weights=use_master_weights(cfg, device, dtype))
     n_params = count_parameters(engine.model)
     if env.rank == 0:
         print(f"model: {n_params / 1e6:.2f}M parameters on this rank, {cfg.mtp.n_heads} heads "
@@ -135,8 +119,6 @@ def train(cfg: Config) -> dict:
               f"grad accumulation {t.grad_accum}", flush=True)
 
     # ---- resume ----
-    from megatron_mtp.checkpoint.manager import CheckpointManager
-
     ckpt = CheckpointManager(cfg, engine, env.rank)
     start_step = ckpt.resume(train_iter)
     logger = MetricsLogger(run_dir, enabled=is_logger, tensorboard=cfg.logging.tensorboard, resume=start_step > 0,
@@ -147,6 +129,9 @@ def train(cfg: Config) -> dict:
     gpus = env.world_size
     peak = peak_flops(device)
     stop = _StopRequest()
+    # Non-finite steps are skipped by the engines; here they are counted, left out of the logged losses, and
+    # too many in a row stop the run (training/guard.py). Checkpoints go through save_if_finite.
+    skips = SkipCounter(t.max_consecutive_skips, is_reporter=is_logger)
     last_record: dict = {}
     step = start_step
     window_start, window_steps = time.perf_counter(), 0
@@ -154,18 +139,29 @@ def train(cfg: Config) -> dict:
     while step < t.iters:
         micro_batches = [next(train_iter) for _ in range(t.grad_accum)]
         result = engine.train_step(micro_batches, step)
-        # Logged losses are means over the logging window (as Megatron logs them): device tensors, no sync.
-        window_loss = window_loss + result.loss.detach()
-        window_heads = window_heads + result.head_losses.detach()
+        skips.record(result.skipped, step + 1)  # raises on train.max_consecutive_skips in a row
+        # Logged losses are means over the logging window's applied steps (as Megatron logs them): device
+        # tensors, no sync.
+        if not result.skipped:
+            window_loss = window_loss + result.loss.detach()
+            window_heads = window_heads + result.head_losses.detach()
         step += 1
         window_steps += 1
         if step % cfg.logging.interval == 0 or step == t.iters:
-            losses = (window_heads / window_steps).float().cpu()  # the only host sync, once per log interval
+            # Host syncs: this copy once per log interval; every step, the one-element stop-request flag below
+            # and the non-finite test of the engines (training/guard.py).
+            skipped = skips.take_window()
+            applied = window_steps - skipped
+            if applied:
+                losses = (window_heads / applied).float().cpu().tolist()
+                mean_loss = float(window_loss / applied)
+            else:
+                losses, mean_loss = [float("nan")] * cfg.mtp.n_heads, float("nan")
             elapsed = time.perf_counter() - window_start
             tflops = flops_per_step * window_steps / elapsed / gpus / 1e12
             record = {
                 "step": step,
-                "loss": float(window_loss / window_steps),
+                "loss": mean_loss,
                 **{f"loss_head_{i + 1}": float(v) for i, v in enumerate(losses)},
                 "lr": result.lr,
                 "grad_norm": float(result.grad_norm),
@@ -175,6 +171,7 @@ def train(cfg: Config) -> dict:
                 "mfu": tflops * 1e12 / peak if peak else None,
                 "memory_gib": peak_memory_gib(device),
                 "consumed_samples": step * t.global_batch_size,
+                "skipped_iters": skipped,
             }
             logger.log(record, t.iters)
             last_record = record
@@ -184,25 +181,27 @@ def train(cfg: Config) -> dict:
                 print(f"validation at step {step}: " + " ".join(f"head{i + 1} {float(v):.4f}"
                                                                for i, v in enumerate(heads)), flush=True)
         if ckpt.due(step):
-            ckpt.save(step, train_iter)
+            save_if_finite(ckpt, engine, step, train_iter)
         if stop.requested(device):
             if env.rank == 0:
                 print(f"stop signal received: saving a checkpoint at step {step} and exiting", flush=True)
-            ckpt.save(step, train_iter)
+            save_if_finite(ckpt, engine, step, train_iter)
             break
         if t.exit_interval and step % t.exit_interval == 0 and step < t.iters:
             if env.rank == 0:
                 print(f"train.exit_interval reached: saving a checkpoint at step {step} and exiting", flush=True)
             if not ckpt.saved_at(step):
-                ckpt.save(step, train_iter)
+                save_if_finite(ckpt, engine, step, train_iter)
             break
         if window_steps and step % cfg.logging.interval == 0:  # evaluation and saving stay out of the timing
             window_start, window_steps = time.perf_counter(), 0
             window_loss, window_heads = 0.0, 0.0
     else:
         if cfg.checkpoint.save and not ckpt.saved_at(step):
-            ckpt.save(step, train_iter)
+            save_if_finite(ckpt, engine, step, train_iter)
     logger.close()
     if is_logger and cfg.logging.plot and last_record:
         plot_head_losses(run_dir)
+    if env.rank == 0:
+        run_lock.release(run_dir)
     return {"step": step, "run_dir": run_dir, "last": last_record, "rank": env.rank}

@@ -1,4 +1,4 @@
-"""Per-GPU memory of a training configuration, for any TP / PP / DP / ZeRO layout (issue 10's planner).
+"""Per-GPU memory of a training configuration, for any TP / PP / DP / ZeRO layout (the memory planner).
 
 The estimate is a sum of named parts, each a formula of the config (see docs/benchmarks.md, "Memory planner"):
 
@@ -8,10 +8,10 @@ The estimate is a sum of named parts, each a formula of the config (see docs/ben
   ============  ======================================================  =========================================
   regime        who uses it                                             bytes per parameter
   ============  ======================================================  =========================================
-  autocast      LocalEngine default; DeepSpeed with ZeRO 0              fp32 weights 4 + fp32 grads 4 + Adam 8,
-                                                                        + 2 for autocast's bf16 weight copies
-  bf16_master   LocalEngine(master_weights=True) (training/perf.py)     bf16 weights 2 + fp32 masters 4 + Adam 8;
-                                                                        fp32 grads 4 after backward
+  autocast      LocalEngine with train.master_weights false;            fp32 weights 4 + fp32 grads 4 + Adam 8,
+                DeepSpeed with ZeRO 0                                   + 2 for autocast's bf16 weight copies
+  bf16_master   LocalEngine's default (train.master_weights true;       bf16 weights 2 + fp32 masters 4 + Adam 8;
+                training/master_weights.py)                             fp32 grads 4 after backward
   ds_bf16       DeepSpeed bf16 with ZeRO 1/2                            bf16 weights 2 + bf16 grads 2 + fp32
                                                                         grad accumulation 4 (/dp under ZeRO 2) +
                                                                         fp32 masters and Adam 12 (/dp, ZeRO >= 1)
@@ -43,7 +43,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
+
 from megatron_mtp.config import Config, ModelConfig, MTPConfig
+from megatron_mtp.model.transformer import TransformerLayer, rope_cos_sin
+from megatron_mtp.ops.linear_cross_entropy import loss_memory_chunking
+from megatron_mtp.training.engine import uses_deepspeed_layout
+from megatron_mtp.validation import trunk_layer_count
 
 GiB = float(2**30)
 
@@ -53,7 +59,7 @@ GiB = float(2**30)
 #   rep  residual-stream / norm tensors: replicated over TP, sharded by sequence parallelism
 #   lin  inputs of the two column-parallel GEMMs (QKV, gate/up): saved whole (gathered under SP)
 #   tp   attention and MLP internals: sharded by TP
-# Eager, autocast over fp32 weights (LocalEngine default): per norm x (fp32) and x*rsqrt (fp32) 8d, bf16 cast
+# Eager, autocast over fp32 weights (LocalEngine with train.master_weights false): per norm x (fp32) and x*rsqrt (fp32) 8d, bf16 cast
 # of the norm output for the GEMM 2d; attention: the QKV output 2(d+2Dkv) (v is a view of it), roped q 2d and
 # k 2Dkv, the output 2d, log-sum-exp 4h; MLP: gate/up output 4f, silu 2f, silu*up 2f; two rsqrt rows (8 bytes).
 # Eager, bf16 weights: each norm saves x.float() 4d and its bf16 output 2d instead of 8d.
@@ -109,8 +115,6 @@ def layer_params(m: ModelConfig, tp: int = 1) -> dict:
 def pipeline_pieces(m: ModelConfig, mtp: MTPConfig, tp: int = 1) -> list:
     """The pieces the pipeline partitioner distributes, with parameter counts on one TP rank:
     embedding, each trunk layer, the output group (heads + final norm + unembedding)."""
-    from megatron_mtp.model.mtp_model import trunk_layer_count
-
     vocab = m.padded_vocab_size(tp) / tp
     layer = sum(layer_params(m, tp).values())
     trunk = trunk_layer_count(m, mtp)
@@ -202,9 +206,9 @@ def default_precision(cfg: Config, layout: Layout, engine: str = "auto") -> str:
     """The regime the engines run for this layout on GPU with bf16 (see the module docstring)."""
     if cfg.train.dtype == "float32":
         return "fp32"
-    uses_ds = layout.dp > 1 or layout.pp > 1 or layout.zero_stage > 0
+    uses_ds = uses_deepspeed_layout(layout.dp, layout.pp, layout.zero_stage)
     if engine == "local" or (engine == "auto" and not uses_ds):
-        return "autocast"
+        return "bf16_master" if cfg.train.master_weights else "autocast"
     return "ds_bf16" if layout.zero_stage >= 1 else "autocast"
 
 
@@ -233,9 +237,6 @@ def ce_buffer_bytes(m: ModelConfig, tokens: int, tp: int, compute_bytes: int, lo
     """Peak extra bytes of one fused linear cross-entropy call (ops/linear_cross_entropy.py): a logits chunk,
     d(hidden), d(weight) with, over several chunks in "fast" mode, half of its fp32 accumulator beside it,
     per-row statistics."""
-    from megatron_mtp.ops.linear_cross_entropy import loss_memory_chunking
-    import torch
-
     v_local = m.padded_vocab_size(tp) // tp
     chunk, fp32_weight_grad = loss_memory_chunking(loss_memory, tokens, v_local, m.hidden_size, compute_bytes,
                                                    torch.device("cuda"))
@@ -386,8 +387,6 @@ def recommend(cfg: Config, gpus: int, gpu_memory_gib: float, *, gpus_per_node: i
     """Layouts that fit ``gpus`` GPUs of ``gpu_memory_gib`` each (TP within a node), best throughput proxy first.
 
     Fits: estimated peak <= (memory - reserved_gib for the CUDA context / NCCL / cuBLAS) x (1 - headroom)."""
-    from megatron_mtp.model.mtp_model import trunk_layer_count
-
     m = cfg.model
     gbs = global_batch or cfg.train.global_batch_size or 1024
     budget = (gpu_memory_gib - reserved_gib) * (1 - headroom) * GiB
@@ -438,10 +437,6 @@ def measure_layer_saved_bytes(m: ModelConfig, *, precision: str = "autocast", co
     """Saved-for-backward bytes per token of one ``TransformerLayer``: forward at two batch sizes under
     ``saved_tensors_hooks``, unique storages (a view keeps its whole base alive), parameters excluded, and the
     slope taken so per-call constants (weight casts, RoPE tables) drop out."""
-    import torch
-
-    from megatron_mtp.model.transformer import TransformerLayer, rope_cos_sin
-
     torch.manual_seed(0)
     dev = torch.device(device)
     pdtype = torch.bfloat16 if precision in ("bf16", "bf16_master", "ds_bf16") else torch.float32

@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 
 from megatron_mtp.config import ModelConfig, MTPConfig
+from megatron_mtp.io_utils import atomic_save_path
 
 # Dense bf16 peak of one H100 SXM (the number MFU is quoted against by Megatron-LM and the paper's peers).
 H100_BF16_PEAK = 989e12
@@ -80,6 +81,8 @@ class MetricsLogger:
         if record.get("mfu") is not None:
             line += f" | MFU {100 * record['mfu']:.1f}%"
         line += f" | mem {record['memory_gib']:.2f} GiB"
+        if record.get("skipped_iters"):  # steps whose loss or gradient norm was not finite (training/guard.py)
+            line += f" | skipped {record['skipped_iters']}"
         print(line, flush=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -120,9 +123,7 @@ def plot_head_losses(run_dir: str, out_path: Optional[str] = None) -> Optional[s
     ax.grid(alpha=0.3)
     ax.legend()
     out_path = out_path or os.path.join(run_dir, "loss_per_head.png")
-    tmp = out_path + ".tmp.png"
     fig.tight_layout()
-    fig.savefig(tmp, dpi=110)
+    atomic_save_path(out_path, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
-    os.replace(tmp, out_path)
     return out_path
