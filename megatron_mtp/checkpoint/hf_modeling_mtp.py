@@ -11,7 +11,6 @@ plain ``LlamaForCausalLM``, heads 2..n ignored.
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
 from torch import nn
 from transformers import LlamaForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
