@@ -128,8 +128,7 @@ def test_skipping_checksums_warns(saved_run, tmp_path, capsys, monkeypatch):
 
 
 def test_deepspeed_files_load_weights_only(tmp_path, capsys):
-    """DeepSpeed's own loader unpickles with weights_only=False; ours replaces it (training/ds_compat.py).
-    Skipping the checksums (the attacker rewrote them anyway) changes nothing."""
+    """DeepSpeed's own loader unpickles with weights_only=False; ours replaces it (training/ds_compat.py)."""
     pytest.importorskip("deepspeed")
     from megatron_mtp.train import main
 

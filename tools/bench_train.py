@@ -15,8 +15,8 @@ host syncs inside the step, and the top CUDA kernels of one profiled step.
     python tools/bench_train.py --tiny --output /tmp/bench_tiny.json          # CPU smoke run (tests)
 
 Variants of our model (``--variants``; comma-separated, default all of the preset):
-  eager-autocast   fp32 weights under bf16 autocast, no compile: the default LocalEngine regime
-  eager-bf16       bf16 weights + fp32 master weights (LocalEngine(master_weights=True)), no compile
+  eager-autocast   fp32 weights under bf16 autocast, no compile (LocalEngine with train.master_weights false)
+  eager-bf16       bf16 weights + fp32 master weights, no compile (LocalEngine's default, train.master_weights)
   fast             bf16 weights + fp32 masters + torch.compile'd layers (train.compile) [+ attention layout if
                    the in-run attention benchmark shows it pays]
 """

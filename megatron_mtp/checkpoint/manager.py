@@ -271,7 +271,8 @@ class CheckpointManager:
                                   f"earlier step_* directory.") from None
         except (RuntimeError, KeyError, ValueError, EOFError) as exc:
             raise CheckpointError(f"checkpoint {ckpt_dir} does not fit this model or cannot be read "
-                                  f"({_first_line(exc)}); use the config it was saved with (see its meta.json).") from None
+                                  f"({_first_line(exc)}); use the config it was saved with (see its meta.json)."
+                                  ) from None
 
     def _copy_weights(self, ckpt_dir: str, reader) -> None:
         """Every rank takes its shard of the reader's full tensors (any source layout)."""

@@ -24,9 +24,9 @@ from megatron_mtp.parallel.random import model_parallel_seed
 from megatron_mtp.training.deepspeed_engine import DeepSpeedEngine
 from megatron_mtp.training.engine import uses_deepspeed
 from megatron_mtp.training.local_engine import LocalEngine, use_master_weights
-from megatron_mtp.validation import validate_run
 from megatron_mtp.training.metrics import (MetricsLogger, flops_per_token, peak_flops, peak_memory_gib,
                                            plot_head_losses)
+from megatron_mtp.validation import validate_run
 
 
 def resolve_device(cfg: Config) -> torch.device:
