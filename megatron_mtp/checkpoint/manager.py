@@ -4,7 +4,7 @@ What is saved comes from three components, each saving and loading its own state
 CheckpointManager shape): the **engine** (``training.engine.Engine``: its model and optimizer files via
 ``save_to`` / ``load_from``, or canonical weights and Adam moments from another layout via
 ``load_full_weights`` / ``load_full_optimizer_state``), the **data iterator** (``state_dict()``: the
-consumed-sample count) and the **RNG** streams (``parallel.random.all_rng_states``). The last two go into
+consumed-sample count) and the **RNG** streams (``parallel.random.RNGStates``). The last two go into
 each rank's ``rank_XXXXX.pt`` with the step and the rank's place in the layout. The directory layout,
 ``meta.json`` and checks are ``store.py``'s.
 
@@ -40,7 +40,7 @@ from megatron_mtp.errors import CheckpointError  # noqa: F401  (its historical h
 from megatron_mtp.io_utils import (TMP_MARK, UnsafeFileError, atomic_torch_save, atomic_write_text,  # noqa: F401
                                    fsync_path, fsync_tree)
 from megatron_mtp.parallel import state
-from megatron_mtp.parallel.random import all_rng_states, set_all_rng_states
+from megatron_mtp.parallel.random import RNGStates
 
 # Above this many ranks every rank fsyncing every file of the directory would hammer a parallel filesystem's
 # metadata server; os.sync() flushes what this node wrote instead.
@@ -87,6 +87,7 @@ class CheckpointManager:
     def __init__(self, cfg, engine, rank: int):
         self.cfg, self.engine, self.rank = cfg, engine, rank
         self.root = os.path.join(cfg.train.run_dir, "checkpoints")
+        self.rng = RNGStates()
         self._last_saved: Optional[int] = None
 
     # ---- saving
@@ -100,7 +101,7 @@ class CheckpointManager:
 
     def _rank_payload(self, step: int, data_iter) -> dict:
         s = state.get_state()
-        return {"step": step, "rng": all_rng_states(), **data_iter.state_dict(),
+        return {"step": step, "rng": self.rng.state_dict(), **data_iter.state_dict(),
                 "coords": {"tp_rank": s.tp_rank, "pp_rank": s.pp_rank, "dp_rank": s.dp_rank},
                 "params": self.engine.parameter_marks(), "optimizer_keys": self.engine.optimizer_keys()}
 
@@ -242,7 +243,7 @@ class CheckpointManager:
         if payload is None:  # a converted checkpoint: step and data position are the same on every rank
             payload = load_file(os.path.join(ckpt_dir, "rank_00000.pt"), ckpt_dir)
         if payload.get("rng") is not None and same_layout:
-            set_all_rng_states(payload["rng"])
+            self.rng.load_state_dict(payload["rng"])
         data_iter.load_state_dict({"consumed_samples": int(payload["consumed_samples"])})
         step = int(payload["step"])
         saved_iters = ((meta.get("config") or {}).get("train") or {}).get("iters")
