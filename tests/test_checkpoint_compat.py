@@ -1,5 +1,5 @@
-"""A checkpoint written before format ids and checksums existed (commit 418f5b6: format 2, engine tag
-``LocalEngine``, no SHA-256s) still resumes exactly: the resumed steps reproduce, bit for bit, the losses of
+"""A checkpoint written before format ids and checksums existed (commit 418f5b6: format 2, engine named by its
+class, ``LocalEngine`` or ``DeepSpeedEngine``, no SHA-256s) still resumes exactly: the resumed steps reproduce, bit for bit, the losses of
 the old code's uninterrupted run (tests/data/checkpoint_418f5b6*/expected.json), for LocalEngine and for
 DeepSpeed (ZeRO 1) files."""
 from __future__ import annotations
