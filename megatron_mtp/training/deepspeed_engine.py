@@ -316,6 +316,8 @@ class DeepSpeedEngine(EngineBase):
         os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's PipelineModule reads it
         if device.type == "cpu":  # a CPU run on a GPU machine: DeepSpeed must not pick the CUDA accelerator
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # DeepSpeed is imported here, not at module level: it picks its accelerator when imported (the line
+        # above must come first), and runs that never use it do not pay for the import.
         import deepspeed
 
         ds_compat.quiet_startup(device)
@@ -334,6 +336,7 @@ class DeepSpeedEngine(EngineBase):
         use_autocast = dtype == torch.bfloat16 and not self.config.get("bf16", {}).get("enabled", False)
         self._autocast = (lambda: autocast_context(device, dtype)) if use_autocast else nullcontext
         if self.pipelined:
+            # (imports DeepSpeed's PipelineModule at its module level: after the accelerator choice above)
             from megatron_mtp.training.pipeline_module import build_pipeline_module
 
             if not ds_compat.has_additional_losses():
