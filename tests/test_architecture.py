@@ -1,7 +1,7 @@
 """The package's dependencies run one way (docs/architecture.md):
 
     errors, io_utils -> validation -> config -> parallel -> ops -> model -> data -> training -> checkpoint
-        -> inference, eval -> entry points (train.py, training/loop.py, tasks, experiments)
+        -> inference, eval -> entry points (train.py, cli/, training/loop.py, tasks, experiments)
 
 A lower layer never imports a higher one, not even inside a function; module-level imports have no cycle.
 Both are read from the source (ast), without importing the package. Both engines implement the written
@@ -28,7 +28,7 @@ LAYERS = [
     ("training",),
     ("checkpoint",),
     ("inference", "eval"),
-    ("train", "tasks", "experiments", "__main__"),
+    ("train", "cli", "tasks", "experiments", "__main__"),
 ]
 # The training loop composes data, engine and checkpoint manager: it is the entry point's body, not a part
 # the checkpoint layer could build on.
