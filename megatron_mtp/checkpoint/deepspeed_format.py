@@ -28,11 +28,13 @@ from megatron_mtp.checkpoint.reader import ADAM_STATES, Reader
 from megatron_mtp.checkpoint.store import load_file
 from megatron_mtp.checkpoint.universal import canonical
 from megatron_mtp.errors import CheckpointError
+from megatron_mtp.training.ds_compat import allow_deepspeed_files
 from megatron_mtp.parallel.state import rank_of
 
 
 class DeepSpeedReader(Reader):
     def __init__(self, ckpt_dir: str, meta: Optional[dict] = None):
+        allow_deepspeed_files()  # DeepSpeed's optimizer files pickle a few plain data classes
         super().__init__(ckpt_dir, meta)
         self.zero_stage = int(self.cfg.parallel.zero_stage)
         self._files: dict = {}
