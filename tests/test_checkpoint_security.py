@@ -119,12 +119,21 @@ def test_flipped_byte_is_reported_by_the_checksum(saved_run, tmp_path, capsys):
 
 
 def test_skipping_checksums_warns(saved_run, tmp_path, capsys, monkeypatch):
+    """For huge checkpoints on trusted storage: no hashing when loading, nor when saving; both say so."""
     from megatron_mtp.inference.loading import load_model
 
     monkeypatch.setenv("MTP_SKIP_CHECKSUMS", "1")
     load_model(saved_run[0])
     err = capsys.readouterr().err
     assert "MTP_SKIP_CHECKSUMS is set: the SHA-256 checksums of checkpoint" in err and "NOT verified" in err
+    run = str(tmp_path / "unhashed")
+    _train_in_process(tiny_overrides(run, saved_run[1], **{"train.iters": 1}))
+    assert "is saved WITHOUT SHA-256 checksums" in capsys.readouterr().err
+    with open(os.path.join(run, "checkpoints", "step_00000001", "meta.json")) as f:
+        assert "sha256" not in json.load(f)
+    monkeypatch.delenv("MTP_SKIP_CHECKSUMS")
+    load_model(run)
+    assert "was saved without SHA-256 checksums" in capsys.readouterr().err
 
 
 def test_deepspeed_files_load_weights_only(tmp_path, capsys):

@@ -32,8 +32,9 @@ from typing import Optional
 import torch.distributed as dist
 
 from megatron_mtp.checkpoint.formats import open_checkpoint
-from megatron_mtp.checkpoint.store import (FORMAT_VERSION, META, POINTER, SHAPE_KEYS, UNIVERSAL_FORMAT,  # noqa: F401
-                                           check_model_shape, complete_checkpoints, digests, engine_format,
+from megatron_mtp.checkpoint.store import (FORMAT_VERSION, META, POINTER, SHAPE_KEYS,  # noqa: F401
+                                           SKIP_CHECKSUMS_ENV, UNIVERSAL_FORMAT, check_model_shape,
+                                           checksums_skipped, complete_checkpoints, digests, engine_format,
                                            latest_checkpoint, load_file, manifest, read_meta, resolve_checkpoint,
                                            step_dir_name, unsafe_file_error, verify_checkpoint)
 from megatron_mtp.errors import CheckpointError  # noqa: F401  (its historical home, for the tools)
@@ -120,20 +121,28 @@ class CheckpointManager:
         flush_to_disk(partial)  # what this rank wrote (engine files included) is on disk before the barrier
         _barrier()
         files = manifest(partial)
-        sums = {}
-        for part in _all_gather(digests(partial, sorted(files)[self.rank::_world()])):
-            sums.update(part)
+        sums: Optional[dict] = None
+        if checksums_skipped():
+            if self.rank == 0:
+                _warn(f"{SKIP_CHECKSUMS_ENV} is set: checkpoint {final} is saved WITHOUT SHA-256 checksums, so "
+                      f"corruption of its files cannot be detected when it is loaded.")
+        else:
+            sums = {}
+            for part in _all_gather(digests(partial, sorted(files)[self.rank::_world()])):
+                sums.update(part)
         if self.rank == 0:
             self._publish(step, partial, final, files, sums)
         _barrier()
         self._last_saved = step
         return final
 
-    def _publish(self, step: int, partial: str, final: str, files: dict, sums: dict) -> None:
+    def _publish(self, step: int, partial: str, final: str, files: dict, sums: Optional[dict]) -> None:
         s = state.get_state()
         meta = {"format": FORMAT_VERSION, "step": step, "tp": s.tp, "pp": s.pp, "dp": s.dp, "world_size": _world(),
                 "engine": self.engine.checkpoint_format, "weights_only": False,
-                "config": self.cfg.to_dict(), "files": files, "sha256": dict(sorted(sums.items()))}
+                "config": self.cfg.to_dict(), "files": files}
+        if sums is not None:
+            meta["sha256"] = dict(sorted(sums.items()))
         atomic_write_text(os.path.join(partial, META), json.dumps(meta, indent=1))
         fsync_path(partial)
         name = os.path.basename(final)

@@ -15,8 +15,8 @@ names, so renaming a class never orphans a checkpoint. Checkpoints of format 2 r
 name; ``LEGACY_FORMAT_IDS`` maps those, and they carry no checksums (sizes are still checked).
 
 Loading never runs code: every ``.pt`` goes through ``io_utils.load_torch`` (weights-only unpickling). The
-SHA-256 of every file is verified before a checkpoint is used; set ``MTP_SKIP_CHECKSUMS=1`` to skip that
-for huge checkpoints on trusted storage (a loud warning says so).
+SHA-256 of every file is verified before a checkpoint is used; set ``MTP_SKIP_CHECKSUMS=1`` to skip hashing
+(when saving and when loading) for huge checkpoints on trusted storage (a loud warning says so).
 """
 from __future__ import annotations
 
@@ -196,7 +196,12 @@ def verify_checkpoint(ckpt_dir: str, meta: Optional[dict] = None, checksums: boo
             raise CheckpointError(f"checkpoint {ckpt_dir} has a torn file {rel} ({actual} bytes, {size} expected); "
                                   f"resume from an earlier step_* directory (or restore the file).")
     sums = meta.get("sha256")
-    if not checksums or not sums:
+    if not checksums:
+        return meta
+    if not sums:
+        if meta.get("format", 2) >= 3 and share[0] == 0:  # format 2 had none; a newer one skipped them
+            warn(f"checkpoint {ckpt_dir} was saved without SHA-256 checksums ({SKIP_CHECKSUMS_ENV} was set), so "
+                 f"corruption of its files cannot be detected.")
         return meta
     if checksums_skipped():
         if share[0] == 0:
