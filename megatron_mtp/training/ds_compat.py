@@ -31,6 +31,8 @@ PATCHED_MEMBERS = (
     ("deepspeed.runtime.engine", "DeepSpeedEngine", "checkpoint_engine"),  # load_checkpoints_weights_only
     ("deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine", "TorchCheckpointEngine", "load"),
     ("deepspeed.runtime.pipe.engine", "PipelineEngine", "agg_additional_losses"),  # additional_losses
+    ("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer", "refresh_fp32_params"),  # refresh_fp32_params
+    ("deepspeed.runtime.bf16_optimizer", "BF16_Optimizer", "refresh_fp32_params"),
     ("deepspeed.runtime.pipe.module", "PipelineModule", "_partition_layers"),  # overridden: pipeline_module.py
     ("deepspeed.runtime.pipe.module", "PipelineModule", "_layer_specs"),  # layer_specs
     ("deepspeed.runtime.pipe.module", "PipelineModule", "_count_layer_params"),  # count_layer_params
