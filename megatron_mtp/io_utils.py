@@ -23,7 +23,9 @@ import pickle
 import re
 from typing import Callable
 
+import numpy as np
 import torch
+from safetensors.torch import save as safetensors_bytes
 
 TMP_MARK = ".tmp"  # temporary files are named <target>.tmp<pid>; checkpoint manifests skip them
 
@@ -93,9 +95,7 @@ def atomic_torch_save(obj, path: str) -> None:
 
 
 def atomic_save_safetensors(tensors: dict, path: str, metadata=None) -> None:
-    from safetensors.torch import save
-
-    atomic_write_bytes(path, save(tensors, metadata=metadata))
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata=metadata))
 
 
 def atomic_save_path(path: str, save: Callable[[str], None]) -> None:
@@ -127,8 +127,6 @@ def _safe_globals() -> list:
     """Classes the weights-only unpickler may build besides tensors and plain containers: numpy's RNG state
     (``np.random.get_state()`` in every rank file), an ndarray of uint32 and its dtype. None of them runs
     code on construction beyond setting attributes."""
-    import numpy as np
-
     out = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), type(np.dtype(np.float32)), type(np.dtype(np.int64))]
     try:
         reconstruct = np._core.multiarray._reconstruct  # numpy >= 2

@@ -4,6 +4,8 @@ against. ``tests/test_ds_compat.py`` fails loudly when an installed DeepSpeed no
 
 Public DeepSpeed API (``deepspeed.initialize``, ``save_checkpoint`` / ``load_checkpoint``, ``train_batch``,
 ``PipelineModule`` and its specs, the topology) is used where it belongs; only what reaches past it is here.
+DeepSpeed is imported inside the functions: it is an optional dependency, and it picks its accelerator when
+first imported, which ``DeepSpeedEngine`` sets up before anything here runs.
 """
 from __future__ import annotations
 
