@@ -32,12 +32,13 @@ from typing import Optional
 import torch.distributed as dist
 
 from megatron_mtp.checkpoint.formats import open_checkpoint
+# (names the tools and tests import from here are re-exported: the store's helpers, the atomic writers)
 from megatron_mtp.checkpoint.store import (FORMAT_VERSION, META, POINTER, SHAPE_KEYS,  # noqa: F401
                                            SKIP_CHECKSUMS_ENV, UNIVERSAL_FORMAT, check_model_shape,
                                            checksums_skipped, complete_checkpoints, digests, engine_format,
                                            latest_checkpoint, load_file, manifest, read_meta, resolve_checkpoint,
                                            step_dir_name, unsafe_file_error, verify_checkpoint)
-from megatron_mtp.errors import CheckpointError  # noqa: F401  (its historical home, for the tools)
+from megatron_mtp.errors import CheckpointError
 from megatron_mtp.io_utils import (TMP_MARK, UnsafeFileError, atomic_torch_save, atomic_write_text,  # noqa: F401
                                    fsync_path, fsync_tree)
 from megatron_mtp.parallel import state
