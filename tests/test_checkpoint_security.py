@@ -118,6 +118,25 @@ def test_flipped_byte_is_reported_by_the_checksum(saved_run, tmp_path, capsys):
         load_model(run)
 
 
+def test_loading_a_model_hashes_only_the_files_it_reads(saved_run, tmp_path, capsys):
+    """load_model reads the weights, not the per-rank RNG/data file: a corrupted rank file does not stop it
+    (its model is intact), while resuming, which needs that file, names it."""
+    from megatron_mtp.inference.loading import load_model
+    from megatron_mtp.train import main
+
+    run = _copy(saved_run, tmp_path)
+    path = os.path.join(_ckpt(run), "rank_00000.pt")
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x01]))
+    load_model(run)
+    args = tiny_overrides(str(tmp_path / "resumed"), saved_run[1], **{"train.iters": 3, "checkpoint.load": run})
+    assert main(args) == 2
+    assert "has a corrupted file rank_00000.pt" in capsys.readouterr().err
+
+
 def test_skipping_checksums_warns(saved_run, tmp_path, capsys, monkeypatch):
     """For huge checkpoints on trusted storage: no hashing when loading, nor when saving; both say so."""
     from megatron_mtp.inference.loading import load_model

@@ -296,7 +296,7 @@ class CheckpointManager:
     def _load_universal(self, ckpt_dir: str, meta: dict) -> None:
         """A layout-independent checkpoint (tools/reshard_checkpoint.py): weights and Adam moments cut for this
         rank; step and data position from the payload; RNG only where the layout is the one it names."""
-        reader = open_checkpoint(ckpt_dir, meta)
+        reader = open_checkpoint(ckpt_dir, meta, hash_files=False)  # resume verified every file already
         self._copy_weights(ckpt_dir, reader)
         optim = reader.optimizer_state()
         ok = self.engine.load_full_optimizer_state(optim)
@@ -320,7 +320,7 @@ class CheckpointManager:
                 raise CheckpointError(f"checkpoint {ckpt_dir} does not fit this model ({_first_line(exc)}); use "
                                       f"the config it was saved with (see its meta.json).") from None
         else:
-            self._copy_weights(ckpt_dir, open_checkpoint(ckpt_dir, meta))
+            self._copy_weights(ckpt_dir, open_checkpoint(ckpt_dir, meta, hash_files=False))
         if self.rank == 0:
             _say(f"loaded weights from {ckpt_dir} (step {meta.get('step', 0)}); starting at step 0 with a fresh "
                  f"optimizer")
