@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import yaml
 
@@ -89,6 +90,12 @@ class ParallelConfig:
     reduce_bucket_size: int = 50_000_000
     allgather_bucket_size: int = 50_000_000
     backend: Optional[str] = None  # None = nccl on CUDA, gloo on CPU
+    # Bounded waits (docs/training.md, "Faults and failure model"): a collective that waits longer than this
+    # ends the job (the process groups' timeout; torch's defaults are 10 minutes for NCCL, 30 for gloo) ...
+    timeout_minutes: float = 5.0
+    # ... and a rank whose heartbeat stalls this long (a stopped or frozen process, an unreachable node) ends
+    # it sooner, naming that rank (parallel/watchdog.py). 0 = no watchdog.
+    heartbeat_timeout_s: float = 60.0
 
 
 @dataclass
@@ -138,6 +145,9 @@ class TrainConfig:
     # GPU bf16: bf16 parameters with fp32 master weights and fp32 gradient accumulation (fast; DeepSpeed's
     # bf16 regime). false = fp32 parameters under bf16 autocast.
     master_weights: bool = True
+    # A step whose loss or gradient norm is not finite is skipped (no update; counted as skipped_iters in the
+    # log). This many skips in a row end the run with an error: the model is diverging, not hiccuping.
+    max_consecutive_skips: int = 10
 
 
 @dataclass
@@ -220,7 +230,7 @@ def _coerce(value: Any, typ, key: str) -> Any:
                 pass
         raise ConfigError(f"{key} must be a number, got {value!r}.")
     if typ is str:
-        if isinstance(value, (dict, list)):
+        if value is None or isinstance(value, (dict, list)):
             raise ConfigError(f"{key} must be a string, got {value!r}.")
         return str(value)
     if typ is list or origin is list:
@@ -288,11 +298,15 @@ def load_config(path: Optional[str] = None, overrides: Optional[list] = None) ->
     if path is not None:
         if not os.path.isfile(path):
             raise ConfigError(f"config file {path!r} does not exist; pass --config with a YAML file path.")
-        with open(path) as f:
-            try:
+        try:
+            with open(path, encoding="utf-8") as f:
                 data = yaml.safe_load(f) or {}
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"config file {path!r} is not valid YAML ({exc.__class__.__name__}).") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path!r} is not valid YAML ({exc.__class__.__name__}).") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path!r} is not UTF-8 text; save it as UTF-8 YAML.") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {path!r} cannot be read ({exc.strerror or exc}).") from None
         _apply_mapping(cfg, data, path)
     for key, value in parse_overrides(overrides or []):
         set_value(cfg, key, value)
@@ -316,27 +330,194 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+# Per-field ranges. Every field of every section has one (tests/test_config.py holds the table to the dataclasses),
+# so a value outside it is one sentence naming the key, the value and what is allowed, before anything runs:
+# a NaN learning rate or a negative epsilon would otherwise train NaNs and exit 0, and a 0 where a count belongs
+# would be read as "unset" by an ``or`` somewhere downstream. Types are already enforced by ``_coerce``.
+
+
+@dataclass(frozen=True)
+class _Range:
+    ok: Callable[[Any], bool]
+    allowed: str  # completes "<section.key> must ..."
+    optional: bool = False  # None is allowed too (the field's documented default meaning)
+
+    def check(self, key: str, value: Any) -> None:
+        if value is None and self.optional:
+            return
+        if value is None or not self.ok(value):
+            allowed = f"{self.allowed} (or none)" if self.optional else self.allowed
+            raise ConfigError(f"{key} must {allowed}, got {value!r}.")
+
+
+def _ints(lo: int, hi: Optional[int] = None, optional: bool = False) -> _Range:
+    if hi is None:
+        words = {0: "be non-negative", 1: "be positive"}.get(lo, f"be at least {lo}")
+        return _Range(lambda v: isinstance(v, int) and v >= lo, words, optional)
+    return _Range(lambda v: isinstance(v, int) and lo <= v <= hi, f"lie in {lo}..{hi}", optional)
+
+
+def _floats(lo: float, hi: float = math.inf, lo_open: bool = False, hi_open: bool = True,
+            optional: bool = False) -> _Range:
+    """A finite number in the interval; NaN and infinities are never allowed."""
+    def ok(v) -> bool:
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            return False
+        return (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+
+    if hi == math.inf:
+        words = f"be a finite number {'>' if lo_open else '>='} {lo:g}"
+    else:
+        words = f"lie in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    return _Range(ok, words, optional)
+
+
+def _choice(*values, optional: bool = False) -> _Range:
+    names = [str(v) for v in values]
+    return _Range(lambda v: v in values, f"be {', '.join(names[:-1])} or {names[-1]}", optional)
+
+
+def _text(optional: bool = False) -> _Range:
+    return _Range(lambda v: isinstance(v, str) and v.strip() != "", "be a non-empty string", optional)
+
+
+_FLAG = _Range(lambda v: isinstance(v, bool), "be true or false")
+_OPTIONAL_FLAG = _Range(lambda v: isinstance(v, bool), "be true or false", optional=True)
+
+
+def _loss_weights_ok(weights: list) -> bool:
+    numbers = all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
+                  for w in weights)
+    return numbers and sum(weights) > 0
+
+
+def _split_ok(split: str) -> bool:
+    """data.split: up to three non-negative numbers (train, valid, test weights) with a positive sum."""
+    try:
+        ratios = [float(part) for part in str(split).replace("/", ",").split(",")]
+    except ValueError:
+        return False
+    return 1 <= len(ratios) <= 3 and all(math.isfinite(r) and r >= 0 for r in ratios) and sum(ratios) > 0
+
+
+def _activation_checkpointing_ok(v: str) -> bool:
+    return v in ("none", "full") or (v.startswith("every_") and v[6:].isdigit() and int(v[6:]) > 0)
+
+
+_RANGES = {
+    "model": {
+        "vocab_size": _ints(1),
+        "hidden_size": _ints(1),
+        "num_layers": _ints(1),
+        "num_attention_heads": _ints(1),
+        "num_kv_heads": _ints(1, optional=True),
+        "ffn_hidden_size": _ints(1, optional=True),
+        "ffn_multiple_of": _ints(1),
+        "max_seq_length": _ints(1),
+        "rope_theta": _floats(0, lo_open=True),
+        "norm_eps": _floats(0, lo_open=True),
+        "tie_embeddings": _FLAG,
+        "init_std": _floats(0, lo_open=True),
+        "make_vocab_size_divisible_by": _ints(1),
+        "hidden_dropout": _floats(0, 1),
+        "attention_dropout": _floats(0, 1),
+    },
+    "mtp": {
+        "n_heads": _ints(1),
+        "head_type": _choice("transformer", "linear"),
+        "loss_weights": _Range(_loss_weights_ok, "be a list of non-negative finite numbers with a positive sum",
+                               optional=True),
+        "memory_efficient": _FLAG,
+        "loss_memory": _choice("fast", "lean"),
+    },
+    "parallel": {
+        "tp": _ints(1),
+        "pp": _ints(1),
+        "sequence_parallel": _FLAG,
+        "zero_stage": _choice(0, 1, 2),
+        "deepspeed_config": _text(optional=True),
+        "pipeline_partition": _text(),  # which layer classes it may name is checked where the pipeline is cut
+        "reduce_bucket_size": _ints(1),
+        "allgather_bucket_size": _ints(1),
+        "backend": _choice("nccl", "gloo", "mpi", "ucc", optional=True),
+        "timeout_minutes": _floats(0, lo_open=True),
+        "heartbeat_timeout_s": _floats(0),
+    },
+    "data": {
+        "paths": _Range(lambda v: isinstance(v, list), "be a list"),  # its structure: see validate()
+        "seq_length": _ints(1),
+        "split": _Range(_split_ok, "be up to three non-negative numbers with a positive sum, such as '969,30,1'"),
+        "tokenizer_type": _choice("byte", "hf", "sentencepiece"),
+        "tokenizer_model": _text(optional=True),
+        "cache_dir": _text(optional=True),
+        "num_workers": _ints(0),
+    },
+    "optimizer": {
+        "lr": _floats(0, lo_open=True),
+        "min_lr": _floats(0),  # and at most optimizer.lr: see validate()
+        "weight_decay": _floats(0),
+        "beta1": _floats(0, 1),
+        "beta2": _floats(0, 1),
+        "eps": _floats(0, lo_open=True),
+        "clip_grad": _floats(0),
+        "warmup_iters": _ints(0),
+        "decay_iters": _ints(1, optional=True),
+        "fused": _OPTIONAL_FLAG,
+    },
+    "train": {
+        "iters": _ints(0),
+        "micro_batch_size": _ints(1),
+        "global_batch_size": _ints(1, optional=True),
+        "grad_accum": _ints(1, optional=True),
+        "seed": _ints(0, 2**62),
+        "run_dir": _text(),
+        "device": _choice("auto", "cpu", "cuda"),
+        "dtype": _choice("auto", "float32", "bfloat16", "float64"),
+        "activation_checkpointing": _Range(_activation_checkpointing_ok, "be none, full or every_<k>"),
+        "exit_interval": _ints(0),
+        "eval_interval": _ints(0),
+        "eval_iters": _ints(1),
+        "compile": _FLAG,
+        "master_weights": _FLAG,
+        "max_consecutive_skips": _ints(1),
+    },
+    "checkpoint": {
+        "interval": _ints(0),
+        "keep_last": _ints(1),
+        "load": _text(optional=True),
+        "save": _FLAG,
+        "finetune": _FLAG,
+    },
+    "logging": {
+        "interval": _ints(1),
+        "tensorboard": _FLAG,
+        "plot": _FLAG,
+    },
+}
+
+
+def check_ranges(cfg: Config) -> None:
+    """Every field against its range in ``_RANGES``; the first value outside it is a ConfigError."""
+    for section_name, rules in _RANGES.items():
+        section = getattr(cfg, section_name)
+        for key, rule in rules.items():
+            rule.check(f"{section_name}.{key}", getattr(section, key))
+
+
 def validate(cfg: Config, world_size: Optional[int] = None) -> None:
-    m, mtp, p, t, o = cfg.model, cfg.mtp, cfg.parallel, cfg.train, cfg.optimizer
-    _check(m.vocab_size > 0, f"model.vocab_size must be positive, got {m.vocab_size}.")
-    _check(m.hidden_size > 0, f"model.hidden_size must be positive, got {m.hidden_size}.")
-    _check(m.num_layers > 0, f"model.num_layers must be positive, got {m.num_layers}.")
-    _check(m.num_attention_heads > 0, f"model.num_attention_heads must be positive, got {m.num_attention_heads}.")
+    check_ranges(cfg)  # first: the checks below divide by and compare these fields
+    m, mtp, p, o = cfg.model, cfg.mtp, cfg.parallel, cfg.optimizer
     _check(
         m.hidden_size % m.num_attention_heads == 0,
         f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_attention_heads "
         f"({m.num_attention_heads}).",
     )
     _check(m.head_dim % 2 == 0, f"model.hidden_size / num_attention_heads = {m.head_dim} must be even for RoPE.")
-    _check(m.kv_heads > 0, f"model.num_kv_heads must be positive, got {m.num_kv_heads}.")
     _check(
         m.num_attention_heads % m.kv_heads == 0,
         f"model.num_kv_heads ({m.kv_heads}) must divide model.num_attention_heads ({m.num_attention_heads}) "
         f"for grouped-query attention.",
     )
-    _check(mtp.n_heads >= 1, f"mtp.n_heads must be at least 1, got {mtp.n_heads}.")
-    _check(mtp.head_type in ("transformer", "linear"), f"mtp.head_type must be transformer or linear, got {mtp.head_type!r}.")
-    _check(mtp.loss_memory in ("fast", "lean"), f"mtp.loss_memory must be fast or lean, got {mtp.loss_memory!r}.")
     head_layers = mtp.n_heads if mtp.head_type == "transformer" else 0
     _check(
         head_layers < m.num_layers if mtp.head_type == "transformer" else mtp.n_heads <= m.num_layers,
@@ -348,36 +529,13 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
             len(mtp.loss_weights) == mtp.n_heads,
             f"mtp.loss_weights has {len(mtp.loss_weights)} entries but mtp.n_heads is {mtp.n_heads}.",
         )
-        _check(
-            all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in mtp.loss_weights),
-            f"mtp.loss_weights must be non-negative numbers, got {mtp.loss_weights}.",
-        )
-    _check(p.tp >= 1, f"parallel.tp must be at least 1, got {p.tp}.")
-    _check(p.pp >= 1, f"parallel.pp must be at least 1, got {p.pp}.")
-    _check(p.zero_stage in (0, 1, 2), f"parallel.zero_stage must be 0, 1 or 2, got {p.zero_stage}.")
-    _check(cfg.data.seq_length > 0, f"data.seq_length must be positive, got {cfg.data.seq_length}.")
     _check(
         cfg.data.seq_length <= m.max_seq_length,
         f"data.seq_length ({cfg.data.seq_length}) exceeds model.max_seq_length ({m.max_seq_length}).",
     )
-    _check(cfg.data.tokenizer_type in ("byte", "hf", "sentencepiece"),
-           f"data.tokenizer_type must be byte, hf or sentencepiece, got {cfg.data.tokenizer_type!r}.")
     _check(len(cfg.data.paths) % 2 == 0 or len(cfg.data.paths) == 1,
            "data.paths must be [weight1, prefix1, weight2, prefix2, ...] or a single prefix.")
-    _check(t.iters >= 0, f"train.iters must be non-negative, got {t.iters}.")
-    _check(t.exit_interval >= 0, f"train.exit_interval must be non-negative, got {t.exit_interval}.")
-    _check(t.micro_batch_size >= 1, f"train.micro_batch_size must be at least 1, got {t.micro_batch_size}.")
-    _check(t.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {t.device!r}.")
-    _check(t.dtype in ("auto", "float32", "bfloat16", "float64"),
-           f"train.dtype must be auto, float32, bfloat16 or float64, got {t.dtype!r}.")
-    ac = t.activation_checkpointing
-    _check(ac in ("none", "full") or (ac.startswith("every_") and ac[6:].isdigit() and int(ac[6:]) > 0),
-           f"train.activation_checkpointing must be none, full or every_<k>, got {ac!r}.")
-    _check(o.lr > 0, f"optimizer.lr must be positive, got {o.lr}.")
     _check(0 <= o.min_lr <= o.lr, f"optimizer.min_lr ({o.min_lr}) must lie between 0 and optimizer.lr ({o.lr}).")
-    _check(o.warmup_iters >= 0, f"optimizer.warmup_iters must be non-negative, got {o.warmup_iters}.")
-    _check(cfg.logging.interval >= 1, f"logging.interval must be at least 1, got {cfg.logging.interval}.")
-    _check(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be at least 1, got {cfg.checkpoint.keep_last}.")
     validate_combinations(cfg)  # rules spanning sections: validation.py
     if world_size is not None:
         validate_layout(cfg, world_size)

@@ -55,16 +55,31 @@ class ModelLoadError(UserError, RuntimeError):
     kind = "checkpoint"
 
 
-# The exit status of a run that ended on a user error, by kind. One status for all kinds today (launchers
-# and Slurm scripts test for 2); a kind that needs its own gets it here and nowhere else.
-EXIT_CODES = {"config": 2, "data": 2, "launch": 2, "checkpoint": 2, "input": 2}
+class RunLockError(UserError, RuntimeError):
+    """Another trainer holds the run directory (training/run_lock.py); the message says which, and what to do."""
 
-# Errors that are identical on every rank (the same config everywhere): one rank says them.
-SAME_ON_EVERY_RANK = frozenset({"config"})
+    kind = "run directory"
+
+
+class TrainingError(UserError, RuntimeError):
+    """The run cannot go on: it diverged (too many non-finite steps in a row) or its state is not finite
+    (training/guard.py). Not a mistake in an input, but the user acts on it the same way: one sentence."""
+
+    kind = "training"
+
+
+# The exit status of a run that ended on a user error, by kind (launchers and Slurm scripts test for 2); a kind
+# that needs its own gets it here and nowhere else. 3: the run stopped on a fault of its own (it diverged),
+# as does a rank whose heartbeat watchdog ends the job (parallel/watchdog.py).
+EXIT_CODES = {"config": 2, "data": 2, "launch": 2, "checkpoint": 2, "input": 2, "run directory": 2, "training": 3}
+
+# Errors that are identical on every rank (the same config everywhere; the lock's and the skip decision are
+# reduced over all ranks): one rank says them (rank 0, which also holds the lock's details).
+SAME_ON_EVERY_RANK = frozenset({"config", "run directory", "training"})
 
 
 def exit_code(exc: BaseException) -> int:
-    """The process exit status for ``exc`` (2 for every user error today)."""
+    """The process exit status for ``exc`` (see ``EXIT_CODES``)."""
     return EXIT_CODES.get(getattr(exc, "kind", "input"), 2)
 
 

@@ -1,8 +1,10 @@
 """Entry point: ``mtp-train --config FILE [--section.key value ...]`` (also ``python -m megatron_mtp.train``).
 
 Launch it as it is for one process, or under torchrun / srun / mpirun for many: ranks are discovered from
-the launcher's environment. Mistakes in the config, data, checkpoint or launch environment end the run
-with one sentence on stderr and the exit status of ``megatron_mtp.errors.EXIT_CODES`` (2).
+the launcher's environment. Mistakes in the config, data, checkpoint or launch environment, and a run
+directory another trainer holds, end the run with one sentence on stderr and the exit status of
+``megatron_mtp.errors.EXIT_CODES`` (2); a run that diverges (``train.max_consecutive_skips`` non-finite steps in
+a row) or whose rank stops answering (the heartbeat watchdog) ends with one sentence and exit status 3.
 """
 from __future__ import annotations
 

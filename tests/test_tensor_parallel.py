@@ -392,7 +392,10 @@ def test_padded_vocabulary_and_sequence_layout_errors():
 
 
 def test_dropout_probability_is_checked():
-    cfg = tiny_cfg(hidden_dropout=1.0)
+    with pytest.raises(ConfigError, match=r"^model.hidden_dropout must lie in \[0, 1\), got 1.0\.$"):
+        tiny_cfg(hidden_dropout=1.0)  # the config's range check
+    cfg = tiny_cfg()
+    cfg.model.hidden_dropout = 1.0  # past validation: the layer checks again
     with pytest.raises(ConfigError, match=r"^model.hidden_dropout must lie in \[0, 1\), got 1.0\.$"):
         MTPModel(cfg.model, cfg.mtp)
 

@@ -316,17 +316,26 @@ def discover_launch_env(environ: Mapping[str, str] = os.environ) -> LaunchEnv:
 # --------------------------------------------------------------------------------------------------
 
 _LAUNCH_ENV: Optional[LaunchEnv] = None
+_WATCHDOG = None  # parallel.watchdog.Watchdog of this process, while the process group it watches is up
+_TIMEOUT: Optional[timedelta] = None  # the collective timeout init_distributed gave the default group
+
+# How long a collective may wait before the job ends (``parallel.timeout_minutes``): minutes, not torch's ten, so a
+# wedged job gives its allocation back soon; long enough for a first-time data-index build on rank 0.
+DEFAULT_TIMEOUT_S = 300.0
 
 
-def init_distributed(backend: Optional[str] = None, timeout_s: int = 600) -> LaunchEnv:
+def init_distributed(backend: Optional[str] = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                     heartbeat_timeout_s: float = 0.0) -> LaunchEnv:
     """Discover the launch, export it, pick the device and start the default process group.
 
     Exports RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT so DeepSpeed and
     anything else reading torchrun's variables agrees with us whichever launcher started the process.
     The backend is NCCL when CUDA is available, gloo otherwise (``backend`` overrides). The process group
-    is created only for more than one process. Calling it again returns the first answer.
+    is created only for more than one process, with ``timeout_s`` as its collective timeout; with
+    ``heartbeat_timeout_s`` > 0 a heartbeat watchdog (``parallel/watchdog.py``) ends the job when a rank stops
+    answering for that long. Calling it again returns the first answer.
     """
-    global _LAUNCH_ENV
+    global _LAUNCH_ENV, _WATCHDOG, _TIMEOUT
     import torch
     import torch.distributed as dist
 
@@ -365,15 +374,34 @@ def init_distributed(backend: Optional[str] = None, timeout_s: int = 600) -> Lau
             backend=backend, init_method="env://", rank=env.rank, world_size=env.world_size,
             timeout=timedelta(seconds=timeout_s),
         )
+        _TIMEOUT = timedelta(seconds=timeout_s)
+        if heartbeat_timeout_s > 0:
+            from megatron_mtp.parallel.watchdog import Watchdog
+
+            # Under torchrun the agent hosts the store (TORCHELASTIC_USE_AGENT_STORE); otherwise rank 0 does.
+            on_rank0 = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+            _WATCHDOG = Watchdog(env.rank, env.world_size, env.master_addr, env.master_port, heartbeat_timeout_s,
+                                 store_on_rank0=on_rank0).start()
     _LAUNCH_ENV = env
     return env
 
 
+def collective_timeout() -> Optional[timedelta]:
+    """The default group's collective timeout, for every group created after it: ``dist.new_group`` does not
+    inherit it (a new group gets torch's backend default, 30 minutes for gloo, 10 for NCCL). None when the
+    group was started by someone else (then torch's default applies, as for them)."""
+    return _TIMEOUT
+
+
 def destroy_distributed() -> None:
     """Tear down the default process group (if any) so a later init_distributed starts afresh."""
-    global _LAUNCH_ENV
+    global _LAUNCH_ENV, _WATCHDOG, _TIMEOUT
     import torch.distributed as dist
 
+    _TIMEOUT = None
+    if _WATCHDOG is not None:  # first: a rank leaving normally is not a rank that stopped answering
+        _WATCHDOG.stop()
+        _WATCHDOG = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     _LAUNCH_ENV = None

@@ -14,6 +14,7 @@ from typing import Optional
 import torch.distributed as dist
 
 from megatron_mtp.errors import LayoutError
+from megatron_mtp.parallel.distributed import collective_timeout
 from megatron_mtp.validation import check_tp_divides
 
 
@@ -65,29 +66,29 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1) -> ParallelState:
     for p in range(pp):
         for d in range(dp):
             ranks = [rank_of(t, d, p, tp, dp) for t in range(tp)]
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=collective_timeout())
             if rank in ranks:
                 state.tp_group = group
     for p in range(pp):
         for t in range(tp):
             ranks = [rank_of(t, d, p, tp, dp) for d in range(dp)]
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=collective_timeout())
             if rank in ranks:
                 state.dp_group = group
     for d in range(dp):
         for t in range(tp):
             ranks = [rank_of(t, d, p, tp, dp) for p in range(pp)]
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=collective_timeout())
             if rank in ranks:
                 state.pp_group = group
                 state.pp_ranks = tuple(ranks)
             embedding_ranks = sorted({ranks[0], ranks[-1]})
-            group = dist.new_group(embedding_ranks)
+            group = dist.new_group(embedding_ranks, timeout=collective_timeout())
             if rank in embedding_ranks:
                 state.embedding_group = group
     for d in range(dp):
         ranks = [rank_of(t, d, p, tp, dp) for p in range(pp) for t in range(tp)]
-        group = dist.new_group(ranks)
+        group = dist.new_group(ranks, timeout=collective_timeout())
         if rank in ranks:
             state.model_parallel_group = group
     _STATE = state

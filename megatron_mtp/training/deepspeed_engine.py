@@ -40,6 +40,7 @@ from megatron_mtp.parallel.layers import initialize_parameters
 from megatron_mtp.training import ds_compat
 from megatron_mtp.training.engine import DEEPSPEED_FORMAT, EngineBase, StepResult
 from megatron_mtp.training.grads import autocast_context, clip_gradients
+from megatron_mtp.training.guard import all_finite, poison_non_finite
 from megatron_mtp.training.optimizer import build_optimizer
 from megatron_mtp.validation import check_zero_with_pipeline, validate_layout
 
@@ -362,6 +363,8 @@ class DeepSpeedEngine(EngineBase):
         ds_compat.load_checkpoints_weights_only(self.engine)
         self._grad_accumulators = _register_sequence_parallel_hooks(self.model) if p.sequence_parallel else []
         self._grad_norm: Optional[torch.Tensor] = None
+        self._own_clipping = False
+        self._skipped = False  # set by our clipping hook when it drops a non-finite step
         if not (self.engine.zero_optimization() or self.engine.bfloat16_enabled() or self.engine.fp16_enabled()):
             self._own_fp32_clipping()
 
@@ -372,9 +375,23 @@ class DeepSpeedEngine(EngineBase):
         DeepSpeed's fp32 ZeRO-0 clipping (``clip_grad_norm_``) counts replicated parameters only on
         model-parallel rank 0, i.e. only on the first pipeline stage. ``grads.clip_gradients`` counts
         TP-sharded parameters on every TP rank, replicated ones on TP rank 0 of each stage, tied copies once,
-        and sums over the TP x PP group (DP ranks already hold equal, averaged gradients)."""
+        and sums over the TP x PP group (DP ranks already hold equal, averaged gradients).
+
+        A non-finite norm skips the update (training/guard.py), as DeepSpeed's ZeRO optimizers do by themselves:
+        ``_take_norm`` drops the gradients, so the torch optimizer's step passes over every parameter (weights
+        and Adam moments untouched) while DeepSpeed's bookkeeping (step counters, zeroing) runs as usual."""
+        self._own_clipping = True
         ds_compat.own_fp32_clipping(self.engine, lambda: clip_gradients(self.model, self.cfg.optimizer.clip_grad),
-                                    on_norm=lambda norm: setattr(self, "_grad_norm", norm))
+                                    on_norm=self._take_norm)
+
+    def _take_norm(self, norm: torch.Tensor) -> None:
+        """Our clipping's norm, right before DeepSpeed steps the torch optimizer: keep it for the log, and
+        if it is not finite (on any rank: the test is reduced) drop every gradient, so the step is a no-op."""
+        self._grad_norm = norm
+        if not all_finite(norm):
+            self._skipped = True
+            for p in self.model.parameters():
+                p.grad = None
 
     def _grad_norm_tensor(self) -> torch.Tensor:
         norm = self._grad_norm
@@ -401,21 +418,29 @@ class DeepSpeedEngine(EngineBase):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self._grad_norm = None
+        self._skipped = False
         if self.pipelined:
+            # Under the pipeline the loss is computed inside DeepSpeed's schedule, so a non-finite loss is caught
+            # through the gradients it produces (the gradient-norm test) rather than poisoned here.
             loss = self.engine.train_batch(data_iter=iter(self._pipe_batches(micro_batches)))
             heads = torch.stack([v.reshape(()) for v in ds_compat.additional_losses(self.engine)]).float()
-            return StepResult(loss.detach().float(), heads, self._grad_norm_tensor(), lr)
+            return StepResult(loss.detach().float(), heads, self._grad_norm_tensor(), lr, skipped=self._step_skipped())
 
         self.engine.train()
         losses = []
         for tokens in micro_batches:
             with self._autocast():
                 loss, head_losses = self.engine(tokens.to(self.device, non_blocking=True))
-            self.engine.backward(loss)
+            self.engine.backward(poison_non_finite(loss))  # a non-finite loss fails the step's gradient test
             self.engine.step()
             losses.append(torch.cat([loss.detach().float().reshape(1), head_losses.detach().float()]))
         mean = self._dp_mean(torch.stack(losses).mean(0))
-        return StepResult(mean[0], mean[1:], self._grad_norm_tensor(), lr)
+        return StepResult(mean[0], mean[1:], self._grad_norm_tensor(), lr, skipped=self._step_skipped())
+
+    def _step_skipped(self) -> bool:
+        """Whether the step just taken left the weights alone (a non-finite gradient norm; the same on every
+        rank: DeepSpeed reduces its overflow flag over DP and model parallel, our hook reduces over the world)."""
+        return self._skipped if self._own_clipping else not self.engine.was_step_applied()
 
     def _dp_mean(self, values: torch.Tensor) -> torch.Tensor:
         group = state.dp_group()

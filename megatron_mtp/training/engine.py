@@ -33,6 +33,7 @@ class StepResult:
     head_losses: torch.Tensor  # [n] per-head mean losses
     grad_norm: torch.Tensor
     lr: float
+    skipped: bool = False  # the loss or gradient norm was not finite, so no update (training/guard.py)
 
 
 @runtime_checkable

@@ -16,6 +16,7 @@ from megatron_mtp.parallel import state
 from megatron_mtp.parallel.canonical import copy_into_model, copy_into_params
 from megatron_mtp.training.engine import LOCAL_FORMAT, EngineBase, StepResult
 from megatron_mtp.training.grads import allreduce_sequence_parallel_grads, autocast_context, clip_gradients
+from megatron_mtp.training.guard import all_finite
 from megatron_mtp.training.master_weights import MasterWeightAdamW
 from megatron_mtp.training.optimizer import build_optimizer
 
@@ -63,10 +64,14 @@ class LocalEngine(EngineBase):
             allreduce_sequence_parallel_grads(self.model)
             grad_norm = clip_gradients(self.model, self.cfg.optimizer.clip_grad)
         lr = self.lr_at(step)
+        loss = loss_sum / accum
+        if not all_finite(loss, grad_norm):  # reduced over the world: every TP rank skips together
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepResult(loss, heads_sum / accum, grad_norm, lr, skipped=True)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
-        return StepResult(loss_sum / accum, heads_sum / accum, grad_norm, lr)
+        return StepResult(loss, heads_sum / accum, grad_norm, lr)
 
     @torch.no_grad()
     def eval_step(self, micro_batches: list) -> torch.Tensor:

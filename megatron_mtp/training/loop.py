@@ -21,8 +21,10 @@ from megatron_mtp.model.mtp_model import count_parameters
 from megatron_mtp.parallel import state
 from megatron_mtp.parallel.distributed import init_distributed
 from megatron_mtp.parallel.random import model_parallel_seed
+from megatron_mtp.training import run_lock
 from megatron_mtp.training.deepspeed_engine import DeepSpeedEngine
 from megatron_mtp.training.engine import uses_deepspeed
+from megatron_mtp.training.guard import SkipCounter, save_if_finite
 from megatron_mtp.training.local_engine import LocalEngine, use_master_weights
 from megatron_mtp.training.metrics import (MetricsLogger, flops_per_token, peak_flops, peak_memory_gib,
                                            plot_head_losses)
@@ -78,7 +80,8 @@ class _StopRequest:
 
 def train(cfg: Config) -> dict:
     """Run training as configured; returns a summary (final losses, steps, run dir)."""
-    env = init_distributed(cfg.parallel.backend)
+    env = init_distributed(cfg.parallel.backend, timeout_s=cfg.parallel.timeout_minutes * 60,
+                           heartbeat_timeout_s=cfg.parallel.heartbeat_timeout_s)
     dp = validate_run(cfg, env.world_size)  # every cross-section rule, before anything is written
     state.initialize_model_parallel(cfg.parallel.tp, cfg.parallel.pp)
     device = resolve_device(cfg)
@@ -87,6 +90,8 @@ def train(cfg: Config) -> dict:
     print(f"rank {env.rank}/{env.world_size} (launcher {env.launcher}): tp {state.tp_rank()}/{state.tp_size()} "
           f"dp {state.dp_rank()}/{dp} pp {state.pp_rank()}/{state.pp_size()} on {device}", flush=True)
     run_dir = cfg.train.run_dir
+    # One run directory, one trainer: refused on every rank before anything is written (training/run_lock.py).
+    run_lock.lock_run_dir(run_dir, env.rank, device)
     if env.rank == 0:
         os.makedirs(run_dir, exist_ok=True)
         cfg.save(os.path.join(run_dir, "config.yaml"))
@@ -124,6 +129,9 @@ def train(cfg: Config) -> dict:
     gpus = env.world_size
     peak = peak_flops(device)
     stop = _StopRequest()
+    # Non-finite steps are skipped by the engines; here they are counted, left out of the logged losses, and
+    # too many in a row stop the run (training/guard.py). Checkpoints go through save_if_finite.
+    skips = SkipCounter(t.max_consecutive_skips, is_reporter=is_logger)
     last_record: dict = {}
     step = start_step
     window_start, window_steps = time.perf_counter(), 0
@@ -131,19 +139,29 @@ def train(cfg: Config) -> dict:
     while step < t.iters:
         micro_batches = [next(train_iter) for _ in range(t.grad_accum)]
         result = engine.train_step(micro_batches, step)
-        # Logged losses are means over the logging window (as Megatron logs them): device tensors, no sync.
-        window_loss = window_loss + result.loss.detach()
-        window_heads = window_heads + result.head_losses.detach()
+        skips.record(result.skipped, step + 1)  # raises on train.max_consecutive_skips in a row
+        # Logged losses are means over the logging window's applied steps (as Megatron logs them): device
+        # tensors, no sync.
+        if not result.skipped:
+            window_loss = window_loss + result.loss.detach()
+            window_heads = window_heads + result.head_losses.detach()
         step += 1
         window_steps += 1
         if step % cfg.logging.interval == 0 or step == t.iters:
-            # Host syncs: this copy once per log interval, and the one-element stop-request flag below every step.
-            losses = (window_heads / window_steps).float().cpu()
+            # Host syncs: this copy once per log interval; every step, the one-element stop-request flag below
+            # and the non-finite test of the engines (training/guard.py).
+            skipped = skips.take_window()
+            applied = window_steps - skipped
+            if applied:
+                losses = (window_heads / applied).float().cpu().tolist()
+                mean_loss = float(window_loss / applied)
+            else:
+                losses, mean_loss = [float("nan")] * cfg.mtp.n_heads, float("nan")
             elapsed = time.perf_counter() - window_start
             tflops = flops_per_step * window_steps / elapsed / gpus / 1e12
             record = {
                 "step": step,
-                "loss": float(window_loss / window_steps),
+                "loss": mean_loss,
                 **{f"loss_head_{i + 1}": float(v) for i, v in enumerate(losses)},
                 "lr": result.lr,
                 "grad_norm": float(result.grad_norm),
@@ -153,6 +171,7 @@ def train(cfg: Config) -> dict:
                 "mfu": tflops * 1e12 / peak if peak else None,
                 "memory_gib": peak_memory_gib(device),
                 "consumed_samples": step * t.global_batch_size,
+                "skipped_iters": skipped,
             }
             logger.log(record, t.iters)
             last_record = record
@@ -162,25 +181,27 @@ def train(cfg: Config) -> dict:
                 print(f"validation at step {step}: " + " ".join(f"head{i + 1} {float(v):.4f}"
                                                                for i, v in enumerate(heads)), flush=True)
         if ckpt.due(step):
-            ckpt.save(step, train_iter)
+            save_if_finite(ckpt, engine, step, train_iter)
         if stop.requested(device):
             if env.rank == 0:
                 print(f"stop signal received: saving a checkpoint at step {step} and exiting", flush=True)
-            ckpt.save(step, train_iter)
+            save_if_finite(ckpt, engine, step, train_iter)
             break
         if t.exit_interval and step % t.exit_interval == 0 and step < t.iters:
             if env.rank == 0:
                 print(f"train.exit_interval reached: saving a checkpoint at step {step} and exiting", flush=True)
             if not ckpt.saved_at(step):
-                ckpt.save(step, train_iter)
+                save_if_finite(ckpt, engine, step, train_iter)
             break
         if window_steps and step % cfg.logging.interval == 0:  # evaluation and saving stay out of the timing
             window_start, window_steps = time.perf_counter(), 0
             window_loss, window_heads = 0.0, 0.0
     else:
         if cfg.checkpoint.save and not ckpt.saved_at(step):
-            ckpt.save(step, train_iter)
+            save_if_finite(ckpt, engine, step, train_iter)
     logger.close()
     if is_logger and cfg.logging.plot and last_record:
         plot_head_losses(run_dir)
+    if env.rank == 0:
+        run_lock.release(run_dir)
     return {"step": step, "run_dir": run_dir, "last": last_record, "rank": env.rank}

@@ -81,6 +81,8 @@ class MetricsLogger:
         if record.get("mfu") is not None:
             line += f" | MFU {100 * record['mfu']:.1f}%"
         line += f" | mem {record['memory_gib']:.2f} GiB"
+        if record.get("skipped_iters"):  # steps whose loss or gradient norm was not finite (training/guard.py)
+            line += f" | skipped {record['skipped_iters']}"
         print(line, flush=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")

@@ -1,0 +1,114 @@
+"""Finetuning with n' (paper section 3.6, Fig. 4): pretrain compute-matched n = 4 and n = 1 byte models on the
+code corpus, then finetune on polynomial arithmetic (``megatron_mtp.tasks.polynomial``, in-domain operations):
+the n = 4 model with n' = 4 (all heads) and with n' = 1 (next-token only: ``mtp.loss_weights [1, 0, 0, 0]``,
+the extra heads kept but given no loss), the n = 1 model with n' = 1 (the baseline). All finetunes see the
+same data in the same order with the same schedule; evaluation is greedy exact match, head 1.
+"""
+from __future__ import annotations
+
+import os
+
+from megatron_mtp.experiments import common, polynomial
+
+VARIANTS = ((4, 4), (4, 1), (1, 1))  # (pretraining n, finetuning n')
+SIZES = {
+    "smoke": {"max_docs": 12, "data": {"train": 300, "test": 8, "in_ops": (1, 2), "ood_ops": (3, 3)},
+              "model": (32, 5, 2), "pretrain_iters": 3, "finetune_iters": 3, "batch": 4, "seq": 64, "warmup": 1},
+    "cpu": {"max_docs": None, "data": {"train": 20_000, "test": 200, "in_ops": (1, 1), "ood_ops": (2, 2)},
+            "model": (96, 6, 4), "pretrain_iters": 300, "finetune_iters": 200, "batch": 16, "seq": 128,
+            "warmup": 30},
+    "small": {"max_docs": None, "data": {"train": 100_000, "test": 500, "in_ops": (1, 2), "ood_ops": (3, 3)},
+              "model": (256, 8, 8), "pretrain_iters": 1000, "finetune_iters": 600, "batch": 32, "seq": 256,
+              "warmup": 50},
+}
+
+
+def prepare(out_dir: str, size: str, device: str) -> dict:
+    from megatron_mtp.data.code_corpus import ensure_stdlib_corpus
+    from megatron_mtp.data.preprocess import output_prefix_for, preprocess
+    from megatron_mtp.tasks.polynomial import write_dataset
+
+    spec = SIZES[size]
+    corpus = ensure_stdlib_corpus(os.path.join(out_dir, "corpus"), max_docs=spec["max_docs"])
+    d = spec["data"]
+    data_dir = os.path.join(out_dir, "data")
+    info = write_dataset(data_dir, d["train"], d["test"], d["in_ops"], d["ood_ops"], seed=0)
+    preprocess(info["paths"]["train"], os.path.join(data_dir, "train"), tokenizer_type="byte", append_eod=True,
+               progress=False)
+    return {"out_dir": out_dir, "size": size, "device": device, "spec": spec, "corpus": corpus, "dataset": info,
+            "task_prefix": output_prefix_for(os.path.join(data_dir, "train"), "text")}
+
+
+def jobs(size: str, seeds: list) -> list:
+    # One job per (seed, pretraining n): pretrain once, then every finetune of that checkpoint.
+    return [{"pretrain_n": n, "seed": seed} for seed in seeds for n in (4, 1)]
+
+
+def run_job(job: dict, shared: dict) -> dict:
+    spec = shared["spec"]
+    hidden, layers, heads = spec["model"]
+    n, seed = job["pretrain_n"], job["seed"]
+    base = {**common.model_overrides(hidden, layers, heads), **common.device_overrides(shared["device"]),
+            "mtp.n_heads": n, "data.seq_length": spec["seq"], "train.micro_batch_size": spec["batch"],
+            "optimizer.warmup_iters": spec["warmup"], "train.seed": seed,
+            "data.cache_dir": os.path.join(shared["out_dir"], "cache")}
+    pre_dir = os.path.join(shared["out_dir"], "runs", f"pretrain-n{n}-s{seed}")
+    pre = common.train_model("finetune", pre_dir, {**base, "data.paths": [shared["corpus"]["train_prefix"]],
+                                                   "train.iters": spec["pretrain_iters"]})
+    finetunes = []
+    for pre_n, n_prime in VARIANTS:
+        if pre_n != n:
+            continue
+        ft_dir = os.path.join(shared["out_dir"], "runs", f"finetune-n{n}-nprime{n_prime}-s{seed}")
+        weights = None if n_prime == n else [1.0] + [0.0] * (n - 1)
+        summary = common.train_model("finetune", ft_dir, {
+            **base, "data.paths": [shared["task_prefix"]], "train.iters": spec["finetune_iters"],
+            "checkpoint.load": os.path.join(pre_dir, "checkpoints"), "checkpoint.finetune": True,
+            "mtp.loss_weights": weights})
+        finetunes.append({"n_prime": n_prime, "final_loss_head_1": summary["last"].get("loss_head_1"),
+                          **polynomial.evaluate_run(ft_dir, shared)})
+    return {"pretrain_loss_head_1": pre["last"].get("loss_head_1"), "finetunes": finetunes}
+
+
+def summarize(results: list, shared: dict) -> dict:
+    ok = [r for r in results if r["status"] == "ok"]
+    rows = []
+    for pre_n, n_prime in VARIANTS:
+        runs = [(r["job"]["seed"], f, r) for r in ok if r["job"]["pretrain_n"] == pre_n
+                for f in r["finetunes"] if f["n_prime"] == n_prime]
+        if runs:
+            rows.append({"pretrain_n": pre_n, "n_prime": n_prime, "seeds": [s for s, _, _ in runs],
+                         "pretrain_loss_head_1": common.mean_std([r["pretrain_loss_head_1"] for _, _, r in runs]),
+                         "in_domain": common.mean_std([f["in_domain"]["accuracy"] for _, f, _ in runs]),
+                         "out_of_domain": common.mean_std([f["out_of_domain"]["accuracy"] for _, f, _ in runs]),
+                         "loss_head_1": common.mean_std([f["final_loss_head_1"] for _, f, _ in runs])})
+    return {"rows": rows}
+
+
+def table(summary: dict) -> str:
+    lines = ["| pretraining n | finetuning n' | seeds | pretraining loss head 1 | in-domain exact match (%) | "
+             "out-of-domain exact match (%) | finetuning loss head 1 |", "|---|---|---|---|---|---|---|"]
+    for r in summary["rows"]:
+        lines.append(f"| {r['pretrain_n']} | {r['n_prime']} | {len(r['seeds'])} | "
+                     f"{common.fmt(r['pretrain_loss_head_1'], 3)} | {common.fmt(r['in_domain'], 1, True)} | "
+                     f"{common.fmt(r['out_of_domain'], 1, True)} | {common.fmt(r['loss_head_1'], 3)} |")
+    return "\n".join(lines)
+
+
+def plot(summary: dict, out_dir: str) -> list:
+    plt = common.pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    rows = summary["rows"]
+    labels = [f"n={r['pretrain_n']}, n'={r['n_prime']}" for r in rows]
+    for j, (key, title) in enumerate((("in_domain", "in-domain"), ("out_of_domain", "out-of-domain"))):
+        xs = [i + (j - 0.5) * 0.38 for i in range(len(rows))]
+        ax.bar(xs, [100 * (r[key]["mean"] or 0) for r in rows], 0.38,
+               yerr=[100 * (r[key]["std"] or 0) for r in rows], capsize=3, label=title)
+    ax.set_xticks(range(len(rows)), labels)
+    ax.set_ylabel("exact match (%), mean ± std over seeds")
+    ax.set_title("finetuning on polynomial arithmetic after code pretraining")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend()
+    path = common.savefig(fig, os.path.join(out_dir, "finetune.png"))
+    plt.close(fig)
+    return [path]
