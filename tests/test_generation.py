@@ -80,12 +80,12 @@ def test_kv_cache_matches_full_forward_with_padding_rollback_and_gqa():
                 prefix = seqs[b] + chunk[b, : j + 1].tolist()
                 for h, ref in enumerate(full_logits(model, prefix)):
                     torch.testing.assert_close(out[h][b, j], ref)
-        cache.advance(torch.tensor(commit), commit)
+        cache.advance(torch.tensor(commit))
         for b in range(3):
             seqs[b] += chunk[b, : commit[b]].tolist()
-        assert cache.lengths_host == [width + len(s) - len(p) for s, p in zip(seqs, prompts)]
+        assert cache.lengths_host() == [width + len(s) - len(p) for s, p in zip(seqs, prompts)]
     # Explicit rollback to shorter lengths, then continue: the stale slots are overwritten.
-    cache.rollback([n - 2 for n in cache.lengths_host])
+    cache.rollback([n - 2 for n in cache.lengths_host()])
     seqs = [s[:-2] for s in seqs]
     nxt = torch.randint(0, 16, (3, 1), generator=g)
     out = step(nxt)
@@ -193,3 +193,128 @@ def test_load_checkpoint_and_generate_cli(tmp_path, capsys):
     assert generate_tool.main(["--load", str(tmp_path / "missing"), "--prompt", "x"]) == 2
     assert generate_tool.main(["--load", run_dir, "--prompt", "x", "--speculative", "--heads", "5"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_rollback_after_rejection_leaves_cache_equal_to_fresh_prefill():
+    """After speculative decoding with rejections, every layer's committed keys/values of every sequence
+    equal a fresh prefill over that sequence's committed tokens (rejected slots leave no trace)."""
+    from megatron_mtp.inference.generation import decoder_for
+
+    model = tiny_model(n_heads=3, layers=5, sharpen=8.0)
+    prompts = random_prompts([3, 7, 5], 16, seed=6)
+    out = generate(model, prompts, 9, heads=3)
+    assert 0 < sum(out.stats.accepted) < sum(out.stats.proposed)  # drafts were rejected and rolled back
+    dec = decoder_for(model)
+    (st,) = dec._states.values()
+    emitted = st.out.tolist()
+    for b, p in enumerate(prompts):
+        committed = p + emitted[b][: int(st.out_len[b]) - 1]  # the last emitted token is not yet in the cache
+        assert int(st.cache.lengths[b] - st.cache.start[b]) == len(committed)
+        fresh = KVCache(1, 32, "cpu")
+        n = len(committed)
+        model.logits(torch.tensor([committed]), heads="all", positions=fresh.positions(n), kv_cache=fresh,
+                     attn_mask=fresh.attention_mask(n))
+        fresh.advance(n)
+        for key in fresh._k:
+            for got, ref in zip(st.cache.committed(key, b), fresh.committed(key, 0)):
+                torch.testing.assert_close(got, ref)
+
+
+def test_streaming_callback_sees_every_token_once():
+    model = tiny_model(n_heads=3, layers=5)
+    prompts = random_prompts([4, 2], 16, seed=8)
+    free = generate(model, prompts, 11, heads=3)
+    eod = free.tokens[1][4]
+    seen = {0: [], 1: []}
+    out = generate(model, prompts, 11, heads=3, eod=eod, callback=lambda b, new: seen[b].extend(new))
+    assert [seen[0], seen[1]] == out.tokens == generate(model, prompts, 11, eod=eod).tokens
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(heads=0), "1..3"),  # 0 is an error, not "all heads"
+    (dict(heads=4), "1..3"),
+    (dict(max_new_tokens=0), "at least 1"),
+    (dict(prompts=[]), "at least one prompt"),
+    (dict(prompts=[[1, 2], []]), "at least one token"),
+    (dict(prompts=[[1, 99]]), "outside the vocabulary"),
+    (dict(prompts=[[1] * 60], max_new_tokens=5), "max_seq_length 64"),
+    (dict(sampling=SamplingParams(greedy=True, temperature=float("nan"))), None),  # greedy ignores it
+], ids=["heads0", "heads4", "budget0", "batch0", "empty_prompt", "vocab", "too_long", "greedy_nan_ok"])
+def test_generate_arguments_are_range_checked(kwargs, match):
+    cfg = ModelConfig(vocab_size=16, hidden_size=32, num_layers=4, num_attention_heads=4, num_kv_heads=2,
+                      ffn_hidden_size=64, make_vocab_size_divisible_by=8, max_seq_length=64)
+    model = MTPModel(cfg, MTPConfig(n_heads=3), dtype=torch.float32).eval()
+    args = dict(prompts=[[1, 2, 3]], max_new_tokens=4, heads=1)
+    args.update(kwargs)
+    if match is None:
+        assert len(generate(model, **args).tokens[0]) == 4
+        return
+    with pytest.raises(ValueError, match=match):
+        generate(model, **args)
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), -1.0, 0.0, float("inf")])
+def test_sampling_temperature_must_be_positive_and_finite(temperature):
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(greedy=False, temperature=temperature)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(greedy=False, top_p=float("nan"))
+
+
+def test_generate_cli_rejects_bad_arguments(tmp_path, capsys):
+    run_dir, _ = _save_run(tmp_path)
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    try:
+        import generate as generate_tool
+    finally:
+        sys.path.pop(0)
+    base = ["--load", run_dir, "--prompt", "def f(x):", "--max-new-tokens", "4", "--no-progress"]
+    cases = {
+        "--heads": (["--speculative", "--heads", "0"], "--heads must lie in 1..3"),
+        "--temperature nan": (["--temperature", "nan"], "temperature must be a positive finite"),
+        "--temperature -1": (["--temperature", "-1"], "temperature must be a positive finite"),
+        "--batch-size": (["--batch-size", "0"], "--batch-size must be at least 1"),
+        "too long": (["--max-new-tokens", "4090"], "exceeds the model's max_seq_length"),
+    }
+    for name, (extra, message) in cases.items():
+        assert generate_tool.main(base + extra) == 2, name
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (name, err)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("compile_layers", [False, True], ids=["graphs", "graphs+compile"])
+def test_cuda_graph_path_gives_the_eager_tokens(compile_layers):
+    """fp32 on the GPU: the captured (and compiled) decoder emits exactly the eager decoder's tokens, for
+    plain and speculative decoding, batch 1 and a batch of mixed prompt lengths, with an EOD in play; replays
+    of the same graphs on new prompts stay right."""
+    model = tiny_model(n_heads=3, layers=5, dtype=torch.float32).cuda()
+    for lengths, seed in (([6], 1), ([3, 9, 1, 6], 2), ([5, 2, 8, 4], 3)):
+        prompts = random_prompts(lengths, 16, seed=seed)
+        eager = generate(model, prompts, 20, graphs=False, compile=False)
+        eod = eager.tokens[0][7]
+        eager_eod = generate(model, prompts, 20, eod=eod, graphs=False, compile=False)
+        for k in (1, 2, 3):
+            fast = generate(model, prompts, 20, heads=k, graphs=True, compile=compile_layers)
+            assert fast.tokens == eager.tokens, (lengths, k)
+            fast = generate(model, prompts, 20, heads=k, eod=eod, graphs=True, compile=compile_layers)
+            assert fast.tokens == eager_eod.tokens and fast.finished_by_eod == eager_eod.finished_by_eod
+            assert fast.stats.tokens == eager_eod.stats.tokens
+    from megatron_mtp.inference.generation import decoder_for
+
+    assert decoder_for(model, graphs=True, compile=compile_layers).compile_error is None
+
+
+def test_decoder_reuses_and_bounds_its_buffers():
+    """Prompts of many lengths reuse a bucket of up to twice the needed capacity and keep at most
+    MAX_STATES buckets alive; the tokens stay those of recomputation."""
+    from megatron_mtp.inference.generation import Decoder, decoder_for
+
+    model = tiny_model(n_heads=2, layers=4)
+    dec = decoder_for(model)
+    for n in (200, 60, 330, 450, 570, 700):  # capacities 256, 128 -> reuses 256, 384, 512, 640, 768
+        prompt = random_prompts([n], 16, seed=n)[0]
+        out = generate(model, [prompt], 3, heads=2)
+        assert out.tokens[0] == recompute_greedy(model, prompt, 3)
+        assert len(dec._states) <= Decoder.MAX_STATES
+    assert sorted(c for _, c in dec._states) == [384, 512, 640, 768]

@@ -199,3 +199,22 @@ def test_verify_sampled_first_token_is_exactly_p():
     torch.testing.assert_close(freq, p0, atol=4e-3, rtol=0)
     expected_accept = torch.minimum(p0, q0).sum()  # P(accept) = sum_x min(p(x), q(x))
     assert abs(accepted.double().mean() - expected_accept) < 4e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_speculative_sampling_with_cuda_graphs_matches_plain_distribution(sampling_model):
+    """The captured sampling step (its generator registered with the graph, so every replay draws fresh
+    numbers) keeps plain sampling's distribution, plain and speculative."""
+    import copy
+
+    params = SamplingParams(greedy=False, temperature=0.8, top_k=6, top_p=0.9)
+    expected = exact_joint(sampling_model, params)
+    model = copy.deepcopy(sampling_model).float().cuda()
+    for heads, seed in ((1, 4), (N_HEADS, 5)):
+        out = generate(model, [PROMPT] * 4000, NEW, params, heads=heads, graphs=True,
+                       generator=torch.Generator(device="cuda").manual_seed(seed))
+        assert all(len(t) == NEW for t in out.tokens)
+        assert chi_square_pvalue(out.tokens, expected) > 1e-3, heads
+        again = generate(model, [PROMPT] * 4000, NEW, params, heads=heads, graphs=True,
+                         generator=torch.Generator(device="cuda").manual_seed(seed + 10))
+        assert again.tokens != out.tokens  # replays draw new numbers

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Decoding benchmark: self-speculative decoding with k = 1..n heads against plain greedy decoding.
+"""Decoding benchmark: our plain and self-speculative decoding (k = 1..n) against transformers on the same model.
 
     # CPU: train the small config (~3-4 min), then benchmark
     python -m megatron_mtp.train --config configs/code_small_cpu.yaml
@@ -7,12 +7,23 @@
 
     # GPU, one command: trains configs/code_100m.yaml first when its run has no checkpoint
     python tools/bench_decode.py --train configs/code_100m.yaml --device cuda
+    # byte-level n = 8, batch 1, k = 1..8
+    python tools/bench_decode.py --train configs/code_100m_n8.yaml --device cuda --batch-sizes 1 --peers none \
+        --tag cuda_n8
+    # the bandwidth regime: the 1.1B shape with random weights, forward time for 1..k tokens vs the HBM floor
+    python tools/bench_decode.py --bandwidth configs/1b.yaml --device cuda --tag cuda_1b
 
 Prompts are windows of the held-out files of the stdlib code corpus (``ensure_stdlib_corpus``), cut at
-line starts. For every batch size (default 1 and 16) and every k, all k are run side by side (interleaved
-per repeat) and the table reports tokens per forward, per-head acceptance, tokens/s and the speedup over
-plain greedy (k = 1) measured in the same run, plus whether the greedy outputs equal plain greedy's.
-Results: ``benchmarks/decode_<device>.json`` (device, date, command, rows) and ``decode_<device>.png``.
+line starts. Every row decodes the same prompts greedily to a fixed budget (no stop at EOD unless
+``--stop-at-eod``), after a full untimed warm-up run of that very row (graph capture, compilation, caches).
+
+Rows: ours at every batch size and k; then, at batch 1 on the model exported to HuggingFace
+(``megatron_mtp.checkpoint.export.export_hf``) and loaded by ``LlamaForCausalLM``, transformers'
+``generate`` with its default (dynamic) cache, with ``cache_implementation="static"`` — which makes
+``generate`` compile the forward with ``torch.compile(mode="reduce-overhead")``, transformers' documented
+static-cache configuration — and with prompt-lookup decoding (``prompt_lookup_num_tokens``).
+Results: ``benchmarks/decode_<tag>.json`` (device, date, command, rows; written after every row) and
+``decode_<tag>.png``.
 """
 from __future__ import annotations
 
@@ -22,6 +33,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -65,13 +77,13 @@ def heldout_prompts(cfg, tokenizer, count: int, prompt_tokens: int, min_tail: in
     return prompts
 
 
-def run_config(model, prompts, batch_size, k, args, sampling, eod, pad, generator):
+def run_config(model, prompts, batch_size, k, max_new_tokens, eod, pad, generator):
     from megatron_mtp.inference import generate
 
     outs, stats = [], []
     for start in range(0, len(prompts), batch_size):
-        out = generate(model, prompts[start: start + batch_size], args.max_new_tokens, sampling, heads=k, eod=eod,
-                       pad_id=pad, generator=generator, progress=False)
+        out = generate(model, prompts[start: start + batch_size], max_new_tokens, heads=k, eod=eod, pad_id=pad,
+                       generator=generator)
         outs += out.tokens
         stats.append(out.stats)
     return outs, stats
@@ -86,11 +98,212 @@ def aggregate(stats_list: list, k: int) -> dict:
     verify = sum(s.verify_steps for s in stats_list)
     return {
         "tokens": tokens, "forwards": sum(s.forwards for s in stats_list), "wall_s": wall,
+        "prefill_s": sum(s.prefill_s for s in stats_list),
         "tokens_per_forward": tokens / max(1, seq_forwards), "tokens_per_s": tokens / wall if wall else 0.0,
-        "acceptance_per_head": {f"head_{i + 2}": (a / p if p else None) for i, (a, p) in enumerate(zip(accepted, proposed))},
+        "acceptance_per_head": {f"head_{i + 2}": (a / p if p else None)
+                                for i, (a, p) in enumerate(zip(accepted, proposed))},
         "acceptance_unconditional_per_head": {f"head_{i + 2}": (a / verify if verify else None)
                                               for i, a in enumerate(accepted)},
     }
+
+
+def common_prefix(a: list, b: list) -> dict:
+    """How far two sets of outputs agree: identical outputs, and the mean share of each output before the
+    first differing token (bf16 near-ties flip an argmax, after which the texts part ways)."""
+    shares = []
+    for x, y in zip(a, b):
+        n = next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y)))
+        shares.append(n / max(1, max(len(x), len(y))))
+    return {"identical_to_plain": f"{sum(x == y for x, y in zip(a, b))}/{len(a)}",
+            "common_prefix_share": sum(shares) / max(1, len(shares))}
+
+
+def synchronize(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Peers: transformers on the HF export of the same weights
+
+
+def load_hf(export_dir: str, device: str, dtype):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(export_dir, dtype=dtype)
+    except TypeError:  # transformers < 4.56 names it torch_dtype
+        hf = AutoModelForCausalLM.from_pretrained(export_dir, torch_dtype=dtype)
+    return hf.to(device).eval()
+
+
+PEERS = {
+    # name: (generate kwargs, description)
+    "hf_default": ({}, "transformers generate, default (dynamic) cache"),
+    "hf_static_compiled": ({"cache_implementation": "static"},
+                           "transformers generate, cache_implementation='static' (generate compiles the forward "
+                           "with torch.compile mode='reduce-overhead')"),
+    "hf_prompt_lookup": (None, "transformers generate, prompt-lookup decoding (prompt_lookup_num_tokens)"),
+}
+
+
+def run_peer(hf, name: str, prompts: list, args, eod, pad) -> tuple:
+    """(generated token lists, wall seconds) of one transformers configuration over ``prompts`` at batch 1."""
+    import torch
+
+    kwargs, _ = PEERS[name]
+    if kwargs is None:
+        kwargs = {"prompt_lookup_num_tokens": args.lookup_tokens}
+    outs, wall = [], 0.0
+    for prompt in prompts:
+        ids = torch.tensor([prompt], device=args.device)
+        synchronize(args.device)
+        t0 = time.perf_counter()
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                          do_sample=False, eos_token_id=eod, pad_token_id=pad, **kwargs)
+        synchronize(args.device)
+        wall += time.perf_counter() - t0
+        outs.append(out[0, ids.size(1):].tolist())
+    return outs, wall
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The bandwidth regime
+
+
+def time_call(fn, device: str, iters: int = 50, warmup: int = 5) -> float:
+    """Median seconds of one ``fn()`` (a graph replay on CUDA, timed by CUDA events around each)."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.startswith("cuda"):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(iters):
+        if device.startswith("cuda"):
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> float:
+    """Device memory bandwidth in bytes/s measured by a large device-to-device copy (read + write)."""
+    import torch
+
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    t = time_call(lambda: dst.copy_(src), device, iters=20, warmup=3)
+    del src, dst
+    return 2 * nbytes / t
+
+
+def bandwidth_regime(args, command: str) -> dict:
+    """Random weights of ``args.bandwidth``'s shape: per-forward time over 1..k tokens (trunk + head 1, the
+    forward that verifies k tokens), the full speculative step of k heads, and plain decoding's tokens/s
+    against the HBM floor: the bytes of the weights plain decoding reads per token / measured copy bandwidth."""
+    import torch
+
+    from megatron_mtp.config import load_config
+    from megatron_mtp.inference import SamplingParams, generate
+    from megatron_mtp.inference.generation import attention_backends, decoder_for
+    from megatron_mtp.model.mtp_model import MTPModel
+
+    cfg = load_config(args.bandwidth, [])
+    dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16
+    with torch.device(args.device):
+        model = MTPModel(cfg.model, cfg.mtp, dtype=dtype)
+    g = torch.Generator(device=args.device).manual_seed(args.seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.fill_(1.0)  # norms
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+    model.eval()
+    n = cfg.mtp.n_heads
+    ks = [int(k) for k in args.ks.split(",")] if args.ks else list(range(1, n + 1))
+    bw = copy_bandwidth(args.device, (1 << 30) if args.device.startswith("cuda") else (1 << 26))
+    size = lambda mod: sum(p.numel() * p.element_size() for p in mod.parameters())  # noqa: E731
+    out_mod = model.output
+    plain_bytes = (sum(size(layer) for layer in model.trunk) + size(out_mod.heads[0]) + size(out_mod.final_norm)
+                   + (out_mod.output_weight.numel() * out_mod.output_weight.element_size()
+                      if out_mod.output_weight is not None else size(model.embedding)))
+    all_bytes = size(model)
+    prompt = torch.randint(0, cfg.model.vocab_size, (1, args.prompt_tokens), generator=g, device=args.device)
+    prompts = [prompt[0].tolist()]
+    rows = []
+    dec = decoder_for(model)
+    # Plain and speculative decoding end to end (random weights: acceptance is near zero, so this times
+    # the machinery, not the heads): warm, then timed.
+    for k in ks:
+        if k > n:
+            continue
+        generate(model, prompts, args.max_new_tokens, heads=k)
+        synchronize(args.device)
+        out = generate(model, prompts, args.max_new_tokens, heads=k)
+        s = out.stats
+        decode_s = s.wall_s - s.prefill_s
+        rows.append({"kind": "generate", "k": k, "tokens": s.tokens, "forwards": s.forwards, "wall_s": s.wall_s,
+                     "prefill_s": s.prefill_s, "tokens_per_s": s.tokens_per_s,
+                     "decode_tokens_per_s": (s.tokens - 1) / decode_s if decode_s > 0 else None,
+                     "ms_per_step": 1e3 * decode_s / max(1, s.forwards - 1)})
+    # One forward over s tokens (trunk + head 1 unembedded at all s), and the whole speculative step with
+    # s heads, each captured as a graph on the static cache holding the prompt, timed by replays.
+    st = next(iter(dec._states.values()))
+    cache = st.cache
+    cuda = args.device.startswith("cuda")
+    with torch.no_grad(), attention_backends(torch.device(args.device)):
+        for s in range(1, max(ks) + 1):
+            tokens = torch.randint(0, cfg.model.vocab_size, (1, s), generator=g, device=args.device)
+            cache.lengths.fill_(args.prompt_tokens)
+
+            def forward(s=s, tokens=tokens):
+                mask, pos = cache.attention_bias(s, dec.group, dec.dtype), cache.positions(s)
+                z, cos, sin = model.trunk_hidden(tokens, pos, cache, mask)
+                model.head_logits(0, z, cos, sin, cache, mask)
+
+            fn = dec._capture(forward, False).replay if cuda else forward
+            row = {"kind": "forward", "tokens": s, "ms": 1e3 * time_call(fn, args.device, iters=50 if cuda else 5)}
+            if s <= n:
+                step = dec._graphs.get(("step", 1, st.capacity, s, (True, 1.0, 0, 1.0)))
+                step = step.replay if step is not None else (lambda s=s: dec.step(st, s, SamplingParams(), None))
+                cache.lengths.fill_(args.prompt_tokens)
+                st.done.zero_()
+                st.budget.fill_(1 << 30)
+                row["speculative_step_ms"] = 1e3 * time_call(step, args.device, iters=20 if cuda else 3)
+            rows.append(row)
+    one = next(r["ms"] for r in rows if r.get("kind") == "forward" and r["tokens"] == 1)
+    for r in rows:
+        if r.get("kind") == "forward":
+            r["x_one_token"] = r["ms"] / one
+    plain = next(r for r in rows if r.get("kind") == "generate" and r["k"] == 1)
+    floor_tps = bw / plain_bytes
+    return {
+        "mode": "bandwidth", "config": args.bandwidth, "parameters": sum(p.numel() for p in model.parameters()),
+        "weights": "random (normal, std 0.02)", "dtype": str(dtype).replace("torch.", ""),
+        "copy_bandwidth_GBps": bw / 1e9, "weight_bytes_all": all_bytes, "weight_bytes_plain_step": plain_bytes,
+        "hbm_floor_ms_per_token": 1e3 * plain_bytes / bw, "hbm_floor_tokens_per_s": floor_tps,
+        "hbm_floor_tokens_per_s_all_weights": bw / all_bytes,
+        "plain_decode_tokens_per_s": plain["decode_tokens_per_s"],
+        "plain_fraction_of_floor": plain["decode_tokens_per_s"] / floor_tps if plain["decode_tokens_per_s"] else None,
+        "compiled": dec.compile and dec.compile_error is None, "compile_error": dec.compile_error,
+        "settings": {"prompt_tokens": args.prompt_tokens, "max_new_tokens": args.max_new_tokens, "ks": ks},
+        "rows": rows,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The plot
 
 
 def plot(result: dict, path: str) -> None:
@@ -99,40 +312,58 @@ def plot(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = result["rows"]
+    from megatron_mtp.io_utils import atomic_save_path
+
+    if result.get("mode") == "bandwidth":
+        fwd = [r for r in result["rows"] if r.get("kind") == "forward"]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([r["tokens"] for r in fwd], [r["ms"] for r in fwd], "o-", label="forward (trunk + head 1)")
+        spec = [r for r in fwd if "speculative_step_ms" in r]
+        ax.plot([r["tokens"] for r in spec], [r["speculative_step_ms"] for r in spec], "s--",
+                label="speculative step (k heads)")
+        ax.axhline(result["hbm_floor_ms_per_token"], color="grey", lw=0.8, label="HBM floor (plain step)")
+        ax.set_xlabel("tokens per forward")
+        ax.set_ylabel("ms")
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"{result['parameters'] / 1e9:.2f}B shape, {result['device_name']}", fontsize=9)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        atomic_save_path(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+        plt.close(fig)
+        return
+    rows = [r for r in result["rows"] if r["decoder"] == "ours"]
+    peers = [r for r in result["rows"] if r["decoder"] != "ours"]
     batch_sizes = sorted({r["batch_size"] for r in rows})
     kmax = max(r["k"] for r in rows)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for bs in batch_sizes:
-        full = [r for r in rows if r["batch_size"] == bs and r["k"] == kmax]
-        if full and kmax > 1:
-            acc = full[0]["acceptance_per_head"]
-            heads = list(range(2, kmax + 1))
-            ax1.plot(heads, [acc[f"head_{h}"] or 0 for h in heads], "o-", label=f"batch {bs}: given earlier accepted")
-            unc = full[0]["acceptance_unconditional_per_head"]
-            ax1.plot(heads, [unc[f"head_{h}"] or 0 for h in heads], "s--", alpha=0.6, label=f"batch {bs}: per forward")
         sel = sorted((r for r in rows if r["batch_size"] == bs), key=lambda r: r["k"])
+        ax1.plot([r["k"] for r in sel], [r["tokens_per_s"] for r in sel], "o-", label=f"ours, batch {bs}")
         ax2.plot([r["k"] for r in sel], [r["speedup_vs_plain"] for r in sel], "o-", label=f"speedup, batch {bs}")
         ax2.plot([r["k"] for r in sel], [r["tokens_per_forward"] for r in sel], "x:", alpha=0.7,
                  label=f"tokens/forward, batch {bs}")
-    ax1.set_xticks(list(range(2, max(kmax, 2) + 1)))
-    ax1.set_xlabel("draft head")
-    ax1.set_ylabel("acceptance rate")
-    ax1.set_ylim(0, 1.02)
-    ax1.set_title(f"Acceptance per head (k = {kmax}, greedy)")
-    ax1.legend(fontsize=8)
+    for i, r in enumerate(peers):
+        ax1.axhline(r["tokens_per_s"], ls="--", lw=1, color=f"C{i + len(batch_sizes)}",
+                    label=f"{r['decoder']} (batch 1)")
+    ax1.set_yscale("log")
+    ax1.set_xticks(list(range(1, kmax + 1)))
+    ax1.set_xlabel("heads used (k)")
+    ax1.set_ylabel("tokens/s")
+    ax1.set_title("Throughput, same weights and prompts")
+    ax1.legend(fontsize=7)
     ax1.grid(alpha=0.3)
     ax2.axhline(1.0, color="grey", lw=0.8)
-    ax2.set_xticks(sorted({r["k"] for r in rows}))
+    ax2.set_xticks(list(range(1, kmax + 1)))
     ax2.set_xlabel("heads used (k)")
-    ax2.set_ylabel("x plain greedy")
-    ax2.set_title(f"Speedup vs k ({result['device']}, {result['dtype']})")
+    ax2.set_ylabel("x our plain greedy")
+    ax2.set_title(f"Speedup vs k ({result['device_name']}, {result['dtype']})", fontsize=9)
     ax2.legend(fontsize=8)
     ax2.grid(alpha=0.3)
-    fig.suptitle(f"Self-speculative decoding: {result['model']['parameters'] / 1e6:.1f}M params, "
-                 f"n={result['model']['n_heads']}, {result['date'][:10]}", fontsize=10)
+    fig.suptitle(f"Decoding: {result['model']['parameters'] / 1e6:.1f}M params, n={result['model']['n_heads']}, "
+                 f"{result['date'][:10]}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_save_path(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 
 
@@ -155,6 +386,38 @@ def ensure_trained(config: str, overrides: list) -> str:
     return run_dir
 
 
+def write_result(result: dict, output_dir: str, tag: str) -> str:
+    from megatron_mtp.io_utils import atomic_write_json
+
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, f"decode_{tag}.json")
+    atomic_write_json(path, result)
+    return path
+
+
+def print_table(result: dict) -> None:
+    if result.get("mode") == "bandwidth":
+        print(f"copy bandwidth {result['copy_bandwidth_GBps']:.0f} GB/s; plain step reads "
+              f"{result['weight_bytes_plain_step'] / 1e9:.2f} GB -> floor "
+              f"{result['hbm_floor_tokens_per_s']:.0f} tokens/s; "
+              f"plain decode {result['plain_decode_tokens_per_s']:.0f} tokens/s "
+              f"({100 * result['plain_fraction_of_floor']:.0f} % of the floor)")
+        for r in result["rows"]:
+            if r["kind"] == "forward":
+                extra = f", speculative step {r['speculative_step_ms']:.3f} ms" if "speculative_step_ms" in r else ""
+                print(f"forward over {r['tokens']} tokens: {r['ms']:.3f} ms ({r['x_one_token']:.3f}x one token){extra}")
+            else:
+                print(f"generate k={r['k']}: {r['tokens_per_s']:.0f} tokens/s, {r['ms_per_step']:.3f} ms/step")
+        return
+    print(f"{'decoder':>20} {'batch':>5} {'k':>2} {'tok/fwd':>7} {'tok/s':>9} {'x plain':>7} {'same':>6}  "
+          f"acceptance 2..k")
+    for r in result["rows"]:
+        acc = " ".join(f"{v:.2f}" if v is not None else "-" for v in r.get("acceptance_per_head", {}).values())
+        print(f"{r['decoder']:>20} {r['batch_size']:>5} {r['k']:>2} {(r.get('tokens_per_forward') or 0):>7.2f} "
+              f"{r['tokens_per_s']:>9.1f} {(r.get('speedup_vs_plain') or 0):>6.2f}x "
+              f"{r['identical_to_plain']:>6}  {acc}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -162,6 +425,7 @@ def main(argv=None) -> int:
     p.add_argument("--train", metavar="CONFIG", help="train this config first (unless its run has a checkpoint)")
     p.add_argument("--train-override", action="append", default=[], metavar="KEY=VALUE",
                    help="override for --train, e.g. train.iters=100 (repeatable)")
+    p.add_argument("--bandwidth", metavar="CONFIG", help="the bandwidth regime on CONFIG's shape, random weights")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float64"], default=None,
                    help="default: bfloat16 on cuda, float32 on cpu")
@@ -170,28 +434,55 @@ def main(argv=None) -> int:
     p.add_argument("--prompts-batch1", type=int, default=4, help="prompts decoded one by one at batch 1")
     p.add_argument("--prompt-tokens", type=int, default=256)
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=1, help="timing repeats (k interleaved within each)")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per row (after its warm-up run)")
+    p.add_argument("--peers", default=None,
+                   help="comma-separated transformers rows: hf_default, hf_static_compiled, hf_prompt_lookup, or "
+                        "none (default: all three on cuda, hf_default,hf_prompt_lookup on cpu)")
+    p.add_argument("--lookup-tokens", type=int, default=4, help="prompt_lookup_num_tokens of the lookup row")
+    p.add_argument("--stop-at-eod", action="store_true", help="stop sequences at EOD (default: fixed budget)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--output-dir", default=os.path.join(REPO, "benchmarks"))
+    p.add_argument("--tag", default=None, help="output name decode_<tag>.json (default: the device type)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     command = "python " + shlex.join([os.path.relpath(sys.argv[0], REPO) if os.path.isabs(sys.argv[0]) else sys.argv[0]]
                                      + (argv if argv is not None else sys.argv[1:]))
 
     import torch
-    from tqdm import tqdm
 
-    from megatron_mtp.inference import ModelLoadError, SamplingParams, default_dtype, load_model
+    from megatron_mtp.inference import ModelLoadError, default_dtype, load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if bool(args.load) == bool(args.train):
-        print("error: give exactly one of --load RUN and --train CONFIG.", file=sys.stderr)
+    if sum(bool(x) for x in (args.load, args.train, args.bandwidth)) != 1:
+        print("error: give exactly one of --load RUN, --train CONFIG and --bandwidth CONFIG.", file=sys.stderr)
         return 2
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda was asked for but no CUDA device is visible; use --device cpu.", file=sys.stderr)
         return 2
+    for name in ("prompts_batch1", "prompt_tokens", "max_new_tokens", "repeats", "lookup_tokens"):
+        if getattr(args, name) < 1:
+            print(f"error: --{name.replace('_', '-')} must be at least 1.", file=sys.stderr)
+            return 2
+    cuda = args.device.startswith("cuda")
+    tag = args.tag or ("cuda" if cuda else "cpu")
+    header = {
+        "device": "cuda" if cuda else "cpu",
+        "device_name": torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine()),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command, "torch": torch.__version__, "threads": torch.get_num_threads(),
+    }
+    if args.bandwidth:
+        result = {**header, **bandwidth_regime(args, command)}
+        json_path = write_result(result, args.output_dir, tag)
+        try:
+            plot(result, json_path[:-5] + ".png")
+        except ImportError:
+            print("matplotlib is not installed: no plot written", file=sys.stderr)
+        print_table(result)
+        print(f"wrote {json_path}", file=sys.stderr)
+        return 0
+
     overrides = []
     for kv in args.train_override:
         if "=" not in kv:
@@ -214,82 +505,129 @@ def main(argv=None) -> int:
         print(f"error: --ks must lie in 1..{n}.", file=sys.stderr)
         return 2
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    sampling = SamplingParams(greedy=True)
+    peers = args.peers if args.peers is not None else (
+        "hf_default,hf_prompt_lookup,hf_static_compiled" if cuda else "hf_default,hf_prompt_lookup")
+    peers = [] if peers == "none" else peers.split(",")
+    unknown = [x for x in peers if x not in PEERS]
+    if unknown:
+        print(f"error: unknown peer {unknown[0]!r}; choose from {', '.join(PEERS)} or none.", file=sys.stderr)
+        return 2
     pad = tokenizer.pad if getattr(tokenizer, "pad", None) is not None else 0
-    eod = tokenizer.eod
+    eod = tokenizer.eod if args.stop_at_eod else None
     all_prompts = heldout_prompts(cfg, tokenizer, max(batch_sizes + [args.prompts_batch1]), args.prompt_tokens,
                                   args.max_new_tokens)
     prompt_sets = {bs: all_prompts[: args.prompts_batch1 if bs == 1 else bs] for bs in batch_sizes}
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model {load}: {n_params / 1e6:.1f}M parameters, n={n} ({cfg.mtp.head_type} heads), {dtype} on "
-          f"{args.device}, torch threads {torch.get_num_threads()}", file=sys.stderr)
-
-    # Warm-up: every k once at every batch size (allocator, kernels, caches).
-    for bs in batch_sizes:
-        for k in ks:
-            run_config(model, prompt_sets[bs][:bs], bs, k, argparse.Namespace(max_new_tokens=8), sampling, eod, pad, gen)
-    runs = {(bs, k): [] for bs in batch_sizes for k in ks}
-    outputs = {}
-    total = len(batch_sizes) * len(ks) * args.repeats
-    bar = tqdm(total=total, desc="bench_decode", unit="run", file=sys.stderr, disable=args.no_progress)
-    for bs in batch_sizes:
-        for rep in range(args.repeats):
-            for k in ks:
-                bar.set_postfix(batch=bs, k=k)
-                if args.device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                outs, stats = run_config(model, prompt_sets[bs], bs, k, args, sampling, eod, pad, gen)
-                runs[(bs, k)] += stats
-                outputs[(bs, k)] = outs
-                bar.update(1)
-    bar.close()
-
-    rows = []
-    for bs in batch_sizes:
-        base = aggregate(runs[(bs, 1)], 1)
-        for k in ks:
-            agg = aggregate(runs[(bs, k)], k)
-            same = sum(a == b for a, b in zip(outputs[(bs, k)], outputs[(bs, 1)]))
-            rows.append({"batch_size": bs, "k": k, "prompts": len(prompt_sets[bs]), **agg,
-                         "speedup_vs_plain": agg["tokens_per_s"] / base["tokens_per_s"] if base["tokens_per_s"] else None,
-                         "identical_to_plain": f"{same}/{len(outputs[(bs, k)])}"})
-    device_name = (torch.cuda.get_device_name() if args.device.startswith("cuda")
-                   else (platform.processor() or platform.machine()))
+          f"{args.device}, torch threads {torch.get_num_threads()}", file=sys.stderr, flush=True)
     result = {
-        "device": "cuda" if args.device.startswith("cuda") else "cpu",
-        "device_name": device_name,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": command,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "dtype": str(dtype).replace("torch.", ""),
+        **header, "dtype": str(dtype).replace("torch.", ""),
         "model": {"load": load, "parameters": n_params, "n_heads": n, "head_type": cfg.mtp.head_type,
                   "hidden_size": cfg.model.hidden_size, "num_layers": cfg.model.num_layers,
                   "vocab_size": cfg.model.vocab_size, "tokenizer": cfg.data.tokenizer_type},
         "settings": {"decoding": "greedy", "prompt_tokens": args.prompt_tokens, "max_new_tokens": args.max_new_tokens,
-                     "prompts_batch1": args.prompts_batch1, "repeats": args.repeats, "ks": ks,
-                     "batch_sizes": batch_sizes},
-        "rows": rows,
+                     "stop_at_eod": args.stop_at_eod, "prompts_batch1": args.prompts_batch1, "repeats": args.repeats,
+                     "ks": ks, "batch_sizes": batch_sizes, "peers": peers, "lookup_tokens": args.lookup_tokens,
+                     "warm_up": "one full untimed run of every row before its timed runs"},
+        "rows": [],
     }
-    os.makedirs(args.output_dir, exist_ok=True)
-    json_path = os.path.join(args.output_dir, f"decode_{result['device']}.json")
-    with open(json_path + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(json_path + ".tmp", json_path)
-    png_path = os.path.join(args.output_dir, f"decode_{result['device']}.png")
+
+    def save() -> str:
+        return write_result(result, args.output_dir, tag)
+
+    # ---- ours -----------------------------------------------------------------------------------------
+    outputs, plain_rate = {}, {}
+    for bs in batch_sizes:
+        for k in ks:
+            run_config(model, prompt_sets[bs], bs, k, args.max_new_tokens, eod, pad, gen)  # warm-up: the whole row
+            stats = []
+            for _ in range(args.repeats):
+                synchronize(args.device)
+                outs, s = run_config(model, prompt_sets[bs], bs, k, args.max_new_tokens, eod, pad, gen)
+                stats += s
+            outputs[(bs, k)] = outs
+            agg = aggregate(stats, k)
+            if k == 1:
+                plain_rate[bs] = agg["tokens_per_s"]
+            speedup = agg["tokens_per_s"] / plain_rate[bs]
+            result["rows"].append({"decoder": "ours", "batch_size": bs, "k": k, "prompts": len(prompt_sets[bs]), **agg,
+                                   "speedup_vs_plain": speedup,
+                                   "speedup_per_token_per_forward": speedup / agg["tokens_per_forward"],
+                                   **common_prefix(outs, outputs[(bs, 1)])})
+            print(f"ours batch {bs} k {k}: {agg['tokens_per_s']:.1f} tokens/s, {agg['tokens_per_forward']:.2f} "
+                  f"tokens/forward", file=sys.stderr, flush=True)
+            save()
+    from megatron_mtp.inference.generation import decoder_for
+
+    dec = decoder_for(model)
+    result["ours"] = {"cuda_graphs": dec.graphs, "compiled": dec.compile and dec.compile_error is None,
+                      "compile_error": dec.compile_error}
+
+    # ---- peers: transformers on the HF export, batch 1 --------------------------------------------------
+    if peers:
+        import tempfile
+
+        from megatron_mtp.checkpoint.export import export_hf
+
+        try:
+            import transformers
+
+            result["transformers"] = transformers.__version__
+            export_dir = tempfile.mkdtemp(prefix="bench_decode_hf_")
+            export_hf(load, export_dir, dtype=dtype)
+            hf = load_hf(export_dir, args.device, dtype)
+        except Exception as exc:  # the peers are context; their failure must not lose our rows
+            result["peer_error"] = f"export/load: {type(exc).__name__}: {exc}"[:500]
+            print(f"warning: {result['peer_error']}", file=sys.stderr)
+            peers = []
+        base = prompt_sets.get(1, all_prompts[: args.prompts_batch1])
+        ours_plain = outputs.get((1, 1))
+        for name in peers:
+            try:
+                t0 = time.perf_counter()
+                run_peer(hf, name, base[:1], args, eod, pad)  # warm-up (compiles the static configuration)
+                if name == "hf_static_compiled":
+                    run_peer(hf, name, base[:1], args, eod, pad)  # and records its CUDA graphs
+                warm_s = time.perf_counter() - t0
+                walls, outs = [], None
+                for _ in range(args.repeats):
+                    outs, wall = run_peer(hf, name, base, args, eod, pad)
+                    walls.append(wall)
+                tokens = sum(len(o) for o in outs) * args.repeats
+                wall = sum(walls)
+                result["rows"].append({
+                    "decoder": name, "description": PEERS[name][1], "batch_size": 1, "k": 1, "prompts": len(base),
+                    "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "warm_up_s": warm_s,
+                    "speedup_vs_plain": (tokens / wall) / plain_rate[1] if 1 in plain_rate else None,
+                    **(common_prefix(outs, ours_plain) if ours_plain else {"identical_to_plain": "-"}),
+                })
+                print(f"{name}: {tokens / wall:.1f} tokens/s (warm-up {warm_s:.0f}s)", file=sys.stderr, flush=True)
+            except Exception as exc:
+                result.setdefault("peer_errors", {})[name] = f"{type(exc).__name__}: {exc}"[:500]
+                print(f"warning: peer {name} failed: {exc}", file=sys.stderr)
+            save()
+    # Ratios the targets are stated in (batch 1).
+    rate = {r["decoder"] if r["decoder"] != "ours" else f"ours_k{r['k']}": r["tokens_per_s"]
+            for r in result["rows"] if r["batch_size"] == 1}
+    ratios = {}
+    if "ours_k1" in rate:
+        for name in ("hf_default", "hf_static_compiled", "hf_prompt_lookup"):
+            if name in rate:
+                ratios[f"ours_plain_over_{name}"] = rate["ours_k1"] / rate[name]
+                for k in ks[1:]:
+                    ratios[f"ours_k{k}_over_{name}"] = rate[f"ours_k{k}"] / rate[name]
+    result["ratios_batch1"] = ratios
+    json_path = save()
+    png_path = json_path[:-5] + ".png"
     try:
         plot(result, png_path)
     except ImportError:
         print("matplotlib is not installed: no plot written", file=sys.stderr)
         png_path = None
-
-    header = f"{'batch':>5} {'k':>2} {'tok/fwd':>7} {'tok/s':>9} {'speedup':>7} {'same':>6}  acceptance per head (2..k)"
-    print(header)
-    for r in rows:
-        acc = " ".join(f"{v:.2f}" if v is not None else "-" for v in r["acceptance_per_head"].values())
-        print(f"{r['batch_size']:>5} {r['k']:>2} {r['tokens_per_forward']:>7.2f} {r['tokens_per_s']:>9.1f} "
-              f"{(r['speedup_vs_plain'] or 0):>6.2f}x {r['identical_to_plain']:>6}  {acc}")
+    print_table(result)
+    for key, value in ratios.items():
+        print(f"{key}: {value:.2f}")
     print(f"wrote {json_path}" + (f" and {png_path}" if png_path else ""), file=sys.stderr)
     return 0
 

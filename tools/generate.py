@@ -83,6 +83,8 @@ def run(args) -> int:
         raise ValueError("--device cuda was asked for but no CUDA device is visible; use --device cpu.")
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be at least 1.")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}.")
     sampling = (SamplingParams(greedy=True) if args.temperature is None else
                 SamplingParams(greedy=False, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p))
     prompts = read_prompts(args)
@@ -91,7 +93,7 @@ def run(args) -> int:
     n = cfg.mtp.n_heads
     heads = 1
     if args.speculative:
-        heads = args.heads or n
+        heads = n if args.heads is None else args.heads  # 0 is an error, not "all heads"
         if not 1 <= heads <= n:
             raise ValueError(f"--heads must lie in 1..{n} (this model has {n} heads), got {heads}.")
     elif args.heads is not None:
@@ -103,16 +105,21 @@ def run(args) -> int:
           f"parameters, {dtype} on {args.device}; {sampling.describe()}; "
           f"{'speculative with %d heads' % heads if heads > 1 else 'plain decoding'}", file=sys.stderr)
 
-    def decode_all(k: int, seed: int):
+    def decode_all(k: int, seed: int, progress: bool = not args.no_progress):
         gen = torch.Generator(device=args.device).manual_seed(seed)
         texts, stats = [], []
         for start in range(0, len(encoded), args.batch_size):
             out = generate(model, encoded[start: start + args.batch_size], args.max_new_tokens, sampling,
-                           heads=k, eod=eod, pad_id=pad, generator=gen, progress=not args.no_progress)
+                           heads=k, eod=eod, pad_id=pad, generator=gen, progress=progress)
             texts += [tokenizer.decode(t) for t in out.tokens]
             stats.append(out.stats)
         return texts, stats
 
+    if args.compare:
+        # Time warm decoders: the first call of each captures its CUDA graphs (and compiles) and fills
+        # allocator caches; without this the speedup would compare a cold run against a warm one.
+        for k in sorted({1, heads}):
+            decode_all(k, args.seed, progress=False)
     texts, stats = decode_all(heads, args.seed)
     for i, text in enumerate(texts):
         if len(texts) > 1:

@@ -24,13 +24,16 @@ draft is drawn independently of the tokens before it given the committed prefix,
 distributed exactly as plain sampling from head 1. Temperature, top-k and top-p are applied to p and q
 alike (``sampling.probabilities``).
 
-Host syncs: one small transfer per forward (accepted counts and the emitted tokens) — which the loop needs
-anyway to stop at EOD or the token budget.
+The step runs at device speed (``Decoder``): a static KV cache and static buffers, acceptance, rollback,
+the stop conditions (EOD, budget), the statistics and the next drafts all computed on the device, so a
+step needs no host sync; on CUDA the prefill and the step are CUDA graphs (their layer pieces fused by
+``torch.compile``), replayed back to back while the host watches a stop flag a few steps behind.
 """
 from __future__ import annotations
 
 import sys
 import time
+import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -148,25 +151,395 @@ def verify_sampled(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor,
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The decoding loop
+# The decoder: static buffers, one step function, CUDA graphs
 
 
-def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple:
-    lengths = [len(p) for p in prompts]
-    width = max(lengths)
-    rows = [[pad_id] * (width - len(p)) + list(p) for p in prompts]
-    return torch.tensor(rows, dtype=torch.long, device=device), [width - n for n in lengths], width
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
 
 
-def _draft(model, z, cos, sin, cache, mask, index, k, sampling, generator) -> tuple:
+def _draft(model, z, cos, sin, cache, mask, index, k, sampling, generator, hidden=None) -> tuple:
     """Drafts of heads 2..k at input ``index`` [b] -> (tokens [b, k-1], their distributions [b, k-1, V] or None).
 
-    Every head layer runs over all inputs (its KV cache needs them); the final norm, unembedding and
-    token choice then run once for the k-1 selected rows together."""
+    Every head layer runs over all inputs (its KV cache needs them) — unless ``hidden``, their outputs,
+    is given; the final norm, unembedding and token choice then run once for the k-1 selected rows."""
     if k == 1:
         return z.new_zeros((z.size(0), 0), dtype=torch.long), None
-    states = torch.stack([model.head_states(i, z, cos, sin, cache, mask, index=index) for i in range(1, k)], 1)
+    if hidden is None:
+        hidden = [model.output.heads[i](z, cos, sin, cache, mask) for i in range(1, k)]
+    states = model.select_states(torch.stack(hidden, 1), index)  # [b, k-1, hidden]
     return next_tokens(model.unembed(states), sampling, generator)
+
+
+class _State:
+    """Every tensor a decode step reads or writes, for one (batch, capacity) bucket. The tensors never move:
+    captured graphs replay on them; a new call refills them in place."""
+
+    def __init__(self, b: int, capacity: int, device, n_heads: int, vocab: int):
+        self.b, self.capacity = b, capacity
+        self.cache = KVCache(b, capacity, device)
+        z = dict(dtype=torch.long, device=device)
+        self.out = torch.zeros(b, capacity, **z)  # emitted tokens, per sequence from column 0
+        self.out_len = torch.zeros(b, **z)
+        self.done = torch.zeros(b, dtype=torch.bool, device=device)
+        self.all_done = torch.zeros((), dtype=torch.bool, device=device)
+        self.budget = torch.zeros((), **z)
+        self.eod = torch.full((), -1, **z)
+        self.forwards = torch.zeros((), **z)
+        self.seq_forwards = torch.zeros((), **z)
+        self.proposed = torch.zeros(max(1, n_heads - 1), **z)
+        self.accepted = torch.zeros(max(1, n_heads - 1), **z)
+        self.inputs = {k: torch.zeros(b, k, **z) for k in range(1, n_heads + 1)}  # [y, drafts of heads 2..k]
+        self.q = {}  # k -> [b, k-1, V] draft distributions (sampling)
+        self.prompts = {}  # padded width -> [b, width]
+        self.vocab, self.device = vocab, device
+
+    def prompt_buffer(self, width: int) -> torch.Tensor:
+        if width not in self.prompts:
+            self.prompts[width] = torch.zeros(self.b, width, dtype=torch.long, device=self.device)
+        return self.prompts[width]
+
+    def q_buffer(self, k: int) -> torch.Tensor:
+        if k not in self.q:
+            self.q[k] = torch.zeros(self.b, k - 1, self.vocab, dtype=torch.float32, device=self.device)
+        return self.q[k]
+
+
+class Decoder:
+    """Plain and self-speculative decoding of one model with static buffers.
+
+    The prefill and the k-token decode step are plain tensor programs with no host sync (acceptance,
+    rollback, stop conditions, statistics and the next drafts all stay on the device). On CUDA
+    (``graphs=True``) each is captured once as a CUDA graph per (batch, capacity, k, sampling) bucket —
+    per prompt-width bucket for the prefill — and replayed; with ``compile=True`` the two pure pieces of a
+    layer (``decode_qkv``, ``decode_mlp``) are fused by ``torch.compile`` first (one dynamic-shape
+    compilation serves every layer and bucket). Elsewhere the same programs run eagerly.
+    """
+
+    WIDTH_BUCKET = 64  # prompts are left-padded to a multiple of this: fewer prefill graphs
+    CAPACITY_BUCKET = 128  # attention runs over the whole capacity: keep it close to what is needed
+    POLL_LAG = 3  # graph mode: the host reads the stop flag of the step POLL_LAG launches back
+    STREAM_EVERY = 4  # steps between reads of the emitted tokens when streaming (callback / progress bar)
+    MAX_STATES = 4  # (batch, capacity) buckets kept at once
+
+    def __init__(self, model, graphs: Optional[bool] = None, compile: Optional[bool] = None):
+        self.model = model
+        self.device = model.embedding.weight.device
+        self.dtype = model.embedding.weight.dtype
+        cuda = self.device.type == "cuda"
+        self.graphs = cuda if graphs is None else graphs
+        if self.graphs and not cuda:
+            raise ValueError("CUDA graphs need a model on a CUDA device.")
+        self.compile = self.graphs if compile is None else compile
+        self.kernels = KVCache.kernels
+        self.compile_error = None
+        if self.compile:
+            self.kernels = tuple(torch.compile(fn, dynamic=True, fullgraph=True) for fn in KVCache.kernels)
+        self.group = model.cfg.num_attention_heads // model.cfg.kv_heads
+        self._states: dict = {}
+        self._graphs: dict = {}
+        self._pool = None
+        self._generator = torch.Generator(device=self.device) if self.graphs else None
+        self._streams = [torch.cuda.Stream(self.device) for _ in range(model.mtp.n_heads - 1)] if self.graphs else []
+        self.signature = self._signature(model)
+
+    @staticmethod
+    def _signature(model) -> tuple:
+        """Captured graphs read the weights at fixed addresses: a model moved or cast gets a new decoder."""
+        w = model.embedding.weight
+        return (w.device, w.dtype, w.data_ptr())
+
+    def state(self, b: int, capacity: int) -> _State:
+        """The buffers for batch ``b`` and at least ``capacity`` slots: an existing bucket of up to twice that
+        capacity is reused; beyond MAX_STATES buckets the least recently used one (its KV cache and graphs)
+        is dropped, so prompts of many lengths (HumanEval) do not pile up caches."""
+        fits = [key for key in self._states if key[0] == b and capacity <= key[1] <= 2 * capacity]
+        key = min(fits, key=lambda k: k[1]) if fits else (b, capacity)
+        st = self._states.pop(key, None)
+        if st is None:
+            st = _State(b, capacity, self.device, self.model.mtp.n_heads, self.model.cfg.vocab_size)
+            st.cache.kernels = self.kernels
+            while len(self._states) >= self.MAX_STATES:
+                old = next(iter(self._states))
+                del self._states[old]
+                self._graphs = {g: v for g, v in self._graphs.items() if g[1:3] != old}
+        self._states[key] = st  # (re)inserted last: the dict's order is the recency order
+        return st
+
+    # ---- the two programs -----------------------------------------------------------------------------
+
+    def prefill(self, st: _State, width: int, k: int, sampling: SamplingParams, generator) -> None:
+        """The left-padded prompts (``st.prompts[width]``, ``st.cache.start``) in one forward; the first
+        token, the first drafts and fresh counters. ``st.budget`` and ``st.eod`` are set by the caller."""
+        model, cache = self.model, st.cache
+        cache.lengths.zero_()
+        mask, pos = cache.attention_bias(width, self.group, self.dtype), cache.positions(width)
+        z, cos, sin = model.trunk_hidden(st.prompts[width], pos, cache, mask)
+        last = torch.full((st.b,), width - 1, dtype=torch.long, device=self.device)
+        y, _ = next_tokens(model.head_logits(0, z, cos, sin, cache, mask, index=last), sampling, generator)
+        drafts, q = _draft(model, z, cos, sin, cache, mask, last, k, sampling, generator)
+        cache.advance(width)
+        st.out[:, 0] = y
+        st.out_len.fill_(1)
+        st.done.copy_((y == st.eod) | (st.budget <= 1))
+        st.all_done.copy_(st.done.all())
+        st.forwards.fill_(1)
+        st.seq_forwards.fill_(st.b)
+        st.proposed.zero_()
+        st.accepted.zero_()
+        inputs = st.inputs[k]
+        inputs[:, 0] = y
+        inputs[:, 1:] = drafts
+        if q is not None:
+            st.q_buffer(k).copy_(q)
+
+    def step(self, st: _State, k: int, sampling: SamplingParams, generator) -> None:
+        """One forward over ``[y, d_2 .. d_k]`` per sequence: verify, emit a + 1 tokens, roll back the rest,
+        draft again — all on the device. Finished sequences ride along without committing anything."""
+        model, cache = self.model, st.cache
+        active = ~st.done
+        inputs = st.inputs[k]
+        mask, pos = cache.attention_bias(k, self.group, self.dtype), cache.positions(k)
+        z, cos, sin = model.trunk_hidden(inputs, pos, cache, mask)
+        hidden = None
+        if k > 1 and self.graphs:
+            # Heads 2..k do not depend on head 1 until their rows are picked: in the graph they run on side
+            # streams, beside head 1 and the verification (small decode kernels leave the GPU mostly idle,
+            # so the branches overlap and a k-head step costs little more than a plain one).
+            main = torch.cuda.current_stream(self.device)
+            hidden = []
+            for i, side in zip(range(1, k), self._streams):
+                side.wait_stream(main)
+                with torch.cuda.stream(side):
+                    hidden.append(model.output.heads[i](z, cos, sin, cache, mask))
+        logits1 = model.head_logits(0, z, cos, sin, cache, mask, index=None)  # [b, k, V]
+        if k == 1:
+            y, _ = next_tokens(logits1[:, 0], sampling, generator)
+            accepted = torch.zeros_like(y)
+            drafts = q = None
+        else:
+            if sampling.greedy:
+                accepted, y = verify_greedy(logits1, inputs[:, 1:])
+            else:
+                accepted, y = verify_sampled(probabilities(logits1, sampling), st.q[k], inputs[:, 1:], generator)
+            if hidden is not None:
+                for side in self._streams[: k - 1]:
+                    main.wait_stream(side)
+            drafts, q = _draft(model, z, cos, sin, cache, mask, accepted, k, sampling, generator, hidden)
+        # Emitted this forward: the accepted drafts then y, at columns out_len .. out_len + a. All k columns
+        # are written (the ones past a are overwritten by the next step); only a + 1 are committed.
+        j = torch.arange(k, device=self.device)[None]
+        emitted = torch.where(j < accepted[:, None], torch.cat([inputs[:, 1:], y[:, None]], 1), y[:, None])
+        st.out.scatter_(1, (st.out_len[:, None] + j).clamp_(max=st.capacity - 1), emitted)
+        valid = (j <= accepted[:, None]) & active[:, None]
+        gained = (accepted + 1) * active
+        st.out_len += gained
+        st.done |= ((emitted == st.eod) & valid).any(1) | (st.out_len >= st.budget)
+        st.all_done.copy_(st.done.all())
+        st.forwards += active.any()
+        st.seq_forwards += active.sum()
+        if k > 1:
+            i = torch.arange(k - 1, device=self.device)[None]
+            st.proposed[: k - 1] += ((i <= accepted[:, None]) & active[:, None]).sum(0)
+            st.accepted[: k - 1] += ((i < accepted[:, None]) & active[:, None]).sum(0)
+            inputs[:, 1:] = drafts
+            if q is not None:
+                st.q[k].copy_(q)
+        inputs[:, 0] = y
+        cache.advance(gained)
+
+    # ---- CUDA graphs ----------------------------------------------------------------------------------
+
+    def _graph(self, key: tuple, fn: Callable[[], None], sampled: bool):
+        graph = self._graphs.get(key)
+        if graph is not None:
+            return graph
+        try:
+            graph = self._capture(fn, sampled)
+        except Exception as exc:  # a compiler failure must cost speed, not correctness
+            if self.kernels is KVCache.kernels:
+                raise
+            self.compile_error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            print(f"warning: torch.compile of the decode step failed ({self.compile_error}); decoding with "
+                  f"the uncompiled step.", file=sys.stderr)
+            self.kernels = KVCache.kernels
+            for st in self._states.values():
+                st.cache.kernels = self.kernels
+            self._graphs.clear()
+            graph = self._capture(fn, sampled)
+        self._graphs[key] = graph
+        return graph
+
+    def _capture(self, fn, sampled: bool):
+        # Warm up on a side stream (kernel selection, compilation, lazy buffers), as torch.cuda.graphs says.
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        if sampled:  # replays draw fresh numbers from our generator's advancing Philox offset
+            graph.register_generator_state(self._generator)
+        with torch.cuda.graph(graph, pool=self._pool):
+            fn()
+        if self._pool is None:
+            self._pool = graph.pool()  # all graphs of this decoder share one pool: they never run at once
+        return graph
+
+    # ---- one generate call ----------------------------------------------------------------------------
+
+    def generate(self, prompts, max_new_tokens, sampling, heads, eod, pad_id, generator, progress,
+                 callback) -> GenerationOutput:
+        model = self.model
+        k, b = heads, len(prompts)
+        n_heads = model.mtp.n_heads
+        lengths = [len(p) for p in prompts]
+        width = _round_up(max(lengths), self.WIDTH_BUCKET) if self.graphs else max(lengths)
+        capacity = _round_up(width + max_new_tokens + 2 * n_heads, self.CAPACITY_BUCKET)
+        stats = DecodeStats(heads=k, batch_size=b, prompt_tokens=sum(lengths))
+        t0 = time.perf_counter()
+        st = self.state(b, capacity)
+        capacity = st.capacity
+        rows = [[pad_id] * (width - len(p)) + list(p) for p in prompts]
+        st.prompt_buffer(width).copy_(torch.tensor(rows, dtype=torch.long))
+        st.cache.reset([width - n for n in lengths])
+        st.budget.fill_(max_new_tokens)
+        st.eod.fill_(-1 if eod is None else eod)
+        skey = (sampling.greedy, sampling.temperature, sampling.top_k, sampling.top_p)
+        sampled = not sampling.greedy
+        if self.graphs:
+            gen = self._generator
+            g_prefill = self._graph(("prefill", b, capacity, width, k, skey),
+                                    lambda: self.prefill(st, width, k, sampling, gen), sampled)
+            g_step = self._graph(("step", b, capacity, k, skey), lambda: self.step(st, k, sampling, gen), sampled)
+            if sampled:  # the caller's generator decides the stream (one draw from it per call)
+                seed = torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device
+                                     if generator is not None else "cpu")
+                gen.manual_seed(int(seed))
+            run_prefill, run_step = g_prefill.replay, g_step.replay
+        else:
+            run_prefill = lambda: self.prefill(st, width, k, sampling, generator)  # noqa: E731
+            run_step = lambda: self.step(st, k, sampling, generator)  # noqa: E731
+
+        from tqdm import tqdm
+
+        bar = tqdm(total=b * max_new_tokens, desc=f"decode k={k} b={b}", unit="tok", file=sys.stderr,
+                   disable=not progress, leave=False, dynamic_ncols=True)
+        streamed = [0] * b
+        stream = callback is not None or progress
+
+        def flush() -> None:
+            """Hand the tokens emitted since the last flush to the callback and the bar (a host sync)."""
+            lens = st.out_len.tolist()
+            for s, (n_out, row) in enumerate(zip(lens, st.out.tolist())):
+                new = _finished(row[:min(n_out, max_new_tokens)], eod)[0][streamed[s]:]
+                if new:
+                    streamed[s] += len(new)
+                    bar.update(len(new))
+                    if callback is not None:
+                        callback(s, new)
+
+        run_prefill()
+        done = bool(st.all_done)  # the one sync before the loop: the prefill may already finish everything
+        stats.prefill_s = time.perf_counter() - t0
+        # Each step gives every live sequence at least one token: budget - 1 steps always suffice.
+        max_steps = max_new_tokens - 1
+        if stream or not self.graphs:
+            steps = 0
+            while not done and steps < max_steps:
+                run_step()
+                steps += 1
+                if not self.graphs or steps % self.STREAM_EVERY == 0:
+                    if stream:
+                        flush()
+                    done = bool(st.all_done)
+        elif not done:
+            self._run_graph_loop(run_step, st, max_steps)
+        if stream:
+            flush()
+
+        out_len, out = st.out_len.tolist(), st.out.tolist()
+        outputs, by_eod = [], []
+        for n_out, row in zip(out_len, out):
+            tokens, hit = _finished(row[:min(n_out, max_new_tokens)], eod)
+            outputs.append(tokens)
+            by_eod.append(hit)
+            stats.tokens += len(tokens) + int(hit)  # an EOD counts: the forward produced it
+        stats.forwards = int(st.forwards)
+        stats.seq_forwards = int(st.seq_forwards)
+        if k > 1:
+            stats.verify_steps = stats.seq_forwards - b
+            stats.proposed = st.proposed[: k - 1].tolist()
+            stats.accepted = st.accepted[: k - 1].tolist()
+        stats.wall_s = time.perf_counter() - t0
+        bar.close()
+        return GenerationOutput(tokens=outputs, stats=stats, finished_by_eod=by_eod)
+
+    def _run_graph_loop(self, run_step, st: _State, max_steps: int) -> None:
+        """Replay the step graph until every sequence is done, without stalling the GPU: after each launch
+        the stop flag is copied to pinned host memory asynchronously, and the host reads the flag of the
+        step POLL_LAG launches back (waiting for it only when the queue is that far ahead). A finished
+        batch costs at most POLL_LAG wasted forwards."""
+        ring = 2 * (self.POLL_LAG + 1)
+        flags = torch.zeros(ring, dtype=torch.bool, pin_memory=True)
+        events = [torch.cuda.Event() for _ in range(ring)]
+        launched = checked = 0
+        while launched < max_steps:
+            run_step()
+            slot = launched % ring
+            flags[slot].copy_(st.all_done, non_blocking=True)
+            events[slot].record()
+            launched += 1
+            while checked < launched and (launched - checked > self.POLL_LAG or events[checked % ring].query()):
+                events[checked % ring].synchronize()
+                if bool(flags[checked % ring]):
+                    return
+                checked += 1
+
+
+def _finished(tokens: list, eod: Optional[int]) -> tuple:
+    """(tokens cut before the first EOD, whether an EOD was met)."""
+    if eod is not None and eod in tokens:
+        return tokens[: tokens.index(eod)], True
+    return tokens, False
+
+
+_DECODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def decoder_for(model, graphs: Optional[bool] = None, compile: Optional[bool] = None) -> Decoder:
+    """The model's decoder (kept across calls, so graphs are captured once), rebuilt if the model's
+    weights moved or the options changed."""
+    dec = _DECODERS.get(model)
+    want_graphs = model.embedding.weight.device.type == "cuda" if graphs is None else graphs
+    want_compile = want_graphs if compile is None else compile
+    if (dec is None or dec.signature != Decoder._signature(model) or dec.graphs != want_graphs
+            or (dec.compile != want_compile)):
+        dec = _DECODERS[model] = Decoder(model, graphs=want_graphs, compile=want_compile)
+    return dec
+
+
+def check_request(model, prompts, max_new_tokens: int, heads: int, sampling: SamplingParams) -> None:
+    """Every generation argument range-checked, one sentence each."""
+    n_heads = model.mtp.n_heads
+    if isinstance(heads, bool) or not isinstance(heads, int) or not 1 <= heads <= n_heads:
+        raise ValueError(f"speculative heads must lie in 1..{n_heads} (the model's mtp.n_heads), got {heads}.")
+    if not prompts:
+        raise ValueError("give at least one prompt (a batch of size 0 has nothing to decode).")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token.")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer of at least 1, got {max_new_tokens}.")
+    vocab = model.cfg.vocab_size
+    bad = [t for p in prompts for t in p if not 0 <= int(t) < vocab]
+    if bad:
+        raise ValueError(f"prompt token id {bad[0]} lies outside the vocabulary 0..{vocab - 1}.")
+    longest, limit = max(len(p) for p in prompts), model.cfg.max_seq_length
+    if longest + max_new_tokens > limit:
+        raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens {max_new_tokens} exceeds the model's "
+                         f"max_seq_length {limit}: shorten the prompt or lower max_new_tokens.")
+    sampling.validate()
 
 
 @torch.no_grad()
@@ -181,135 +554,36 @@ def generate(
     generator: Optional[torch.Generator] = None,
     progress: bool = False,
     callback: Optional[Callable[[int, list], None]] = None,
+    graphs: Optional[bool] = None,
+    compile: Optional[bool] = None,
 ) -> GenerationOutput:
     """Generate up to ``max_new_tokens`` for each prompt (lists of token ids, any lengths).
 
     ``heads`` = 1 is plain decoding with head 1; ``heads`` = k > 1 is self-speculative decoding drafting
     with heads 2..k. Stops a sequence at ``eod`` (not included in its output) or at the budget.
-    ``callback(b, new_tokens)`` is called as tokens of sequence b are accepted (streaming).
+    ``callback(b, new_tokens)`` is called as tokens of sequence b are accepted (streaming: the decoder
+    then reads the device every few steps). ``graphs`` / ``compile`` (default: on for CUDA models) pick
+    CUDA-graph replay and the compiled layer kernels; the eager path gives the same tokens.
     The model runs in eval mode (no dropout) and gets its previous mode back afterwards.
     """
+    sampling = sampling or SamplingParams()
+    check_request(model, prompts, max_new_tokens, heads, sampling)
     was_training = model.training
     model.eval()
     try:
         with attention_backends(model.embedding.weight.device):
-            return _generate(model, prompts, max_new_tokens, sampling, heads, eod, pad_id, generator, progress,
-                             callback)
+            dec = decoder_for(model, graphs, compile)
+            return dec.generate(prompts, max_new_tokens, sampling, heads, eod, pad_id, generator, progress,
+                                callback)
     finally:
         model.train(was_training)
 
 
 def attention_backends(device: torch.device):
-    """Attention kernels for decoding. Every step attends over a new key length with an explicit mask;
-    cuDNN's attention builds a new execution plan for every new shape (milliseconds of host time per
-    layer per step on an H100), so on CUDA decoding uses the memory-efficient and math kernels."""
+    """Attention kernels for decoding: the memory-efficient kernel takes the additive mask (flash takes
+    none); math is the fallback for dtypes and shapes it does not serve."""
     if device.type != "cuda":
         return nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-
-
-def _generate(model, prompts, max_new_tokens, sampling, heads, eod, pad_id, generator, progress,
-              callback) -> GenerationOutput:
-    sampling = sampling or SamplingParams()
-    n_heads = model.mtp.n_heads
-    if not 1 <= heads <= n_heads:
-        raise ValueError(f"speculative heads must lie in 1..{n_heads} (the model's mtp.n_heads), got {heads}.")
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token.")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
-    device = model.embedding.weight.device
-    k, b = heads, len(prompts)
-    stats = DecodeStats(heads=k, batch_size=b, prompt_tokens=sum(len(p) for p in prompts))
-    outputs = [[] for _ in range(b)]
-    by_eod = [False] * b
-    active = [True] * b
-    active_dev = torch.ones(b, dtype=torch.long, device=device)
-
-    from tqdm import tqdm
-
-    bar = tqdm(total=b * max_new_tokens, desc=f"decode k={k} b={b}", unit="tok", file=sys.stderr,
-               disable=not progress, leave=False, dynamic_ncols=True)
-
-    def emit(seq: int, new: list) -> int:
-        """Append accepted tokens to sequence ``seq`` honouring EOD and the budget; return how many were
-        generated (an EOD counts: the forward produced it, though the output leaves it out)."""
-        room = max_new_tokens - len(outputs[seq])
-        new = new[:room]
-        produced = len(new)
-        if eod is not None and eod in new:
-            new = new[: new.index(eod)]
-            produced = len(new) + 1
-            by_eod[seq] = True
-            active[seq] = False
-        outputs[seq].extend(new)
-        if len(outputs[seq]) >= max_new_tokens:
-            active[seq] = False
-        if callback is not None and new:
-            callback(seq, new)
-        return produced
-
-    t0 = time.perf_counter()
-    # ---- prefill: the left-padded prompts in one forward --------------------------------------------
-    tokens, pads, width = _left_pad(prompts, pad_id, device)
-    # Room for the budget plus one forward of k slots past it (finished sequences may have committed
-    # up to k slots beyond their last emitted token).
-    cache = KVCache(b, width + max_new_tokens + 2 * k, device, start=pads)
-    mask, pos = cache.attention_mask(width), cache.positions(width)
-    z, cos, sin = model.trunk_hidden(tokens, pos, cache, mask)
-    last = torch.full((b,), width - 1, dtype=torch.long, device=device)
-    y, _ = next_tokens(model.head_logits(0, z, cos, sin, cache, mask, index=last), sampling, generator)
-    drafts, q = _draft(model, z, cos, sin, cache, mask, last, k, sampling, generator)
-    cache.advance(width)
-    stats.forwards += 1
-    stats.seq_forwards += b
-    emitted = sum(emit(s, [t]) for s, t in enumerate(y.tolist()))
-    stats.tokens += emitted
-    bar.update(emitted)
-    stats.prefill_s = time.perf_counter() - t0
-
-    # ---- decode: one forward per step, k tokens per sequence ------------------------------------------
-    while any(active):
-        inputs = torch.cat([y[:, None], drafts], dim=1)  # [b, k]
-        mask, pos = cache.attention_mask(k), cache.positions(k)
-        z, cos, sin = model.trunk_hidden(inputs, pos, cache, mask)
-        if k == 1:
-            y, _ = next_tokens(model.head_logits(0, z, cos, sin, cache, mask, index=None)[:, 0], sampling, generator)
-            accepted = torch.zeros(b, dtype=torch.long, device=device)
-        else:
-            logits1 = model.head_logits(0, z, cos, sin, cache, mask, index=None)  # [b, k, V]
-            if sampling.greedy:
-                accepted, y = verify_greedy(logits1, drafts)
-            else:
-                accepted, y = verify_sampled(probabilities(logits1, sampling), q, drafts, generator)
-            old_drafts = drafts
-            drafts, q = _draft(model, z, cos, sin, cache, mask, accepted, k, sampling, generator)
-        # The one host sync of the step: accepted counts, the drafts they cover and the new token.
-        packed = torch.cat([accepted[:, None], y[:, None]] + ([old_drafts] if k > 1 else []), 1).tolist()
-        # Commit y and the accepted drafts; the other slots are rolled back. Finished sequences stay put.
-        cache.advance((accepted + 1) * active_dev, [row[0] + 1 if on else 0 for row, on in zip(packed, active)])
-        stats.forwards += 1
-        emitted, was_active = 0, list(active)
-        for s, row in enumerate(packed):
-            if not was_active[s]:
-                continue
-            a = row[0]
-            stats.seq_forwards += 1
-            if k > 1:
-                stats.verify_steps += 1
-                for i in range(min(a + 1, k - 1)):
-                    stats.proposed[i] += 1
-                for i in range(a):
-                    stats.accepted[i] += 1
-            emitted += emit(s, row[2: 2 + a] + [row[1]])
-        stats.tokens += emitted
-        bar.update(emitted)
-        if stats.forwards % 8 == 0:
-            bar.set_postfix(tok_per_fwd=f"{stats.tokens_per_forward:.2f}", refresh=False)
-        if active != was_active:
-            active_dev = torch.tensor([int(x) for x in active], dtype=torch.long, device=device)
-    stats.wall_s = time.perf_counter() - t0
-    bar.close()
-    return GenerationOutput(tokens=outputs, stats=stats, finished_by_eod=by_eod)

@@ -1,19 +1,20 @@
-"""A preallocated, GQA-aware key/value cache with a length per sequence (rollback = shrinking a length).
+"""A static, preallocated, GQA-aware key/value cache with a length per sequence (rollback = a shorter length).
 
 Layout: one buffer pair per attention layer (``trunk.i``, ``heads.i``), ``[batch, n_kv_heads, capacity,
-head_dim]`` — the KV heads are stored once, not expanded to the query heads (grouped-query attention reads
-them through ``scaled_dot_product_attention(enable_gqa=True)``). Buffers are allocated on the first write,
-with the dtype and device of the keys.
+head_dim]`` — the KV heads are stored once, not expanded to the query heads. Buffers are allocated on the
+first write, with the dtype and device of the keys, and never change address afterwards: a CUDA graph
+captured over a decode step keeps reading and writing the same memory on every replay.
 
 Every sequence ``b`` owns slots ``[start[b], length[b])``: ``start`` skips its left padding, ``length`` is
 how far it is committed. A forward over ``s`` new tokens writes every layer's keys at slots
-``length[b] .. length[b] + s - 1`` (sequences may sit at different lengths after speculative decoding),
-and the attention mask from :meth:`attention_mask` hides padding, stale slots and the future. Nothing is
-committed until :meth:`advance` — rejecting speculative tokens is simply advancing by fewer (or
-:meth:`rollback` to any shorter length): the rejected slots are overwritten by the next write.
+``length[b] .. length[b] + s - 1`` (sequences may sit at different lengths after speculative decoding).
+Attention always runs over the whole capacity — one shape for every step, which is what makes the step
+capturable — and the mask hides padding, stale slots and the future. Nothing is committed until
+:meth:`advance` — rejecting speculative tokens is simply advancing by fewer (or :meth:`rollback` to any
+shorter length): the rejected slots are overwritten by the next write.
 
-The per-sequence lengths live on the host (a list) and on the device (a tensor) so that building masks,
-positions and write indices needs no host sync.
+``start`` and ``lengths`` live on the device only, so masks, positions and write indices need no host sync;
+``lengths_host()`` reads them back when a caller (a test, a tool) wants them.
 """
 from __future__ import annotations
 
@@ -21,82 +22,88 @@ from typing import Optional, Sequence
 
 import torch
 
+from megatron_mtp.model.transformer import decode_mlp, decode_qkv
+
 
 class KVCache:
+    # The per-layer math of a decode step (pure functions of tensors). The decoder swaps in compiled
+    # versions on CUDA; the model itself makes no compile decisions.
+    kernels = (decode_qkv, decode_mlp)
+
     def __init__(self, batch_size: int, capacity: int, device: torch.device,
                  start: Optional[Sequence[int]] = None):
         self.batch_size, self.capacity, self.device = batch_size, capacity, torch.device(device)
-        start = list(start) if start is not None else [0] * batch_size
-        if len(start) != batch_size:
-            raise ValueError(f"start has {len(start)} entries for a batch of {batch_size}.")
-        self.start_host = start
-        self.start = torch.tensor(start, dtype=torch.long, device=self.device)
-        self.lengths_host = [0] * batch_size
+        self.start = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self._k: dict = {}
         self._v: dict = {}
         self._arange = torch.arange(capacity, device=self.device)
-        self._batch_index = torch.arange(batch_size, device=self.device)[:, None]
+        self.reset(start)
 
-    # ---- bookkeeping ---------------------------------------------------------------------------------
+    # ---- bookkeeping (in place: the tensors keep their addresses for captured graphs) -----------------
 
-    @property
-    def uniform(self) -> bool:
-        """All sequences at the same length (plain decoding, prefill): writes are one slice."""
-        first = self.lengths_host[0]
-        return all(length == first for length in self.lengths_host)
+    def reset(self, start=None) -> None:
+        """Empty every sequence; ``start[b]`` (a list or a device tensor) is its first real slot."""
+        if start is None:
+            self.start.zero_()
+        elif torch.is_tensor(start):
+            self.start.copy_(start)
+        else:
+            start = list(start)
+            if len(start) != self.batch_size:
+                raise ValueError(f"start has {len(start)} entries for a batch of {self.batch_size}.")
+            self.start.copy_(torch.tensor(start, dtype=torch.long))
+        self.lengths.zero_()
 
-    def advance(self, counts, counts_host: Optional[Sequence[int]] = None) -> None:
-        """Commit ``counts[b]`` of the slots written by the last forward (an int, or one per sequence)."""
+    def advance(self, counts) -> None:
+        """Commit ``counts[b]`` of the slots written by the last forward (an int, or a tensor per sequence)."""
         if isinstance(counts, int):
-            self.lengths_host = [length + counts for length in self.lengths_host]
             self.lengths += counts
-            return
-        if counts_host is None:
-            counts_host = counts.tolist() if torch.is_tensor(counts) else list(counts)
-        if not torch.is_tensor(counts):
-            counts = torch.tensor(counts, dtype=torch.long, device=self.device)
-        self.lengths_host = [length + int(c) for length, c in zip(self.lengths_host, counts_host)]
-        self.lengths += counts.to(self.device, torch.long)
-        if max(self.lengths_host) > self.capacity:
-            raise RuntimeError(f"KV cache overflow: length {max(self.lengths_host)} > capacity {self.capacity}.")
+        else:
+            self.lengths += torch.as_tensor(counts, device=self.device).to(torch.long)
+
+    def lengths_host(self) -> list:
+        return self.lengths.tolist()
 
     def rollback(self, lengths: Sequence[int]) -> None:
         """Shrink each sequence's committed length to ``lengths[b]`` (never beyond what it holds)."""
         lengths = [int(x) for x in lengths]
-        for b, (new, old) in enumerate(zip(lengths, self.lengths_host)):
-            if not self.start_host[b] <= new <= old:
-                raise ValueError(f"cannot roll sequence {b} back to {new}: it holds slots {self.start_host[b]}..{old}.")
-        self.lengths_host = lengths
-        self.lengths = torch.tensor(lengths, dtype=torch.long, device=self.device)
+        for b, (new, old, first) in enumerate(zip(lengths, self.lengths.tolist(), self.start.tolist())):
+            if not first <= new <= old:
+                raise ValueError(f"cannot roll sequence {b} back to {new}: it holds slots {first}..{old}.")
+        self.lengths.copy_(torch.tensor(lengths, dtype=torch.long))
 
     def positions(self, s_new: int) -> torch.Tensor:
         """RoPE positions [b, s_new] of the next ``s_new`` tokens (padding does not count; pads get 0)."""
         pos = (self.lengths - self.start)[:, None] + self._arange[None, :s_new]
         return pos.clamp(min=0)
 
-    def kv_length(self, s_new: int) -> int:
-        """How many slots the next forward of ``s_new`` tokens attends over (host-side, no sync)."""
-        return max(self.lengths_host) + s_new
-
     def attention_mask(self, s_new: int) -> torch.Tensor:
-        """Bool [b, 1, s_new, kv_length]: query i of sequence b sees slots start[b] .. length[b] + i.
+        """Bool [b, 1, s_new, capacity]: query i of sequence b sees slots start[b] .. length[b] + i.
 
         A padding query (prefill of a shorter prompt) would see nothing; it sees its own slot instead, so
         attention never divides by zero (its output is never used).
         """
-        kv = self.kv_length(s_new)
-        slot = self._arange[:kv][None, None, :]  # [1, 1, kv]
+        slot = self._arange[None, None, :]  # [1, 1, capacity]
         last = self.lengths[:, None, None] + self._arange[:s_new][None, :, None]  # [b, s_new, 1]
-        mask = (slot <= last) & (slot >= self.start[:, None, None])
-        mask |= slot == last
+        mask = ((slot <= last) & (slot >= self.start[:, None, None])) | (slot == last)
         return mask[:, None]
+
+    def attention_bias(self, s_new: int, group: int, dtype: torch.dtype) -> torch.Tensor:
+        """The mask as an additive bias [b, 1, group * s_new, capacity] (0 or -inf) in ``dtype``, repeated
+        for the ``group`` query heads that share a KV head: the decode path folds those heads into the
+        query rows (see ``model.transformer.decode_attention``), and building the bias once per forward
+        spares every layer a bool-to-float conversion."""
+        mask = self.attention_mask(s_new)
+        bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+        b = mask.size(0)
+        return bias[:, :, None].expand(b, 1, group, s_new, self.capacity).reshape(b, 1, group * s_new, self.capacity)
 
     # ---- the interface the attention layers call -----------------------------------------------------
 
     def update(self, key: str, k: torch.Tensor, v: torch.Tensor) -> tuple:
         """Write k, v ([b, n_kv, s_new, head_dim], after RoPE) at each sequence's next slots; return the
-        cache's keys and values over the slots the mask covers."""
+        layer's whole key and value buffers (the mask says which slots count)."""
         b, n_kv, s_new, head_dim = k.shape
         if b != self.batch_size:
             raise ValueError(f"KV cache for batch {self.batch_size} got a batch of {b}.")
@@ -108,19 +115,18 @@ class KVCache:
             buf_k = self._k[key] = torch.zeros(shape, dtype=k.dtype, device=k.device)
             self._v[key] = torch.zeros(shape, dtype=v.dtype, device=v.device)
         buf_v = self._v[key]
-        end = self.kv_length(s_new)
-        if end > self.capacity:
-            raise RuntimeError(f"KV cache overflow: {end} slots needed, capacity {self.capacity}.")
-        if self.uniform:
-            first = self.lengths_host[0]
-            buf_k[:, :, first: first + s_new] = k
-            buf_v[:, :, first: first + s_new] = v
-        else:
-            slots = self.lengths[:, None] + self._arange[None, :s_new]  # [b, s_new]
-            # Advanced indices around a slice put the indexed dims first: [b, s_new, n_kv, head_dim].
-            buf_k[self._batch_index, :, slots] = k.transpose(1, 2)
-            buf_v[self._batch_index, :, slots] = v.transpose(1, 2)
-        return buf_k[:, :, :end], buf_v[:, :, :end]
+        # Clamped so a finished sequence that keeps riding along in a batch never writes out of bounds
+        # (no host check is possible without a sync; the decoder sizes the capacity so live ones fit).
+        slots = (self.lengths[:, None] + self._arange[None, :s_new]).clamp_(max=self.capacity - 1)
+        index = slots[:, None, :, None].expand(b, n_kv, s_new, head_dim)
+        buf_k.scatter_(2, index, k)
+        buf_v.scatter_(2, index, v)
+        return buf_k, buf_v
+
+    def committed(self, key: str, b: int) -> tuple:
+        """Sequence b's committed keys and values of layer ``key`` [n_kv, length - start, head_dim] (tests)."""
+        first, end = int(self.start[b]), int(self.lengths[b])
+        return self._k[key][b, :, first:end], self._v[key][b, :, first:end]
 
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in list(self._k.values()) + list(self._v.values()))

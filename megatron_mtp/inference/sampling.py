@@ -8,6 +8,7 @@ trick argmax(p / E), E ~ Exp(1), samples from p).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -22,13 +23,20 @@ class SamplingParams:
     top_p: float = 1.0  # 1.0 = off
 
     def __post_init__(self):
-        if not self.greedy:
-            if self.temperature <= 0:
-                raise ValueError(f"temperature must be positive for sampling, got {self.temperature}; use greedy.")
-            if not 0.0 < self.top_p <= 1.0:
-                raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}.")
-            if self.top_k < 0:
-                raise ValueError(f"top_k must be non-negative, got {self.top_k}.")
+        self.validate()
+
+    def validate(self) -> None:
+        """Range checks, one sentence each (NaN fails every comparison, so each test is written to pass
+        only for valid values)."""
+        if self.greedy:
+            return
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature must be a positive finite number for sampling, got {self.temperature}; "
+                             f"use greedy decoding for temperature 0.")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}.")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be a non-negative integer (0 = off), got {self.top_k}.")
 
     def describe(self) -> str:
         if self.greedy:

@@ -184,6 +184,52 @@ class MTPModel(nn.Module):
         return [self.output.logits(self.output.head_hidden(i, z, cos, sin, kv_cache, attn_mask), self.tied_weight)
                 for i in range(wanted)]
 
+    # ---- inference helpers (megatron_mtp/inference): a trunk-only forward, and one head's logits at chosen
+    # positions, so self-speculative decoding unembeds only the rows it needs.
+
+    @torch.no_grad()
+    def trunk_hidden(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None, kv_cache=None,
+                     attn_mask=None) -> tuple:
+        """Inference: (z [b, s, hidden], cos, sin) — the trunk output and the RoPE tables of ``positions``."""
+        if positions is None:
+            positions = torch.arange(tokens.size(1), device=tokens.device)
+        cos, sin = self.rope(positions, self.embedding.weight.dtype)
+        return self.trunk_forward(tokens, cos, sin, kv_cache, attn_mask), cos, sin
+
+    @torch.no_grad()
+    def head_states(self, i: int, z: torch.Tensor, cos, sin, kv_cache=None, attn_mask=None,
+                    index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Inference: head ``i`` (0-based) run over every position of ``z`` (so its KV cache sees them all),
+        then the shared final norm on the selected rows only: ``index`` None -> all [b, s, hidden]; ``index``
+        [b] -> [b, hidden] (one position per sequence); ``index`` [b, m] -> [b, m, hidden]."""
+        return self.select_states(self.output.heads[i](z, cos, sin, kv_cache, attn_mask), index)
+
+    @torch.no_grad()
+    def select_states(self, h: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Inference: the rows ``index`` picks (see head_states) of head outputs ``h`` [b, s, hidden] — or
+        of several heads' stacked outputs [b, m, s, hidden], one position per sequence -> [b, m, hidden] —
+        through the shared final norm."""
+        if index is not None:
+            if h.dim() == 4:
+                h = h.gather(2, index[:, None, None, None].expand(-1, h.size(1), 1, h.size(-1)))[:, :, 0]
+            else:
+                idx = index if index.dim() == 2 else index[:, None]
+                h = h.gather(1, idx[..., None].expand(-1, -1, h.size(-1)))
+                if index.dim() == 1:
+                    h = h[:, 0]
+        return self.output.final_norm(h)
+
+    @torch.no_grad()
+    def unembed(self, h: torch.Tensor) -> torch.Tensor:
+        """Inference: full-vocabulary logits [..., vocab_size] of final-normed hidden states [..., hidden]."""
+        return self.output.logits(h, self.tied_weight)
+
+    @torch.no_grad()
+    def head_logits(self, i: int, z: torch.Tensor, cos, sin, kv_cache=None, attn_mask=None,
+                    index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Inference: ``unembed(head_states(...))`` — head ``i``'s logits at the selected rows (see head_states)."""
+        return self.unembed(self.head_states(i, z, cos, sin, kv_cache, attn_mask, index))
+
 
 def checkpoint_interval(setting: str) -> int:
     """'none' -> 0, 'full' -> every layer (1), 'every_k' -> every k-th layer."""
@@ -196,52 +242,3 @@ def checkpoint_interval(setting: str) -> int:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Inference helpers (megatron_mtp/inference): a trunk-only forward, and one head's logits at chosen
-# positions, so self-speculative decoding unembeds only the rows it needs.
-
-
-@torch.no_grad()
-def _mtp_trunk_hidden(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None, kv_cache=None,
-                      attn_mask=None) -> tuple:
-    """Inference: (z [b, s, hidden], cos, sin) — the trunk output and the RoPE tables of ``positions``."""
-    if positions is None:
-        positions = torch.arange(tokens.size(1), device=tokens.device)
-    cos, sin = self.rope(positions, self.embedding.weight.dtype)
-    return self.trunk_forward(tokens, cos, sin, kv_cache, attn_mask), cos, sin
-
-
-@torch.no_grad()
-def _mtp_head_states(self, i: int, z: torch.Tensor, cos, sin, kv_cache=None, attn_mask=None,
-                     index: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Inference: head ``i`` (0-based) run over every position of ``z`` (so its KV cache sees them all), then
-    the shared final norm on the selected rows only: ``index`` None -> all [b, s, hidden]; ``index`` [b] ->
-    [b, hidden] (one position per sequence); ``index`` [b, m] -> [b, m, hidden]."""
-    h = self.output.heads[i](z, cos, sin, kv_cache, attn_mask)
-    if index is not None:
-        idx = index if index.dim() == 2 else index[:, None]
-        h = h.gather(1, idx[..., None].expand(-1, -1, h.size(-1)))
-        if index.dim() == 1:
-            h = h[:, 0]
-    return self.output.final_norm(h)
-
-
-@torch.no_grad()
-def _mtp_unembed(self, h: torch.Tensor) -> torch.Tensor:
-    """Inference: full-vocabulary logits [..., vocab_size] of final-normed hidden states [..., hidden]."""
-    return self.output.logits(h, self.tied_weight)
-
-
-@torch.no_grad()
-def _mtp_head_logits(self, i: int, z: torch.Tensor, cos, sin, kv_cache=None, attn_mask=None,
-                     index: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Inference: ``unembed(head_states(...))`` — head ``i``'s logits at the selected rows (see head_states)."""
-    return self.unembed(self.head_states(i, z, cos, sin, kv_cache, attn_mask, index))
-
-
-MTPModel.trunk_hidden = _mtp_trunk_hidden
-MTPModel.head_states = _mtp_head_states
-MTPModel.unembed = _mtp_unembed
-MTPModel.head_logits = _mtp_head_logits

@@ -59,7 +59,6 @@ class Attention(nn.Module):
         self.out = RowParallelLinear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size,
                                      init_key=f"{key}.out", init_std=scaled_init_std(cfg.init_std, cfg.num_layers),
                                      sequence_parallel=sequence_parallel, dtype=dtype)
-        self.cache_key = key
         self.dropout = dropout_probability(cfg, "attention_dropout")
 
     def _attention(self, q, k, v, attn_mask):
@@ -73,7 +72,7 @@ class Attention(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p,
                                                   enable_gqa=self.group > 1)
 
-    def forward(self, x, cos, sin, kv_cache=None, attn_mask: Optional[torch.Tensor] = None):
+    def forward(self, x, cos, sin, attn_mask: Optional[torch.Tensor] = None):
         # Under sequence parallelism x is a sequence shard; the QKV projection gathers the full sequence.
         b, s = x.shape[0], x.shape[1] * (state.tp_size() if self.qkv.sequence_parallel else 1)
         qkv = self.qkv(x).view(b, s, self.n_kv, self.group + 2, self.head_dim)
@@ -81,11 +80,58 @@ class Attention(nn.Module):
         k = qkv[:, :, :, self.group].transpose(1, 2)
         v = qkv[:, :, :, self.group + 1].transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv_cache is not None:
-            k, v = kv_cache.update(self.cache_key, k, v)
         o = self._attention(q, k, v, attn_mask)
         o = o.transpose(1, 2).reshape(b, s, self.n_q * self.head_dim)
         return self.out(o)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The decode path (KV cache, one process): pure functions of tensors, the same math as the modules above.
+# Grouped-query attention folds the query heads that share a KV head into the query rows —
+# [b, n_kv, group * s, head_dim] against keys [b, n_kv, capacity, head_dim] — so any attention kernel
+# serves it without expanding the cache to the query heads.
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()  # RMSNorm.forward's arithmetic, so the decode path matches the training forward
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+
+
+def decode_qkv(x, norm_weight, eps: float, qkv_weight, cos, sin, n_kv: int, group: int, head_dim: int) -> tuple:
+    """x [b, s, hidden] -> (q [b, n_kv, group * s, head_dim] folded, k and v [b, n_kv, s, head_dim]), RoPE applied."""
+    b, s = x.shape[0], x.shape[1]
+    qkv = F.linear(_rms_norm(x, norm_weight, eps), qkv_weight).view(b, s, n_kv, group + 2, head_dim)
+    if cos.dim() == 2:
+        cos, sin = cos[None], sin[None]
+    c, si = cos[:, :, None, None], sin[:, :, None, None]  # [b|1, s, 1, 1, head_dim]
+    qk = qkv[:, :, :, : group + 1]  # the query heads of each group and its key head, rotated together
+    qk = qk * c + _rotate_half(qk) * si
+    q = qk[:, :, :, :group].permute(0, 2, 3, 1, 4).reshape(b, n_kv, group * s, head_dim)
+    k = qk[:, :, :, group].transpose(1, 2)
+    v = qkv[:, :, :, group + 1].transpose(1, 2)
+    return q, k, v
+
+
+def fold_mask(mask: torch.Tensor, group: int, s: int) -> torch.Tensor:
+    """[b, 1, s, kv] -> [b, 1, group * s, kv] (the query-row order of ``decode_qkv``); folded masks pass."""
+    if mask.size(-2) == group * s:
+        return mask
+    b, kv = mask.size(0), mask.size(-1)
+    return mask[:, :, None].expand(b, 1, group, s, kv).reshape(b, 1, group * s, kv)
+
+
+def decode_attention(q, k_all, v_all, mask, s: int) -> torch.Tensor:
+    """Folded queries against the whole cache -> [b, s, n_q * head_dim] in the layout ``Attention`` uses."""
+    b, n_kv, rows, head_dim = q.shape
+    o = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
+    return o.view(b, n_kv, rows // s, s, head_dim).permute(0, 3, 1, 2, 4).reshape(b, s, n_kv * (rows // s) * head_dim)
+
+
+def decode_mlp(x, o, out_weight, norm_weight, eps: float, gate_up_weight, down_weight) -> torch.Tensor:
+    """The rest of the layer: x + out(o), then x + down(silu(gate) * up) of its norm."""
+    x = x + F.linear(o, out_weight)
+    gate, up = F.linear(_rms_norm(x, norm_weight, eps), gate_up_weight).chunk(2, dim=-1)
+    return x + F.linear(F.silu(gate) * up, down_weight)
 
 
 class SwiGLU(nn.Module):
@@ -131,8 +177,29 @@ class TransformerLayer(nn.Module):
         return x + branch
 
     def forward(self, x, cos, sin, kv_cache=None, attn_mask=None):
-        x = self._residual(x, self.attn(self.attn_norm(x), cos, sin, kv_cache, attn_mask))
+        if kv_cache is not None:
+            return self.decode(x, cos, sin, kv_cache, attn_mask)
+        x = self._residual(x, self.attn(self.attn_norm(x), cos, sin))
         return self._residual(x, self.mlp(self.mlp_norm(x)))
+
+    def decode(self, x, cos, sin, kv_cache, attn_mask):
+        """Inference with a KV cache (one process, no dropout): the same math as ``forward`` as three pieces
+        — ``decode_qkv``, the cache write + attention, ``decode_mlp`` — so that a decoder can compile the
+        two pure pieces once for every layer and capture the whole step in a CUDA graph.
+
+        ``attn_mask``: [b, 1, s, capacity] (bool or additive), or already repeated for the query heads of
+        a KV group, [b, 1, group * s, capacity] (``KVCache.attention_bias``)."""
+        if state.tp_size() > 1:
+            raise ValueError("KV-cache decoding runs in one process; merge tensor-parallel checkpoints first "
+                             "(megatron_mtp.inference.load_model does).")
+        attn = self.attn
+        qkv_fn, mlp_fn = kv_cache.kernels
+        q, k, v = qkv_fn(x, self.attn_norm.weight, self.attn_norm.eps, attn.qkv.weight, cos, sin, attn.n_kv,
+                         attn.group, attn.head_dim)
+        k_all, v_all = kv_cache.update(self.key, k, v)
+        o = decode_attention(q, k_all, v_all, fold_mask(attn_mask, attn.group, x.size(1)), x.size(1))
+        return mlp_fn(x, o, attn.out.weight, self.mlp_norm.weight, self.mlp_norm.eps, self.mlp.gate_up.weight,
+                      self.mlp.down.weight)
 
 
 class LinearHead(nn.Module):
