@@ -7,9 +7,9 @@ cut. A reader sees either the old file or the new one, never a half-written one;
 ``<name>.tmp<pid>`` file, which is removed when the write fails in-process.
 
 Loading (``load_torch``): ``torch.load(weights_only=True)``. Pickle can run any code while it loads; the
-weights-only unpickler builds only tensors, containers, numbers and strings plus the few classes on
-``SAFE_GLOBALS`` (numpy's RNG state arrays and the plain data holders DeepSpeed puts in its optimizer
-files), so a hostile checkpoint cannot execute anything.
+weights-only unpickler builds only tensors, containers, numbers and strings plus a short allow-list
+(numpy's RNG state arrays, and the plain data holders DeepSpeed puts in its optimizer files, registered by
+``training/ds_compat.py`` through ``allow_globals``), so a hostile checkpoint cannot execute anything.
 
 This module sits at the bottom of the package: it imports nothing from megatron_mtp.
 """
@@ -23,7 +23,9 @@ import pickle
 import re
 from typing import Callable
 
+import numpy as np
 import torch
+from safetensors.torch import save as safetensors_bytes
 
 TMP_MARK = ".tmp"  # temporary files are named <target>.tmp<pid>; checkpoint manifests skip them
 
@@ -93,9 +95,7 @@ def atomic_torch_save(obj, path: str) -> None:
 
 
 def atomic_save_safetensors(tensors: dict, path: str, metadata=None) -> None:
-    from safetensors.torch import save
-
-    atomic_write_bytes(path, save(tensors, metadata=metadata))
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata=metadata))
 
 
 def atomic_save_path(path: str, save: Callable[[str], None]) -> None:
@@ -127,8 +127,6 @@ def _safe_globals() -> list:
     """Classes the weights-only unpickler may build besides tensors and plain containers: numpy's RNG state
     (``np.random.get_state()`` in every rank file), an ndarray of uint32 and its dtype. None of them runs
     code on construction beyond setting attributes."""
-    import numpy as np
-
     out = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), type(np.dtype(np.float32)), type(np.dtype(np.int64))]
     try:
         reconstruct = np._core.multiarray._reconstruct  # numpy >= 2
@@ -138,15 +136,15 @@ def _safe_globals() -> list:
     return out + [reconstruct, (reconstruct, "numpy.core.multiarray._reconstruct")]
 
 
-def _deepspeed_globals() -> list:
-    """The plain data holders DeepSpeed pickles into its ZeRO optimizer files: an enum, a dataclass of two
-    ints and the loss scaler's attributes. Imported only for files that name them (importing DeepSpeed
-    costs seconds, and runs without it never write such files)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
+# Extra classes for files of a library that pickles its own plain data holders: global-name prefix ->
+# a function returning the classes (called only when a file names one, so the library is imported only
+# then). DeepSpeed's are registered by training/ds_compat.py.
+_EXTRA_SAFE_GLOBALS: dict = {}
 
-    return [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
+
+def allow_globals(prefix: str, classes: Callable[[], list]) -> None:
+    """Let files naming globals under ``prefix`` (e.g. ``"deepspeed."``) load with ``classes()`` allowed."""
+    _EXTRA_SAFE_GLOBALS[prefix] = classes
 
 
 class UnsafeFileError(pickle.UnpicklingError):
@@ -164,8 +162,8 @@ _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 def load_torch(path: str, mmap: bool = False, map_location="cpu"):
     """``torch.load`` that cannot run code (weights only, with the classes above). Raises
     ``UnsafeFileError`` for a file holding anything else."""
-    allowed = _safe_globals()
-    for attempt in range(2):
+    allowed, added = _safe_globals(), set()
+    while True:
         try:
             with torch.serialization.safe_globals(allowed):
                 return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
@@ -174,7 +172,8 @@ def load_torch(path: str, mmap: bool = False, map_location="cpu"):
             name = found.group(1) if found else ""
             if not name:  # not a forbidden object: a truncated or damaged file
                 raise
-            if attempt == 0 and name.startswith("deepspeed."):
-                allowed = allowed + _deepspeed_globals()
-                continue
-            raise UnsafeFileError(path, name) from None
+            prefix = next((p for p in _EXTRA_SAFE_GLOBALS if name.startswith(p) and p not in added), None)
+            if prefix is None:
+                raise UnsafeFileError(path, name) from None
+            added.add(prefix)
+            allowed = allowed + list(_EXTRA_SAFE_GLOBALS[prefix]())

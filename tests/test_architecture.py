@@ -4,7 +4,8 @@
         -> inference, eval -> entry points (train.py, cli/, training/loop.py, tasks, experiments)
 
 A lower layer never imports a higher one, not even inside a function; module-level imports have no cycle.
-Both are read from the source (ast), so the test needs no import of the package.
+Both are read from the source (ast), without importing the package. Both engines implement the written
+Engine protocol.
 """
 from __future__ import annotations
 
@@ -146,3 +147,21 @@ def test_the_walk_sees_imports():
     top, everywhere = GRAPH["megatron_mtp.checkpoint.manager"]
     assert "megatron_mtp.checkpoint.store" in top and "megatron_mtp.parallel.state" in top
     assert layer_of("megatron_mtp.checkpoint.manager") > layer_of("megatron_mtp.training.engine")
+
+
+def test_both_engines_implement_the_protocol():
+    """Every member of training.engine.Engine is defined by both engines (checked on the classes: building a
+    DeepSpeed engine needs a process group)."""
+    import typing
+
+    from megatron_mtp.training.deepspeed_engine import DeepSpeedEngine
+    from megatron_mtp.training.engine import Engine
+    from megatron_mtp.training.local_engine import LocalEngine
+
+    members = {name for name in vars(Engine) if not name.startswith("_")} | set(typing.get_type_hints(Engine))
+    assert {"train_step", "eval_step", "save_to", "load_from", "load_full_weights", "checkpoint_format"} <= members
+    for cls in (LocalEngine, DeepSpeedEngine):
+        methods = {name for name in members if callable(getattr(Engine, name, None))}
+        missing = sorted(m for m in methods if not callable(getattr(cls, m, None)))
+        assert not missing, f"{cls.__name__} lacks {missing} of training.engine.Engine"
+        assert isinstance(cls.checkpoint_format, str) and cls.checkpoint_format.endswith("-v1")

@@ -210,7 +210,8 @@ def test_damaged_file_without_manifest_entry(saved_run, tmp_path, capsys):
     with open(os.path.join(ckpt, "meta.json")) as f:
         meta = json.load(f)
     meta.pop("files")  # an older checkpoint without a manifest: the load itself must still say it clearly
-    meta.pop("sha256")  # (nor checksums)
+    meta.pop("sha256")  # (nor checksums: format 2)
+    meta["format"] = 2
     with open(os.path.join(ckpt, "meta.json"), "w") as f:
         json.dump(meta, f)
     with open(os.path.join(ckpt, "rank_00000.pt"), "r+b") as f:

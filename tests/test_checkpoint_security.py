@@ -118,18 +118,45 @@ def test_flipped_byte_is_reported_by_the_checksum(saved_run, tmp_path, capsys):
         load_model(run)
 
 
+def test_loading_a_model_hashes_only_the_files_it_reads(saved_run, tmp_path, capsys):
+    """load_model reads the weights, not the per-rank RNG/data file: a corrupted rank file does not stop it
+    (its model is intact), while resuming, which needs that file, names it."""
+    from megatron_mtp.inference.loading import load_model
+    from megatron_mtp.train import main
+
+    run = _copy(saved_run, tmp_path)
+    path = os.path.join(_ckpt(run), "rank_00000.pt")
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x01]))
+    load_model(run)
+    args = tiny_overrides(str(tmp_path / "resumed"), saved_run[1], **{"train.iters": 3, "checkpoint.load": run})
+    assert main(args) == 2
+    assert "has a corrupted file rank_00000.pt" in capsys.readouterr().err
+
+
 def test_skipping_checksums_warns(saved_run, tmp_path, capsys, monkeypatch):
+    """For huge checkpoints on trusted storage: no hashing when loading, nor when saving; both say so."""
     from megatron_mtp.inference.loading import load_model
 
     monkeypatch.setenv("MTP_SKIP_CHECKSUMS", "1")
     load_model(saved_run[0])
     err = capsys.readouterr().err
     assert "MTP_SKIP_CHECKSUMS is set: the SHA-256 checksums of checkpoint" in err and "NOT verified" in err
+    run = str(tmp_path / "unhashed")
+    _train_in_process(tiny_overrides(run, saved_run[1], **{"train.iters": 1}))
+    assert "is saved WITHOUT SHA-256 checksums" in capsys.readouterr().err
+    with open(os.path.join(run, "checkpoints", "step_00000001", "meta.json")) as f:
+        assert "sha256" not in json.load(f)
+    monkeypatch.delenv("MTP_SKIP_CHECKSUMS")
+    load_model(run)
+    assert "was saved without SHA-256 checksums" in capsys.readouterr().err
 
 
 def test_deepspeed_files_load_weights_only(tmp_path, capsys):
-    """DeepSpeed's own loader unpickles with weights_only=False; ours replaces it (training/ds_compat.py).
-    Skipping the checksums (the attacker rewrote them anyway) changes nothing."""
+    """DeepSpeed's own loader unpickles with weights_only=False; ours replaces it (training/ds_compat.py)."""
     pytest.importorskip("deepspeed")
     from megatron_mtp.train import main
 

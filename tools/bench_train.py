@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Training throughput of megatron_mtp on one GPU against HuggingFace Llama, measured in the same run (issue 10).
+"""Training throughput of megatron_mtp on one GPU against HuggingFace Llama, measured in the same run.
 
 What is timed is the real training step: ``LocalEngine.train_step`` on an ``MTPModel`` (memory-efficient heads,
 fused linear cross-entropy, gradient clipping, AdamW), on synthetic random tokens, for n = 1, 2, 4 heads
@@ -15,8 +15,8 @@ host syncs inside the step, and the top CUDA kernels of one profiled step.
     python tools/bench_train.py --tiny --output /tmp/bench_tiny.json          # CPU smoke run (tests)
 
 Variants of our model (``--variants``; comma-separated, default all of the preset):
-  eager-autocast   fp32 weights under bf16 autocast, no compile: the default LocalEngine regime
-  eager-bf16       bf16 weights + fp32 master weights (LocalEngine(master_weights=True)), no compile
+  eager-autocast   fp32 weights under bf16 autocast, no compile (LocalEngine with train.master_weights false)
+  eager-bf16       bf16 weights + fp32 master weights, no compile (LocalEngine's default, train.master_weights)
   fast             bf16 weights + fp32 masters + torch.compile'd layers (train.compile) [+ attention layout if
                    the in-run attention benchmark shows it pays]
 """
@@ -670,7 +670,7 @@ def main(argv=None):
         hf_version = None
         plan = [p for p in plan if p[0] != "hf"]
     payload = {
-        "benchmark": "bench_train (issue 10)",
+        "benchmark": "bench_train",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]) if argv is None

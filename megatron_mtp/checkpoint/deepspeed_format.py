@@ -25,15 +25,16 @@ from typing import Optional
 import torch
 
 from megatron_mtp.checkpoint.reader import ADAM_STATES, Reader
-from megatron_mtp.checkpoint.store import load_file
 from megatron_mtp.checkpoint.universal import canonical
 from megatron_mtp.errors import CheckpointError
+from megatron_mtp.training.ds_compat import allow_deepspeed_files
 from megatron_mtp.parallel.state import rank_of
 
 
 class DeepSpeedReader(Reader):
-    def __init__(self, ckpt_dir: str, meta: Optional[dict] = None):
-        super().__init__(ckpt_dir, meta)
+    def __init__(self, ckpt_dir: str, meta: Optional[dict] = None, hash_files: bool = True):
+        allow_deepspeed_files()  # DeepSpeed's optimizer files pickle a few plain data classes
+        super().__init__(ckpt_dir, meta, hash_files)
         self.zero_stage = int(self.cfg.parallel.zero_stage)
         self._files: dict = {}
         self._index: Optional[dict] = None  # init_key -> [(tp_rank, pp_rank, file, key)] first stage holding it
@@ -43,7 +44,7 @@ class DeepSpeedReader(Reader):
 
     def _file(self, path: str):
         if path not in self._files:
-            self._files[path] = load_file(path, self.dir, mmap=True)
+            self._files[path] = self.load(path, mmap=True)
         return self._files[path]
 
     def _payload(self, tp_rank: int, pp_rank: int) -> dict:

@@ -28,7 +28,7 @@ import torch
 from megatron_mtp.checkpoint.deepspeed_format import DeepSpeedReader
 from megatron_mtp.checkpoint.reader import ADAM_STATES, Reader
 from megatron_mtp.checkpoint.store import (DEEPSPEED_FORMAT, FORMAT_VERSION, LOCAL_FORMAT, META, POINTER,
-                                           UNIVERSAL_FORMAT, digests, engine_format, load_file, manifest, read_meta,
+                                           UNIVERSAL_FORMAT, digests, engine_format, manifest, read_meta,
                                            step_dir_name)
 from megatron_mtp.checkpoint.universal import (build_meta_model, canonical, optimizer_order, padded_rows, param_infos,
                                                shard_for)
@@ -42,13 +42,13 @@ from megatron_mtp.training.optimizer import build_optimizer
 class LocalReader(Reader):
     """``model_tpXX.pt`` per TP rank: {"model": MTPModel state_dict, "optimizer": AdamW state_dict}."""
 
-    def __init__(self, ckpt_dir: str, meta: Optional[dict] = None):
-        super().__init__(ckpt_dir, meta)
+    def __init__(self, ckpt_dir: str, meta: Optional[dict] = None, hash_files: bool = True):
+        super().__init__(ckpt_dir, meta, hash_files)
         self._files = None
 
     def _shards(self) -> list:
         if self._files is None:
-            self._files = [load_file(os.path.join(self.dir, f"model_tp{r:02d}.pt"), self.dir, mmap=True)
+            self._files = [self.load(os.path.join(self.dir, f"model_tp{r:02d}.pt"), mmap=True)
                            for r in range(self.tp)]
         return self._files
 
@@ -104,13 +104,13 @@ class UniversalReader(Reader):
     ``weights.pt`` {init_key: canonical tensor} and ``optimizer.pt`` {"state": {init_key: {exp_avg,
     exp_avg_sq}}, "step", "param_groups"}; any engine at any layout loads it (CheckpointManager)."""
 
-    def __init__(self, ckpt_dir: str, meta: Optional[dict] = None):
-        super().__init__(ckpt_dir, meta)
+    def __init__(self, ckpt_dir: str, meta: Optional[dict] = None, hash_files: bool = True):
+        super().__init__(ckpt_dir, meta, hash_files)
         self._weights = None
 
     def weight(self, key: str) -> torch.Tensor:
         if self._weights is None:
-            self._weights = load_file(os.path.join(self.dir, "weights.pt"), self.dir, mmap=True)
+            self._weights = self.load(os.path.join(self.dir, "weights.pt"), mmap=True)
         if key not in self._weights:
             raise KeyError(key)
         return self._weights[key]
@@ -119,17 +119,19 @@ class UniversalReader(Reader):
         path = os.path.join(self.dir, "optimizer.pt")
         if not os.path.isfile(path):
             return None
-        return load_file(path, self.dir, mmap=True)
+        return self.load(path, mmap=True)
 
 
-def open_checkpoint(ckpt_dir: str, meta: Optional[dict] = None) -> Reader:
+def open_checkpoint(ckpt_dir: str, meta: Optional[dict] = None, hash_files: bool = True) -> Reader:
+    """The reader for this checkpoint's format. ``hash_files``: check each file's SHA-256 as it is loaded
+    (pass False when ``verify_checkpoint`` already hashed them all)."""
     meta = meta if meta is not None else read_meta(ckpt_dir)
     readers = {LOCAL_FORMAT: LocalReader, UNIVERSAL_FORMAT: UniversalReader, DEEPSPEED_FORMAT: DeepSpeedReader}
     fmt = engine_format(meta)
     if fmt not in readers:
         raise CheckpointError(f"checkpoint {ckpt_dir} holds engine files of an unknown format {fmt!r}; it cannot "
                               f"be read by this version of megatron_mtp.")
-    return readers[fmt](ckpt_dir, meta)
+    return readers[fmt](ckpt_dir, meta, hash_files)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import json
 import os
 from typing import Optional
 
-import torch
+from safetensors.torch import load_file as load_safetensors
 
 from megatron_mtp.checkpoint.export import HF_LAYER_NAMES, fuse_layer
 from megatron_mtp.checkpoint.formats import publish_as_run
@@ -33,16 +33,14 @@ def _read_json(path: str) -> dict:
 
 def read_hf_tensors(hf_dir: str) -> dict:
     """Every tensor of an HF model directory (single or sharded safetensors, or pytorch_model.bin)."""
-    from safetensors.torch import load_file
-
     single = os.path.join(hf_dir, "model.safetensors")
     index = os.path.join(hf_dir, "model.safetensors.index.json")
     if os.path.isfile(single):
-        return load_file(single)
+        return load_safetensors(single)
     if os.path.isfile(index):
         out = {}
         for shard in sorted(set(_read_json(index)["weight_map"].values())):
-            out.update(load_file(os.path.join(hf_dir, shard)))
+            out.update(load_safetensors(os.path.join(hf_dir, shard)))
         return out
     binary = os.path.join(hf_dir, "pytorch_model.bin")
     if os.path.isfile(binary):
@@ -160,9 +158,7 @@ def hf_to_canonical(hf_dir: str, n_heads: Optional[int] = None, init_heads: str 
     extra = {}
     extra_file = os.path.join(hf_dir, (mtp or {}).get("extra_heads_file") or "mtp_heads.safetensors")
     if mtp and os.path.isfile(extra_file):
-        from safetensors.torch import load_file
-
-        extra = load_file(extra_file)
+        extra = load_safetensors(extra_file)
     for j in range(1, n):
         prefix = f"mtp_heads.{j - 1}"
         if f"{prefix}.{HF_LAYER_NAMES[0]}" in extra:

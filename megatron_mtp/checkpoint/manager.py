@@ -4,7 +4,7 @@ What is saved comes from three components, each saving and loading its own state
 CheckpointManager shape): the **engine** (``training.engine.Engine``: its model and optimizer files via
 ``save_to`` / ``load_from``, or canonical weights and Adam moments from another layout via
 ``load_full_weights`` / ``load_full_optimizer_state``), the **data iterator** (``state_dict()``: the
-consumed-sample count) and the **RNG** streams (``parallel.random.all_rng_states``). The last two go into
+consumed-sample count) and the **RNG** streams (``parallel.random.RNGStates``). The last two go into
 each rank's ``rank_XXXXX.pt`` with the step and the rank's place in the layout. The directory layout,
 ``meta.json`` and checks are ``store.py``'s.
 
@@ -32,15 +32,17 @@ from typing import Optional
 import torch.distributed as dist
 
 from megatron_mtp.checkpoint.formats import open_checkpoint
-from megatron_mtp.checkpoint.store import (FORMAT_VERSION, META, POINTER, SHAPE_KEYS, UNIVERSAL_FORMAT,  # noqa: F401
-                                           check_model_shape, complete_checkpoints, digests, engine_format,
+# (names the tools and tests import from here are re-exported: the store's helpers, the atomic writers)
+from megatron_mtp.checkpoint.store import (FORMAT_VERSION, META, POINTER, SHAPE_KEYS,  # noqa: F401
+                                           SKIP_CHECKSUMS_ENV, UNIVERSAL_FORMAT, check_model_shape,
+                                           checksums_skipped, complete_checkpoints, digests, engine_format,
                                            latest_checkpoint, load_file, manifest, read_meta, resolve_checkpoint,
                                            step_dir_name, unsafe_file_error, verify_checkpoint)
-from megatron_mtp.errors import CheckpointError  # noqa: F401  (its historical home, for the tools)
+from megatron_mtp.errors import CheckpointError
 from megatron_mtp.io_utils import (TMP_MARK, UnsafeFileError, atomic_torch_save, atomic_write_text,  # noqa: F401
                                    fsync_path, fsync_tree)
 from megatron_mtp.parallel import state
-from megatron_mtp.parallel.random import all_rng_states, set_all_rng_states
+from megatron_mtp.parallel.random import RNGStates
 
 # Above this many ranks every rank fsyncing every file of the directory would hammer a parallel filesystem's
 # metadata server; os.sync() flushes what this node wrote instead.
@@ -87,6 +89,7 @@ class CheckpointManager:
     def __init__(self, cfg, engine, rank: int):
         self.cfg, self.engine, self.rank = cfg, engine, rank
         self.root = os.path.join(cfg.train.run_dir, "checkpoints")
+        self.rng = RNGStates()
         self._last_saved: Optional[int] = None
 
     # ---- saving
@@ -100,7 +103,7 @@ class CheckpointManager:
 
     def _rank_payload(self, step: int, data_iter) -> dict:
         s = state.get_state()
-        return {"step": step, "rng": all_rng_states(), **data_iter.state_dict(),
+        return {"step": step, "rng": self.rng.state_dict(), **data_iter.state_dict(),
                 "coords": {"tp_rank": s.tp_rank, "pp_rank": s.pp_rank, "dp_rank": s.dp_rank},
                 "params": self.engine.parameter_marks(), "optimizer_keys": self.engine.optimizer_keys()}
 
@@ -119,20 +122,28 @@ class CheckpointManager:
         flush_to_disk(partial)  # what this rank wrote (engine files included) is on disk before the barrier
         _barrier()
         files = manifest(partial)
-        sums = {}
-        for part in _all_gather(digests(partial, sorted(files)[self.rank::_world()])):
-            sums.update(part)
+        sums: Optional[dict] = None
+        if checksums_skipped():
+            if self.rank == 0:
+                _warn(f"{SKIP_CHECKSUMS_ENV} is set: checkpoint {final} is saved WITHOUT SHA-256 checksums, so "
+                      f"corruption of its files cannot be detected when it is loaded.")
+        else:
+            sums = {}
+            for part in _all_gather(digests(partial, sorted(files)[self.rank::_world()])):
+                sums.update(part)
         if self.rank == 0:
             self._publish(step, partial, final, files, sums)
         _barrier()
         self._last_saved = step
         return final
 
-    def _publish(self, step: int, partial: str, final: str, files: dict, sums: dict) -> None:
+    def _publish(self, step: int, partial: str, final: str, files: dict, sums: Optional[dict]) -> None:
         s = state.get_state()
         meta = {"format": FORMAT_VERSION, "step": step, "tp": s.tp, "pp": s.pp, "dp": s.dp, "world_size": _world(),
                 "engine": self.engine.checkpoint_format, "weights_only": False,
-                "config": self.cfg.to_dict(), "files": files, "sha256": dict(sorted(sums.items()))}
+                "config": self.cfg.to_dict(), "files": files}
+        if sums is not None:
+            meta["sha256"] = dict(sorted(sums.items()))
         atomic_write_text(os.path.join(partial, META), json.dumps(meta, indent=1))
         fsync_path(partial)
         name = os.path.basename(final)
@@ -242,7 +253,7 @@ class CheckpointManager:
         if payload is None:  # a converted checkpoint: step and data position are the same on every rank
             payload = load_file(os.path.join(ckpt_dir, "rank_00000.pt"), ckpt_dir)
         if payload.get("rng") is not None and same_layout:
-            set_all_rng_states(payload["rng"])
+            self.rng.load_state_dict(payload["rng"])
         data_iter.load_state_dict({"consumed_samples": int(payload["consumed_samples"])})
         step = int(payload["step"])
         saved_iters = ((meta.get("config") or {}).get("train") or {}).get("iters")
@@ -271,7 +282,8 @@ class CheckpointManager:
                                   f"earlier step_* directory.") from None
         except (RuntimeError, KeyError, ValueError, EOFError) as exc:
             raise CheckpointError(f"checkpoint {ckpt_dir} does not fit this model or cannot be read "
-                                  f"({_first_line(exc)}); use the config it was saved with (see its meta.json).") from None
+                                  f"({_first_line(exc)}); use the config it was saved with (see its meta.json)."
+                                  ) from None
 
     def _copy_weights(self, ckpt_dir: str, reader) -> None:
         """Every rank takes its shard of the reader's full tensors (any source layout)."""
@@ -284,7 +296,7 @@ class CheckpointManager:
     def _load_universal(self, ckpt_dir: str, meta: dict) -> None:
         """A layout-independent checkpoint (tools/reshard_checkpoint.py): weights and Adam moments cut for this
         rank; step and data position from the payload; RNG only where the layout is the one it names."""
-        reader = open_checkpoint(ckpt_dir, meta)
+        reader = open_checkpoint(ckpt_dir, meta, hash_files=False)  # resume verified every file already
         self._copy_weights(ckpt_dir, reader)
         optim = reader.optimizer_state()
         ok = self.engine.load_full_optimizer_state(optim)
@@ -308,7 +320,7 @@ class CheckpointManager:
                 raise CheckpointError(f"checkpoint {ckpt_dir} does not fit this model ({_first_line(exc)}); use "
                                       f"the config it was saved with (see its meta.json).") from None
         else:
-            self._copy_weights(ckpt_dir, open_checkpoint(ckpt_dir, meta))
+            self._copy_weights(ckpt_dir, open_checkpoint(ckpt_dir, meta, hash_files=False))
         if self.rank == 0:
             _say(f"loaded weights from {ckpt_dir} (step {meta.get('step', 0)}); starting at step 0 with a fresh "
                  f"optimizer")

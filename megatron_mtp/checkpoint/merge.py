@@ -34,8 +34,8 @@ def _load_canonical(path: str) -> tuple:
         _, cfg, weights = read_meta_export(path)
         return cfg, weights.__getitem__
     ckpt = resolve_checkpoint(path)
-    verify_checkpoint(ckpt)
-    reader = open_checkpoint(ckpt)
+    meta = verify_checkpoint(ckpt, defer_hashing=True)  # the reader hashes the files it loads
+    reader = open_checkpoint(ckpt, meta)
     locate_run_tokenizer(reader.cfg, ckpt)
     return reader.cfg, reader.weight
 

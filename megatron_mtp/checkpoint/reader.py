@@ -48,9 +48,11 @@ def config_of(meta: dict, ckpt_dir: str = "?"):
 class Reader:
     """Base: meta, config, per-rank payloads."""
 
-    def __init__(self, ckpt_dir: str, meta: Optional[dict] = None):
+    def __init__(self, ckpt_dir: str, meta: Optional[dict] = None, hash_files: bool = True):
         self.dir = ckpt_dir
         self.meta = meta if meta is not None else read_meta(ckpt_dir)
+        # Each file is checked against meta.json's SHA-256 as it is loaded (unless the caller verified all).
+        self.digests = (self.meta.get("sha256") or {}) if hash_files else {}
         self.cfg = config_of(self.meta, ckpt_dir)
         self.tp, self.pp = int(self.meta.get("tp", 1)), int(self.meta.get("pp", 1))
         self.dp = int(self.meta.get("dp", 1))
@@ -69,13 +71,17 @@ class Reader:
             for r in range(self.world):
                 path = os.path.join(self.dir, f"rank_{r:05d}.pt")
                 if os.path.isfile(path):
-                    self._payloads[r] = load_file(path, self.dir)
+                    self._payloads[r] = self.load(path)
         return self._payloads
 
     def consumed_samples(self) -> int:
         for p in self.payloads.values():
             return int(p.get("consumed_samples", 0))
         return 0
+
+    def load(self, path: str, mmap: bool = False):
+        """One file of this checkpoint (``store.load_file``), checked against its recorded SHA-256."""
+        return load_file(path, self.dir, mmap=mmap, sha256=self.digests.get(os.path.relpath(path, self.dir)))
 
     def weight(self, key: str) -> torch.Tensor:
         raise NotImplementedError

@@ -84,7 +84,7 @@ def reshard(load: str, output: str, tp: int, pp: int, dp: Optional[int] = None,
     returns the new checkpoint directory."""
     ckpt = resolve_checkpoint(load)
     meta = verify_checkpoint(ckpt)
-    reader = open_checkpoint(ckpt, meta)
+    reader = open_checkpoint(ckpt, meta, hash_files=False)  # verify_checkpoint hashed every file
     dp = int(dp or meta.get("dp", 1))
     if os.path.isdir(os.path.join(output, "checkpoints")):
         raise CheckpointError(f"{output} already holds checkpoints; choose a new --output directory.")

@@ -15,8 +15,8 @@ names, so renaming a class never orphans a checkpoint. Checkpoints of format 2 r
 name; ``LEGACY_FORMAT_IDS`` maps those, and they carry no checksums (sizes are still checked).
 
 Loading never runs code: every ``.pt`` goes through ``io_utils.load_torch`` (weights-only unpickling). The
-SHA-256 of every file is verified before a checkpoint is used; set ``MTP_SKIP_CHECKSUMS=1`` to skip that
-for huge checkpoints on trusted storage (a loud warning says so).
+SHA-256 of every file is verified before a checkpoint is used; set ``MTP_SKIP_CHECKSUMS=1`` to skip hashing
+(when saving and when loading) for huge checkpoints on trusted storage (a loud warning says so).
 """
 from __future__ import annotations
 
@@ -189,9 +189,11 @@ def checksums_skipped() -> bool:
 
 
 def verify_checkpoint(ckpt_dir: str, meta: Optional[dict] = None, checksums: bool = True,
-                      share: tuple = (0, 1)) -> dict:
+                      share: tuple = (0, 1), defer_hashing: bool = False) -> dict:
     """Check every file the manifest lists is there with its size and (format 3) its SHA-256; return the
-    meta. ``share`` = (rank, world) hashes only every world-th file from ``rank`` (ranks split the work)."""
+    meta. ``share`` = (rank, world) hashes only every world-th file from ``rank`` (ranks split the work).
+    ``defer_hashing``: the caller reads only some files through a reader, which hashes each as it loads it
+    (``load_file(..., sha256=)``), so a model loaded for inference does not hash the optimizer's files."""
     meta = meta if meta is not None else read_meta(ckpt_dir)
     files = meta.get("files") or {}
     for rel, size in files.items():
@@ -204,20 +206,31 @@ def verify_checkpoint(ckpt_dir: str, meta: Optional[dict] = None, checksums: boo
             raise CheckpointError(f"checkpoint {ckpt_dir} has a torn file {rel} ({actual} bytes, {size} expected); "
                                   f"resume from an earlier step_* directory (or restore the file).")
     sums = meta.get("sha256")
-    if not checksums or not sums:
+    if not checksums:
+        return meta
+    if not sums:
+        if meta.get("format", 2) >= 3 and share[0] == 0:  # format 2 had none; a newer one skipped them
+            warn(f"checkpoint {ckpt_dir} was saved without SHA-256 checksums ({SKIP_CHECKSUMS_ENV} was set), so "
+                 f"corruption of its files cannot be detected.")
         return meta
     if checksums_skipped():
         if share[0] == 0:
             warn(f"{SKIP_CHECKSUMS_ENV} is set: the SHA-256 checksums of checkpoint {ckpt_dir} are NOT verified, "
                  f"so corrupted tensors would load silently.")
         return meta
+    if defer_hashing:
+        return meta
     rank, world = share
     for rel in sorted(sums)[rank::world]:
-        if sha256_file(os.path.join(ckpt_dir, rel)) != sums[rel]:
-            raise CheckpointError(f"checkpoint {ckpt_dir} has a corrupted file {rel} (its SHA-256 differs from the "
-                                  f"one recorded in {META}); resume from an earlier step_* directory (or restore "
-                                  f"the file).")
+        check_digest(ckpt_dir, rel, sums[rel])
     return meta
+
+
+def check_digest(ckpt_dir: str, rel: str, expected: Optional[str]) -> None:
+    """The file's SHA-256 must be ``expected`` (nothing to check without one, or with MTP_SKIP_CHECKSUMS)."""
+    if expected and not checksums_skipped() and sha256_file(os.path.join(ckpt_dir, rel)) != expected:
+        raise CheckpointError(f"checkpoint {ckpt_dir} has a corrupted file {rel} (its SHA-256 differs from the one "
+                              f"recorded in {META}); resume from an earlier step_* directory (or restore the file).")
 
 
 def unsafe_file_error(ckpt_dir: str, exc: UnsafeFileError) -> CheckpointError:
@@ -228,13 +241,14 @@ def unsafe_file_error(ckpt_dir: str, exc: UnsafeFileError) -> CheckpointError:
                            f"written by megatron_mtp.")
 
 
-def load_file(path: str, ckpt_dir: str, mmap: bool = False):
-    """A ``.pt`` of a checkpoint, weights only (nothing in it can run code), with a one-sentence error for
-    missing, damaged or hostile files."""
+def load_file(path: str, ckpt_dir: str, mmap: bool = False, sha256: Optional[str] = None):
+    """A ``.pt`` of a checkpoint, weights only (nothing in it can run code), checked against its ``sha256``
+    when given, with a one-sentence error for missing, corrupted, damaged or hostile files."""
     rel = os.path.relpath(path, ckpt_dir)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {ckpt_dir} is missing {rel}; it is incomplete, so use an earlier "
                               f"step_* directory (or restore the file).")
+    check_digest(ckpt_dir, rel, sha256)
     try:
         return load_torch(path, mmap=mmap)
     except UnsafeFileError as exc:

@@ -14,9 +14,9 @@ import os
 import sys
 from typing import Iterable, Optional, Sequence
 
-from megatron_mtp.checkpoint.manager import atomic_write_text
 from megatron_mtp.eval.pass_at_k import mean_pass_at_k, pass_at_k
 from megatron_mtp.eval.sandbox import run_programs
+from megatron_mtp.io_utils import atomic_write_text
 
 STOP_SEQUENCES = ("\nclass ", "\ndef ", "\n#", "\nif ", "\nprint(", "\n@")
 

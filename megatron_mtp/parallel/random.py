@@ -188,6 +188,16 @@ def all_rng_states() -> dict:
     return out
 
 
+class RNGStates:
+    """The checkpoint component of this process's random streams (state_dict / load_state_dict)."""
+
+    def state_dict(self) -> dict:
+        return all_rng_states()
+
+    def load_state_dict(self, saved: dict) -> None:
+        set_all_rng_states(saved)
+
+
 def set_all_rng_states(saved: dict) -> None:
     """Restore what ``all_rng_states`` captured."""
     random.setstate(saved["python"])

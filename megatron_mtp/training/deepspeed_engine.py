@@ -1,7 +1,8 @@
 """The DeepSpeed engine: data parallelism, ZeRO optimizer sharding and the pipeline schedule.
 
 Implements ``training.engine.Engine``, as ``LocalEngine`` does, so the training loop and the checkpoint
-manager drive either. Every touch of DeepSpeed's private API goes through ``ds_compat``. What DeepSpeed does here, and what we keep:
+manager drive either. Every touch of DeepSpeed's private API goes through ``ds_compat``. What DeepSpeed
+does here, and what we keep:
 
 * **DeepSpeed**: the DP gradient all-reduce (ZeRO 0) or reduce-scatter into optimizer shards (ZeRO 1/2), the
   sharded optimizer step and parameter all-gather, bf16 master weights with fp32 gradient accumulation on
@@ -41,7 +42,7 @@ from megatron_mtp.training.engine import DEEPSPEED_FORMAT, EngineBase, StepResul
 from megatron_mtp.training.grads import autocast_context, clip_gradients
 from megatron_mtp.training.guard import all_finite, poison_non_finite
 from megatron_mtp.training.optimizer import build_optimizer
-from megatron_mtp.validation import validate_layout
+from megatron_mtp.validation import check_zero_with_pipeline, validate_layout
 
 # ---------------------------------------------------------------------------------------------------------
 # The model-parallel unit DeepSpeed queries for groups
@@ -316,6 +317,8 @@ class DeepSpeedEngine(EngineBase):
         os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's PipelineModule reads it
         if device.type == "cpu":  # a CPU run on a GPU machine: DeepSpeed must not pick the CUDA accelerator
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # DeepSpeed is imported here, not at module level: it picks its accelerator when imported (the line
+        # above must come first), and runs that never use it do not pay for the import.
         import deepspeed
 
         ds_compat.quiet_startup(device)
@@ -325,13 +328,16 @@ class DeepSpeedEngine(EngineBase):
         deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, verbose=False)
         s = state.get_state()
         p, t = cfg.parallel, cfg.train
-        validate_layout(cfg, s.tp * s.pp * s.dp)  # the batch layout (validation.py), also when built directly
+        # The rules validation.py applies before a run, kept when the engine is built directly.
+        check_zero_with_pipeline(p)
+        validate_layout(cfg, s.tp * s.pp * s.dp)
         self.config = merge_user_config(ds_config(cfg, device, dtype), p.deepspeed_config)
         self.pipelined = p.pp > 1
         # bf16 without DeepSpeed's bf16 mode (ZeRO 0 on GPU): autocast over fp32 weights, as LocalEngine.
         use_autocast = dtype == torch.bfloat16 and not self.config.get("bf16", {}).get("enabled", False)
         self._autocast = (lambda: autocast_context(device, dtype)) if use_autocast else nullcontext
         if self.pipelined:
+            # (imports DeepSpeed's PipelineModule at its module level: after the accelerator choice above)
             from megatron_mtp.training.pipeline_module import build_pipeline_module
 
             if not ds_compat.has_additional_losses():

@@ -4,6 +4,8 @@ against. ``tests/test_ds_compat.py`` fails loudly when an installed DeepSpeed no
 
 Public DeepSpeed API (``deepspeed.initialize``, ``save_checkpoint`` / ``load_checkpoint``, ``train_batch``,
 ``PipelineModule`` and its specs, the topology) is used where it belongs; only what reaches past it is here.
+DeepSpeed is imported inside the functions: it is an optional dependency, and it picks its accelerator when
+first imported, which ``DeepSpeedEngine`` sets up before anything here runs.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from megatron_mtp.io_utils import load_torch
+from megatron_mtp.io_utils import allow_globals, load_torch
 
 CHECKED_VERSIONS = ("0.19.8",)
 
@@ -31,6 +33,8 @@ PATCHED_MEMBERS = (
     ("deepspeed.runtime.engine", "DeepSpeedEngine", "checkpoint_engine"),  # load_checkpoints_weights_only
     ("deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine", "TorchCheckpointEngine", "load"),
     ("deepspeed.runtime.pipe.engine", "PipelineEngine", "agg_additional_losses"),  # additional_losses
+    ("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer", "refresh_fp32_params"),  # refresh_fp32_params
+    ("deepspeed.runtime.bf16_optimizer", "BF16_Optimizer", "refresh_fp32_params"),
     ("deepspeed.runtime.pipe.module", "PipelineModule", "_partition_layers"),  # overridden: pipeline_module.py
     ("deepspeed.runtime.pipe.module", "PipelineModule", "_layer_specs"),  # layer_specs
     ("deepspeed.runtime.pipe.module", "PipelineModule", "_count_layer_params"),  # count_layer_params
@@ -40,7 +44,7 @@ PATCHED_MEMBERS = (
     ("deepspeed.runtime.pipe.module", "PipelineModule", "get_additional_losses"),
     ("deepspeed.runtime.utils", None, "partition_uniform"),
     ("deepspeed.runtime.utils", None, "partition_balanced"),
-    ("deepspeed.runtime.fp16.loss_scaler", None, "LossScaler"),  # io_utils' weights-only allow-list
+    ("deepspeed.runtime.fp16.loss_scaler", None, "LossScaler"),  # _data_classes (weights-only allow-list)
     ("deepspeed.runtime.fp16.loss_scaler", None, "DynamicLossScaler"),
     ("deepspeed.runtime.zero.config", None, "ZeroStageEnum"),
     ("deepspeed.utils.tensor_fragment", None, "fragment_address"),
@@ -108,10 +112,27 @@ def keep_recovery_script_in(ds_engine, ckpt_dir: str) -> None:
         ds_engine._copy_recovery_script = lambda _save_path: cls._copy_recovery_script(ds_engine, ckpt_dir)
 
 
+def _data_classes() -> list:
+    """The plain data holders DeepSpeed pickles into its ZeRO optimizer files (checked: 0.19.8): an enum, a
+    dataclass of two ints and the loss scaler's attributes. None runs code when built."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
+
+
+def allow_deepspeed_files() -> None:
+    """Weights-only loading (``io_utils.load_torch``) may build ``_data_classes`` for files that name them;
+    called by whatever reads DeepSpeed's files (the engine, ``checkpoint/deepspeed_format.py``)."""
+    allow_globals("deepspeed.", _data_classes)
+
+
 def load_checkpoints_weights_only(ds_engine) -> None:
     """DeepSpeed's checkpoint engine unpickles with ``weights_only=False`` (0.19.8), so a hostile file would
     run code: every DeepSpeed file (model states, layer files, ZeRO partitions) is read through
     ``io_utils.load_torch`` instead, which raises ``UnsafeFileError`` for anything but tensors and data."""
+    allow_deepspeed_files()
     checkpoint_engine = ds_engine.checkpoint_engine
 
     def load(path: str, map_location=None):

@@ -3,9 +3,12 @@
 Two engines implement ``Engine``: ``LocalEngine`` (one process or one tensor-parallel group, plain PyTorch)
 and ``DeepSpeedEngine`` (data parallelism, ZeRO, the pipeline schedule). Nothing outside an engine touches
 its optimizer or DeepSpeed's objects: the checkpoint manager saves and loads through ``save_to`` /
-``load_from`` (the engine's own files: each rank writes its shard, so the state is a directory rather than
-one state_dict) and, for checkpoints of another layout, through ``load_full_weights`` /
+``load_from`` and, for checkpoints of another layout, through ``load_full_weights`` /
 ``load_full_optimizer_state`` (canonical, layout-independent tensors keyed by ``init_key``).
+
+Why the state is a directory rather than one ``state_dict``: under ZeRO every rank holds a different
+partition of the optimizer and DeepSpeed writes and reads its own files, so each engine saves its rank's
+share into the checkpoint directory. ``LocalEngine``'s file is its ``state_dict()`` (model + optimizer).
 """
 from __future__ import annotations
 

@@ -88,18 +88,22 @@ class LocalEngine(EngineBase):
     def shard_name(self) -> str:
         return f"model_tp{state.tp_rank():02d}.pt"
 
-    def save_to(self, ckpt_dir: str) -> None:
-        """Every TP rank writes its model and optimizer shard (there is no data parallelism here)."""
-        atomic_torch_save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()},
-                          os.path.join(ckpt_dir, self.shard_name()))
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
 
-    def load_from(self, ckpt_dir: str, load_optimizer: bool = True) -> None:
-        sd = load_torch(os.path.join(ckpt_dir, self.shard_name()))
+    def load_state_dict(self, sd: dict, load_optimizer: bool = True) -> None:
         self.model.load_state_dict(sd["model"])
         if load_optimizer:
             self.optimizer.load_state_dict(sd["optimizer"])
         elif self.master_weights:
             self.optimizer.sync_from_model()
+
+    def save_to(self, ckpt_dir: str) -> None:
+        """Every TP rank writes its model and optimizer shard (there is no data parallelism here)."""
+        atomic_torch_save(self.state_dict(), os.path.join(ckpt_dir, self.shard_name()))
+
+    def load_from(self, ckpt_dir: str, load_optimizer: bool = True) -> None:
+        self.load_state_dict(load_torch(os.path.join(ckpt_dir, self.shard_name())), load_optimizer)
 
     @torch.no_grad()
     def load_full_weights(self, weight: Callable[[str], torch.Tensor]) -> None:

@@ -59,8 +59,8 @@ GiB = float(2**30)
 #   rep  residual-stream / norm tensors: replicated over TP, sharded by sequence parallelism
 #   lin  inputs of the two column-parallel GEMMs (QKV, gate/up): saved whole (gathered under SP)
 #   tp   attention and MLP internals: sharded by TP
-# Eager, autocast over fp32 weights (LocalEngine with train.master_weights false): per norm x (fp32) and x*rsqrt (fp32) 8d, bf16 cast
-# of the norm output for the GEMM 2d; attention: the QKV output 2(d+2Dkv) (v is a view of it), roped q 2d and
+# Eager, autocast over fp32 weights (LocalEngine with train.master_weights false): per norm x (fp32) and
+# x*rsqrt (fp32) 8d, bf16 cast of the norm output for the GEMM 2d; attention: the QKV output 2(d+2Dkv) (v is a view of it), roped q 2d and
 # k 2Dkv, the output 2d, log-sum-exp 4h; MLP: gate/up output 4f, silu 2f, silu*up 2f; two rsqrt rows (8 bytes).
 # Eager, bf16 weights: each norm saves x.float() 4d and its bf16 output 2d instead of 8d.
 # Compiled (inductor), bf16 weights: the block input 2d, the norm outputs 2 x 2d, attention as eager plus a
