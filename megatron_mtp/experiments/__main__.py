@@ -9,6 +9,7 @@ import sys
 import time
 
 from megatron_mtp.experiments import EXPERIMENTS, common
+from megatron_mtp.experiments.calibrate import calibrate
 
 
 SCALED_KEYS = ("iters", "pretrain_iters", "finetune_iters", "eval_every", "warmup")
@@ -101,8 +102,6 @@ def main(argv=None) -> int:
     cal.add_argument("--out", default=os.path.join("runs", "experiments", "calibrate"))
     args = parser.parse_args(argv)
     if args.command == "calibrate":
-        from megatron_mtp.experiments.calibrate import calibrate
-
         print(json.dumps(calibrate(args.out, args.device, args.jobs, args.steps)), flush=True)
         return 0
     if args.command == "report":

@@ -7,7 +7,10 @@ from __future__ import annotations
 import json
 import os
 
+from megatron_mtp.data.code_corpus import ensure_stdlib_corpus
+from megatron_mtp.eval.perplexity import evaluate_perplexity, perplexity_windows
 from megatron_mtp.experiments import common
+from megatron_mtp.inference import generate
 
 NS = (1, 8)
 SIZES = {
@@ -21,16 +24,13 @@ SIZES = {
 
 
 def prepare(out_dir: str, size: str, device: str) -> dict:
-    from megatron_mtp.data.code_corpus import ensure_stdlib_corpus
-
     spec = SIZES[size]
     corpus = ensure_stdlib_corpus(os.path.join(out_dir, "corpus"), max_docs=spec["max_docs"])
-    return {"out_dir": out_dir, "size": size, "device": device, "spec": spec, "corpus": corpus}
+    return common.shared_state(out_dir, size, device, spec, corpus=corpus)
 
 
 def jobs(size: str, seeds: list) -> list:
-    # Seed-major: a time budget that cuts the last jobs cuts whole seeds, never one n of a comparison.
-    return [{"model": name, "n": n, "seed": seed} for seed in seeds for name in SIZES[size]["models"] for n in NS]
+    return common.model_jobs(SIZES[size]["models"], NS, seeds)
 
 
 def heldout_prompts(heldout_jsonl: str, count: int, prompt_bytes: int, tokenizer) -> list:
@@ -46,8 +46,6 @@ def heldout_prompts(heldout_jsonl: str, count: int, prompt_bytes: int, tokenizer
 def speculative_stats(model, tokenizer, prompts: list, new_tokens: int, n: int) -> list:
     """Greedy decoding with k = 1..n heads: bytes per forward, and whether the output equals plain decoding's
     (greedy verification is lossless, so it should, up to floating-point ties)."""
-    from megatron_mtp.inference import generate
-
     plain = None
     rows = []
     for k in range(1, n + 1):
@@ -60,8 +58,6 @@ def speculative_stats(model, tokenizer, prompts: list, new_tokens: int, n: int) 
 
 
 def run_job(job: dict, shared: dict) -> dict:
-    from megatron_mtp.eval.perplexity import evaluate_perplexity, perplexity_windows
-
     spec = shared["spec"]
     hidden, layers, heads = spec["models"][job["model"]]
     run_dir = os.path.join(shared["out_dir"], "runs", f"{job['model']}-n{job['n']}-s{job['seed']}")
@@ -83,20 +79,14 @@ def run_job(job: dict, shared: dict) -> dict:
 
 
 def summarize(results: list, shared: dict) -> dict:
-    ok = [r for r in results if r["status"] == "ok"]
     rows = []
-    for model in shared["spec"]["models"]:
-        for n in NS:
-            runs = [r for r in ok if r["job"]["model"] == model and r["job"]["n"] == n]
-            if not runs:
-                continue
-            rows.append({"model": model, "n": n, "seeds": [r["job"]["seed"] for r in runs],
-                         "bits_per_byte_head_1": common.mean_std([r["bits_per_byte_head_1"] for r in runs]),
-                         "speculative": [{"k": k, **common.mean_std([r["speculative"][k - 1]["bytes_per_forward"]
-                                                                       for r in runs]),
-                                          "same_as_plain": common.mean_std([r["speculative"][k - 1]["same_as_plain"]
-                                                                            for r in runs])}
-                                         for k in range(1, n + 1)]})
+    for row, runs in common.runs_by_model_and_n(results, shared["spec"]["models"], NS):
+        rows.append({**row, "bits_per_byte_head_1": common.mean_std([r["bits_per_byte_head_1"] for r in runs]),
+                     "speculative": [{"k": k, **common.mean_std([r["speculative"][k - 1]["bytes_per_forward"]
+                                                                   for r in runs]),
+                                      "same_as_plain": common.mean_std([r["speculative"][k - 1]["same_as_plain"]
+                                                                        for r in runs])}
+                                     for k in range(1, row["n"] + 1)]})
     return {"rows": rows}
 
 

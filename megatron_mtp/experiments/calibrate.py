@@ -11,6 +11,7 @@ import os
 import statistics
 
 from megatron_mtp.experiments import common, polynomial
+from megatron_mtp.training.metrics import read_metrics
 
 
 def calibrate(out_dir: str, device: str, workers: int, steps: int) -> dict:
@@ -19,7 +20,7 @@ def calibrate(out_dir: str, device: str, workers: int, steps: int) -> dict:
     shared["steps"] = steps
     jobs = [{"model": "6.6M", "n": 4, "seed": i} for i in range(workers)]
     results = common.run_jobs(__name__, jobs, shared, workers, None, lambda _: None)
-    times = [r["step_time_s"] for r in results if r["status"] == "ok"]
+    times = [r["step_time_s"] for r in common.ok_runs(results)]
     summary = {"workers": workers, "steps": steps, "step_time_s": statistics.median(times) if times else None,
                "step_times_s": times, "environment": common.environment(device)}
     common.write_json(os.path.join(out_dir, "calibration.json"), summary)
@@ -27,8 +28,6 @@ def calibrate(out_dir: str, device: str, workers: int, steps: int) -> dict:
 
 
 def run_job(job: dict, shared: dict) -> dict:
-    from megatron_mtp.training.metrics import read_metrics
-
     run_dir = os.path.join(shared["out_dir"], "runs", f"calibrate-{job['seed']}")
     window = max(1, shared["steps"] // 3)
     common.train_model("polynomial", run_dir, {**polynomial.training_overrides(shared, job["model"], job["n"], job["seed"]),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures as futures
 import datetime
+import importlib
 import json
 import math
 import multiprocessing
@@ -17,7 +18,15 @@ import statistics
 import sys
 import time
 import traceback
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
+
+import torch
+
+from megatron_mtp.config import load_config
+from megatron_mtp.data.preprocess import output_prefix_for, preprocess
+from megatron_mtp.inference.loading import load_model
+from megatron_mtp.io_utils import atomic_save_path, atomic_write_text
+from megatron_mtp.training.loop import train
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                           "configs", "experiments")
@@ -38,12 +47,52 @@ def device_overrides(device: str) -> dict:
     return {"train.device": device, "train.dtype": "bfloat16" if device == "cuda" else "float32"}
 
 
+def shared_state(out_dir: str, size: str, device: str, spec: dict, **extra) -> dict:
+    """What every job of a run reads (``prepare``'s result): where to write, the size's settings, and the
+    experiment's prepared data in ``extra``."""
+    return {"out_dir": out_dir, "size": size, "device": device, "spec": spec, **extra}
+
+
+def prepare_task(out_dir: str, size: str, device: str, spec: dict, write_dataset: Callable[..., dict], *args,
+                 **extra) -> dict:
+    """Write a task's JSONL files under ``out_dir/data`` with ``write_dataset(data_dir, *args, seed=0)`` (one
+    dataset for every seed and n: the runs differ only in what is compared) and tokenise its training split
+    into .bin/.idx with the byte tokenizer, once, before the runs. Returns ``shared_state`` with the dataset's
+    info (``dataset``) and the training split's prefix (``train_prefix``)."""
+    data_dir = os.path.join(out_dir, "data")
+    info = write_dataset(data_dir, *args, seed=0)
+    preprocess(info["paths"]["train"], os.path.join(data_dir, "train"), tokenizer_type="byte", append_eod=True,
+               progress=False)
+    return shared_state(out_dir, size, device, spec, dataset=info,
+                        train_prefix=output_prefix_for(os.path.join(data_dir, "train"), "text"), **extra)
+
+
+def model_jobs(models: Iterable[str], ns: Iterable[int], seeds: list) -> list:
+    """One job per (seed, model, n), seed-major: a time budget that cuts the last jobs cuts whole seeds,
+    never one n of a comparison."""
+    return [{"model": name, "n": n, "seed": seed} for seed in seeds for name in models for n in ns]
+
+
+def ok_runs(results: list) -> list:
+    return [r for r in results if r["status"] == "ok"]
+
+
+def runs_by_model_and_n(results: list, models: Iterable[str], ns: Iterable[int]) -> list:
+    """[(row, runs)]: the finished runs grouped by (model, n) in the size's order, ``row`` holding the
+    group's model, n and seeds; a group with no finished run is left out."""
+    ok = ok_runs(results)
+    groups = []
+    for model in models:
+        for n in ns:
+            runs = [r for r in ok if r["job"]["model"] == model and r["job"]["n"] == n]
+            if runs:
+                groups.append(({"model": model, "n": n, "seeds": [r["job"]["seed"] for r in runs]}, runs))
+    return groups
+
+
 def train_model(experiment: str, run_dir: str, overrides: dict) -> dict:
     """Train with the project's loop (``megatron_mtp.training.loop.train``) from the experiment's base YAML
     plus ``overrides`` ({"section.key": value}); returns the loop's summary plus the parameter count."""
-    from megatron_mtp.config import load_config
-    from megatron_mtp.training.loop import train
-
     args = []
     for key, value in {**overrides, "train.run_dir": run_dir}.items():
         args += [f"--{key}", json.dumps(value) if isinstance(value, (list, type(None))) else str(value)]
@@ -70,10 +119,6 @@ def train_in_segments(experiment: str, run_dir: str, overrides: dict, every: int
 
 def load_trained(run_dir: str, device: str):
     """(cfg, model in eval mode, tokenizer) from a run directory's latest checkpoint, fp32 weights."""
-    import torch
-
-    from megatron_mtp.inference.loading import load_model
-
     return load_model(run_dir, device=device, dtype=torch.float32)
 
 
@@ -99,20 +144,13 @@ def environment(device: str) -> dict:
     info = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "python": platform.python_version(), "host_cpus": os.cpu_count(), "device": device,
             "command": " ".join([os.path.basename(sys.executable), "-m", "megatron_mtp.experiments"] + sys.argv[1:])}
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-        if device == "cuda" and torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
+    info["torch"] = torch.__version__
+    if device == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
     return info
 
 
 def write_text(path: str, text: str) -> None:
-    from megatron_mtp.io_utils import atomic_write_text
-
     atomic_write_text(path, text)
 
 
@@ -123,10 +161,6 @@ def write_json(path: str, data: dict) -> None:
 def _run_one(module_name: str, job: dict, shared: dict, deadline: Optional[float]) -> dict:
     """One job in a worker process: one intra-op thread (many workers share the cores), then the
     experiment's ``run_job``. A failure is reported in the result, never raised across the pool."""
-    import importlib
-
-    import torch
-
     torch.set_num_threads(1)
     start = time.time()
     if deadline is not None and start > deadline:
@@ -170,14 +204,13 @@ def _report(result: dict) -> None:
 
 
 def savefig(fig, path: str) -> str:
-    from megatron_mtp.io_utils import atomic_save_path
-
     fig.tight_layout()
     atomic_save_path(path, lambda tmp: fig.savefig(tmp, dpi=110))
     return path
 
 
 def pyplot():
+    # matplotlib is optional (the GPU image has none): imported only when a plot is drawn.
     import matplotlib
 
     matplotlib.use("Agg")

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 
+from megatron_mtp.data.code_corpus import ensure_stdlib_corpus
 from megatron_mtp.experiments import common, polynomial
+from megatron_mtp.tasks.polynomial import write_dataset
 
 VARIANTS = ((4, 4), (4, 1), (1, 1))  # (pretraining n, finetuning n')
 SIZES = {
@@ -24,19 +26,12 @@ SIZES = {
 
 
 def prepare(out_dir: str, size: str, device: str) -> dict:
-    from megatron_mtp.data.code_corpus import ensure_stdlib_corpus
-    from megatron_mtp.data.preprocess import output_prefix_for, preprocess
-    from megatron_mtp.tasks.polynomial import write_dataset
-
     spec = SIZES[size]
     corpus = ensure_stdlib_corpus(os.path.join(out_dir, "corpus"), max_docs=spec["max_docs"])
     d = spec["data"]
-    data_dir = os.path.join(out_dir, "data")
-    info = write_dataset(data_dir, d["train"], d["test"], d["in_ops"], d["ood_ops"], seed=0)
-    preprocess(info["paths"]["train"], os.path.join(data_dir, "train"), tokenizer_type="byte", append_eod=True,
-               progress=False)
-    return {"out_dir": out_dir, "size": size, "device": device, "spec": spec, "corpus": corpus, "dataset": info,
-            "task_prefix": output_prefix_for(os.path.join(data_dir, "train"), "text")}
+    # Pretraining reads the code corpus (``corpus``), finetuning the task's training split (``train_prefix``).
+    return common.prepare_task(out_dir, size, device, spec, write_dataset, d["train"], d["test"], d["in_ops"],
+                               d["ood_ops"], corpus=corpus)
 
 
 def jobs(size: str, seeds: list) -> list:
@@ -62,7 +57,7 @@ def run_job(job: dict, shared: dict) -> dict:
         ft_dir = os.path.join(shared["out_dir"], "runs", f"finetune-n{n}-nprime{n_prime}-s{seed}")
         weights = None if n_prime == n else [1.0] + [0.0] * (n - 1)
         summary = common.train_model("finetune", ft_dir, {
-            **base, "data.paths": [shared["task_prefix"]], "train.iters": spec["finetune_iters"],
+            **base, "data.paths": [shared["train_prefix"]], "train.iters": spec["finetune_iters"],
             "checkpoint.load": os.path.join(pre_dir, "checkpoints"), "checkpoint.finetune": True,
             "mtp.loss_weights": weights})
         finetunes.append({"n_prime": n_prime, "final_loss_head_1": summary["last"].get("loss_head_1"),
@@ -71,10 +66,9 @@ def run_job(job: dict, shared: dict) -> dict:
 
 
 def summarize(results: list, shared: dict) -> dict:
-    ok = [r for r in results if r["status"] == "ok"]
     rows = []
     for pre_n, n_prime in VARIANTS:
-        runs = [(r["job"]["seed"], f, r) for r in ok if r["job"]["pretrain_n"] == pre_n
+        runs = [(r["job"]["seed"], f, r) for r in common.ok_runs(results) if r["job"]["pretrain_n"] == pre_n
                 for f in r["finetunes"] if f["n_prime"] == n_prime]
         if runs:
             rows.append({"pretrain_n": pre_n, "n_prime": n_prime, "seeds": [s for s, _, _ in runs],

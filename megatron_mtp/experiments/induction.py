@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from megatron_mtp.experiments import common
+from megatron_mtp.tasks.induction import induction_hits, write_dataset
+from megatron_mtp.tasks.io import read_jsonl
 
 NS = (1, 2)
 SIZES = {
@@ -21,29 +25,16 @@ SIZES = {
 
 
 def prepare(out_dir: str, size: str, device: str) -> dict:
-    from megatron_mtp.data.preprocess import output_prefix_for, preprocess
-    from megatron_mtp.tasks.induction import write_dataset
-
     spec = SIZES[size]
-    data_dir = os.path.join(out_dir, "data")
-    info = write_dataset(data_dir, spec["data"]["train"], spec["data"]["test"], seed=0)
-    preprocess(info["paths"]["train"], os.path.join(data_dir, "train"), tokenizer_type="byte", append_eod=True,
-               progress=False)
-    return {"out_dir": out_dir, "size": size, "device": device, "spec": spec, "dataset": info,
-            "train_prefix": output_prefix_for(os.path.join(data_dir, "train"), "text")}
+    return common.prepare_task(out_dir, size, device, spec, write_dataset, spec["data"]["train"], spec["data"]["test"])
 
 
 def jobs(size: str, seeds: list) -> list:
-    # Seed-major: a time budget that cuts the last jobs cuts whole seeds, never one n of a comparison.
-    return [{"model": name, "n": n, "seed": seed} for seed in seeds for name in SIZES[size]["models"] for n in NS]
+    return common.model_jobs(SIZES[size]["models"], NS, seeds)
 
 
 def induction_success(model, tokenizer, stories: list, batch_size: int = 32) -> float:
     """Head 1's accuracy on repeated names' second tokens over ``stories`` (one story per sequence)."""
-    import torch
-
-    from megatron_mtp.tasks.induction import induction_hits
-
     device = model.embedding.weight.device
     hits = total = 0
     for start in range(0, len(stories), batch_size):
@@ -60,8 +51,6 @@ def induction_success(model, tokenizer, stories: list, batch_size: int = 32) -> 
 
 
 def run_job(job: dict, shared: dict) -> dict:
-    from megatron_mtp.tasks.io import read_jsonl
-
     spec = shared["spec"]
     hidden, layers, heads = spec["models"][job["model"]]
     run_dir = os.path.join(shared["out_dir"], "runs", f"{job['model']}-n{job['n']}-s{job['seed']}")
@@ -82,19 +71,13 @@ def run_job(job: dict, shared: dict) -> dict:
 
 
 def summarize(results: list, shared: dict) -> dict:
-    ok = [r for r in results if r["status"] == "ok"]
     rows = []
-    for model in shared["spec"]["models"]:
-        for n in NS:
-            runs = [r for r in ok if r["job"]["model"] == model and r["job"]["n"] == n]
-            if not runs:
-                continue
-            steps = [p["step"] for p in runs[0]["curve"]]
-            curve = [{"step": s, **common.mean_std([p["induction_success"] for r in runs for p in r["curve"]
-                                                    if p["step"] == s])} for s in steps]
-            rows.append({"model": model, "n": n, "seeds": [r["job"]["seed"] for r in runs], "curve": curve,
-                         "final": common.mean_std([r["final_induction_success"] for r in runs]),
-                         "best": common.mean_std([max(p["induction_success"] for p in r["curve"]) for r in runs])})
+    for row, runs in common.runs_by_model_and_n(results, shared["spec"]["models"], NS):
+        steps = [p["step"] for p in runs[0]["curve"]]
+        curve = [{"step": s, **common.mean_std([p["induction_success"] for r in runs for p in r["curve"]
+                                                if p["step"] == s])} for s in steps]
+        rows.append({**row, "curve": curve, "final": common.mean_std([r["final_induction_success"] for r in runs]),
+                     "best": common.mean_std([max(p["induction_success"] for p in r["curve"]) for r in runs])})
     return {"rows": rows, "chance": 1 / 26}
 
 

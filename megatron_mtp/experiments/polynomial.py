@@ -9,6 +9,9 @@ from __future__ import annotations
 import os
 
 from megatron_mtp.experiments import common
+from megatron_mtp.inference import generate
+from megatron_mtp.tasks.io import read_jsonl
+from megatron_mtp.tasks.polynomial import prompt_and_answer, write_dataset
 
 NS = (1, 2, 4)
 SIZES = {
@@ -28,22 +31,14 @@ SIZES = {
 
 def prepare(out_dir: str, size: str, device: str) -> dict:
     """Write the task's JSONL files and tokenise the training split into .bin/.idx (once, before the runs)."""
-    from megatron_mtp.data.preprocess import output_prefix_for, preprocess
-    from megatron_mtp.tasks.polynomial import write_dataset
-
     spec = SIZES[size]
     d = spec["data"]
-    data_dir = os.path.join(out_dir, "data")
-    info = write_dataset(data_dir, d["train"], d["test"], d["in_ops"], d["ood_ops"], seed=0)
-    preprocess(info["paths"]["train"], os.path.join(data_dir, "train"), tokenizer_type="byte", append_eod=True,
-               progress=False)
-    return {"out_dir": out_dir, "size": size, "device": device, "spec": spec, "dataset": info,
-            "train_prefix": output_prefix_for(os.path.join(data_dir, "train"), "text")}
+    return common.prepare_task(out_dir, size, device, spec, write_dataset, d["train"], d["test"], d["in_ops"],
+                               d["ood_ops"])
 
 
 def jobs(size: str, seeds: list) -> list:
-    # Seed-major: a time budget that cuts the last jobs cuts whole seeds, never one n of a comparison.
-    return [{"model": name, "n": n, "seed": seed} for seed in seeds for name in SIZES[size]["models"] for n in NS]
+    return common.model_jobs(SIZES[size]["models"], NS, seeds)
 
 
 def training_overrides(shared: dict, model: str, n: int, seed: int) -> dict:
@@ -57,9 +52,6 @@ def training_overrides(shared: dict, model: str, n: int, seed: int) -> dict:
 
 def exact_match(model, tokenizer, samples: list, batch_size: int = 256) -> dict:
     """Greedy-decode the answer of every sample's prompt (head 1 only) and compare it exactly."""
-    from megatron_mtp.inference import generate
-    from megatron_mtp.tasks.polynomial import prompt_and_answer
-
     correct, by_ops = 0, {}
     for start in range(0, len(samples), batch_size):
         chunk = samples[start: start + batch_size]
@@ -77,8 +69,6 @@ def exact_match(model, tokenizer, samples: list, batch_size: int = 256) -> dict:
 
 
 def evaluate_run(run_dir: str, shared: dict) -> dict:
-    from megatron_mtp.tasks.io import read_jsonl
-
     _, model, tokenizer = common.load_trained(run_dir, shared["device"])
     paths = shared["dataset"]["paths"]
     return {"in_domain": exact_match(model, tokenizer, read_jsonl(paths["test_in"])),
@@ -93,16 +83,11 @@ def run_job(job: dict, shared: dict) -> dict:
 
 
 def summarize(results: list, shared: dict) -> dict:
-    ok = [r for r in results if r["status"] == "ok"]
     rows = []
-    for model in shared["spec"]["models"]:
-        for n in NS:
-            runs = [r for r in ok if r["job"]["model"] == model and r["job"]["n"] == n]
-            if runs:
-                rows.append({"model": model, "n": n, "seeds": [r["job"]["seed"] for r in runs],
-                             "in_domain": common.mean_std([r["in_domain"]["accuracy"] for r in runs]),
-                             "out_of_domain": common.mean_std([r["out_of_domain"]["accuracy"] for r in runs]),
-                             "loss_head_1": common.mean_std([r["final_loss_head_1"] for r in runs])})
+    for row, runs in common.runs_by_model_and_n(results, shared["spec"]["models"], NS):
+        rows.append({**row, "in_domain": common.mean_std([r["in_domain"]["accuracy"] for r in runs]),
+                     "out_of_domain": common.mean_std([r["out_of_domain"]["accuracy"] for r in runs]),
+                     "loss_head_1": common.mean_std([r["final_loss_head_1"] for r in runs])})
     return {"rows": rows}
 
 

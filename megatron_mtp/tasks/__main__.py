@@ -5,6 +5,8 @@ import argparse
 import json
 import sys
 
+from megatron_mtp.tasks import induction, polynomial
+
 
 def _ops_range(text: str) -> tuple:
     low, _, high = text.partition("-")
@@ -35,13 +37,9 @@ def main(argv=None) -> int:
     ind.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.task == "polynomial":
-        from megatron_mtp.tasks.polynomial import write_dataset
-
-        info = write_dataset(args.out, args.train, args.test, args.in_ops, args.ood_ops, args.seed)
+        info = polynomial.write_dataset(args.out, args.train, args.test, args.in_ops, args.ood_ops, args.seed)
     else:
-        from megatron_mtp.tasks.induction import write_dataset
-
-        info = write_dataset(args.out, args.train, args.test, args.seed)
+        info = induction.write_dataset(args.out, args.train, args.test, args.seed)
     print(json.dumps(info, indent=1))
     return 0
 

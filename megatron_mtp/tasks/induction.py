@@ -16,6 +16,8 @@ import random
 import string
 from typing import Sequence
 
+from megatron_mtp.tasks.io import write_json, write_jsonl
+
 _TEMPLATES = (
     "{A} went to the {place} with {B}.",
     "{A} saw a {thing} near the {place}.",
@@ -80,8 +82,6 @@ def induction_hits(predicted_next: Sequence[int], tokens: Sequence[int], positio
 
 
 def write_dataset(out_dir: str, train: int, test: int, seed: int) -> dict:
-    from megatron_mtp.tasks.io import write_json, write_jsonl
-
     splits = {"train": generate_stories(train, seed), "test": generate_stories(test, seed + 1)}
     paths = {name: write_jsonl(f"{out_dir}/{name}.jsonl", samples) for name, samples in splits.items()}
     info = {"task": "induction", "seed": seed, "counts": {k: len(v) for k, v in splits.items()}, "paths": paths}

@@ -24,6 +24,8 @@ from __future__ import annotations
 import random
 from typing import Iterable, Optional
 
+from megatron_mtp.tasks.io import write_json, write_jsonl
+
 MOD = 7
 DEGREE = 5  # coefficients per polynomial: X^5 = 0
 OPS = ("neg", "add", "mul", "comp")
@@ -171,8 +173,6 @@ def generate_split(count: int, min_ops: int, max_ops: int, seed: int, exclude: O
 def write_dataset(out_dir: str, train: int, test: int, in_ops: tuple, ood_ops: tuple, seed: int) -> dict:
     """Write ``train.jsonl`` (in-domain), ``test_in.jsonl`` (in-domain, disjoint from train) and
     ``test_ood.jsonl`` (more operations) under ``out_dir``; return their paths and the settings."""
-    from megatron_mtp.tasks.io import write_json, write_jsonl
-
     train_samples = generate_split(train, *in_ops, seed=seed)
     train_texts = {s["text"] for s in train_samples}
     splits = {"train": train_samples,
