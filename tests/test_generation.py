@@ -10,7 +10,6 @@ import torch
 
 from megatron_mtp.config import ModelConfig, MTPConfig
 from megatron_mtp.inference import KVCache, SamplingParams, generate, load_model, next_tokens, probabilities, sample
-from megatron_mtp.inference.loading import load_local_checkpoint
 from megatron_mtp.model.mtp_model import MTPModel
 from megatron_mtp.parallel.layers import initialize_parameters
 
@@ -172,11 +171,10 @@ def _save_run(tmp_path):
 def test_load_checkpoint_and_generate_cli(tmp_path, capsys):
     run_dir, model = _save_run(tmp_path)
     x = torch.randint(0, 258, (2, 7))
-    for loader in (load_model, load_local_checkpoint):
-        cfg, loaded, tok = loader(run_dir)
-        assert cfg.mtp.n_heads == 3 and tok.eod == 256
-        for a, b in zip(model.logits(x, heads="all"), loaded.logits(x, heads="all")):
-            torch.testing.assert_close(a, b)
+    cfg, loaded, tok = load_model(run_dir)
+    assert cfg.mtp.n_heads == 3 and tok.eod == 256
+    for a, b in zip(model.logits(x, heads="all"), loaded.logits(x, heads="all")):
+        torch.testing.assert_close(a, b)
     sys.path.insert(0, os.path.join(REPO, "tools"))
     try:
         import generate as generate_tool

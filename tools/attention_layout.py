@@ -32,10 +32,9 @@ def _rope_bshd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-def _attention_forward_bshd(self, x, cos, sin, kv_cache=None, attn_mask=None):
-    """``Attention.forward`` with q/k/v built in [b, s, heads, d] memory order (same values, same maths)."""
-    if kv_cache is not None:  # inference keeps the original path (the cache stores [b, heads, s, d])
-        return type(self).forward(self, x, cos, sin, kv_cache, attn_mask)
+def _attention_forward_bshd(self, x, cos, sin, attn_mask=None):
+    """``Attention.forward`` with q/k/v built in [b, s, heads, d] memory order (same values, same maths).
+    Decoding does not come through here: it uses the layer's own ``decode`` path."""
     b, s = x.shape[0], x.shape[1] * (state.tp_size() if self.qkv.sequence_parallel else 1)
     qkv = self.qkv(x).view(b, s, self.n_kv, self.group + 2, self.head_dim)
     q = _rope_bshd(qkv[:, :, :, : self.group].reshape(b, s, self.n_q, self.head_dim), cos, sin)

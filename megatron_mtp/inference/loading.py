@@ -28,10 +28,6 @@ def load_model(path: str, device="cpu", dtype: Optional[torch.dtype] = None):
     return cfg, model.eval(), tokenizer
 
 
-# The former single-process loader's name: every layout now goes through ``load_merged_model``.
-load_local_checkpoint = load_model
-
-
 def default_dtype(device: str) -> torch.dtype:
     """bf16 weights on the GPU (decoding is memory-bound), fp32 on the CPU."""
     return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
