@@ -554,7 +554,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     if m.vocab_size is None and not cfg.data.tokenizer_model:
         m.vocab_size = BYTE_VOCAB_SIZE  # byte level: known without a file; otherwise the data layer sets it
     check_ranges(cfg)  # first: the checks below divide by and compare these fields
-    m, mtp, p, o = cfg.model, cfg.mtp, cfg.parallel, cfg.optimizer
+    m, mtp, o = cfg.model, cfg.mtp, cfg.optimizer
     _check(
         m.hidden_size % m.num_attention_heads == 0,
         f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_attention_heads "

@@ -11,7 +11,9 @@ weights-only unpickler builds only tensors, containers, numbers and strings plus
 (numpy's RNG state arrays, and the plain data holders DeepSpeed puts in its optimizer files, registered by
 ``training/ds_compat.py`` through ``allow_globals``), so a hostile checkpoint cannot execute anything.
 
-This module sits at the bottom of the package: it imports nothing from megatron_mtp.
+This module sits at the bottom of the package: it imports nothing from megatron_mtp. torch and safetensors
+are imported by the three functions that need them, not at module level: the data layer writes through this
+module too, and its preprocessing workers (spawned, one per core) start in a fraction of a second without torch.
 """
 from __future__ import annotations
 
@@ -24,8 +26,6 @@ import re
 from typing import Callable
 
 import numpy as np
-import torch
-from safetensors.torch import save as safetensors_bytes
 
 TMP_MARK = ".tmp"  # temporary files are named <target>.tmp<pid>; checkpoint manifests skip them
 
@@ -91,10 +91,14 @@ def atomic_write_json(path: str, obj, indent=1) -> None:
 
 
 def atomic_torch_save(obj, path: str) -> None:
+    import torch
+
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def atomic_save_safetensors(tensors: dict, path: str, metadata=None) -> None:
+    from safetensors.torch import save as safetensors_bytes
+
     atomic_write_bytes(path, safetensors_bytes(tensors, metadata=metadata))
 
 
@@ -162,6 +166,8 @@ _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 def load_torch(path: str, mmap: bool = False, map_location="cpu"):
     """``torch.load`` that cannot run code (weights only, with the classes above). Raises
     ``UnsafeFileError`` for a file holding anything else."""
+    import torch
+
     allowed, added = _safe_globals(), set()
     while True:
         try:

@@ -1,7 +1,6 @@
 """Task generators: polynomial answers against an independent numpy evaluator; the induction metric on a
 hand-built sequence; the recorded repeated-name positions against a regex."""
 import json
-import random
 import re
 
 import numpy as np

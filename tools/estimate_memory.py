@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Per-GPU memory of a training config, and the parallel layouts that fit (issue 10's memory planner).
+"""Per-GPU memory of a training config, and the parallel layouts that fit.
 
 The same as ``mtp-estimate-memory`` (megatron_mtp/cli/estimate_memory.py); run ``mtp-estimate-memory --help`` for its options.
 """

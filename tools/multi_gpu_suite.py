@@ -1,4 +1,4 @@
-"""Multi-GPU proof runs over NCCL (issue 11): correctness per layout, scaling, save on one layout and resume
+"""Multi-GPU proof runs over NCCL: correctness per layout, scaling, save on one layout and resume
 on another. One call per machine kind: it runs every case that fits the GPUs it finds.
 
     python tools/multi_gpu_suite.py --output-dir $OUT                # on a 2-, 4- or 8-GPU machine
@@ -25,6 +25,8 @@ import sys
 import time
 
 from tqdm import tqdm
+
+from megatron_mtp.io_utils import atomic_write_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -214,10 +216,7 @@ def main(argv=None) -> int:
         run_scaling(args, gpus, args.work_dir, results)
 
     out = os.path.join(args.output_dir, f"multi_gpu_{'cpu' if args.cpu else f'{gpus}gpu'}.json")
-    tmp = out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, out)
+    atomic_write_json(out, results)
 
     print(f"\n{'case':<22} {'procs':>5} {'status':<10} {'steps':>5} {'max rel loss diff':>18} {'passed':>6}")
     for name, row in results["layouts"].items():

@@ -17,7 +17,7 @@ from typing import Optional
 
 from safetensors.torch import load_file as load_safetensors
 
-from megatron_mtp.checkpoint.export import HF_LAYER_NAMES, fuse_layer
+from megatron_mtp.checkpoint.hf_layout import HF_LAYER_NAMES, fuse_layer
 from megatron_mtp.checkpoint.formats import publish_as_run
 from megatron_mtp.checkpoint.reader import config_of
 from megatron_mtp.checkpoint.store import LOCAL_FORMAT

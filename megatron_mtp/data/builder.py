@@ -17,7 +17,7 @@ import numpy as np
 from megatron_mtp.data.blended_dataset import BlendedDataset, blending_indices, normalize_weights
 from megatron_mtp.data.errors import DataError
 from megatron_mtp.data.gpt_dataset import GPTDataset
-from megatron_mtp.data.index_cache import write_text_atomic
+from megatron_mtp.io_utils import atomic_write_text
 from megatron_mtp.data.indexed_dataset import IndexedDataset, data_path
 
 SPLIT_NAMES = ("train", "valid", "test")
@@ -110,7 +110,7 @@ def max_token_id(dataset: IndexedDataset, cache_dir: Optional[str]) -> int:
             pass
     value = dataset.max_token()
     os.makedirs(cache_dir, exist_ok=True)
-    write_text_atomic(path, json.dumps({"prefix": dataset.path_prefix, "max_token": value}))
+    atomic_write_text(path, json.dumps({"prefix": dataset.path_prefix, "max_token": value}))
     return value
 
 

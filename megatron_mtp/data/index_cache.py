@@ -12,6 +12,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from megatron_mtp.io_utils import atomic_write, atomic_write_text
+
 
 def description_hash(description: dict) -> str:
     """Stable short hash of a JSON-serialisable description (sorted keys, so order does not matter)."""
@@ -19,17 +21,7 @@ def description_hash(description: dict) -> str:
 
 
 def save_npy_atomic(path: str, array: np.ndarray) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}-{id(array)}"
-    with open(tmp, "wb") as stream:
-        np.save(stream, array)
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as stream:
-        stream.write(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda stream: np.save(stream, array))
 
 
 def cached_arrays(
@@ -55,7 +47,7 @@ def cached_arrays(
             pass  # unreadable (e.g. disk filled while another process wrote it): rebuild below
     arrays = build()
     os.makedirs(cache_dir, exist_ok=True)
-    write_text_atomic(os.path.join(cache_dir, f"{stem}-{key}.json"), json.dumps(description, indent=2, sort_keys=True))
+    atomic_write_text(os.path.join(cache_dir, f"{stem}-{key}.json"), json.dumps(description, indent=2, sort_keys=True))
     for path, array in zip(paths, arrays):
         save_npy_atomic(path, np.ascontiguousarray(array))
     return arrays

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from typing import Iterable, Optional
 
+from megatron_mtp.io_utils import atomic_save_path
+
 EOD_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 
@@ -30,7 +32,5 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, output_path: str,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer, length=length)
     os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
-    tmp = f"{output_path}.tmp-{os.getpid()}"
-    tokenizer.save(tmp)
-    os.replace(tmp, output_path)
+    atomic_save_path(output_path, tokenizer.save)
     return output_path

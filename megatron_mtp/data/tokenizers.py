@@ -28,7 +28,7 @@ import numpy as np
 
 # Neither megatron_mtp.config nor io_utils: both import torch, which preprocessing workers (they import this
 # module) must not pay for. Hence index_cache's writer, and the byte vocabulary restated below.
-from megatron_mtp.data.index_cache import write_text_atomic
+from megatron_mtp.io_utils import atomic_write_text
 from megatron_mtp.errors import ConfigError, DataError
 
 TOKENIZER_TYPES = ("byte", "hf", "sentencepiece")
@@ -381,7 +381,7 @@ def tokenizer_info_path(prefix: str) -> str:
 def write_tokenizer_info(prefix: str, tokenizer: Tokenizer, source: Optional[str] = None) -> str:
     path = tokenizer_info_path(prefix)
     record = {"format": TOKENIZER_INFO_FORMAT, **tokenizer.fingerprint(), "source": source}
-    write_text_atomic(path, json.dumps(record, indent=1) + "\n")
+    atomic_write_text(path, json.dumps(record, indent=1) + "\n")
     return path
 
 
