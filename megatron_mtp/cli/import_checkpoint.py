@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from megatron_mtp.cli import HelpFormatter
-from megatron_mtp.errors import CheckpointError, DataError
+from megatron_mtp.errors import CheckpointError, DataError, report
 
 
 def main(argv=None) -> int:
@@ -29,8 +29,7 @@ def main(argv=None) -> int:
     try:
         config = import_checkpoint(args.hf, args.output, args.n_heads, args.init_heads)
     except (CheckpointError, DataError) as exc:
-        print(f"checkpoint error: {exc}", file=sys.stderr)
-        return 2
+        return report(exc)
     print(f"wrote {args.output} (config {config})\ntrain with: mtp-train --config {config} --data.paths ...")
     return 0
 
