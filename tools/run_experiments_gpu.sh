@@ -1,29 +1,38 @@
 #!/usr/bin/env bash
 # The four reproduction experiments (docs/reproduction.md) on one GPU in one go: many small models train
-# concurrently (one process each), sized to the time available.
+# concurrently (one process each), their schedules sized to the time available.
 #
 #   OUT=results/ bash tools/run_experiments_gpu.sh            # on a machine with one GPU
-#   SIZE=smoke DEVICE=cpu RUN_BUDGET=60 OUT=/tmp/o bash tools/run_experiments_gpu.sh   # dry run on a CPU
+#   SIZE=smoke DEVICE=cpu TOTAL=150 CAL_JOBS=2 OUT=/tmp/o bash tools/run_experiments_gpu.sh   # dry run on a CPU
 #
-# 1. calibrate: 16 concurrent runs of the polynomial 6M model (8 layers, n = 4) measure the step time under
-#    the contention the real runs will see;
-# 2. every experiment's schedule is scaled by one factor (--iters-scale, the same for every n and seed) so
-#    the longest experiment fits RUN_BUDGET seconds; jobs not started by three quarters of the budget are cut (and reported);
-# 3. results.json / results.md / plots of each experiment, the logs and an nvidia-smi trace go into
-#    $OUT/repro_results.tar.gz; a short log into $OUT/log.txt.
+# 1. calibrate: CAL_JOBS concurrent runs (as many as the experiments will run) of the polynomial size's
+#    largest model (n = 4) measure the step time under the contention the real runs will see;
+# 2. `experiments fit` turns it into one schedule factor (--iters-scale, the same for every n and seed) that
+#    fits all four experiments' planned steps into the seconds left before TOTAL, less start-up and end margins;
+#    jobs that cannot start before three fifths of that budget are cut (and reported);
+# 3. while they run, every experiment's results.json (rewritten after each finished job) is copied to $OUT, so a
+#    run stopped at any point still returns the finished jobs; runs still going at TOTAL - END_MARGIN seconds are
+#    stopped; results, tables, logs and an nvidia-smi trace go into $OUT/repro_results.tar.gz.
 set -u
 OUT=${OUT:-runs/experiments-gpu}
 WORK=${WORK:-/tmp/repro_work}
 SIZE=${SIZE:-small}
 DEVICE=${DEVICE:-cuda}
-RUN_BUDGET=${RUN_BUDGET:-240}   # seconds for the training runs after calibration
-HARD=${HARD:-$((RUN_BUDGET + 60))}  # seconds after launch: runs still going are stopped (finished jobs are kept)
-CAL_JOBS=${CAL_JOBS:-16}
-CAL_STEPS=${CAL_STEPS:-45}
+TOTAL=${TOTAL:-480}          # seconds this script may take, end to end
+END_MARGIN=${END_MARGIN:-25} # seconds kept at the end to stop the runs and pack the results
+START_S=${START_S:-30}       # seconds the experiments take to write their data and start their workers
+CAL_STEPS=${CAL_STEPS:-30}
+SEEDS=${SEEDS:-0 1 2}
+# Workers per experiment (their sum is the concurrency the calibration measures): polynomial's 18 runs and
+# induction's 12 in two waves, bytes' 6 and finetune's 6 jobs in one.
+W_POLY=${W_POLY:-9} W_IND=${W_IND:-6} W_BYTES=${W_BYTES:-6} W_FT=${W_FT:-6}
+CAL_JOBS=${CAL_JOBS:-$((W_POLY + W_IND + W_BYTES + W_FT))}
 mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 PYTHONPATH=$PWD
 T0=$(date +%s)
-log() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/log.txt"; }
+now() { echo $(( $(date +%s) - T0 )); }
+log() { echo "[$(now)s] $*" | tee -a "$OUT/log.txt"; }
+EXPS="polynomial induction bytes finetune"
 
 if command -v nvidia-smi >/dev/null; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/log.txt"
@@ -33,44 +42,53 @@ fi
 python -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__)" | tee -a "$OUT/log.txt"
 
 log "calibrating: $CAL_JOBS concurrent runs x $CAL_STEPS steps"
-python -m megatron_mtp.experiments calibrate --device "$DEVICE" --jobs "$CAL_JOBS" --steps "$CAL_STEPS" \
-  --out "$WORK/calibrate" > "$WORK/calibrate.log" 2>&1
-tail -n 1 "$WORK/calibrate.log" | tee -a "$OUT/log.txt"
-# The longest experiment at scale 1 is the polynomial one: 18 runs on 6 workers = 3 waves of ~1050 steps
-# of the calibrated model's cost (its 6- and 8-layer models average 7/8 of it): ~3300 calibrated steps.
-SCALE=$(python - "$WORK/calibrate/calibration.json" "$RUN_BUDGET" "$SIZE" <<'PY'
-import json, sys
-cal, budget, size = json.load(open(sys.argv[1])), float(sys.argv[2]), sys.argv[3]
-t = cal["step_time_s"]
-print(1.0 if size != "small" or not t else round(min(1.0, budget / (3300 * t)), 3))
-PY
-)
-log "iters scale $SCALE (run budget ${RUN_BUDGET}s)"
+timeout 120 python -m megatron_mtp.experiments calibrate --device "$DEVICE" --jobs "$CAL_JOBS" --steps "$CAL_STEPS" \
+  --size "$SIZE" --out "$WORK/calibrate" > "$WORK/calibrate.log" 2>&1
+tail -n 1 "$WORK/calibrate.log" | cut -c1-400 | tee -a "$OUT/log.txt"
+BUDGET=$(( TOTAL - $(now) - START_S - END_MARGIN ))
+PLAN=""
+for exp in $EXPS; do PLAN="$PLAN $exp:$(echo $SEEDS | tr ' ' ',')"; done
+if python -m megatron_mtp.experiments fit "$WORK/calibrate/calibration.json" --budget-s "$BUDGET" --size "$SIZE" \
+     --plan $PLAN > "$WORK/fit.json" 2>>"$OUT/log.txt"; then
+  SCALE=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['scale'])" "$WORK/fit.json")
+else
+  SCALE=${FALLBACK_SCALE:-0.3}  # a failed calibration must not cost the run: a conservative factor
+  log "calibration failed (see calibrate.log): falling back to iters scale $SCALE"
+fi
+cat "$WORK/fit.json" >> "$OUT/log.txt" 2>/dev/null
+log "iters scale $SCALE (device budget ${BUDGET}s for the runs)"
 
-START_BUDGET=$((RUN_BUDGET * 3 / 4))
+START_BUDGET=$(( BUDGET * 3 / 5 ))
 RUN_T0=$(date +%s)
 declare -A PGID
-launch() {  # experiment, workers, seeds...
-  local exp=$1 jobs=$2; shift 2
-  setsid python -m megatron_mtp.experiments run "$exp" --size "$SIZE" --device "$DEVICE" --seeds "$@" \
+launch() {  # experiment, workers
+  local exp=$1 jobs=$2
+  setsid python -m megatron_mtp.experiments run "$exp" --size "$SIZE" --device "$DEVICE" --seeds $SEEDS \
     --jobs "$jobs" --out "$WORK/$exp" --iters-scale "$SCALE" --time-budget-s "$START_BUDGET" \
     > "$WORK/$exp.log" 2>&1 &
   PGID[$exp]=$!
-  log "started $exp (pid ${PGID[$exp]}, $jobs workers, seeds $*)"
+  log "started $exp (pid ${PGID[$exp]}, $jobs workers, seeds $SEEDS)"
 }
-launch polynomial 6 0 1 2
-launch induction 4 0 1 2
-launch bytes 4 0 1
-launch finetune 4 0 1
+launch polynomial "$W_POLY"
+launch induction "$W_IND"
+launch bytes "$W_BYTES"
+launch finetune "$W_FT"
 
+snapshot() {  # the finished jobs so far, where the device call returns them
+  for exp in $EXPS; do
+    [ -f "$WORK/$exp/results.json" ] && cp "$WORK/$exp/results.json" "$OUT/$exp.json.tmp" && mv "$OUT/$exp.json.tmp" "$OUT/$exp.json"
+  done
+}
+STOP_AT=$(( TOTAL - END_MARGIN ))
+LAST_SNAP=0
 while :; do
   running=0
   for exp in "${!PGID[@]}"; do kill -0 "${PGID[$exp]}" 2>/dev/null && running=1; done
   [ $running = 0 ] && break
-  if [ $(( $(date +%s) - RUN_T0 )) -gt "$HARD" ]; then
+  if [ "$(now)" -ge "$STOP_AT" ]; then
     for exp in "${!PGID[@]}"; do
       if kill -0 "${PGID[$exp]}" 2>/dev/null; then
-        log "stopping $exp: past the hard limit (its finished runs are in its results.json)"
+        log "stopping $exp: out of time (its finished runs are in its results.json)"
         kill -TERM -- "-${PGID[$exp]}" 2>/dev/null
       fi
     done
@@ -78,20 +96,26 @@ while :; do
     for exp in "${!PGID[@]}"; do kill -KILL -- "-${PGID[$exp]}" 2>/dev/null; done
     break
   fi
+  if [ $(( $(now) - LAST_SNAP )) -ge 15 ]; then snapshot; LAST_SNAP=$(now); fi
   sleep 2
 done
 log "runs done"
 [ -n "${SMI_PID:-}" ] && kill "$SMI_PID" 2>/dev/null
+snapshot
 
 BUNDLE="$WORK/bundle"
 mkdir -p "$BUNDLE"
-cp "$WORK/calibrate/calibration.json" "$WORK/calibrate.log" "$BUNDLE/" 2>/dev/null
+cp "$WORK/calibrate/calibration.json" "$WORK/calibrate.log" "$WORK/fit.json" "$BUNDLE/" 2>/dev/null
 cp "$WORK/nvidia_smi.csv" "$BUNDLE/" 2>/dev/null
-for exp in polynomial induction bytes finetune; do
+for exp in $EXPS; do
   mkdir -p "$BUNDLE/$exp"
+  # A stopped experiment never wrote its table: write it from the finished jobs.
+  if [ -f "$WORK/$exp/results.json" ] && [ "$WORK/$exp/results.json" -nt "$WORK/$exp/results.md" ]; then
+    timeout 15 python -m megatron_mtp.experiments report "$WORK/$exp" > /dev/null 2>&1
+  fi
   cp "$WORK/$exp/results.json" "$WORK/$exp/results.md" "$WORK/$exp"/*.png "$BUNDLE/$exp/" 2>/dev/null
-  cp "$WORK/$exp.log" "$BUNDLE/$exp/" 2>/dev/null
-  [ -f "$WORK/$exp/results.md" ] && cat "$WORK/$exp/results.md" | tee -a "$OUT/log.txt"
+  tail -c 200000 "$WORK/$exp.log" > "$BUNDLE/$exp/$exp.log" 2>/dev/null
+  [ -f "$WORK/$exp/results.md" ] && tee -a "$OUT/log.txt" < "$WORK/$exp/results.md"
 done
 tar -czf "$OUT/repro_results.tar.gz" -C "$BUNDLE" .
 log "wrote $OUT/repro_results.tar.gz ($(du -h "$OUT/repro_results.tar.gz" | cut -f1))"

@@ -9,7 +9,7 @@ import sys
 import time
 
 from megatron_mtp.experiments import EXPERIMENTS, common
-from megatron_mtp.experiments.calibrate import calibrate
+from megatron_mtp.experiments.calibrate import calibrate, fit_scale
 
 
 SCALED_KEYS = ("iters", "pretrain_iters", "finetune_iters", "eval_every", "warmup")
@@ -99,10 +99,31 @@ def main(argv=None) -> int:
     cal.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     cal.add_argument("--jobs", type=int, default=1)
     cal.add_argument("--steps", type=int, default=60)
+    cal.add_argument("--size", default="small", help="whose polynomial model and batch to time")
     cal.add_argument("--out", default=os.path.join("runs", "experiments", "calibrate"))
+    fit = sub.add_parser("fit", help="the --iters-scale that fits experiments into a time budget, from a calibration")
+    fit.add_argument("calibration", help="calibration.json written by `calibrate`")
+    fit.add_argument("--budget-s", type=float, required=True, help="seconds of the device for all the runs")
+    fit.add_argument("--size", default="small")
+    fit.add_argument("--plan", nargs="+", required=True, metavar="EXPERIMENT:SEEDS",
+                     help="e.g. polynomial:0,1,2 bytes:0,1,2")
     args = parser.parse_args(argv)
     if args.command == "calibrate":
-        print(json.dumps(calibrate(args.out, args.device, args.jobs, args.steps)), flush=True)
+        print(json.dumps(calibrate(args.out, args.device, args.jobs, args.steps, args.size)), flush=True)
+        return 0
+    if args.command == "fit":
+        with open(args.calibration) as stream:
+            calibration = json.load(stream)
+        if not calibration.get("step_time_s"):
+            raise SystemExit(f"{args.calibration} has no step time (every calibration run failed); see its log.")
+        plan = {}
+        for item in args.plan:
+            name, _, seeds = item.partition(":")
+            if name not in EXPERIMENTS or not seeds:
+                raise SystemExit(f"--plan items look like polynomial:0,1,2 with an experiment of "
+                                 f"{', '.join(EXPERIMENTS)}, got {item!r}.")
+            plan[name] = [int(s) for s in seeds.split(",")]
+        print(json.dumps(fit_scale(calibration, args.budget_s, args.size, plan)), flush=True)
         return 0
     if args.command == "report":
         report(args.out)

@@ -15,11 +15,11 @@ from megatron_mtp.inference import generate
 NS = (1, 8)
 SIZES = {
     "smoke": {"max_docs": 12, "models": {"xs": (32, 9, 2)}, "iters": 4, "batch": 4, "seq": 64, "warmup": 1,
-              "eval_windows": 4, "prompts": 2, "prompt_bytes": 16, "new_bytes": 8},
+              "lr": 1e-3, "eval_windows": 4, "prompts": 2, "prompt_bytes": 16, "new_bytes": 8},
     "cpu": {"max_docs": None, "models": {"1.1M": (96, 9, 4)}, "iters": 300, "batch": 16, "seq": 128,
-            "warmup": 30, "eval_windows": 100, "prompts": 8, "prompt_bytes": 64, "new_bytes": 64},
-    "small": {"max_docs": None, "models": {"10M": (256, 12, 8)}, "iters": 1200, "batch": 32, "seq": 256,
-              "warmup": 100, "eval_windows": 400, "prompts": 32, "prompt_bytes": 128, "new_bytes": 128},
+            "warmup": 30, "lr": 2e-3, "eval_windows": 100, "prompts": 8, "prompt_bytes": 64, "new_bytes": 64},
+    "small": {"max_docs": None, "models": {"8M": (256, 10, 8)}, "iters": 1000, "batch": 32, "seq": 256,
+              "warmup": 60, "lr": 2e-3, "eval_windows": 400, "prompts": 32, "prompt_bytes": 128, "new_bytes": 128},
 }
 
 
@@ -31,6 +31,11 @@ def prepare(out_dir: str, size: str, device: str) -> dict:
 
 def jobs(size: str, seeds: list) -> list:
     return common.model_jobs(SIZES[size]["models"], NS, seeds)
+
+
+def job_trainings(job: dict, spec: dict) -> list:
+    """(num_layers, n, steps) of every training a job runs: what the GPU script's time plan counts."""
+    return [(spec["models"][job["model"]][1], job["n"], spec["iters"])]
 
 
 def heldout_prompts(heldout_jsonl: str, count: int, prompt_bytes: int, tokenizer) -> list:
@@ -64,8 +69,7 @@ def run_job(job: dict, shared: dict) -> dict:
     overrides = {**common.model_overrides(hidden, layers, heads), **common.device_overrides(shared["device"]),
                  "mtp.n_heads": job["n"], "data.paths": [shared["corpus"]["train_prefix"]],
                  "data.seq_length": spec["seq"], "data.cache_dir": os.path.join(shared["out_dir"], "cache"),
-                 "train.iters": spec["iters"], "train.micro_batch_size": spec["batch"],
-                 "optimizer.warmup_iters": spec["warmup"], "train.seed": job["seed"]}
+                 **common.schedule_overrides(spec), "train.seed": job["seed"]}
     summary = common.train_model("bytes", run_dir, overrides)
     _, model, tokenizer = common.load_trained(run_dir, shared["device"])
     windows = perplexity_windows(shared["corpus"]["heldout_prefix"], spec["seq"], max_samples=spec["eval_windows"],

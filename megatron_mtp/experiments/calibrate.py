@@ -1,28 +1,56 @@
-"""How long one training step takes when ``workers`` small runs share the device, measured before the real
-runs so a GPU script can size their schedules (``--iters-scale``) to the time it has.
+"""How long one training step takes when ``workers`` small runs share the device, and how far a size's
+schedules must be scaled to fit a time budget: the GPU script measures the first, then asks for the second.
 
-``python -m megatron_mtp.experiments calibrate --device cuda --jobs 16 --steps 60`` trains the polynomial
-experiment's 6.6M model (8 layers, n = 4) in ``jobs`` concurrent processes and prints the median step time of
-the last logging window (steady state: start-up and the first steps are outside it).
+``python -m megatron_mtp.experiments calibrate --device cuda --jobs 24 --steps 30`` trains the polynomial
+experiment's largest ``--size`` model (n = 4) in ``jobs`` concurrent processes at that size's batch and prints
+the median step time of the last logging window (steady state: start-up and the first steps are outside it).
+
+Small models are bound by kernel launches, not arithmetic, and the runs take turns on one GPU: the device's
+time for one step is about ``step_time_s / workers``, roughly in proportion to the number of kernels, i.e.
+to the layers plus a fixed part for the embedding, the optimizer and each head's loss (``step_cost``).
+``fit_scale`` sums every planned training's steps x cost and returns the schedule factor that fits the total
+into the budget.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import statistics
 
 from megatron_mtp.experiments import common, polynomial
 from megatron_mtp.training.metrics import read_metrics
 
+# The per-step cost model: a transformer layer is 1; the embedding, gradient clipping and the optimizer
+# about one more; each head's norm, unembedding and loss (forward and backward) about a third of a layer.
+FIXED_COST, HEAD_COST = 1.0, 0.3
+# The runs do not keep the device equally busy to the end (the last ones run with fewer peers), and every
+# training has its own start-up, checkpoint and evaluation: plan the device time at this multiple.
+SLACK = 1.2
 
-def calibrate(out_dir: str, device: str, workers: int, steps: int) -> dict:
+
+def step_cost(layers: int, n: int) -> float:
+    return layers + FIXED_COST + HEAD_COST * n
+
+
+def calibration_model(size: str) -> str:
+    models = polynomial.SIZES[size]["models"]
+    return max(models, key=lambda name: models[name][1])
+
+
+def calibrate(out_dir: str, device: str, workers: int, steps: int, size: str = "small") -> dict:
     shared = polynomial.prepare(out_dir, "smoke", device)
-    shared["spec"] = {**polynomial.SIZES["small"], "iters": steps}
+    shared["spec"] = {**polynomial.SIZES[size], "iters": steps}
     shared["steps"] = steps
-    jobs = [{"model": "6.6M", "n": 4, "seed": i} for i in range(workers)]
+    model = calibration_model(size)
+    jobs = [{"model": model, "n": 4, "seed": i} for i in range(workers)]
     results = common.run_jobs(__name__, jobs, shared, workers, None, lambda _: None)
     times = [r["step_time_s"] for r in common.ok_runs(results)]
-    summary = {"workers": workers, "steps": steps, "step_time_s": statistics.median(times) if times else None,
-               "step_times_s": times, "environment": common.environment(device)}
+    layers = polynomial.SIZES[size]["models"][model][1]
+    summary = {"workers": workers, "steps": steps, "size": size, "model": model, "layers": layers, "n": 4,
+               "batch": shared["spec"]["batch"], "seq": shared["spec"]["seq"],
+               "step_time_s": statistics.median(times) if times else None, "step_times_s": times,
+               "failed": [r.get("error") for r in results if r["status"] != "ok"],
+               "environment": common.environment(device)}
     common.write_json(os.path.join(out_dir, "calibration.json"), summary)
     return summary
 
@@ -33,3 +61,21 @@ def run_job(job: dict, shared: dict) -> dict:
     common.train_model("polynomial", run_dir, {**polynomial.training_overrides(shared, job["model"], job["n"], job["seed"]),
                                                "logging.interval": window, "checkpoint.save": False})
     return {"step_time_s": read_metrics(run_dir)[-1]["step_time_s"]}
+
+
+def planned_work(experiment: str, size: str, seeds: list) -> float:
+    """Sum over an experiment's jobs of steps x ``step_cost``, at the size's unscaled schedule."""
+    module = importlib.import_module(f"megatron_mtp.experiments.{experiment}")
+    spec = module.SIZES[size]
+    return sum(steps * step_cost(layers, n) for job in module.jobs(size, seeds)
+               for layers, n, steps in module.job_trainings(job, spec))
+
+
+def fit_scale(calibration: dict, budget_s: float, size: str, plan: dict) -> dict:
+    """The schedule factor (at most 1) that fits ``plan`` ({experiment: seeds}) into ``budget_s`` seconds of
+    the device, given a ``calibrate`` result measured with as many concurrent runs as the plan uses."""
+    unit_s = calibration["step_time_s"] / calibration["workers"] / step_cost(calibration["layers"], calibration["n"])
+    work = {name: planned_work(name, size, seeds) for name, seeds in plan.items()}
+    needed_s = SLACK * unit_s * sum(work.values())
+    return {"scale": round(min(1.0, budget_s / needed_s), 3), "needed_s_at_scale_1": needed_s, "unit_s": unit_s,
+            "work": work, "budget_s": budget_s}

@@ -47,6 +47,13 @@ def device_overrides(device: str) -> dict:
     return {"train.device": device, "train.dtype": "bfloat16" if device == "cuda" else "float32"}
 
 
+def schedule_overrides(spec: dict, iters_key: str = "iters") -> dict:
+    """A size's schedule: steps, micro-batch, warm-up and peak learning rate (cosine decay to a tenth of it),
+    the same for every n of a comparison."""
+    return {"train.iters": spec[iters_key], "train.micro_batch_size": spec["batch"],
+            "optimizer.warmup_iters": spec["warmup"], "optimizer.lr": spec["lr"], "optimizer.min_lr": spec["lr"] / 10}
+
+
 def shared_state(out_dir: str, size: str, device: str, spec: dict, **extra) -> dict:
     """What every job of a run reads (``prepare``'s result): where to write, the size's settings, and the
     experiment's prepared data in ``extra``."""

@@ -15,13 +15,15 @@ from megatron_mtp.tasks.polynomial import write_dataset
 VARIANTS = ((4, 4), (4, 1), (1, 1))  # (pretraining n, finetuning n')
 SIZES = {
     "smoke": {"max_docs": 12, "data": {"train": 300, "test": 8, "in_ops": (1, 2), "ood_ops": (3, 3)},
-              "model": (32, 5, 2), "pretrain_iters": 3, "finetune_iters": 3, "batch": 4, "seq": 64, "warmup": 1},
-    "cpu": {"max_docs": None, "data": {"train": 20_000, "test": 200, "in_ops": (1, 1), "ood_ops": (2, 2)},
-            "model": (96, 6, 4), "pretrain_iters": 300, "finetune_iters": 200, "batch": 16, "seq": 128,
-            "warmup": 30},
-    "small": {"max_docs": None, "data": {"train": 100_000, "test": 500, "in_ops": (1, 2), "ood_ops": (3, 3)},
-              "model": (256, 8, 8), "pretrain_iters": 1000, "finetune_iters": 600, "batch": 32, "seq": 256,
-              "warmup": 50},
+              "model": (32, 5, 2), "pretrain_iters": 3, "finetune_iters": 3, "batch": 4, "seq": 64, "warmup": 1,
+              "lr": 1e-3},
+    "cpu": {"max_docs": None, "data": {"train": 50_000, "test": 200, "in_ops": (1, 1), "ood_ops": (2, 2)},
+            "model": (128, 6, 4), "pretrain_iters": 300, "finetune_iters": 600, "batch": 32, "seq": 128,
+            "warmup": 40, "lr": 3e-3},
+    # The polynomial experiment's task (one operation in-domain, two out-of-domain) after a short pretraining.
+    "small": {"max_docs": None, "data": {"train": 300_000, "test": 500, "in_ops": (1, 1), "ood_ops": (2, 2)},
+              "model": (256, 6, 8), "pretrain_iters": 400, "finetune_iters": 800, "batch": 128, "seq": 128,
+              "warmup": 60, "lr": 3e-3},
 }
 
 
@@ -30,8 +32,9 @@ def prepare(out_dir: str, size: str, device: str) -> dict:
     corpus = ensure_stdlib_corpus(os.path.join(out_dir, "corpus"), max_docs=spec["max_docs"])
     d = spec["data"]
     # Pretraining reads the code corpus (``corpus``), finetuning the task's training split (``train_prefix``).
-    return common.prepare_task(out_dir, size, device, spec, write_dataset, d["train"], d["test"], d["in_ops"],
-                               d["ood_ops"], corpus=corpus)
+    shared = common.prepare_task(out_dir, size, device, spec, write_dataset, d["train"], d["test"], d["in_ops"],
+                                 d["ood_ops"], corpus=corpus)
+    return {**shared, "baseline": polynomial.baseline(shared["dataset"]["paths"])}
 
 
 def jobs(size: str, seeds: list) -> list:
@@ -39,17 +42,23 @@ def jobs(size: str, seeds: list) -> list:
     return [{"pretrain_n": n, "seed": seed} for seed in seeds for n in (4, 1)]
 
 
+def job_trainings(job: dict, spec: dict) -> list:
+    """(num_layers, n, steps) of every training a job runs: the pretraining, then each finetune."""
+    layers, n = spec["model"][1], job["pretrain_n"]
+    return [(layers, n, spec["pretrain_iters"])] + [(layers, n, spec["finetune_iters"])
+                                                     for pre_n, _ in VARIANTS if pre_n == n]
+
+
 def run_job(job: dict, shared: dict) -> dict:
     spec = shared["spec"]
     hidden, layers, heads = spec["model"]
     n, seed = job["pretrain_n"], job["seed"]
     base = {**common.model_overrides(hidden, layers, heads), **common.device_overrides(shared["device"]),
-            "mtp.n_heads": n, "data.seq_length": spec["seq"], "train.micro_batch_size": spec["batch"],
-            "optimizer.warmup_iters": spec["warmup"], "train.seed": seed,
+            "mtp.n_heads": n, "data.seq_length": spec["seq"], "train.seed": seed,
             "data.cache_dir": os.path.join(shared["out_dir"], "cache")}
     pre_dir = os.path.join(shared["out_dir"], "runs", f"pretrain-n{n}-s{seed}")
     pre = common.train_model("finetune", pre_dir, {**base, "data.paths": [shared["corpus"]["train_prefix"]],
-                                                   "train.iters": spec["pretrain_iters"]})
+                                                   **common.schedule_overrides(spec, "pretrain_iters")})
     finetunes = []
     for pre_n, n_prime in VARIANTS:
         if pre_n != n:
@@ -57,12 +66,13 @@ def run_job(job: dict, shared: dict) -> dict:
         ft_dir = os.path.join(shared["out_dir"], "runs", f"finetune-n{n}-nprime{n_prime}-s{seed}")
         weights = None if n_prime == n else [1.0] + [0.0] * (n - 1)
         summary = common.train_model("finetune", ft_dir, {
-            **base, "data.paths": [shared["train_prefix"]], "train.iters": spec["finetune_iters"],
+            **base, "data.paths": [shared["train_prefix"]], **common.schedule_overrides(spec, "finetune_iters"),
             "checkpoint.load": os.path.join(pre_dir, "checkpoints"), "checkpoint.finetune": True,
             "mtp.loss_weights": weights})
         finetunes.append({"n_prime": n_prime, "final_loss_head_1": summary["last"].get("loss_head_1"),
                           **polynomial.evaluate_run(ft_dir, shared)})
-    return {"pretrain_loss_head_1": pre["last"].get("loss_head_1"), "finetunes": finetunes}
+    return {"pretrain_loss_head_1": pre["last"].get("loss_head_1"), "finetunes": finetunes,
+            "baseline": shared["baseline"]}
 
 
 def summarize(results: list, shared: dict) -> dict:
@@ -73,20 +83,21 @@ def summarize(results: list, shared: dict) -> dict:
         if runs:
             rows.append({"pretrain_n": pre_n, "n_prime": n_prime, "seeds": [s for s, _, _ in runs],
                          "pretrain_loss_head_1": common.mean_std([r["pretrain_loss_head_1"] for _, _, r in runs]),
-                         "in_domain": common.mean_std([f["in_domain"]["accuracy"] for _, f, _ in runs]),
-                         "out_of_domain": common.mean_std([f["out_of_domain"]["accuracy"] for _, f, _ in runs]),
+                         "in_domain": polynomial.summarize_split([f for _, f, _ in runs], "in_domain"),
+                         "out_of_domain": polynomial.summarize_split([f for _, f, _ in runs], "out_of_domain"),
                          "loss_head_1": common.mean_std([f["final_loss_head_1"] for _, f, _ in runs])})
-    return {"rows": rows}
+    return {"rows": rows, "baseline": polynomial.run_baseline(results)}
 
 
 def table(summary: dict) -> str:
     lines = ["| pretraining n | finetuning n' | seeds | pretraining loss head 1 | in-domain exact match (%) | "
-             "out-of-domain exact match (%) | finetuning loss head 1 |", "|---|---|---|---|---|---|---|"]
+             "in-domain digits (%) | out-of-domain exact match (%) | out-of-domain digits (%) | "
+             "finetuning loss head 1 |", "|---|---|---|---|---|---|---|---|---|"]
     for r in summary["rows"]:
         lines.append(f"| {r['pretrain_n']} | {r['n_prime']} | {len(r['seeds'])} | "
-                     f"{common.fmt(r['pretrain_loss_head_1'], 3)} | {common.fmt(r['in_domain'], 1, True)} | "
-                     f"{common.fmt(r['out_of_domain'], 1, True)} | {common.fmt(r['loss_head_1'], 3)} |")
-    return "\n".join(lines)
+                     f"{common.fmt(r['pretrain_loss_head_1'], 3)} | {polynomial.split_cells(r['in_domain'])} | "
+                     f"{polynomial.split_cells(r['out_of_domain'])} | {common.fmt(r['loss_head_1'], 3)} |")
+    return "\n".join(lines) + polynomial.baseline_line(summary.get("baseline"))
 
 
 def plot(summary: dict, out_dir: str) -> list:
@@ -96,8 +107,8 @@ def plot(summary: dict, out_dir: str) -> list:
     labels = [f"n={r['pretrain_n']}, n'={r['n_prime']}" for r in rows]
     for j, (key, title) in enumerate((("in_domain", "in-domain"), ("out_of_domain", "out-of-domain"))):
         xs = [i + (j - 0.5) * 0.38 for i in range(len(rows))]
-        ax.bar(xs, [100 * (r[key]["mean"] or 0) for r in rows], 0.38,
-               yerr=[100 * (r[key]["std"] or 0) for r in rows], capsize=3, label=title)
+        ax.bar(xs, [100 * (r[key]["exact"]["mean"] or 0) for r in rows], 0.38,
+               yerr=[100 * (r[key]["exact"]["std"] or 0) for r in rows], capsize=3, label=title)
     ax.set_xticks(range(len(rows)), labels)
     ax.set_ylabel("exact match (%), mean ± std over seeds")
     ax.set_title("finetuning on polynomial arithmetic after code pretraining")

@@ -15,37 +15,48 @@ from megatron_mtp.tasks.io import read_jsonl
 
 NS = (1, 2)
 SIZES = {
-    "smoke": {"data": {"train": 200, "test": 4}, "models": {"xs": (32, 3, 2)}, "iters": 4, "eval_every": 2,
-              "batch": 4, "seq": 64, "warmup": 1},
-    "cpu": {"data": {"train": 10_000, "test": 100}, "models": {"0.2M": (64, 3, 4), "0.5M": (96, 4, 4)},
-            "iters": 300, "eval_every": 50, "batch": 16, "seq": 128, "warmup": 30},
-    "small": {"data": {"train": 40_000, "test": 300}, "models": {"0.5M": (96, 4, 4), "2.8M": (192, 6, 6)},
-              "iters": 1200, "eval_every": 150, "batch": 32, "seq": 256, "warmup": 100},
+    "smoke": {"data": {"train": 200, "test": 4, "sentences": (2, 3)}, "models": {"xs": (32, 3, 2)}, "iters": 4,
+              "eval_every": 2, "batch": 4, "seq": 64, "warmup": 1, "lr": 1e-3},
+    "cpu": {"data": {"train": 10_000, "test": 100, "sentences": (4, 8)}, "models": {"0.6M": (128, 3, 4)},
+            "iters": 800, "eval_every": 100, "batch": 32, "seq": 128, "warmup": 40, "lr": 3e-3},
+    # Stories of 4-8 sentences (at most ~220 bytes) fit the 256-byte context, so every repeat can be copied.
+    "small": {"data": {"train": 60_000, "test": 300, "sentences": (4, 8)},
+              "models": {"0.6M": (128, 3, 4), "3.2M": (256, 4, 8)}, "iters": 1500, "eval_every": 250,
+              "batch": 64, "seq": 256, "warmup": 60, "lr": 3e-3},
 }
 
 
 def prepare(out_dir: str, size: str, device: str) -> dict:
     spec = SIZES[size]
-    return common.prepare_task(out_dir, size, device, spec, write_dataset, spec["data"]["train"], spec["data"]["test"])
+    d = spec["data"]
+    return common.prepare_task(out_dir, size, device, spec, write_dataset, d["train"], d["test"],
+                               d["sentences"])
 
 
 def jobs(size: str, seeds: list) -> list:
     return common.model_jobs(SIZES[size]["models"], NS, seeds)
 
 
-def induction_success(model, tokenizer, stories: list, batch_size: int = 32) -> float:
-    """Head 1's accuracy on repeated names' second tokens over ``stories`` (one story per sequence)."""
+def job_trainings(job: dict, spec: dict) -> list:
+    """(num_layers, n, steps) of every training a job runs: what the GPU script's time plan counts."""
+    return [(spec["models"][job["model"]][1], job["n"], spec["iters"])]
+
+
+def induction_success(model, tokenizer, stories: list, max_len: int, batch_size: int = 32) -> float:
+    """Head 1's accuracy on repeated names' second tokens over ``stories`` (one story per sequence), each
+    story cut to its first ``max_len`` tokens: the training context length, so no prediction is made at a
+    position the model never trained at."""
     device = model.embedding.weight.device
     hits = total = 0
     for start in range(0, len(stories), batch_size):
         chunk = stories[start: start + batch_size]
-        encoded = [tokenizer.encode(s["text"]) for s in chunk]
+        encoded = [tokenizer.encode(s["text"])[:max_len] for s in chunk]
         width = max(len(e) for e in encoded)
         # Right padding: the model is causal, so pads after a story never affect its predictions.
         batch = torch.tensor([e + [tokenizer.pad] * (width - len(e)) for e in encoded], device=device)
         predicted = model.logits(batch)[0].argmax(-1).tolist()
         for tokens, pred, story in zip(encoded, predicted, chunk):
-            h, t = induction_hits(pred, tokens, story["repeats"])
+            h, t = induction_hits(pred, tokens, [p for p in story["repeats"] if p < len(tokens)])
             hits, total = hits + h, total + t
     return hits / max(1, total)
 
@@ -56,15 +67,14 @@ def run_job(job: dict, shared: dict) -> dict:
     run_dir = os.path.join(shared["out_dir"], "runs", f"{job['model']}-n{job['n']}-s{job['seed']}")
     overrides = {**common.model_overrides(hidden, layers, heads), **common.device_overrides(shared["device"]),
                  "mtp.n_heads": job["n"], "data.paths": [shared["train_prefix"]], "data.seq_length": spec["seq"],
-                 "data.cache_dir": os.path.join(shared["out_dir"], "cache"), "train.iters": spec["iters"],
-                 "train.micro_batch_size": spec["batch"], "optimizer.warmup_iters": spec["warmup"],
+                 "data.cache_dir": os.path.join(shared["out_dir"], "cache"), **common.schedule_overrides(spec),
                  "train.seed": job["seed"]}
     stories = read_jsonl(shared["dataset"]["paths"]["test"])
     curve = []
 
     def evaluate(step: int) -> None:
         _, model, tokenizer = common.load_trained(run_dir, shared["device"])
-        curve.append({"step": step, "induction_success": induction_success(model, tokenizer, stories)})
+        curve.append({"step": step, "induction_success": induction_success(model, tokenizer, stories, spec["seq"])})
 
     common.train_in_segments("induction", run_dir, overrides, spec["eval_every"], evaluate)
     return {"curve": curve, "final_induction_success": curve[-1]["induction_success"]}

@@ -7,25 +7,28 @@ identical data order, initialisation seed and schedule per seed; exact-match acc
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 from megatron_mtp.experiments import common
 from megatron_mtp.inference import generate
 from megatron_mtp.tasks.io import read_jsonl
-from megatron_mtp.tasks.polynomial import prompt_and_answer, write_dataset
+from megatron_mtp.tasks.polynomial import DEGREE, prompt_and_answer, write_dataset
 
 NS = (1, 2, 4)
 SIZES = {
     # CI: the pipeline end to end in seconds, not the science.
     "smoke": {"data": {"train": 300, "test": 8, "in_ops": (1, 2), "ood_ops": (3, 3)},
-              "models": {"xs": (32, 5, 2)}, "iters": 4, "batch": 4, "seq": 64, "warmup": 1},
+              "models": {"xs": (32, 5, 2)}, "iters": 4, "batch": 4, "seq": 64, "warmup": 1, "lr": 1e-3},
     # This machine's CPU when no GPU is available: one small model pair, short runs (docs/reproduction.md).
-    "cpu": {"data": {"train": 50_000, "test": 200, "in_ops": (1, 2), "ood_ops": (3, 4)},
-            "models": {"0.3M": (64, 5, 4), "0.7M": (96, 6, 4)}, "iters": 300, "batch": 16, "seq": 128,
-            "warmup": 30},
-    # One H100 shared by ~16 concurrent runs for a few minutes (docs/reproduction.md says what was cut).
-    "small": {"data": {"train": 200_000, "test": 500, "in_ops": (1, 3), "ood_ops": (4, 5)},
-              "models": {"1.3M": (128, 6, 4), "6.6M": (256, 8, 8)}, "iters": 1200, "batch": 32, "seq": 256,
-              "warmup": 100},
+    "cpu": {"data": {"train": 50_000, "test": 200, "in_ops": (1, 1), "ood_ops": (2, 2)},
+            "models": {"0.3M": (64, 5, 4), "1.0M": (128, 5, 4)}, "iters": 600, "batch": 32, "seq": 128,
+            "warmup": 40, "lr": 3e-3},
+    # One H100 shared by ~30 concurrent runs for a few minutes (docs/reproduction.md says what was cut):
+    # one-operation expressions in-domain, two out-of-domain, so that the step budget reaches above chance;
+    # small models are launch-bound, so a large batch costs little.
+    "small": {"data": {"train": 300_000, "test": 500, "in_ops": (1, 1), "ood_ops": (2, 2)},
+              "models": {"1.0M": (128, 5, 4), "4.8M": (256, 6, 8)}, "iters": 1200, "batch": 128, "seq": 128,
+              "warmup": 60, "lr": 3e-3},
 }
 
 
@@ -33,12 +36,18 @@ def prepare(out_dir: str, size: str, device: str) -> dict:
     """Write the task's JSONL files and tokenise the training split into .bin/.idx (once, before the runs)."""
     spec = SIZES[size]
     d = spec["data"]
-    return common.prepare_task(out_dir, size, device, spec, write_dataset, d["train"], d["test"], d["in_ops"],
-                               d["ood_ops"])
+    shared = common.prepare_task(out_dir, size, device, spec, write_dataset, d["train"], d["test"], d["in_ops"],
+                                 d["ood_ops"])
+    return {**shared, "baseline": baseline(shared["dataset"]["paths"])}
 
 
 def jobs(size: str, seeds: list) -> list:
     return common.model_jobs(SIZES[size]["models"], NS, seeds)
+
+
+def job_trainings(job: dict, spec: dict) -> list:
+    """(num_layers, n, steps) of every training a job runs: what the GPU script's time plan counts."""
+    return [(spec["models"][job["model"]][1], job["n"], spec["iters"])]
 
 
 def training_overrides(shared: dict, model: str, n: int, seed: int) -> dict:
@@ -46,26 +55,45 @@ def training_overrides(shared: dict, model: str, n: int, seed: int) -> dict:
     hidden, layers, heads = spec["models"][model]
     return {**common.model_overrides(hidden, layers, heads), **common.device_overrides(shared["device"]),
             "mtp.n_heads": n, "data.paths": [shared["train_prefix"]], "data.seq_length": spec["seq"],
-            "data.cache_dir": os.path.join(shared["out_dir"], "cache"), "train.iters": spec["iters"],
-            "train.micro_batch_size": spec["batch"], "optimizer.warmup_iters": spec["warmup"], "train.seed": seed}
+            "data.cache_dir": os.path.join(shared["out_dir"], "cache"), **common.schedule_overrides(spec),
+            "train.seed": seed}
 
 
 def exact_match(model, tokenizer, samples: list, batch_size: int = 256) -> dict:
-    """Greedy-decode the answer of every sample's prompt (head 1 only) and compare it exactly."""
-    correct, by_ops = 0, {}
+    """Greedy-decode the answer of every sample's prompt (head 1 only) and compare it exactly; also the
+    fraction of answer digits right in place (a graded view of the same outputs)."""
+    correct, digits, by_ops = 0, 0, {}
     for start in range(0, len(samples), batch_size):
         chunk = samples[start: start + batch_size]
         pairs = [prompt_and_answer(s["text"]) for s in chunk]
         out = generate(model, [tokenizer.encode(p) for p, _ in pairs], max_new_tokens=len(pairs[0][1]), heads=1,
                        eod=tokenizer.eod, pad_id=tokenizer.pad)
         for sample, (_, answer), tokens in zip(chunk, pairs, out.tokens):
-            hit = tokenizer.decode(tokens) == answer
+            text = tokenizer.decode(tokens)
+            hit = text == answer
             correct += hit
+            digits += sum(a == b for a, b in zip(text, answer))
             stats = by_ops.setdefault(str(sample["ops"]), [0, 0])
             stats[0] += hit
             stats[1] += 1
-    return {"accuracy": correct / max(1, len(samples)), "samples": len(samples),
+    total = max(1, len(samples))
+    return {"accuracy": correct / total, "digit_accuracy": digits / (total * DEGREE), "samples": len(samples),
             "by_ops": {k: v[0] / v[1] for k, v in sorted(by_ops.items(), key=lambda kv: int(kv[0]))}}
+
+
+def baseline(paths: dict) -> dict:
+    """What knowing only the training answers' statistics scores: the most frequent training answer as the
+    answer to every test prompt (exact match), and the most frequent digit at each place (digit accuracy)."""
+    answers = [prompt_and_answer(s["text"])[1] for s in read_jsonl(paths["train"])]
+    mode = Counter(answers).most_common(1)[0][0]
+    place_modes = [Counter(a[i] for a in answers).most_common(1)[0][0] for i in range(DEGREE)]
+    result = {}
+    for split in ("test_in", "test_ood"):
+        test = [prompt_and_answer(s["text"])[1] for s in read_jsonl(paths[split])]
+        result[split] = {"accuracy": sum(a == mode for a in test) / max(1, len(test)),
+                         "digit_accuracy": sum(a[i] == place_modes[i] for a in test for i in range(DEGREE))
+                         / max(1, DEGREE * len(test))}
+    return result
 
 
 def evaluate_run(run_dir: str, shared: dict) -> dict:
@@ -79,25 +107,48 @@ def run_job(job: dict, shared: dict) -> dict:
     run_dir = os.path.join(shared["out_dir"], "runs", f"{job['model']}-n{job['n']}-s{job['seed']}")
     summary = common.train_model("polynomial", run_dir, training_overrides(shared, job["model"], job["n"], job["seed"]))
     return {"final_loss": summary["last"].get("loss"), "final_loss_head_1": summary["last"].get("loss_head_1"),
-            **evaluate_run(run_dir, shared)}
+            "baseline": shared["baseline"], **evaluate_run(run_dir, shared)}
+
+
+def summarize_split(runs: list, key: str) -> dict:
+    """Mean and spread over seeds of one test split's exact match and digit accuracy."""
+    return {"exact": common.mean_std([r[key]["accuracy"] for r in runs]),
+            "digits": common.mean_std([r[key].get("digit_accuracy") for r in runs])}
+
+
+def run_baseline(results: list) -> dict:
+    """The training answers' baseline (``baseline``), as recorded with the finished runs (None before any)."""
+    return next((r.get("baseline") for r in common.ok_runs(results) if r.get("baseline")), None)
 
 
 def summarize(results: list, shared: dict) -> dict:
     rows = []
     for row, runs in common.runs_by_model_and_n(results, shared["spec"]["models"], NS):
-        rows.append({**row, "in_domain": common.mean_std([r["in_domain"]["accuracy"] for r in runs]),
-                     "out_of_domain": common.mean_std([r["out_of_domain"]["accuracy"] for r in runs]),
+        rows.append({**row, "in_domain": summarize_split(runs, "in_domain"),
+                     "out_of_domain": summarize_split(runs, "out_of_domain"),
                      "loss_head_1": common.mean_std([r["final_loss_head_1"] for r in runs])})
-    return {"rows": rows}
+    return {"rows": rows, "baseline": run_baseline(results)}
+
+
+def split_cells(stat: dict) -> str:
+    return f"{common.fmt(stat['exact'], 1, True)} | {common.fmt(stat['digits'], 1, True)}"
+
+
+def baseline_line(base: dict) -> str:
+    if not base:
+        return ""
+    cells = ", ".join(f"{name} {100 * base[split]['accuracy']:.1f} % exact, {100 * base[split]['digit_accuracy']:.1f} % "
+                      f"digits" for split, name in (("test_in", "in-domain"), ("test_ood", "out-of-domain")))
+    return f"\n\nBaseline (the most frequent training answer for every prompt; the most frequent digit per place): {cells}."
 
 
 def table(summary: dict) -> str:
-    lines = ["| model | n | seeds | in-domain exact match (%) | out-of-domain exact match (%) | final train loss head 1 |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| model | n | seeds | in-domain exact match (%) | in-domain digits (%) | out-of-domain exact match (%) | "
+             "out-of-domain digits (%) | final train loss head 1 |", "|---|---|---|---|---|---|---|---|"]
     for r in summary["rows"]:
-        lines.append(f"| {r['model']} | {r['n']} | {len(r['seeds'])} | {common.fmt(r['in_domain'], 1, True)} | "
-                     f"{common.fmt(r['out_of_domain'], 1, True)} | {common.fmt(r['loss_head_1'], 3)} |")
-    return "\n".join(lines)
+        lines.append(f"| {r['model']} | {r['n']} | {len(r['seeds'])} | {split_cells(r['in_domain'])} | "
+                     f"{split_cells(r['out_of_domain'])} | {common.fmt(r['loss_head_1'], 3)} |")
+    return "\n".join(lines) + baseline_line(summary.get("baseline"))
 
 
 def plot(summary: dict, out_dir: str) -> list:
@@ -109,9 +160,12 @@ def plot(summary: dict, out_dir: str) -> list:
         for j, n in enumerate(NS):
             rows = {r["model"]: r for r in summary["rows"] if r["n"] == n}
             xs = [i + (j - (len(NS) - 1) / 2) * width for i in range(len(models))]
-            means = [100 * (rows[m][key]["mean"] or 0) if m in rows else 0 for m in models]
-            errs = [100 * (rows[m][key]["std"] or 0) if m in rows else 0 for m in models]
+            means = [100 * (rows[m][key]["exact"]["mean"] or 0) if m in rows else 0 for m in models]
+            errs = [100 * (rows[m][key]["exact"]["std"] or 0) if m in rows else 0 for m in models]
             ax.bar(xs, means, width, yerr=errs, capsize=3, label=f"n={n}")
+        base = (summary.get("baseline") or {}).get("test_in" if key == "in_domain" else "test_ood")
+        if base:
+            ax.axhline(100 * base["accuracy"], color="grey", ls=":", label="most frequent answer")
         ax.set_xticks(range(len(models)), models)
         ax.set_xlabel("model size")
         ax.set_title(f"polynomial arithmetic, {title}")

@@ -13,9 +13,9 @@ def _ops_range(text: str) -> tuple:
     try:
         low, high = int(low), int(high or low)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"an operations range looks like 1-3 or 4, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"a range looks like 1-3 or 4, got {text!r}") from None
     if not 0 <= low <= high:
-        raise argparse.ArgumentTypeError(f"an operations range needs 0 <= low <= high, got {text!r}")
+        raise argparse.ArgumentTypeError(f"a range needs 0 <= low <= high, got {text!r}")
     return low, high
 
 
@@ -34,12 +34,14 @@ def main(argv=None) -> int:
     ind.add_argument("--out", required=True, help="output directory")
     ind.add_argument("--train", type=int, default=50_000, help="training stories")
     ind.add_argument("--test", type=int, default=500, help="test stories")
+    ind.add_argument("--sentences", type=_ops_range, default=(6, 12),
+                     help="sentences per story, e.g. 3-6 (keep stories within the training context)")
     ind.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.task == "polynomial":
         info = polynomial.write_dataset(args.out, args.train, args.test, args.in_ops, args.ood_ops, args.seed)
     else:
-        info = induction.write_dataset(args.out, args.train, args.test, args.seed)
+        info = induction.write_dataset(args.out, args.train, args.test, args.sentences, args.seed)
     print(json.dumps(info, indent=1))
     return 0
 

@@ -18,17 +18,17 @@ from typing import Sequence
 
 from megatron_mtp.tasks.io import write_json, write_jsonl
 
-_TEMPLATES = (
-    "{A} went to the {place} with {B}.",
-    "{A} saw a {thing} near the {place}.",
+_TEMPLATES = (  # every sentence names two characters: a repeated name's second letter is ~6 % of the bytes
+    "{A} met {B}.",
+    "{A} and {B} went to the {place}.",
     "{A} gave {B} a {thing}.",
-    "then {A} and {B} ran to the {place}.",
-    "{A} said that the {thing} was {adj}.",
-    "{B} looked at {A} and smiled.",
-    "the {thing} made {A} feel {adj}.",
-    "{A} asked {B} to find the {thing}.",
-    "later {B} found a {adj} {thing} in the {place}.",
-    "{A} told {B} a story about a {thing}.",
+    "{B} saw {A} at the {place}.",
+    "{A} told {B} about the {thing}.",
+    "then {A} helped {B}.",
+    "{A} and {B} found a {adj} {thing}.",
+    "{B} asked {A} for the {thing}.",
+    "{A} smiled at {B}.",
+    "later {B} and {A} were {adj}.",
 )
 _PLACES = ("park", "forest", "river", "house", "garden", "school", "market", "beach", "hill", "town")
 _THINGS = ("ball", "cat", "kite", "book", "apple", "box", "dog", "hat", "boat", "cake", "bird", "drum")
@@ -64,9 +64,12 @@ def repeated_name_positions(text: str, names: Sequence[str]) -> list:
     return sorted(positions)
 
 
-def generate_stories(count: int, seed: int) -> list:
+def generate_stories(count: int, seed: int, sentences: tuple = (6, 12)) -> list:
+    """``count`` stories of ``sentences`` (min, max) sentences each."""
+    if not 1 <= sentences[0] <= sentences[1]:
+        raise ValueError(f"sentences per story must satisfy 1 <= min <= max, got {sentences[0]}..{sentences[1]}")
     rng = random.Random(seed)
-    return [make_story(rng) for _ in range(count)]
+    return [make_story(rng, *sentences) for _ in range(count)]
 
 
 def induction_hits(predicted_next: Sequence[int], tokens: Sequence[int], positions: Sequence[int]) -> tuple:
@@ -81,9 +84,11 @@ def induction_hits(predicted_next: Sequence[int], tokens: Sequence[int], positio
     return hits, len(positions)
 
 
-def write_dataset(out_dir: str, train: int, test: int, seed: int) -> dict:
-    splits = {"train": generate_stories(train, seed), "test": generate_stories(test, seed + 1)}
+def write_dataset(out_dir: str, train: int, test: int, sentences: tuple, seed: int) -> dict:
+    """Write ``train.jsonl`` and ``test.jsonl`` stories of ``sentences`` (min, max) sentences under ``out_dir``."""
+    splits = {"train": generate_stories(train, seed, sentences), "test": generate_stories(test, seed + 1, sentences)}
     paths = {name: write_jsonl(f"{out_dir}/{name}.jsonl", samples) for name, samples in splits.items()}
-    info = {"task": "induction", "seed": seed, "counts": {k: len(v) for k, v in splits.items()}, "paths": paths}
+    info = {"task": "induction", "seed": seed, "sentences": list(sentences),
+            "counts": {k: len(v) for k, v in splits.items()}, "paths": paths}
     write_json(f"{out_dir}/dataset.json", info)
     return info
