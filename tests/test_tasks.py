@@ -102,3 +102,14 @@ def test_induction_stories_record_every_repeat():
         assert not re.search(r"[A-Z]", re.sub("|".join(names), "", story["text"]))  # no other capitals
         expected = sorted(m.start() + 1 for n in names for m in list(re.finditer(n, story["text"]))[1:])
         assert story["repeats"] == expected and expected
+
+
+def test_story_length_is_set_by_the_sentence_range(tmp_path):
+    from megatron_mtp.tasks.__main__ import main
+
+    short = induction.generate_stories(40, seed=2, sentences=(2, 2))
+    assert all(s["text"].count(".") == 2 for s in short)
+    with pytest.raises(ValueError):
+        induction.generate_stories(1, seed=0, sentences=(3, 2))
+    assert main(["induction", "--out", str(tmp_path), "--train", "20", "--test", "5", "--sentences", "3-4"]) == 0
+    assert all(3 <= s["text"].count(".") <= 4 for s in read_jsonl(str(tmp_path / "train.jsonl")))

@@ -5,8 +5,8 @@
 #   OUT=results/ bash tools/run_experiments_gpu.sh            # on a machine with one GPU
 #   SIZE=smoke DEVICE=cpu TOTAL=150 CAL_JOBS=2 OUT=/tmp/o bash tools/run_experiments_gpu.sh   # dry run on a CPU
 #
-# 1. calibrate: CAL_JOBS concurrent runs (as many as the experiments will run) of the polynomial size's
-#    largest model (n = 4) measure the step time under the contention the real runs will see;
+# 1. calibrate: CAL_JOBS concurrent runs of the polynomial size's largest model (n = 4) measure the step time
+#    under contention like the real runs' (megatron_mtp/experiments/calibrate.py: the cost model);
 # 2. `experiments fit` turns it into one schedule factor (--iters-scale, the same for every n and seed) that
 #    fits all four experiments' planned steps into the seconds left before TOTAL, less start-up and end margins;
 #    jobs that cannot start before three fifths of that budget are cut (and reported);
@@ -23,12 +23,15 @@ END_MARGIN=${END_MARGIN:-25} # seconds kept at the end to stop the runs and pack
 START_S=${START_S:-30}       # seconds the experiments take to write their data and start their workers
 CAL_STEPS=${CAL_STEPS:-30}
 SEEDS=${SEEDS:-0 1 2}
-# Workers per experiment (their sum is the concurrency the calibration measures): polynomial's 18 runs and
-# induction's 12 in two waves, bytes' 6 and finetune's 6 jobs in one.
-W_POLY=${W_POLY:-9} W_IND=${W_IND:-6} W_BYTES=${W_BYTES:-6} W_FT=${W_FT:-6}
-CAL_JOBS=${CAL_JOBS:-$((W_POLY + W_IND + W_BYTES + W_FT))}
+# Workers per experiment: polynomial's 18 runs in two waves, induction's 12, bytes' 6 and finetune's 6 jobs
+# (a pretraining and its finetunes each) in one.
+W_POLY=${W_POLY:-9} W_IND=${W_IND:-12} W_BYTES=${W_BYTES:-6} W_FT=${W_FT:-6}
+# The calibration's runs are the largest polynomial model: 24 of them measure the device's throughput without
+# the memory of 33 such runs (`fit` takes the throughput to be the same with the experiments' 33 smaller ones).
+CAL_JOBS=${CAL_JOBS:-24}
 mkdir -p "$OUT" "$WORK"
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 PYTHONPATH=$PWD
+# expandable segments: ~30 processes share the GPU's memory, so each one's cache should not fragment.
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 PYTHONPATH=$PWD PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 T0=$(date +%s)
 now() { echo $(( $(date +%s) - T0 )); }
 log() { echo "[$(now)s] $*" | tee -a "$OUT/log.txt"; }
@@ -47,7 +50,8 @@ timeout 120 python -m megatron_mtp.experiments calibrate --device "$DEVICE" --jo
 tail -n 1 "$WORK/calibrate.log" | cut -c1-400 | tee -a "$OUT/log.txt"
 BUDGET=$(( TOTAL - $(now) - START_S - END_MARGIN ))
 PLAN=""
-for exp in $EXPS; do PLAN="$PLAN $exp:$(echo $SEEDS | tr ' ' ',')"; done
+declare -A WORKERS=([polynomial]=$W_POLY [induction]=$W_IND [bytes]=$W_BYTES [finetune]=$W_FT)
+for exp in $EXPS; do PLAN="$PLAN $exp:$(echo $SEEDS | tr ' ' ','):${WORKERS[$exp]}"; done
 if python -m megatron_mtp.experiments fit "$WORK/calibrate/calibration.json" --budget-s "$BUDGET" --size "$SIZE" \
      --plan $PLAN > "$WORK/fit.json" 2>>"$OUT/log.txt"; then
   SCALE=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['scale'])" "$WORK/fit.json")
@@ -69,10 +73,7 @@ launch() {  # experiment, workers
   PGID[$exp]=$!
   log "started $exp (pid ${PGID[$exp]}, $jobs workers, seeds $SEEDS)"
 }
-launch polynomial "$W_POLY"
-launch induction "$W_IND"
-launch bytes "$W_BYTES"
-launch finetune "$W_FT"
+for exp in $EXPS; do launch "$exp" "${WORKERS[$exp]}"; done
 
 snapshot() {  # the finished jobs so far, where the device call returns them
   for exp in $EXPS; do
@@ -109,8 +110,10 @@ cp "$WORK/calibrate/calibration.json" "$WORK/calibrate.log" "$WORK/fit.json" "$B
 cp "$WORK/nvidia_smi.csv" "$BUNDLE/" 2>/dev/null
 for exp in $EXPS; do
   mkdir -p "$BUNDLE/$exp"
-  # A stopped experiment never wrote its table: write it from the finished jobs.
-  if [ -f "$WORK/$exp/results.json" ] && [ "$WORK/$exp/results.json" -nt "$WORK/$exp/results.md" ]; then
+  # A stopped experiment never wrote its table: write it from the finished jobs
+  # (when time is left: `python -m megatron_mtp.experiments report DIR` does it later from results.json).
+  if [ -f "$WORK/$exp/results.json" ] && [ "$WORK/$exp/results.json" -nt "$WORK/$exp/results.md" ] \
+     && [ "$(now)" -lt $(( TOTAL - 12 )) ]; then
     timeout 15 python -m megatron_mtp.experiments report "$WORK/$exp" > /dev/null 2>&1
   fi
   cp "$WORK/$exp/results.json" "$WORK/$exp/results.md" "$WORK/$exp"/*.png "$BUNDLE/$exp/" 2>/dev/null

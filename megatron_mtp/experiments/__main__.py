@@ -105,8 +105,8 @@ def main(argv=None) -> int:
     fit.add_argument("calibration", help="calibration.json written by `calibrate`")
     fit.add_argument("--budget-s", type=float, required=True, help="seconds of the device for all the runs")
     fit.add_argument("--size", default="small")
-    fit.add_argument("--plan", nargs="+", required=True, metavar="EXPERIMENT:SEEDS",
-                     help="e.g. polynomial:0,1,2 bytes:0,1,2")
+    fit.add_argument("--plan", nargs="+", required=True, metavar="EXPERIMENT:SEEDS:WORKERS",
+                     help="e.g. polynomial:0,1,2:9 bytes:0,1,2:6")
     args = parser.parse_args(argv)
     if args.command == "calibrate":
         print(json.dumps(calibrate(args.out, args.device, args.jobs, args.steps, args.size)), flush=True)
@@ -118,11 +118,15 @@ def main(argv=None) -> int:
             raise SystemExit(f"{args.calibration} has no step time (every calibration run failed); see its log.")
         plan = {}
         for item in args.plan:
-            name, _, seeds = item.partition(":")
-            if name not in EXPERIMENTS or not seeds:
-                raise SystemExit(f"--plan items look like polynomial:0,1,2 with an experiment of "
-                                 f"{', '.join(EXPERIMENTS)}, got {item!r}.")
-            plan[name] = [int(s) for s in seeds.split(",")]
+            parts = item.split(":")
+            try:
+                name, seeds, workers = parts[0], [int(s) for s in parts[1].split(",")], int(parts[2])
+            except (IndexError, ValueError):
+                name = None
+            if name not in EXPERIMENTS or len(parts) != 3 or workers < 1:
+                raise SystemExit(f"--plan items look like polynomial:0,1,2:9 (experiment of {', '.join(EXPERIMENTS)}, "
+                                 f"seeds, workers), got {item!r}.")
+            plan[name] = (seeds, workers)
         print(json.dumps(fit_scale(calibration, args.budget_s, args.size, plan)), flush=True)
         return 0
     if args.command == "report":

@@ -18,7 +18,7 @@ SIZES = {
               "lr": 1e-3, "eval_windows": 4, "prompts": 2, "prompt_bytes": 16, "new_bytes": 8},
     "cpu": {"max_docs": None, "models": {"1.1M": (96, 9, 4)}, "iters": 300, "batch": 16, "seq": 128,
             "warmup": 30, "lr": 2e-3, "eval_windows": 100, "prompts": 8, "prompt_bytes": 64, "new_bytes": 64},
-    "small": {"max_docs": None, "models": {"8M": (256, 10, 8)}, "iters": 1000, "batch": 32, "seq": 256,
+    "small": {"max_docs": None, "models": {"8.2M": (256, 10, 8)}, "iters": 1000, "batch": 32, "seq": 256,
               "warmup": 60, "lr": 2e-3, "eval_windows": 400, "prompts": 32, "prompt_bytes": 128, "new_bytes": 128},
 }
 

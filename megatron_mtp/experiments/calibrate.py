@@ -34,7 +34,7 @@ def step_cost(layers: int, n: int) -> float:
 
 def calibration_model(size: str) -> str:
     models = polynomial.SIZES[size]["models"]
-    return max(models, key=lambda name: models[name][1])
+    return max(models, key=lambda name: (models[name][1], models[name][0]))  # most layers, then widest
 
 
 def calibrate(out_dir: str, device: str, workers: int, steps: int, size: str = "small") -> dict:
@@ -63,19 +63,32 @@ def run_job(job: dict, shared: dict) -> dict:
     return {"step_time_s": read_metrics(run_dir)[-1]["step_time_s"]}
 
 
-def planned_work(experiment: str, size: str, seeds: list) -> float:
-    """Sum over an experiment's jobs of steps x ``step_cost``, at the size's unscaled schedule."""
+def worker_work(experiment: str, size: str, seeds: list, workers: int) -> list:
+    """Each worker's steps x ``step_cost`` at the size's unscaled schedule, the jobs dealt out in turn (the
+    pool hands the next job to the next free worker; an experiment's jobs cost about the same)."""
     module = importlib.import_module(f"megatron_mtp.experiments.{experiment}")
     spec = module.SIZES[size]
-    return sum(steps * step_cost(layers, n) for job in module.jobs(size, seeds)
-               for layers, n, steps in module.job_trainings(job, spec))
+    totals = [0.0] * max(1, min(workers, len(module.jobs(size, seeds))))
+    for i, job in enumerate(module.jobs(size, seeds)):
+        totals[i % len(totals)] += sum(steps * step_cost(layers, n) for layers, n, steps in module.job_trainings(job, spec))
+    return totals
+
+
+def shared_device_seconds(work: list, unit_s: float) -> float:
+    """When every worker has finished ``work`` (cost units each), the device shared equally by the workers
+    still running and doing ``1 / unit_s`` units a second in all: the last worker's finishing time."""
+    elapsed, done, remaining = 0.0, 0.0, len(work)
+    for w in sorted(work):
+        elapsed += (w - done) * remaining * unit_s
+        done, remaining = w, remaining - 1
+    return elapsed
 
 
 def fit_scale(calibration: dict, budget_s: float, size: str, plan: dict) -> dict:
-    """The schedule factor (at most 1) that fits ``plan`` ({experiment: seeds}) into ``budget_s`` seconds of
-    the device, given a ``calibrate`` result measured with as many concurrent runs as the plan uses."""
+    """The schedule factor (at most 1) that fits ``plan`` ({experiment: (seeds, workers)}) into ``budget_s``
+    seconds, given a ``calibrate`` result: one device shared by every worker of every experiment."""
     unit_s = calibration["step_time_s"] / calibration["workers"] / step_cost(calibration["layers"], calibration["n"])
-    work = {name: planned_work(name, size, seeds) for name, seeds in plan.items()}
-    needed_s = SLACK * unit_s * sum(work.values())
+    work = {name: worker_work(name, size, seeds, workers) for name, (seeds, workers) in plan.items()}
+    needed_s = SLACK * shared_device_seconds([w for ws in work.values() for w in ws], unit_s)
     return {"scale": round(min(1.0, budget_s / needed_s), 3), "needed_s_at_scale_1": needed_s, "unit_s": unit_s,
-            "work": work, "budget_s": budget_s}
+            "worker_work": work, "budget_s": budget_s}

@@ -21,13 +21,13 @@ SIZES = {
               "models": {"xs": (32, 5, 2)}, "iters": 4, "batch": 4, "seq": 64, "warmup": 1, "lr": 1e-3},
     # This machine's CPU when no GPU is available: one small model pair, short runs (docs/reproduction.md).
     "cpu": {"data": {"train": 50_000, "test": 200, "in_ops": (1, 1), "ood_ops": (2, 2)},
-            "models": {"0.3M": (64, 5, 4), "1.0M": (128, 5, 4)}, "iters": 600, "batch": 32, "seq": 128,
+            "models": {"0.3M": (64, 5, 4), "1.1M": (128, 5, 4)}, "iters": 600, "batch": 32, "seq": 128,
             "warmup": 40, "lr": 3e-3},
     # One H100 shared by ~30 concurrent runs for a few minutes (docs/reproduction.md says what was cut):
     # one-operation expressions in-domain, two out-of-domain, so that the step budget reaches above chance;
     # small models are launch-bound, so a large batch costs little.
     "small": {"data": {"train": 300_000, "test": 500, "in_ops": (1, 1), "ood_ops": (2, 2)},
-              "models": {"1.0M": (128, 5, 4), "4.8M": (256, 6, 8)}, "iters": 1200, "batch": 128, "seq": 128,
+              "models": {"1.1M": (128, 5, 4), "5.0M": (256, 6, 8)}, "iters": 1200, "batch": 128, "seq": 128,
               "warmup": 60, "lr": 3e-3},
 }
 

@@ -18,17 +18,17 @@ from typing import Sequence
 
 from megatron_mtp.tasks.io import write_json, write_jsonl
 
-_TEMPLATES = (  # every sentence names two characters: a repeated name's second letter is ~6 % of the bytes
+_TEMPLATES = (  # short sentences that each name two characters: repeated names' second letters are ~10 % of the bytes
     "{A} met {B}.",
-    "{A} and {B} went to the {place}.",
+    "{A} saw {B}.",
+    "{A} and {B} ran.",
+    "{B} hugged {A}.",
+    "{A} helped {B}.",
     "{A} gave {B} a {thing}.",
-    "{B} saw {A} at the {place}.",
-    "{A} told {B} about the {thing}.",
-    "then {A} helped {B}.",
-    "{A} and {B} found a {adj} {thing}.",
-    "{B} asked {A} for the {thing}.",
-    "{A} smiled at {B}.",
-    "later {B} and {A} were {adj}.",
+    "{B} and {A} went to the {place}.",
+    "{A} told {B} a story.",
+    "{B} smiled at {A}.",
+    "{A} and {B} were {adj}.",
 )
 _PLACES = ("park", "forest", "river", "house", "garden", "school", "market", "beach", "hill", "town")
 _THINGS = ("ball", "cat", "kite", "book", "apple", "box", "dog", "hat", "boat", "cake", "bird", "drum")

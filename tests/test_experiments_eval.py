@@ -1,0 +1,64 @@
+"""The experiments' evaluation and planning helpers on hand-built inputs (no training)."""
+import json
+
+import pytest
+import torch
+
+from megatron_mtp.data.tokenizers import build_tokenizer
+from megatron_mtp.experiments import calibrate, polynomial
+from megatron_mtp.experiments.induction import induction_success
+from megatron_mtp.tasks.induction import generate_stories
+
+
+class _Oracle(torch.nn.Module):
+    """Predicts every next token right: head 1's logits put all mass on tokens[t + 1]."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.embedding = torch.nn.Embedding(vocab, 1)
+        self.vocab = vocab
+
+    def logits(self, batch):
+        nxt = torch.roll(batch, -1, dims=1)
+        return [torch.nn.functional.one_hot(nxt, self.vocab).float()]
+
+
+def test_induction_success_scores_only_repeats_inside_the_context():
+    tokenizer = build_tokenizer("byte")
+    stories = generate_stories(6, seed=0, sentences=(8, 10))
+    width = 40  # shorter than every story: repeats past it must be left out, not raise
+    assert all(len(s["text"]) > width for s in stories) and any(p >= width for s in stories for p in s["repeats"])
+    assert induction_success(_Oracle(tokenizer.vocab_size), tokenizer, stories, width) == 1.0
+
+
+def test_polynomial_baseline_is_the_most_frequent_training_answer(tmp_path):
+    def write(name, answers):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"text": f"(-00000)={a}"}) + "\n" for a in answers))
+        return str(path)
+
+    paths = {"train": write("train", ["12345", "12345", "00000", "12000"]),
+             "test_in": write("test_in", ["12345", "00000", "12300", "65432"]),
+             "test_ood": write("test_ood", ["00000"])}
+    base = polynomial.baseline(paths)
+    assert base["test_in"]["accuracy"] == 0.25  # one of four test answers is 12345
+    assert base["test_in"]["digit_accuracy"] == (5 + 0 + 3 + 0) / 20  # place modes 1 2 3 4 5
+    assert base["test_ood"] == {"accuracy": 0.0, "digit_accuracy": 0.0}
+
+
+def test_shared_device_time_is_processor_sharing():
+    # Two workers of 1 unit share the device (2 units at 1 s each); then one worker alone does 2 more.
+    assert calibrate.shared_device_seconds([1.0, 1.0], 1.0) == 2.0
+    assert calibrate.shared_device_seconds([1.0, 3.0], 1.0) == 4.0
+    assert calibrate.shared_device_seconds([3.0, 1.0, 1.0], 0.5) == pytest.approx((3 * 1 + 2) * 0.5)
+
+
+@pytest.mark.parametrize("experiment", ["polynomial", "induction", "bytes", "finetune"])
+def test_fit_scale_fits_the_plan_into_the_budget(experiment):
+    layers, n = 6, 4
+    cal = {"step_time_s": 0.2, "workers": 8, "layers": layers, "n": n}
+    plan = {experiment: ([0, 1, 2], 4)}
+    fit = calibrate.fit_scale(cal, 1e9, "small", plan)
+    assert fit["scale"] == 1.0 and len(fit["worker_work"][experiment]) == 4
+    tight = calibrate.fit_scale(cal, fit["needed_s_at_scale_1"] / 4, "small", plan)
+    assert tight["scale"] == pytest.approx(0.25, abs=1e-3)
