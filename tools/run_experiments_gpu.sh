@@ -3,6 +3,7 @@
 # concurrently (one process each), their schedules sized to the time available.
 #
 #   OUT=results/ bash tools/run_experiments_gpu.sh            # on a machine with one GPU
+#   EXPS="polynomial induction" OUT=results/ bash tools/run_experiments_gpu.sh   # two of them, more steps each
 #   SIZE=smoke DEVICE=cpu TOTAL=150 CAL_JOBS=2 OUT=/tmp/o bash tools/run_experiments_gpu.sh   # dry run on a CPU
 #
 # 1. calibrate: CAL_JOBS concurrent runs of the polynomial size's largest model (n = 4) measure the step time
@@ -21,7 +22,7 @@ DEVICE=${DEVICE:-cuda}
 TOTAL=${TOTAL:-480}          # seconds this script may take, end to end
 END_MARGIN=${END_MARGIN:-25} # seconds kept at the end to stop the runs and pack the results
 START_S=${START_S:-30}       # seconds the experiments take to write their data and start their workers
-CAL_STEPS=${CAL_STEPS:-30}
+CAL_STEPS=${CAL_STEPS:-45}
 SEEDS=${SEEDS:-0 1 2}
 # Workers per experiment: polynomial's 18 runs in two waves, induction's 12, bytes' 6 and finetune's 6 jobs
 # (a pretraining and its finetunes each) in one.
@@ -35,7 +36,7 @@ export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 PYTHONPATH=$PWD PYTORCH_CUDA_ALLOC_C
 T0=$(date +%s)
 now() { echo $(( $(date +%s) - T0 )); }
 log() { echo "[$(now)s] $*" | tee -a "$OUT/log.txt"; }
-EXPS="polynomial induction bytes finetune"
+EXPS=${EXPS:-polynomial induction bytes finetune}  # a subset gets the whole budget (more steps each)
 
 if command -v nvidia-smi >/dev/null; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/log.txt"
@@ -56,7 +57,7 @@ if python -m megatron_mtp.experiments fit "$WORK/calibrate/calibration.json" --b
      --plan $PLAN > "$WORK/fit.json" 2>>"$OUT/log.txt"; then
   SCALE=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['scale'])" "$WORK/fit.json")
 else
-  SCALE=${FALLBACK_SCALE:-0.3}  # a failed calibration must not cost the run: a conservative factor
+  SCALE=${FALLBACK_SCALE:-0.5}  # a failed calibration must not cost the run: about what an H100 measured
   log "calibration failed (see calibrate.log): falling back to iters scale $SCALE"
 fi
 cat "$WORK/fit.json" >> "$OUT/log.txt" 2>/dev/null
@@ -118,6 +119,9 @@ for exp in $EXPS; do
   fi
   cp "$WORK/$exp/results.json" "$WORK/$exp/results.md" "$WORK/$exp"/*.png "$BUNDLE/$exp/" 2>/dev/null
   tail -c 200000 "$WORK/$exp.log" > "$BUNDLE/$exp/$exp.log" 2>/dev/null
+  for curve in "$WORK/$exp"/runs/*/curve.json; do  # induction: the curves of runs stopped before their end
+    [ -f "$curve" ] && cp "$curve" "$BUNDLE/$exp/curve-$(basename "$(dirname "$curve")").json"
+  done
   [ -f "$WORK/$exp/results.md" ] && tee -a "$OUT/log.txt" < "$WORK/$exp/results.md"
 done
 tar -czf "$OUT/repro_results.tar.gz" -C "$BUNDLE" .

@@ -1,9 +1,11 @@
 """How long one training step takes when ``workers`` small runs share the device, and how far a size's
 schedules must be scaled to fit a time budget: the GPU script measures the first, then asks for the second.
 
-``python -m megatron_mtp.experiments calibrate --device cuda --jobs 24 --steps 30`` trains the polynomial
+``python -m megatron_mtp.experiments calibrate --device cuda --jobs 24 --steps 45`` trains the polynomial
 experiment's largest ``--size`` model (n = 4) in ``jobs`` concurrent processes at that size's batch and prints
-the median step time of the last logging window (steady state: start-up and the first steps are outside it).
+the median step time of the last third of the steps. The runs wait for each other before training (a file
+barrier): processes start seconds apart, and a run that times its steps before the others have started
+measures a quieter device than the real runs will share.
 
 Small models are bound by kernel launches, not arithmetic, and the runs take turns on one GPU: the device's
 time for one step is about ``step_time_s / workers``, roughly in proportion to the number of kernels, i.e.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import importlib
 import os
 import statistics
+import time
 
 from megatron_mtp.experiments import common, polynomial
 from megatron_mtp.training.metrics import read_metrics
@@ -40,7 +43,10 @@ def calibration_model(size: str) -> str:
 def calibrate(out_dir: str, device: str, workers: int, steps: int, size: str = "small") -> dict:
     shared = polynomial.prepare(out_dir, "smoke", device)
     shared["spec"] = {**polynomial.SIZES[size], "iters": steps}
-    shared["steps"] = steps
+    shared["steps"], shared["workers"] = steps, workers
+    barrier = os.path.join(out_dir, "barrier")
+    for name in os.listdir(barrier) if os.path.isdir(barrier) else []:  # a previous calibration's marks
+        os.remove(os.path.join(barrier, name))
     model = calibration_model(size)
     jobs = [{"model": model, "n": 4, "seed": i} for i in range(workers)]
     results = common.run_jobs(__name__, jobs, shared, workers, None, lambda _: None)
@@ -55,8 +61,21 @@ def calibrate(out_dir: str, device: str, workers: int, steps: int, size: str = "
     return summary
 
 
+BARRIER_TIMEOUT_S = 60.0  # a run that crashed before the barrier must not hold the others for long
+
+
+def wait_for_peers(barrier_dir: str, me: int, workers: int, timeout_s: float = BARRIER_TIMEOUT_S) -> None:
+    """Mark this run ready and wait until all ``workers`` are (or ``timeout_s`` passed: then time anyway)."""
+    os.makedirs(barrier_dir, exist_ok=True)
+    open(os.path.join(barrier_dir, f"ready-{me}"), "w").close()
+    deadline = time.time() + timeout_s
+    while len(os.listdir(barrier_dir)) < workers and time.time() < deadline:
+        time.sleep(0.1)
+
+
 def run_job(job: dict, shared: dict) -> dict:
     run_dir = os.path.join(shared["out_dir"], "runs", f"calibrate-{job['seed']}")
+    wait_for_peers(os.path.join(shared["out_dir"], "barrier"), job["seed"], shared["workers"])
     window = max(1, shared["steps"] // 3)
     common.train_model("polynomial", run_dir, {**polynomial.training_overrides(shared, job["model"], job["n"], job["seed"]),
                                                "logging.interval": window, "checkpoint.save": False})

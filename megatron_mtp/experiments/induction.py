@@ -76,6 +76,8 @@ def run_job(job: dict, shared: dict) -> dict:
     def evaluate(step: int) -> None:
         _, model, tokenizer = common.load_trained(run_dir, shared["device"])
         curve.append({"step": step, "induction_success": induction_success(model, tokenizer, stories, spec["seq"])})
+        # The curve so far, in the run directory: a run stopped before its last segment still leaves it.
+        common.write_json(os.path.join(run_dir, "curve.json"), {"job": job, "curve": curve})
 
     common.train_in_segments("induction", run_dir, overrides, spec["eval_every"], evaluate)
     return {"curve": curve, "final_induction_success": curve[-1]["induction_success"]}
