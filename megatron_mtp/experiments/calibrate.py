@@ -7,11 +7,12 @@ the median step time of the last third of the steps. The runs wait for each othe
 barrier): processes start seconds apart, and a run that times its steps before the others have started
 measures a quieter device than the real runs will share.
 
-Small models are bound by kernel launches, not arithmetic, and the runs take turns on one GPU: the device's
-time for one step is about ``step_time_s / workers``, roughly in proportion to the number of kernels, i.e.
-to the layers plus a fixed part for the embedding, the optimizer and each head's loss (``step_cost``).
-``fit_scale`` sums every planned training's steps x cost and returns the schedule factor that fits the total
-into the budget.
+Small models are bound by kernel launches and host overhead more than by arithmetic, and the runs take turns
+on one GPU: the device's time for one step is about ``step_time_s / workers``, roughly in proportion to the
+number of kernels, i.e. to the layers plus a fixed part for the embedding, the optimizer and each head's loss
+(``step_cost``). It is rough: on an H100 with 33 runs, the time per cost unit differed up to ~2x between
+experiments (docs/reproduction.md, run 2), hence ``SLACK``. ``fit_scale`` sums every planned training's
+steps x cost per worker and returns the schedule factor that fits the last worker's finish into the budget.
 """
 from __future__ import annotations
 
@@ -89,7 +90,8 @@ def worker_work(experiment: str, size: str, seeds: list, workers: int) -> list:
     spec = module.SIZES[size]
     totals = [0.0] * max(1, min(workers, len(module.jobs(size, seeds))))
     for i, job in enumerate(module.jobs(size, seeds)):
-        totals[i % len(totals)] += sum(steps * step_cost(layers, n) for layers, n, steps in module.job_trainings(job, spec))
+        trainings = module.job_trainings(job, spec)
+        totals[i % len(totals)] += sum(steps * step_cost(layers, n) for layers, n, steps in trainings)
     return totals
 
 

@@ -17,8 +17,8 @@ NS = (1, 2)
 SIZES = {
     "smoke": {"data": {"train": 200, "test": 4, "sentences": (2, 3)}, "models": {"xs": (32, 3, 2)}, "iters": 4,
               "eval_every": 2, "batch": 4, "seq": 64, "warmup": 1, "lr": 1e-3},
-    "cpu": {"data": {"train": 10_000, "test": 100, "sentences": (4, 8)}, "models": {"0.7M": (128, 3, 4)},
-            "iters": 800, "eval_every": 100, "batch": 32, "seq": 128, "warmup": 40, "lr": 3e-3},
+    "cpu": {"data": {"train": 10_000, "test": 200, "sentences": (4, 8)}, "models": {"0.7M": (128, 3, 4)},
+            "iters": 1000, "eval_every": 100, "batch": 32, "seq": 128, "warmup": 40, "lr": 3e-3},
     # Stories of 6-12 short sentences (~150 bytes, rarely more than 256) fit the 256-byte context, so nearly every
     # repeat can be copied from it; evaluation cuts a story at the context length.
     "small": {"data": {"train": 60_000, "test": 300, "sentences": (6, 12)},

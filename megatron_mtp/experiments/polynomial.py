@@ -137,9 +137,11 @@ def split_cells(stat: dict) -> str:
 def baseline_line(base: dict) -> str:
     if not base:
         return ""
-    cells = ", ".join(f"{name} {100 * base[split]['accuracy']:.1f} % exact, {100 * base[split]['digit_accuracy']:.1f} % "
-                      f"digits" for split, name in (("test_in", "in-domain"), ("test_ood", "out-of-domain")))
-    return f"\n\nBaseline (the most frequent training answer for every prompt; the most frequent digit per place): {cells}."
+    cells = ", ".join(f"{name} {100 * base[split]['accuracy']:.1f} % exact, "
+                      f"{100 * base[split]['digit_accuracy']:.1f} % digits"
+                      for split, name in (("test_in", "in-domain"), ("test_ood", "out-of-domain")))
+    return ("\n\nBaseline (the most frequent training answer for every prompt; the most frequent digit per place): "
+            f"{cells}.")
 
 
 def table(summary: dict) -> str:
