@@ -316,3 +316,51 @@ def test_decoder_reuses_and_bounds_its_buffers():
         assert out.tokens[0] == recompute_greedy(model, prompt, 3)
         assert len(dec._states) <= Decoder.MAX_STATES
     assert sorted(c for _, c in dec._states) == [384, 512, 640, 768]
+
+
+def test_compiled_step_programs_give_the_eager_tokens(monkeypatch):
+    """The step's programs as torch.compile traces them (whole-graph capture of the fused cache write, the
+    batched draft heads, the verification and the in-place bookkeeping, fullgraph: no graph break; dynamo's
+    eager backend keeps it fast on a CPU — the GPU tests run inductor) emit exactly the eager tokens, plain
+    and speculative, for a batch of mixed prompt lengths."""
+    import torch._dynamo
+
+    original = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: original(fn, **{**kw, "backend": "eager",
+                                                                            "options": None}))
+    torch._dynamo.reset()
+    model = tiny_model(n_heads=3, layers=5, dtype=torch.float32)
+    prompts = random_prompts([3, 9, 1, 6], 16, seed=2)
+    eager = generate(model, prompts, 12, graphs=False, compile=False)
+    for k in (1, 3):
+        assert generate(model, prompts, 12, heads=k, graphs=False, compile=True).tokens == eager.tokens, k
+    torch._dynamo.reset()
+
+
+def test_batched_draft_heads_equal_the_per_head_layers():
+    """The draft heads as one batched layer (stacked weights, one stacked KV cache) give each head's own
+    layer output and write each head's own keys and values, fp32 within rounding, batch 2 with padding."""
+    from megatron_mtp.inference.generation import Decoder
+
+    model = tiny_model(n_heads=4, layers=6, dtype=torch.float32)
+    dec = Decoder(model, graphs=False, compile=False)
+    prompts = random_prompts([5, 3], 16, seed=4)
+    tokens = torch.tensor([[0] * (5 - len(p)) + p for p in prompts])
+    results = []
+    for batched in (True, False):
+        st = dec.state(2, 32) if batched else type(dec.state(2, 32))(2, 32, "cpu", 4, 16)
+        st.cache.reset([0, 2])
+        if batched:
+            h1, hd = dec._forward(st, tokens, 4)
+        else:
+            mask = st.cache.attention_bias(5, dec.group, torch.float32)
+            pos = st.cache.positions(5)
+            z, cos, sin = model.trunk_hidden(tokens, pos, st.cache, mask)
+            hd = torch.stack([model.output.heads[i](z, cos, sin, st.cache, mask) for i in (1, 2, 3)])
+        results.append((hd, {key: st.cache._k[key].clone() for key in st.cache._k if key.startswith("heads.")}))
+    (batched_h, batched_k), (loop_h, loop_k) = results
+    assert batched_h.shape == (3, 2, 5, 32)
+    torch.testing.assert_close(batched_h, loop_h, rtol=1e-5, atol=1e-5)
+    assert set(batched_k) >= {"heads.1", "heads.2", "heads.3"}
+    for key in ("heads.1", "heads.2", "heads.3"):
+        torch.testing.assert_close(batched_k[key], loop_k[key], rtol=1e-5, atol=1e-5)
