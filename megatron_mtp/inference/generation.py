@@ -179,10 +179,18 @@ def head_logits(h, norm_weight, eps: float, unembedding, vocab: int) -> torch.Te
     return F.linear(rms_norm(h, norm_weight, eps), unembedding)[..., :vocab]
 
 
-def select_rows(hidden, index) -> torch.Tensor:
-    """Rows of the draft heads' outputs [m, b, s, hidden] at input ``index`` [b] -> [b, m, hidden]."""
-    m, b, _, d = hidden.shape
-    return hidden.gather(2, index[None, :, None, None].expand(m, b, 1, d))[:, :, 0].transpose(0, 1)
+def select_rows(x, index) -> torch.Tensor:
+    """Rows of the draft heads' [m, b, s, ...] at input ``index`` [b] -> [b, m, ...]."""
+    m, b = x.shape[0], x.shape[1]
+    picked = x.gather(2, index.view(1, b, 1, *([1] * (x.dim() - 3))).expand(m, b, 1, *x.shape[3:]))
+    return picked[:, :, 0].transpose(0, 1)
+
+
+def all_logits(h1, hd, norm_weight, eps: float, unembedding, vocab: int) -> tuple:
+    """(head 1's logits [b, k, V], the draft heads' [k-1, b, k, V]) in one GEMM: the unembedding — the largest
+    matrix of a small model — is read once, and head 1's verification and the draft rows come out together."""
+    logits = head_logits(torch.cat([h1[None], hd]), norm_weight, eps, unembedding, vocab)
+    return logits[0], logits[1:]
 
 
 def commit(inputs, accepted, y, drafts, out, out_len, done, all_done, budget, eod, forwards, seq_forwards,
@@ -216,13 +224,13 @@ def greedy_tail(h1, hd, norm_weight, eps: float, unembedding, vocab: int, inputs
                 budget, eod, forwards, seq_forwards, proposed, accepted_count, lengths) -> None:
     """Greedy: head 1's logits at the k inputs, verification, the next drafts from the draft heads' rows at
     the last accepted input (``hd`` [k-1, b, k, hidden], None for k = 1), and ``commit``."""
-    logits1 = head_logits(h1, norm_weight, eps, unembedding, vocab)  # [b, k, V]
     if hd is None:
-        y = logits1[:, 0].argmax(-1)
+        y = head_logits(h1[:, 0], norm_weight, eps, unembedding, vocab).argmax(-1)
         accepted, drafts = torch.zeros_like(y), None
     else:
+        logits1, draft_logits = all_logits(h1, hd, norm_weight, eps, unembedding, vocab)
         accepted, y = verify_greedy(logits1, inputs[:, 1:])
-        drafts = head_logits(select_rows(hd, accepted), norm_weight, eps, unembedding, vocab).argmax(-1)
+        drafts = select_rows(draft_logits, accepted).argmax(-1)
     commit(inputs, accepted, y, drafts, out, out_len, done, all_done, budget, eod, forwards, seq_forwards,
            proposed, accepted_count, lengths)
 
@@ -466,14 +474,13 @@ class Decoder:
             return
         # Sampling draws from generators, which the compiler does not trace: these lines stay eager; the
         # bookkeeping after them is compiled like the greedy tail's.
-        logits1 = head_logits(h1, norm_w, eps, unembedding, vocab)
         if k == 1:
-            y, _ = next_tokens(logits1[:, 0], sampling, generator)
+            y, _ = next_tokens(head_logits(h1[:, 0], norm_w, eps, unembedding, vocab), sampling, generator)
             accepted, drafts = torch.zeros_like(y), None
         else:
+            logits1, draft_logits = all_logits(h1, hd, norm_w, eps, unembedding, vocab)
             accepted, y = verify_sampled(probabilities(logits1, sampling), st.q[k], inputs[:, 1:], generator)
-            drafts, q = next_tokens(head_logits(select_rows(hd, accepted), norm_w, eps, unembedding, vocab),
-                                    sampling, generator)
+            drafts, q = next_tokens(select_rows(draft_logits, accepted), sampling, generator)
             st.q[k].copy_(q)
         self.programs.commit(inputs, accepted, y, drafts, *st.counters())
 
@@ -690,6 +697,7 @@ def generate(
     callback: Optional[Callable[[int, list], None]] = None,
     graphs: Optional[bool] = None,
     compile: Optional[bool] = None,
+    gemv: Optional[bool] = None,
 ) -> GenerationOutput:
     """Generate up to ``max_new_tokens`` for each prompt (lists of token ids, any lengths).
 
@@ -697,7 +705,8 @@ def generate(
     with heads 2..k. Stops a sequence at ``eod`` (not included in its output) or at the budget.
     ``callback(b, new_tokens)`` is called as tokens of sequence b are accepted (streaming: the decoder
     then reads the device every few steps). ``graphs`` / ``compile`` (default: on for CUDA models) pick
-    CUDA-graph replay and the compiled layer kernels; the eager path gives the same tokens.
+    CUDA-graph replay and the compiled step programs; the eager path gives the same tokens. ``gemv`` (default
+    off; kept once set) compiles one-row matmuls as fused Triton reductions (see ``_Programs``).
     The model runs in eval mode (no dropout) and gets its previous mode back afterwards.
     """
     sampling = sampling or SamplingParams()
@@ -706,7 +715,7 @@ def generate(
     model.eval()
     try:
         with attention_backends(model.embedding.weight.device):
-            dec = decoder_for(model, graphs, compile)
+            dec = decoder_for(model, graphs, compile, gemv)
             return dec.generate(prompts, max_new_tokens, sampling, heads, eod, pad_id, generator, progress,
                                 callback)
     finally:
