@@ -366,3 +366,23 @@ def test_batched_draft_heads_equal_the_per_head_layers():
     assert set(batched_k) >= {"heads.1", "heads.2", "heads.3"}
     for key in ("heads.1", "heads.2", "heads.3"):
         torch.testing.assert_close(batched_k[key], loop_k[key], rtol=1e-5, atol=1e-5)
+
+
+def test_bench_decode_bandwidth_regime_writes_its_rows(tmp_path):
+    """tools/bench_decode.py --bandwidth on the tiny shape (CPU): every row and the variant table land in the
+    JSON, written through the atomic writer."""
+    import json
+
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    try:
+        import bench_decode
+    finally:
+        sys.path.pop(0)
+    assert bench_decode.main(["--bandwidth", os.path.join(REPO, "configs", "tiny.yaml"), "--device", "cpu",
+                              "--output-dir", str(tmp_path), "--tag", "t", "--prompt-tokens", "16",
+                              "--max-new-tokens", "4", "--ks", "1,2", "--variants", "default"]) == 0
+    result = json.loads((tmp_path / "decode_t.json").read_text())
+    assert [r["k"] for r in result["rows"] if r["kind"] == "generate"] == [1, 2]
+    assert [r["tokens"] for r in result["rows"] if r["kind"] == "forward"] == [1, 2]
+    assert result["plain_decode_tokens_per_s"] > 0 and list(result["variants"]) == ["default"]
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporary file left behind

@@ -254,8 +254,6 @@ def bandwidth_regime(args, command: str) -> dict:
     import torch
 
     from megatron_mtp.config import load_config
-    from megatron_mtp.inference import SamplingParams, generate
-    from megatron_mtp.inference.generation import attention_backends, decoder_for, head_logits
     from megatron_mtp.model.mtp_model import MTPModel
 
     cfg = load_config(args.bandwidth, [])
@@ -281,8 +279,60 @@ def bandwidth_regime(args, command: str) -> dict:
     all_bytes = size(model)
     prompt = torch.randint(0, cfg.model.vocab_size, (1, args.prompt_tokens), generator=g, device=args.device)
     prompts = [prompt[0].tolist()]
+    floor_tps = bw / plain_bytes
+    variants = [v for v in (args.variants or ("gemv" if args.gemv else "default")).split(",") if v]
+    unknown = [v for v in variants if v not in ("default", "gemv")]
+    if unknown:
+        raise SystemExit(f"error: unknown --variants entry {unknown[0]!r}; choose from default, gemv.")
+    results = {}
+    for i, variant in enumerate(variants):
+        # The first variant gets every k and token count; later ones the plain and the k = max(ks) rows.
+        vks = ks if i == 0 else sorted({1, max(ks)})
+        try:
+            results[variant] = _bandwidth_variant(model, cfg, args, prompts, vks, variant == "gemv", g,
+                                                  full=i == 0)
+        except Exception as exc:  # a later variant's failure must not lose the first one's numbers
+            if i == 0:
+                raise
+            results[variant] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            print(f"warning: variant {variant} failed: {exc}", file=sys.stderr)
+            continue
+        plain = next(r for r in results[variant]["rows"] if r.get("kind") == "generate" and r["k"] == 1)
+        results[variant]["plain_decode_tokens_per_s"] = plain["decode_tokens_per_s"]
+        results[variant]["plain_fraction_of_floor"] = (plain["decode_tokens_per_s"] / floor_tps
+                                                       if plain["decode_tokens_per_s"] else None)
+        print(f"variant {variant}: plain decode {plain['decode_tokens_per_s']:.0f} tokens/s = "
+              f"{100 * results[variant]['plain_fraction_of_floor']:.0f} % of the HBM floor", flush=True)
+    first = results[variants[0]]
+    return {
+        "mode": "bandwidth", "config": args.bandwidth, "parameters": sum(p.numel() for p in model.parameters()),
+        "weights": "random (normal, std 0.02)", "dtype": str(dtype).replace("torch.", ""),
+        "copy_bandwidth_GBps": bw / 1e9, "weight_bytes_all": all_bytes, "weight_bytes_plain_step": plain_bytes,
+        "hbm_floor_ms_per_token": 1e3 * plain_bytes / bw, "hbm_floor_tokens_per_s": floor_tps,
+        "hbm_floor_tokens_per_s_all_weights": bw / all_bytes,
+        "plain_decode_tokens_per_s": first["plain_decode_tokens_per_s"],
+        "plain_fraction_of_floor": first["plain_fraction_of_floor"],
+        "variant": variants[0], "compiled": first["compiled"], "compile_error": first["compile_error"],
+        "gemv": first["gemv"],
+        "settings": {"prompt_tokens": args.prompt_tokens, "max_new_tokens": args.max_new_tokens, "ks": ks,
+                     "variants": variants},
+        "rows": first["rows"], "profiles": first["profiles"],
+        "variants": {v: {key: val for key, val in r.items() if key != "profiles"} for v, r in results.items()},
+        "variant_profiles": {v: r.get("profiles") for v, r in results.items() if v != variants[0]},
+    }
+
+
+def _bandwidth_variant(model, cfg, args, prompts, ks, gemv: bool, g, full: bool) -> dict:
+    """One decoder configuration of the bandwidth regime: generate rows for ``ks``, forward times over
+    1..max(ks) tokens (only 1 and max(ks) unless ``full``), the speculative steps, the kernel profiles."""
+    import torch
+
+    from megatron_mtp.inference import SamplingParams, generate
+    from megatron_mtp.inference.generation import attention_backends, decoder_for, head_logits
+
+    n = cfg.mtp.n_heads
     rows = []
-    dec = decoder_for(model, gemv=args.gemv)
+    dec = decoder_for(model, gemv=gemv)
     # Plain and speculative decoding end to end (random weights: acceptance is near zero, so this times
     # the machinery, not the heads): warm, then timed.
     for k in ks:
@@ -304,8 +354,10 @@ def bandwidth_regime(args, command: str) -> dict:
     cuda = args.device.startswith("cuda")
     profiles = {}
     norm_w, eps, unembedding = dec._unembedding()
+    kmax = max(k for k in ks if k <= n)
+    sizes = range(1, max(ks) + 1) if full else sorted({1, max(ks)})
     with torch.no_grad(), attention_backends(torch.device(args.device)):
-        for s in range(1, max(ks) + 1):
+        for s in sizes:
             tokens = torch.randint(0, cfg.model.vocab_size, (1, s), generator=g, device=args.device)
             cache.lengths.fill_(args.prompt_tokens)
 
@@ -315,14 +367,14 @@ def bandwidth_regime(args, command: str) -> dict:
 
             fn = dec._capture(forward, False).replay if cuda else forward
             row = {"kind": "forward", "tokens": s, "ms": 1e3 * time_call(fn, args.device, iters=50 if cuda else 5)}
-            if s <= n:
+            if s <= n and s in ks:
                 step = dec._graphs.get(("step", 1, st.capacity, s, (True, 1.0, 0, 1.0)))
                 step = step.replay if step is not None else (lambda s=s: dec.step(st, s, SamplingParams(), None))
                 cache.lengths.fill_(args.prompt_tokens)
                 st.done.zero_()
                 st.budget.fill_(1 << 30)
                 row["speculative_step_ms"] = 1e3 * time_call(step, args.device, iters=20 if cuda else 3)
-                if cuda and s in (1, max(k for k in ks if k <= n)) and args.profile:
+                if cuda and s in (1, kmax) and args.profile:
                     try:
                         cache.lengths.fill_(args.prompt_tokens)
                         prof = kernel_profile(step, args.device)
@@ -332,7 +384,8 @@ def bandwidth_regime(args, command: str) -> dict:
                             prof = kernel_profile(lambda s=s: dec.step(st, s, SamplingParams(), None), args.device)
                             prof["source"] = "the step run uncaptured (graph kernels were not traced)"
                         profiles[f"step_k{s}"] = prof
-                        print(format_profile(f"step k={s} ({prof['source']})", prof), flush=True)
+                        print(format_profile(f"{'gemv' if gemv else 'default'} step k={s} ({prof['source']})",
+                                             prof), flush=True)
                     except Exception as exc:  # the profile explains; it must not cost the measurements
                         profiles[f"step_k{s}"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
                         print(f"warning: profile failed: {exc}", file=sys.stderr)
@@ -341,21 +394,8 @@ def bandwidth_regime(args, command: str) -> dict:
     for r in rows:
         if r.get("kind") == "forward":
             r["x_one_token"] = r["ms"] / one
-    plain = next(r for r in rows if r.get("kind") == "generate" and r["k"] == 1)
-    floor_tps = bw / plain_bytes
-    return {
-        "mode": "bandwidth", "config": args.bandwidth, "parameters": sum(p.numel() for p in model.parameters()),
-        "weights": "random (normal, std 0.02)", "dtype": str(dtype).replace("torch.", ""),
-        "copy_bandwidth_GBps": bw / 1e9, "weight_bytes_all": all_bytes, "weight_bytes_plain_step": plain_bytes,
-        "hbm_floor_ms_per_token": 1e3 * plain_bytes / bw, "hbm_floor_tokens_per_s": floor_tps,
-        "hbm_floor_tokens_per_s_all_weights": bw / all_bytes,
-        "plain_decode_tokens_per_s": plain["decode_tokens_per_s"],
-        "plain_fraction_of_floor": plain["decode_tokens_per_s"] / floor_tps if plain["decode_tokens_per_s"] else None,
-        "compiled": dec.compile and dec.compile_error is None, "compile_error": dec.compile_error,
-        "gemv": dec.gemv,
-        "settings": {"prompt_tokens": args.prompt_tokens, "max_new_tokens": args.max_new_tokens, "ks": ks},
-        "rows": rows, "profiles": profiles,
-    }
+    return {"rows": rows, "profiles": profiles, "gemv": dec.gemv,
+            "compiled": dec.compile and dec.compile_error is None, "compile_error": dec.compile_error}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -497,6 +537,9 @@ def main(argv=None) -> int:
     p.add_argument("--gemv", action="store_true",
                    help="compile one-row matmuls as fused Triton reductions (inductor coordinate-descent tuning)")
     p.add_argument("--profile", action="store_true", help="--bandwidth on CUDA: a kernel profile of the steps")
+    p.add_argument("--variants", default=None, metavar="LIST",
+                   help="--bandwidth: decoder configurations to measure one after the other, of default and "
+                        "gemv (default: default, or gemv with --gemv); the first gets every row")
     p.add_argument("--lookup-tokens", type=int, default=4, help="prompt_lookup_num_tokens of the lookup row")
     p.add_argument("--stop-at-eod", action="store_true", help="stop sequences at EOD (default: fixed budget)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -8,10 +8,10 @@
 #      seconds makes a run checkpoint and stop early);
 #   3. bench_decode.py on the n = 4 model: ours k = 1..4 at batch 1 and 16, transformers' default, prompt-
 #      lookup and static-cache compiled generate -> decode_cuda.json;
-#   4. the bandwidth regime on the 1.1B shape (random weights) with a kernel profile -> decode_cuda_1b.json;
-#   5. the n = 8 byte model at batch 1, k = 1..8 -> decode_cuda_n8.json;
-#   6. the 1.1B shape again with --gemv (one-row matmuls as fused Triton reductions) -> decode_cuda_1b_gemv.json.
-# Everything lands in $OUT (default benchmarks/): four JSON files and log.txt (plots: made where matplotlib
+#   4. the bandwidth regime on the 1.1B shape (random weights) with kernel profiles, the default decoder and
+#      the --gemv one (one-row matmuls as fused Triton reductions) -> decode_cuda_1b.json;
+#   5. the n = 8 byte model at batch 1, k = 1..8 -> decode_cuda_n8.json.
+# Everything lands in $OUT (default benchmarks/): three JSON files and log.txt (plots: made where matplotlib
 # is, from the JSON; see docs/benchmarks.md).
 #
 #   bash tools/bench_decode_gpu.sh                     # on the GPU machine, from the repository root
@@ -73,22 +73,17 @@ say "bench n=4 (cap ${cap}s)"
 timeout -s KILL $cap python3 tools/bench_decode.py --load runs/code_100m --device "$DEVICE" --output-dir "$OUT" \
   --tag "${DEVICE}" "${BENCH_EXTRA[@]}" 2>&1 | grep -v "Loading weights" | tee -a "$LOG"
 
-# 4: bandwidth regime on the 1.1B shape, with the kernel profile
+# 4: bandwidth regime on the 1.1B shape with the kernel profiles: the default decoder (every row), then the
+#    --gemv one (one-row matmuls as fused Triton reductions; plain and k = 4 rows) in the same process
 if [ "$QUICK" = 1 ]; then BW=configs/tiny.yaml; else BW=configs/1b.yaml; fi
-cap=$(( $(left) - 70 )); [ $cap -lt 30 ] && cap=30
+cap=$(( $(left) - 45 )); [ $cap -lt 30 ] && cap=30
 say "bandwidth 1.1B (cap ${cap}s)"
 timeout -s KILL $cap python3 tools/bench_decode.py --bandwidth $BW --device "$DEVICE" --output-dir "$OUT" \
-  --tag "${DEVICE}_1b" --profile "${BENCH_EXTRA[@]}" 2>&1 | tee -a "$LOG"
+  --tag "${DEVICE}_1b" --profile --variants default,gemv "${BENCH_EXTRA[@]}" 2>&1 | tee -a "$LOG"
 
 # 5: the n = 8 byte model, k = 1..8 at batch 1
-cap=$(( $(left) - 35 )); [ $cap -lt 20 ] && cap=20
+cap=$(left); [ $cap -lt 20 ] && cap=20
 say "bench n=8 (cap ${cap}s)"
 timeout -s KILL $cap python3 tools/bench_decode.py --load runs/code_100m_n8 --device "$DEVICE" --output-dir "$OUT" \
   --tag "${DEVICE}_n8" --batch-sizes 1 --peers none "${BENCH_EXTRA[@]}" 2>&1 | tee -a "$LOG"
-
-# 6: the 1.1B shape with one-row matmuls as fused Triton reductions (what is left of the budget)
-cap=$(left); [ $cap -lt 10 ] && cap=10
-say "bandwidth 1.1B --gemv (cap ${cap}s)"
-timeout -s KILL $cap python3 tools/bench_decode.py --bandwidth $BW --device "$DEVICE" --output-dir "$OUT" \
-  --tag "${DEVICE}_1b_gemv" --gemv --profile --ks 1,4 "${BENCH_EXTRA[@]}" 2>&1 | tee -a "$LOG"
 say "done"
