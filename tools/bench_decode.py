@@ -246,7 +246,7 @@ def format_profile(title: str, prof: dict) -> str:
     return "\n".join(lines)
 
 
-def bandwidth_regime(args, command: str) -> dict:
+def bandwidth_regime(args, command: str, save=None) -> dict:
     """Random weights of ``args.bandwidth``'s shape: per-forward time over 1..k tokens (trunk + head 1, the
     forward that verifies k tokens), the full speculative step of k heads, and plain decoding's tokens/s
     against the HBM floor: the bytes of the weights plain decoding reads per token / measured copy bandwidth.
@@ -303,7 +303,14 @@ def bandwidth_regime(args, command: str) -> dict:
                                                        if plain["decode_tokens_per_s"] else None)
         print(f"variant {variant}: plain decode {plain['decode_tokens_per_s']:.0f} tokens/s = "
               f"{100 * results[variant]['plain_fraction_of_floor']:.0f} % of the HBM floor", flush=True)
+        if save is not None:  # after every variant: a run cut short keeps what it measured
+            save(_bandwidth_result(args, cfg, model, dtype, bw, all_bytes, plain_bytes, ks, variants, results))
+    return _bandwidth_result(args, cfg, model, dtype, bw, all_bytes, plain_bytes, ks, variants, results)
+
+
+def _bandwidth_result(args, cfg, model, dtype, bw, all_bytes, plain_bytes, ks, variants, results) -> dict:
     first = results[variants[0]]
+    floor_tps = bw / plain_bytes
     return {
         "mode": "bandwidth", "config": args.bandwidth, "parameters": sum(p.numel() for p in model.parameters()),
         "weights": "random (normal, std 0.02)", "dtype": str(dtype).replace("torch.", ""),
@@ -575,7 +582,8 @@ def main(argv=None) -> int:
         "command": command, "torch": torch.__version__, "threads": torch.get_num_threads(),
     }
     if args.bandwidth:
-        result = {**header, **bandwidth_regime(args, command)}
+        result = {**header, **bandwidth_regime(
+            args, command, save=lambda partial: write_result({**header, **partial}, args.output_dir, tag))}
         json_path = write_result(result, args.output_dir, tag)
         try:
             plot(result, json_path[:-5] + ".png")

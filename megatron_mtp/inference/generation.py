@@ -203,7 +203,8 @@ def commit(inputs, accepted, y, drafts, out, out_len, done, all_done, budget, eo
     # All k columns are written (the ones past a are overwritten by the next step); only a + 1 count.
     j = torch.arange(k, device=inputs.device)[None]
     emitted = torch.where(j < accepted[:, None], torch.cat([inputs[:, 1:], y[:, None]], 1), y[:, None])
-    out.scatter_(1, (out_len[:, None] + j).clamp(max=out.size(1) - 1), emitted)
+    out.index_put_((torch.arange(b, device=out.device)[:, None], (out_len[:, None] + j).clamp(max=out.size(1) - 1)),
+                   emitted)
     valid = (j <= accepted[:, None]) & active[:, None]
     gained = (accepted + 1) * active
     out_len.add_(gained)

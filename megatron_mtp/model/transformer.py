@@ -125,15 +125,18 @@ def decode_qkv(x, norm_weight, eps: float, qkv_weight, cos, sin, k_buf, v_buf, l
     qk = qkv[..., : group + 1, :]  # the query heads of each group and its key head, rotated together
     qk = qk * c + _rotate_half(qk) * si
     q = qk[..., :group, :].permute(0, 1, 3, 4, 2, 5).reshape(m * b, n_kv, group * s, head_dim)
-    k = qk[..., group, :].permute(0, 1, 3, 2, 4)  # [m, b, n_kv, s, head_dim]
-    v = qkv[..., group + 1, :].permute(0, 1, 3, 2, 4)
-    # Clamped so a finished sequence that keeps riding along in a batch never writes out of bounds (no host
-    # check is possible without a sync; the decoder sizes the capacity so live ones fit).
-    capacity = k_buf.size(2)
-    slots = (lengths[:, None] + torch.arange(s, device=lengths.device)[None]).clamp(max=capacity - 1)
-    index = slots[None, :, None, :, None].expand(m, b, n_kv, s, head_dim)
-    k_buf.view(m, b, n_kv, capacity, head_dim).scatter_(3, index, k)
-    v_buf.view(m, b, n_kv, capacity, head_dim).scatter_(3, index, v)
+    k = qk[..., group, :].permute(0, 1, 3, 2, 4).reshape(m * b, n_kv, s, head_dim)
+    v = qkv[..., group + 1, :].permute(0, 1, 3, 2, 4).reshape(m * b, n_kv, s, head_dim)
+    # Row r of the buffers is layer r // b, sequence r % b. Slots are clamped so a finished sequence that
+    # keeps riding along in a batch never writes out of bounds (no host check is possible without a sync;
+    # the decoder sizes the capacity so live ones fit). An index_put_ on the buffer itself (not a view, not a
+    # scatter): the compiler then writes the new rows in place instead of copying the whole cache.
+    device = lengths.device
+    slots = (lengths[:, None] + torch.arange(s, device=device)[None]).clamp(max=k_buf.size(2) - 1).repeat(m, 1)
+    index = (torch.arange(m * b, device=device)[:, None, None], torch.arange(n_kv, device=device)[None, :, None],
+             slots[:, None, :])
+    k_buf.index_put_(index, k)
+    v_buf.index_put_(index, v)
     return q
 
 
