@@ -48,7 +48,7 @@ if [ "$QUICK" = 1 ]; then
 fi
 
 # 1 + 2: tests and both trainings at once
-(timeout -s KILL "$TESTS_S" python3 -m pytest -q -x -k cuda tests/test_generation.py tests/test_speculative.py \
+(timeout -s KILL "$TESTS_S" python3 -m pytest -q -k cuda tests/test_generation.py tests/test_speculative.py \
    > "$WORK/tests.txt" 2>&1; echo "pytest rc=$?" >> "$WORK/tests.txt") &
 TESTS=$!
 train() {  # config run_dir iters
