@@ -336,7 +336,27 @@ def test_compiled_step_programs_give_the_eager_tokens(monkeypatch):
     eager = generate(model, prompts, 12, graphs=False, compile=False)
     for k in (1, 3):
         assert generate(model, prompts, 12, heads=k, graphs=False, compile=True).tokens == eager.tokens, k
+    from megatron_mtp.inference.generation import decoder_for
+
+    assert decoder_for(model, graphs=False, compile=True, attention="fused").attention == "fused"
+    assert generate(model, prompts, 12, heads=3, graphs=False, compile=True).tokens == eager.tokens
     torch._dynamo.reset()
+
+
+def test_fused_decode_attention_equals_sdpa():
+    """The products-and-sums attention of compiled decoders against scaled_dot_product_attention: folded GQA
+    rows, an additive mask with padding and per-row limits, two new tokens."""
+    from megatron_mtp.model.transformer import decode_attention, decode_attention_fused
+
+    g = torch.Generator().manual_seed(0)
+    b, n_kv, group, s, cap, hd = 2, 2, 3, 2, 16, 8
+    q = torch.randn(b, n_kv, group * s, hd, generator=g)
+    k_all, v_all = torch.randn(b, n_kv, cap, hd, generator=g), torch.randn(b, n_kv, cap, hd, generator=g)
+    cache = KVCache(b, cap, "cpu", start=[0, 3])
+    cache.advance(torch.tensor([7, 9]))
+    mask = cache.attention_bias(s, group, torch.float32)
+    torch.testing.assert_close(decode_attention_fused(q, k_all, v_all, mask, s),
+                               decode_attention(q, k_all, v_all, mask, s), rtol=1e-5, atol=1e-5)
 
 
 def test_batched_draft_heads_equal_the_per_head_layers():

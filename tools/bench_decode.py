@@ -281,15 +281,17 @@ def bandwidth_regime(args, command: str, save=None) -> dict:
     prompts = [prompt[0].tolist()]
     floor_tps = bw / plain_bytes
     variants = [v for v in (args.variants or ("gemv" if args.gemv else "default")).split(",") if v]
-    unknown = [v for v in variants if v not in ("default", "gemv")]
+    options = {"default": (False, "sdpa"), "gemv": (True, "sdpa"), "fused": (False, "fused"),
+               "fused_gemv": (True, "fused")}  # name: (gemv, attention)
+    unknown = [v for v in variants if v not in options]
     if unknown:
-        raise SystemExit(f"error: unknown --variants entry {unknown[0]!r}; choose from default, gemv.")
+        raise SystemExit(f"error: unknown --variants entry {unknown[0]!r}; choose from {', '.join(options)}.")
     results = {}
     for i, variant in enumerate(variants):
         # The first variant gets every k and token count; later ones the plain and the k = max(ks) rows.
         vks = ks if i == 0 else sorted({1, max(ks)})
         try:
-            results[variant] = _bandwidth_variant(model, cfg, args, prompts, vks, variant == "gemv", g,
+            results[variant] = _bandwidth_variant(model, cfg, args, prompts, vks, *options[variant], g,
                                                   full=i == 0)
         except Exception as exc:  # a later variant's failure must not lose the first one's numbers
             if i == 0:
@@ -320,7 +322,7 @@ def _bandwidth_result(args, cfg, model, dtype, bw, all_bytes, plain_bytes, ks, v
         "plain_decode_tokens_per_s": first["plain_decode_tokens_per_s"],
         "plain_fraction_of_floor": first["plain_fraction_of_floor"],
         "variant": variants[0], "compiled": first["compiled"], "compile_error": first["compile_error"],
-        "gemv": first["gemv"],
+        "gemv": first["gemv"], "attention": first["attention"],
         "settings": {"prompt_tokens": args.prompt_tokens, "max_new_tokens": args.max_new_tokens, "ks": ks,
                      "variants": variants},
         "rows": first["rows"], "profiles": first["profiles"],
@@ -329,9 +331,10 @@ def _bandwidth_result(args, cfg, model, dtype, bw, all_bytes, plain_bytes, ks, v
     }
 
 
-def _bandwidth_variant(model, cfg, args, prompts, ks, gemv: bool, g, full: bool) -> dict:
+def _bandwidth_variant(model, cfg, args, prompts, ks, gemv: bool, attention: str, g, full: bool) -> dict:
     """One decoder configuration of the bandwidth regime: generate rows for ``ks``, forward times over
-    1..max(ks) tokens (only 1 and max(ks) unless ``full``), the speculative steps, the kernel profiles."""
+    1..max(ks) tokens (only 1 and max(ks) unless ``full``), the speculative steps, the kernel profiles (of the
+    ``full`` variant)."""
     import torch
 
     from megatron_mtp.inference import SamplingParams, generate
@@ -339,7 +342,7 @@ def _bandwidth_variant(model, cfg, args, prompts, ks, gemv: bool, g, full: bool)
 
     n = cfg.mtp.n_heads
     rows = []
-    dec = decoder_for(model, gemv=gemv)
+    dec = decoder_for(model, gemv=gemv, attention=attention)
     # Plain and speculative decoding end to end (random weights: acceptance is near zero, so this times
     # the machinery, not the heads): warm, then timed.
     for k in ks:
@@ -381,7 +384,7 @@ def _bandwidth_variant(model, cfg, args, prompts, ks, gemv: bool, g, full: bool)
                 st.done.zero_()
                 st.budget.fill_(1 << 30)
                 row["speculative_step_ms"] = 1e3 * time_call(step, args.device, iters=20 if cuda else 3)
-                if cuda and s in (1, kmax) and args.profile:
+                if cuda and s in (1, kmax) and args.profile and full:
                     try:
                         cache.lengths.fill_(args.prompt_tokens)
                         prof = kernel_profile(step, args.device)
@@ -391,7 +394,7 @@ def _bandwidth_variant(model, cfg, args, prompts, ks, gemv: bool, g, full: bool)
                             prof = kernel_profile(lambda s=s: dec.step(st, s, SamplingParams(), None), args.device)
                             prof["source"] = "the step run uncaptured (graph kernels were not traced)"
                         profiles[f"step_k{s}"] = prof
-                        print(format_profile(f"{'gemv' if gemv else 'default'} step k={s} ({prof['source']})",
+                        print(format_profile(f"{attention} attention, gemv {gemv}: step k={s} ({prof['source']})",
                                              prof), flush=True)
                     except Exception as exc:  # the profile explains; it must not cost the measurements
                         profiles[f"step_k{s}"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
@@ -401,7 +404,7 @@ def _bandwidth_variant(model, cfg, args, prompts, ks, gemv: bool, g, full: bool)
     for r in rows:
         if r.get("kind") == "forward":
             r["x_one_token"] = r["ms"] / one
-    return {"rows": rows, "profiles": profiles, "gemv": dec.gemv,
+    return {"rows": rows, "profiles": profiles, "gemv": dec.gemv, "attention": dec.attention,
             "compiled": dec.compile and dec.compile_error is None, "compile_error": dec.compile_error}
 
 
@@ -545,8 +548,9 @@ def main(argv=None) -> int:
                    help="compile one-row matmuls as fused Triton reductions (inductor coordinate-descent tuning)")
     p.add_argument("--profile", action="store_true", help="--bandwidth on CUDA: a kernel profile of the steps")
     p.add_argument("--variants", default=None, metavar="LIST",
-                   help="--bandwidth: decoder configurations to measure one after the other, of default and "
-                        "gemv (default: default, or gemv with --gemv); the first gets every row")
+                   help="--bandwidth: decoder configurations to measure one after the other, of default, gemv, "
+                        "fused (compiled products-and-sums attention) and fused_gemv (default: default, or gemv "
+                        "with --gemv); the first gets every row and the profiles")
     p.add_argument("--lookup-tokens", type=int, default=4, help="prompt_lookup_num_tokens of the lookup row")
     p.add_argument("--stop-at-eod", action="store_true", help="stop sequences at EOD (default: fixed budget)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

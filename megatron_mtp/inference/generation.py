@@ -42,7 +42,8 @@ import torch
 import torch.nn.functional as F
 
 from megatron_mtp.inference.kv_cache import KVCache, decode_bias
-from megatron_mtp.model.transformer import rms_norm, decode_layers, decode_mlp, decode_qkv
+from megatron_mtp.model.transformer import (decode_attention, decode_attention_fused, decode_layers, decode_mlp,
+                                            decode_qkv, rms_norm)
 from megatron_mtp.inference.sampling import SamplingParams, next_tokens, probabilities, sample
 
 
@@ -244,22 +245,26 @@ class _Programs:
 
     EAGER = dict(qkv=decode_qkv, mlp=decode_mlp, inputs=step_inputs, tail=greedy_tail, commit=commit)
 
-    def __init__(self, compile: bool, gemv: bool = False):
+    def __init__(self, compile: bool, gemv: bool = False, attention: str = "sdpa"):
         self.compiled = compile
-        fns = self.EAGER
+        fns = dict(self.EAGER)
+        self.attention = decode_attention
         if compile:
             import torch._dynamo
 
             # Every shape class (batch 1 or more, one token or k, prefill) is a cache entry of one code object.
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             options = {"coordinate_descent_tuning": True} if gemv else None
+            if attention == "fused":
+                fns["attention"] = decode_attention_fused
             fns = {name: torch.compile(fn, dynamic=True, fullgraph=True, options=options) for name, fn in fns.items()}
+            self.attention = fns.pop("attention", decode_attention)
         self.qkv, self.mlp, self.inputs, self.tail, self.commit = (fns[n] for n in ("qkv", "mlp", "inputs", "tail",
                                                                                     "commit"))
 
     @property
     def kernels(self) -> tuple:
-        return (self.qkv, self.mlp)
+        return (self.qkv, self.attention, self.mlp)
 
 
 class _State:
@@ -329,7 +334,8 @@ class Decoder:
     STREAM_EVERY = 4  # steps between reads of the emitted tokens when streaming (callback / progress bar)
     MAX_STATES = 4  # (batch, capacity) buckets kept at once
 
-    def __init__(self, model, graphs: Optional[bool] = None, compile: Optional[bool] = None, gemv: bool = False):
+    def __init__(self, model, graphs: Optional[bool] = None, compile: Optional[bool] = None, gemv: bool = False,
+                 attention: str = "sdpa"):
         self.model = model
         self.device = model.embedding.weight.device
         self.dtype = model.embedding.weight.dtype
@@ -339,7 +345,10 @@ class Decoder:
             raise ValueError("CUDA graphs need a model on a CUDA device.")
         self.compile = self.graphs if compile is None else compile
         self.gemv = gemv and self.compile
-        self.programs = _Programs(self.compile, self.gemv)
+        if attention not in ("sdpa", "fused"):
+            raise ValueError(f"attention must be 'sdpa' or 'fused', got {attention!r}.")
+        self.attention = attention if self.compile else "sdpa"
+        self.programs = _Programs(self.compile, self.gemv, self.attention)
         self.compile_error = None
         cfg = model.cfg
         self.group = cfg.num_attention_heads // cfg.kv_heads
@@ -663,16 +672,19 @@ _DECODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def decoder_for(model, graphs: Optional[bool] = None, compile: Optional[bool] = None,
-                gemv: Optional[bool] = None) -> Decoder:
+                gemv: Optional[bool] = None, attention: Optional[str] = None) -> Decoder:
     """The model's decoder (kept across calls, so graphs are captured once), rebuilt if the model's
-    weights moved or the options changed (``gemv`` None keeps the current decoder's setting)."""
+    weights moved or the options changed (``gemv`` / ``attention`` None keep the current decoder's)."""
     dec = _DECODERS.get(model)
     want_graphs = model.embedding.weight.device.type == "cuda" if graphs is None else graphs
     want_compile = want_graphs if compile is None else compile
     want_gemv = (dec.gemv if dec is not None else False) if gemv is None else (gemv and want_compile)
+    want_attention = (dec.attention if dec is not None else "sdpa") if attention is None else attention
+    want_attention = want_attention if want_compile else "sdpa"
     if (dec is None or dec.signature != Decoder._signature(model) or dec.graphs != want_graphs
-            or dec.compile != want_compile or dec.gemv != want_gemv):
-        dec = _DECODERS[model] = Decoder(model, graphs=want_graphs, compile=want_compile, gemv=want_gemv)
+            or dec.compile != want_compile or dec.gemv != want_gemv or dec.attention != want_attention):
+        dec = _DECODERS[model] = Decoder(model, graphs=want_graphs, compile=want_compile, gemv=want_gemv,
+                                         attention=want_attention)
     return dec
 
 

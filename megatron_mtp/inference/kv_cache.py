@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from megatron_mtp.model.transformer import decode_mlp, decode_qkv
+from megatron_mtp.model.transformer import decode_attention, decode_mlp, decode_qkv
 
 
 def decode_mask(lengths: torch.Tensor, start: torch.Tensor, s_new: int, capacity: int) -> torch.Tensor:
@@ -50,7 +50,7 @@ def decode_bias(lengths: torch.Tensor, start: torch.Tensor, s_new: int, capacity
 class KVCache:
     # The per-layer math of a decode step (pure functions of tensors). The decoder swaps in compiled
     # versions on CUDA; the model itself makes no compile decisions.
-    kernels = (decode_qkv, decode_mlp)
+    kernels = (decode_qkv, decode_attention, decode_mlp)
 
     def __init__(self, batch_size: int, capacity: int, device: torch.device,
                  start: Optional[Sequence[int]] = None):

@@ -158,6 +158,19 @@ def decode_attention(q, k_all, v_all, mask, s: int) -> torch.Tensor:
     return o.view(b, n_kv, rows // s, s, head_dim).permute(0, 3, 1, 2, 4).reshape(b, s, n_kv * (rows // s) * head_dim)
 
 
+def decode_attention_fused(q, k_all, v_all, mask, s: int) -> torch.Tensor:
+    """``decode_attention`` written out as products and sums in fp32, for a compiler to turn into a few
+    reduction kernels spread over the whole GPU — at batch 1 the memory-efficient kernel runs one thread
+    block per KV head and is latency-bound (tens of microseconds per layer). Eagerly this would materialise
+    [.., rows, capacity, head_dim] products: only compiled decoders use it."""
+    b, n_kv, rows, head_dim = q.shape
+    qf = q.float() * head_dim ** -0.5
+    scores = (qf[:, :, :, None, :] * k_all[:, :, None, :, :].float()).sum(-1) + mask.float()  # [b, n_kv, rows, cap]
+    p = torch.softmax(scores, dim=-1)
+    o = (p[:, :, :, :, None] * v_all[:, :, None, :, :].float()).sum(-2).to(q.dtype)  # [b, n_kv, rows, head_dim]
+    return o.view(b, n_kv, rows // s, s, head_dim).permute(0, 3, 1, 2, 4).reshape(b, s, n_kv * (rows // s) * head_dim)
+
+
 def decode_mlp(x, o, out_weight, norm_weight, eps: float, gate_up_weight, down_weight) -> torch.Tensor:
     """The rest of m layers: x + out(o), then x + down(silu(gate) * up) of its norm.
 
@@ -174,12 +187,13 @@ def decode_mlp(x, o, out_weight, norm_weight, eps: float, gate_up_weight, down_w
 def decode_layers(x, cos, sin, k_buf, v_buf, lengths, mask, weights: dict, kernels, eps: float,
                   n_kv: int, group: int, head_dim: int) -> torch.Tensor:
     """m decoder layers side by side on x (see ``decode_qkv``): ``weights`` holds the stacked ``attn_norm``,
-    ``qkv``, ``out``, ``mlp_norm``, ``gate_up`` and ``down`` weights; ``kernels`` is (decode_qkv, decode_mlp)
+    ``qkv``, ``out``, ``mlp_norm``, ``gate_up`` and ``down`` weights; ``kernels`` is (decode_qkv, an attention
+    function, decode_mlp)
     or compiled versions of them. Returns [m, b, s, hidden]."""
-    qkv_fn, mlp_fn = kernels
+    qkv_fn, attention_fn, mlp_fn = kernels
     s = x.size(-2)
     q = qkv_fn(x, weights["attn_norm"], eps, weights["qkv"], cos, sin, k_buf, v_buf, lengths, n_kv, group, head_dim)
-    o = decode_attention(q, k_buf, v_buf, fold_mask(mask, group, s, q.size(0)), s)
+    o = attention_fn(q, k_buf, v_buf, fold_mask(mask, group, s, q.size(0)), s)
     return mlp_fn(x, o, weights["out"], weights["mlp_norm"], eps, weights["gate_up"], weights["down"])
 
 
