@@ -379,7 +379,7 @@ def run_row(args, device, shape_name, shape, variant, n_heads, mb, attention, pr
             row["mfu_vs_matmul"] = row["tflops"] / args.matmul_tflops
         if not hf:
             layout = mm.Layout(micro_batch=mb, seq_length=seq, compiled=compiled,
-                               precision="bf16_master" if master else "autocast")
+                               precision="bf16_master" if master else "autocast", fp8=fp8)
             if device.type == "cpu" and not master:
                 layout.precision = "fp32"
             pred = mm.breakdown_gib(cfg, layout)

@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     stages = mm.estimate(cfg, layout)
     worst = max(stages, key=lambda s: s.total)
     print(f"\nconfigured layout: {layout.describe()} grad_accum {layout.grad_accum}, precision {layout.precision}, "
-          f"{'compiled' if layout.compiled else 'eager'}")
+          f"{'compiled' if layout.compiled else 'eager'}{', fp8 linears' if layout.fp8 else ''}")
     print(f"{'stage':>5} {'params/GPU':>11} {'phase':>15} {'total GiB':>10}  parts (GiB)")
     for st in stages:
         parts = ", ".join(f"{k} {v / mm.GiB:.2f}" for k, v in sorted(st.bytes.items(), key=lambda kv: -kv[1]))
