@@ -439,6 +439,8 @@ KERNEL_CLASSES = [
 
 def classify(name: str) -> str:
     low = name.lower()
+    if low.startswith(("triton_poi", "triton_red", "triton_per")):  # inductor's pointwise / reduction kernels,
+        return "fused (triton)"  # whose names list the ops fused in (an FP8 cast kernel names _scaled_mm)
     for cls, keys in KERNEL_CLASSES:
         if any(k in low for k in keys):
             return cls
