@@ -3,9 +3,8 @@
 
 What is timed is the real training step: ``LocalEngine.train_step`` on an ``MTPModel`` (memory-efficient heads,
 fused linear cross-entropy, gradient clipping, AdamW), on synthetic random tokens, for n = 1, 2, 4 heads
-compute-matched (``model.num_layers`` counts the head layers). The peer is ``transformers``'
-``LlamaForCausalLM`` of the same shape (SDPA attention, fp32 weights under bf16 autocast as the HF Trainer runs
-it, fused AdamW, the same clipping). Per row: median step time over CUDA events after warm-up, tokens/s,
+compute-matched (``model.num_layers`` counts the head layers), in bf16 and with FP8 GEMMs. The peers are
+``transformers``' ``LlamaForCausalLM`` of the same shape in four regimes (below). Per row: median step time over CUDA events after warm-up, tokens/s,
 TFLOP/s (``metrics.flops_per_token``), MFU against 989 TFLOP/s dense bf16 and against the bf16 matmul rate
 measured in this run, peak memory (``max_memory_allocated``) next to ``training/memory_model.py``'s prediction.
 Also: the SDPA kernel chosen per attention layout (and their fwd+bwd times), saved-activation bytes per layer,
@@ -13,6 +12,7 @@ host syncs inside the step, and the top CUDA kernels of one profiled step.
 
     python tools/bench_train.py --output benchmarks/train_bench.json          # GPU: the 1.1B and 1.3B shapes
     python tools/bench_train.py --tiny --output /tmp/bench_tiny.json          # CPU smoke run (tests)
+    python tools/bench_train.py --isolate --shapes 7b-layer --rows fast:1,fast-fp8:1,hf-fp8:1,hf-compile:1
 
 Variants of our model (``--variants``; comma-separated, default all of the preset):
   eager-autocast   fp32 weights under bf16 autocast, no compile (LocalEngine with train.master_weights false)

@@ -32,8 +32,8 @@ import torch.distributed as dist
 from megatron_mtp.config import Config, ConfigError
 from megatron_mtp.model.builder import build_model, param_dtype
 from megatron_mtp.model.compile import apply_compile
-from megatron_mtp.ops.fp8 import apply_fp8, check_fp8_device
 from megatron_mtp.model.mtp_model import checkpoint_interval
+from megatron_mtp.ops.fp8 import apply_fp8, check_fp8_device
 from megatron_mtp.parallel import state
 from megatron_mtp.parallel.canonical import copy_into_model
 from megatron_mtp.parallel.distributed import _free_port
