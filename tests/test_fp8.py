@@ -141,6 +141,19 @@ def test_apply_fp8_routes_every_trunk_and_head_linear_and_leaves_the_state_dict_
         apply_fp8(build_model(tiny_cfg(hidden_size=40, ffn_hidden_size=96), "cpu", compile=False))
 
 
+def test_build_model_applies_train_fp8_only_where_the_device_has_it():
+    """build_model follows train.fp8 and checks the device first; tools that rebuild a model of an FP8 run on a
+    CPU (merging, export) pass fp8=False and get the plain model."""
+    from megatron_mtp.model.builder import build_model
+
+    cfg = tiny_cfg()
+    cfg.train.fp8 = True
+    with pytest.raises(ConfigError, match=r"but this run is on cpu; set train.fp8 false\.$"):
+        build_model(cfg, "cpu", seed=1, compile=False)
+    model = build_model(cfg, "cpu", seed=1, compile=False, fp8=False)
+    assert all(m.gemm is F.linear for m in model.modules() if hasattr(m, "gemm"))
+
+
 def test_fp8_training_resumes_from_a_checkpoint_exactly(tmp_path):
     """No scaling state: a run saved after two FP8 steps and resumed takes the same third step as the run that
     never stopped."""
