@@ -161,9 +161,9 @@ def _round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
 
-# The pure tensor programs of a step. Each is a function of tensors only (no module calls: the tensor-parallel
-# mappings are compiler-disabled), so the decoder can hand them to torch.compile, which fuses each into a
-# few kernels instead of the dozens of tiny ones a batch-1 step otherwise launches.
+# The pure tensor programs of a step. Each is a function of tensors only (no module calls, so nothing of the
+# tensor-parallel machinery is traced), so the decoder can hand them to torch.compile, which fuses each into
+# a few kernels instead of the dozens of tiny ones a batch-1 step otherwise launches.
 
 
 def step_inputs(lengths, start, cos_table, sin_table, s: int, capacity: int, group: int) -> tuple:
