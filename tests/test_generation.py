@@ -193,6 +193,25 @@ def test_load_checkpoint_and_generate_cli(tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
 
 
+
+def test_generate_cli_no_compile_reaches_the_decoder(tmp_path, capsys, monkeypatch):
+    """``--no-compile`` asks the decoder for its uncompiled step; without it the decoder picks (on for CUDA)."""
+    from megatron_mtp.cli import generate as cli
+
+    run_dir, _ = _save_run(tmp_path)
+    seen = []
+    real = cli.generate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("compile"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "generate", spy)
+    for flag, want in ((["--no-compile"], False), ([], None)):
+        assert cli.main(["--load", run_dir, "--prompt", "x", "--max-new-tokens", "2", "--no-progress"] + flag) == 0
+        assert seen[-1] is want
+    capsys.readouterr()
+
 def test_rollback_after_rejection_leaves_cache_equal_to_fresh_prefill():
     """After speculative decoding with rejections, every layer's committed keys/values of every sequence
     equal a fresh prefill over that sequence's committed tokens (rejected slots leave no trace)."""

@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-stop-at-eod", action="store_true", help="keep generating past end-of-document")
     p.add_argument("--compare", action="store_true", help="also run plain decoding and report the speedup")
+    p.add_argument("--no-compile", action="store_true",
+                   help="on a GPU, capture CUDA graphs of the uncompiled step: no compile wait per new batch size "
+                        "or --heads (tens of seconds), slower steps; for a few short generations")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -110,7 +113,8 @@ def run(args) -> int:
         texts, stats = [], []
         for start in range(0, len(encoded), args.batch_size):
             out = generate(model, encoded[start: start + args.batch_size], args.max_new_tokens, sampling,
-                           heads=k, eod=eod, pad_id=pad, generator=gen, progress=progress)
+                           heads=k, eod=eod, pad_id=pad, generator=gen, progress=progress,
+                           compile=False if args.no_compile else None)
             texts += [tokenizer.decode(t) for t in out.tokens]
             stats.append(out.stats)
         return texts, stats
