@@ -164,6 +164,9 @@ class TrainConfig:
     compile: bool = option(False, "torch.compile each transformer layer (GPU; fuses norms, RoPE, SwiGLU)")
     # DeepSpeed's bf16 regime: bf16 parameters with fp32 master weights and fp32 gradient accumulation.
     master_weights: bool = option(True, "GPU bf16: fp32 master weights (fast); false = fp32 parameters under autocast")
+    # FP8 (e4m3 forward, e5m2 gradients, dynamic per-tensor scales: ops/fp8.py) for the trunk's and heads'
+    # linears; the unembedding and the cross-entropy stay bf16. Needs FP8 tensor cores (Ada, Hopper).
+    fp8: bool = option(False, "FP8 GEMMs for the trunk's and heads' linear layers (GPU with compute capability >= 8.9)")
     # A step whose loss or gradient norm is not finite is skipped (no update; counted as skipped_iters in the
     # log). This many skips in a row end the run with an error: the model is diverging, not hiccuping.
     max_consecutive_skips: int = option(10, "non-finite steps skipped in a row before the run stops with an error")
@@ -520,6 +523,7 @@ _RANGES = {
         "eval_iters": _ints(1),
         "compile": _FLAG,
         "master_weights": _FLAG,
+        "fp8": _FLAG,
         "max_consecutive_skips": _ints(1),
     },
     "checkpoint": {

@@ -19,6 +19,12 @@ class UserError(Exception):
     kind = "input"
 
 
+class InputError(UserError, ValueError):
+    """A command-line argument or input file a tool cannot use; the message names the flag or file to fix."""
+
+    kind = "input"
+
+
 class ConfigError(UserError, ValueError):
     """A mistake in the configuration; the message names the key to fix."""
 
@@ -61,6 +67,12 @@ class RunLockError(UserError, RuntimeError):
     kind = "run directory"
 
 
+class SandboxUnavailable(UserError, RuntimeError):
+    """Untrusted code was about to run without isolation and the caller did not allow it (eval/sandbox.py)."""
+
+    kind = "sandbox"
+
+
 class TrainingError(UserError, RuntimeError):
     """The run cannot go on: it diverged (too many non-finite steps in a row) or its state is not finite
     (training/guard.py). Not a mistake in an input, but the user acts on it the same way: one sentence."""
@@ -71,7 +83,7 @@ class TrainingError(UserError, RuntimeError):
 # The exit status of a run that ended on a user error, by kind (launchers and Slurm scripts test for 2); a kind
 # that needs its own gets it here and nowhere else. 3: the run stopped on a fault of its own (it diverged),
 # as does a rank whose heartbeat watchdog ends the job (parallel/watchdog.py).
-EXIT_CODES = {"config": 2, "data": 2, "launch": 2, "checkpoint": 2, "input": 2, "run directory": 2, "training": 3}
+EXIT_CODES = {"config": 2, "data": 2, "launch": 2, "checkpoint": 2, "input": 2, "sandbox": 2, "run directory": 2, "training": 3}
 
 # Errors that are identical on every rank (the same config everywhere; the lock's and the skip decision are
 # reduced over all ranks): one rank says them (rank 0, which also holds the lock's details).

@@ -70,10 +70,23 @@ def dropout_probability(model, name: str) -> float:
     return p
 
 
+def check_fp8(train) -> None:
+    """train.fp8 runs bf16 compute with FP8 GEMMs on a GPU (the device's FP8 support is checked when the model
+    is built: ops/fp8.py)."""
+    if not getattr(train, "fp8", False):
+        return
+    if train.device == "cpu":
+        raise ConfigError("train.fp8 needs a GPU with FP8 tensor cores, but train.device is cpu; set train.fp8 false.")
+    if train.dtype not in ("auto", "bfloat16"):
+        raise ConfigError(f"train.fp8 computes around bf16 activations, but train.dtype is {train.dtype}; set "
+                          f"train.dtype to auto or bfloat16, or train.fp8 false.")
+
+
 def validate_combinations(cfg) -> None:
     """Every cross-section rule that needs no world size (``config.validate`` calls it last)."""
     check_zero_with_pipeline(cfg.parallel)
     check_tp_divides(cfg.model, cfg.parallel.tp, error=ConfigError)
+    check_fp8(cfg.train)
 
 
 def validate_layout(cfg, world_size: int) -> int:

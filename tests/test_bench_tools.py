@@ -59,6 +59,26 @@ def test_bench_train_tiny_writes_rows_and_profile(tmp_path, torch_ce):
     assert payload["rows"]
 
 
+def test_bench_train_isolate_runs_peer_and_fp8_rows_in_child_processes(tmp_path):
+    """--isolate: our rows in one child process, the peer in another; every row comes back with its regime, and
+    the FP8 row (torch._scaled_mm's CPU kernel here) against its bf16 twin is in the summary."""
+    import subprocess
+
+    out = tmp_path / "iso.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_train.py"), "--tiny", "--shapes",
+                           "tiny-gqa", "--isolate", "--skip-extras", "--rows", "fast:1,fast-fp8:1,hf:1", "--steps", "1",
+                           "--warmup", "1", "--ce-backend", "torch", "--profile", "", "--output", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in data["rows"]}
+    assert set(rows) == {"fast", "fast-fp8", "hf"}
+    assert all("error" not in r and r["regime"] for r in rows.values()), data["rows"]
+    assert rows["fast"]["process"] == rows["fast-fp8"]["process"] != rows["hf"]["process"]
+    assert rows["fast-fp8"]["precision"] == "bf16_master+fp8"
+    assert "fast-fp8 n=1 / fast n=1" in data["summary"]["tiny-gqa"]["tokens_per_s_ratios"]
+
+
 def test_estimate_memory_recommends_fitting_layouts(tmp_path, capsys):
     import estimate_memory
 
@@ -89,6 +109,17 @@ def test_activation_formula_matches_saved_tensors(precision):
         measured = mm.measure_layer_saved_bytes(m, precision="bf16" if precision == "bf16_master" else precision,
                                                 seq=32)
         assert measured == mm.formula_bytes_per_token(m, precision, compiled=False)
+
+
+def test_activation_formula_matches_saved_tensors_with_fp8_linears():
+    """train.fp8: the linears save e4m3 inputs; the FP8 formula equals what autograd saves (eager, CPU), for two
+    SwiGLU widths and hidden sizes so that both the d and the f coefficients are pinned."""
+    for d, f, kv in ((64, 176, 2), (128, 352, 4)):
+        m = ModelConfig(hidden_size=d, num_attention_heads=4, num_kv_heads=kv, ffn_hidden_size=f, num_layers=2,
+                        vocab_size=128)
+        measured = mm.measure_layer_saved_bytes(m, precision="bf16", seq=32, fp8=True)
+        assert measured == mm.formula_bytes_per_token(m, "bf16_master", compiled=False, fp8=True)
+        assert measured < mm.formula_bytes_per_token(m, "bf16_master", compiled=False)
 
 
 def test_memory_model_layout_rules():

@@ -55,9 +55,9 @@ def test_strict_cli_exits_non_zero(tmp_path, capsys):
     spec.loader.exec_module(cli)
     corpus = corpus_with_bad_lines(tmp_path)
     args = ["--input", corpus, "--output-prefix", str(tmp_path / "o" / "x"), "--no-progress"]
-    assert cli.main(args + ["--strict", "--tokenizer-type", "byte"]) == 1
-    assert "error:" in capsys.readouterr().err and os.listdir(tmp_path / "o") == []
-    assert cli.main(args) == 1  # no tokenizer named: refused, as in Megatron
+    assert cli.main(args + ["--strict", "--tokenizer-type", "byte"]) == 2
+    assert capsys.readouterr().err.startswith("data error: ") and os.listdir(tmp_path / "o") == []
+    assert cli.main(args) == 2  # no tokenizer named: refused, as in Megatron
     assert "--tokenizer-type byte" in capsys.readouterr().err
     assert cli.main(args + ["--tokenizer-type", "byte"]) == 0
     assert sorted(os.listdir(tmp_path / "o")) == ["x_text_document.bin", "x_text_document.idx",

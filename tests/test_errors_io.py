@@ -37,6 +37,30 @@ def test_report_says_config_errors_once():
     assert out.getvalue() == "data error: bad corpus.\n"
 
 
+
+@pytest.mark.parametrize("tool, argv, kind, words", [
+    ("preprocess", ["--input", "x.jsonl", "--output-prefix", "{tmp}/out"], "input", "give --tokenizer-model"),
+    ("preprocess", ["--input", "{tmp}/none.jsonl", "--output-prefix", "{tmp}/out", "--tokenizer-type", "byte"],
+     "data", "none.jsonl"),
+    ("train_tokenizer", ["--input", "{tmp}/none.jsonl", "--output", "{tmp}/tok.json"], "data", "none.jsonl"),
+    ("estimate_memory", ["--config", "configs/tiny.yaml", "--gpus", "3", "--parallel.tp", "2"], "input",
+     "3 GPUs do not divide"),
+    ("estimate_memory", ["--config", "{tmp}/none.yaml"], "config", "none.yaml"),
+    ("generate", ["--load", "{tmp}", "--prompt", "x", "--greedy", "--temperature", "0.5"], "input",
+     "--greedy and --temperature exclude each other"),
+    ("generate", ["--load", "{tmp}/none", "--prompt", "x"], "checkpoint", "none"),
+    ("eval_perplexity", ["--load", "{tmp}/none"], "checkpoint", "none"),
+])
+def test_every_tool_reports_a_user_error_in_one_line(tool, argv, kind, words, tmp_path, capsys):
+    """Each command-line tool says ``<kind> error: <sentence>`` through errors.report and exits 2."""
+    import importlib
+
+    main = importlib.import_module(f"megatron_mtp.cli.{tool}").main
+    code = main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"{kind} error: ") and words in err[0], err
+
+
 def test_atomic_writes_replace_whole_files_and_leave_nothing_behind(tmp_path):
     path = str(tmp_path / "a.json")
     atomic_write_text(path, "old")

@@ -193,6 +193,25 @@ def test_load_checkpoint_and_generate_cli(tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
 
 
+
+def test_generate_cli_no_compile_reaches_the_decoder(tmp_path, capsys, monkeypatch):
+    """``--no-compile`` asks the decoder for its uncompiled step; without it the decoder picks (on for CUDA)."""
+    from megatron_mtp.cli import generate as cli
+
+    run_dir, _ = _save_run(tmp_path)
+    seen = []
+    real = cli.generate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("compile"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "generate", spy)
+    for flag, want in ((["--no-compile"], False), ([], None)):
+        assert cli.main(["--load", run_dir, "--prompt", "x", "--max-new-tokens", "2", "--no-progress"] + flag) == 0
+        assert seen[-1] is want
+    capsys.readouterr()
+
 def test_rollback_after_rejection_leaves_cache_equal_to_fresh_prefill():
     """After speculative decoding with rejections, every layer's committed keys/values of every sequence
     equal a fresh prefill over that sequence's committed tokens (rejected slots leave no trace)."""
@@ -281,8 +300,9 @@ def test_generate_cli_rejects_bad_arguments(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("compile_layers", [False, True], ids=["graphs", "graphs+compile"])
-def test_cuda_graph_path_gives_the_eager_tokens(compile_layers):
+@pytest.mark.parametrize("compile_layers, gemv", [(False, False), (True, False), (True, True)],
+                         ids=["graphs", "graphs+compile", "graphs+compile+gemv"])
+def test_cuda_graph_path_gives_the_eager_tokens(compile_layers, gemv):
     """fp32 on the GPU: the captured (and compiled) decoder emits exactly the eager decoder's tokens, for
     plain and speculative decoding, batch 1 and a batch of mixed prompt lengths, with an EOD in play; replays
     of the same graphs on new prompts stay right."""
@@ -293,14 +313,15 @@ def test_cuda_graph_path_gives_the_eager_tokens(compile_layers):
         eod = eager.tokens[0][7]
         eager_eod = generate(model, prompts, 20, eod=eod, graphs=False, compile=False)
         for k in (1, 2, 3):
-            fast = generate(model, prompts, 20, heads=k, graphs=True, compile=compile_layers)
+            fast = generate(model, prompts, 20, heads=k, graphs=True, compile=compile_layers, gemv=gemv)
             assert fast.tokens == eager.tokens, (lengths, k)
-            fast = generate(model, prompts, 20, heads=k, eod=eod, graphs=True, compile=compile_layers)
+            fast = generate(model, prompts, 20, heads=k, eod=eod, graphs=True, compile=compile_layers, gemv=gemv)
             assert fast.tokens == eager_eod.tokens and fast.finished_by_eod == eager_eod.finished_by_eod
             assert fast.stats.tokens == eager_eod.stats.tokens
     from megatron_mtp.inference.generation import decoder_for
 
-    assert decoder_for(model, graphs=True, compile=compile_layers).compile_error is None
+    dec = decoder_for(model, graphs=True, compile=compile_layers, gemv=gemv)
+    assert dec.compile_error is None and dec.gemv == gemv
 
 
 def test_decoder_reuses_and_bounds_its_buffers():
@@ -316,3 +337,91 @@ def test_decoder_reuses_and_bounds_its_buffers():
         assert out.tokens[0] == recompute_greedy(model, prompt, 3)
         assert len(dec._states) <= Decoder.MAX_STATES
     assert sorted(c for _, c in dec._states) == [384, 512, 640, 768]
+
+
+def test_compiled_step_programs_give_the_eager_tokens(monkeypatch):
+    """The step's programs as torch.compile traces them (whole-graph capture of the fused cache write, the
+    batched draft heads, the verification and the in-place bookkeeping, fullgraph: no graph break; dynamo's
+    eager backend keeps it fast on a CPU — the GPU tests run inductor) emit exactly the eager tokens, plain
+    and speculative, for a batch of mixed prompt lengths."""
+    import torch._dynamo
+
+    original = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: original(fn, **{**kw, "backend": "eager",
+                                                                            "options": None}))
+    torch._dynamo.reset()
+    model = tiny_model(n_heads=3, layers=5, dtype=torch.float32)
+    prompts = random_prompts([3, 9, 1, 6], 16, seed=2)
+    eager = generate(model, prompts, 12, graphs=False, compile=False)
+    for k in (1, 3):
+        assert generate(model, prompts, 12, heads=k, graphs=False, compile=True).tokens == eager.tokens, k
+    from megatron_mtp.inference.generation import decoder_for
+
+    assert decoder_for(model, graphs=False, compile=True, attention="fused").attention == "fused"
+    assert generate(model, prompts, 12, heads=3, graphs=False, compile=True).tokens == eager.tokens
+    torch._dynamo.reset()
+
+
+def test_fused_decode_attention_equals_sdpa():
+    """The products-and-sums attention of compiled decoders against scaled_dot_product_attention: folded GQA
+    rows, an additive mask with padding and per-row limits, two new tokens."""
+    from megatron_mtp.model.transformer import decode_attention, decode_attention_fused
+
+    g = torch.Generator().manual_seed(0)
+    b, n_kv, group, s, cap, hd = 2, 2, 3, 2, 16, 8
+    q = torch.randn(b, n_kv, group * s, hd, generator=g)
+    k_all, v_all = torch.randn(b, n_kv, cap, hd, generator=g), torch.randn(b, n_kv, cap, hd, generator=g)
+    cache = KVCache(b, cap, "cpu", start=[0, 3])
+    cache.advance(torch.tensor([7, 9]))
+    mask = cache.attention_bias(s, group, torch.float32)
+    torch.testing.assert_close(decode_attention_fused(q, k_all, v_all, mask, s),
+                               decode_attention(q, k_all, v_all, mask, s), rtol=1e-5, atol=1e-5)
+
+
+def test_batched_draft_heads_equal_the_per_head_layers():
+    """The draft heads as one batched layer (stacked weights, one stacked KV cache) give each head's own
+    layer output and write each head's own keys and values, fp32 within rounding, batch 2 with padding."""
+    from megatron_mtp.inference.generation import Decoder
+
+    model = tiny_model(n_heads=4, layers=6, dtype=torch.float32)
+    dec = Decoder(model, graphs=False, compile=False)
+    prompts = random_prompts([5, 3], 16, seed=4)
+    tokens = torch.tensor([[0] * (5 - len(p)) + p for p in prompts])
+    results = []
+    for batched in (True, False):
+        st = dec.state(2, 32) if batched else type(dec.state(2, 32))(2, 32, "cpu", 4, 16)
+        st.cache.reset([0, 2])
+        if batched:
+            h1, hd = dec._forward(st, tokens, 4)
+        else:
+            mask = st.cache.attention_bias(5, dec.group, torch.float32)
+            pos = st.cache.positions(5)
+            z, cos, sin = model.trunk_hidden(tokens, pos, st.cache, mask)
+            hd = torch.stack([model.output.heads[i](z, cos, sin, st.cache, mask) for i in (1, 2, 3)])
+        results.append((hd, {key: st.cache._k[key].clone() for key in st.cache._k if key.startswith("heads.")}))
+    (batched_h, batched_k), (loop_h, loop_k) = results
+    assert batched_h.shape == (3, 2, 5, 32)
+    torch.testing.assert_close(batched_h, loop_h, rtol=1e-5, atol=1e-5)
+    assert set(batched_k) >= {"heads.1", "heads.2", "heads.3"}
+    for key in ("heads.1", "heads.2", "heads.3"):
+        torch.testing.assert_close(batched_k[key], loop_k[key], rtol=1e-5, atol=1e-5)
+
+
+def test_bench_decode_bandwidth_regime_writes_its_rows(tmp_path):
+    """tools/bench_decode.py --bandwidth on the tiny shape (CPU): every row and the variant table land in the
+    JSON, written through the atomic writer."""
+    import json
+
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    try:
+        import bench_decode
+    finally:
+        sys.path.pop(0)
+    assert bench_decode.main(["--bandwidth", os.path.join(REPO, "configs", "tiny.yaml"), "--device", "cpu",
+                              "--output-dir", str(tmp_path), "--tag", "t", "--prompt-tokens", "16",
+                              "--max-new-tokens", "4", "--ks", "1,2", "--variants", "default"]) == 0
+    result = json.loads((tmp_path / "decode_t.json").read_text())
+    assert [r["k"] for r in result["rows"] if r["kind"] == "generate"] == [1, 2]
+    assert [r["tokens"] for r in result["rows"] if r["kind"] == "forward"] == [1, 2]
+    assert result["plain_decode_tokens_per_s"] > 0 and list(result["variants"]) == ["default"]
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporary file left behind

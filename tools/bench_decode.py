@@ -207,15 +207,53 @@ def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / t
 
 
-def bandwidth_regime(args, command: str) -> dict:
+def kernel_profile(fn, device: str, steps: int = 10, top: int = 25) -> dict:
+    """Where one ``fn()`` (a captured step) spends its time: torch.profiler over ``steps`` calls, the device
+    kernels aggregated by name -> per step: calls, total and mean microseconds, plus the sum of kernel time
+    against the step's wall time (the difference is the GPU idling between kernels: launch latency)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            fn()
+        end.record()
+        end.synchronize()
+    wall_us = 1e3 * start.elapsed_time(end) / steps
+    kernels = {}
+    for evt in prof.events():
+        if evt.device_type != torch.autograd.DeviceType.CUDA or evt.device_time_total <= 0:
+            continue
+        row = kernels.setdefault(evt.name, [0, 0.0])
+        row[0] += 1
+        row[1] += evt.device_time_total
+    rows = sorted(({"kernel": name[:120], "calls_per_step": c / steps, "us_per_step": t / steps,
+                    "us_per_call": t / c} for name, (c, t) in kernels.items()), key=lambda r: -r["us_per_step"])
+    busy = sum(r["us_per_step"] for r in rows)
+    return {"steps": steps, "wall_us_per_step": wall_us, "kernel_us_per_step": busy,
+            "kernels_per_step": sum(r["calls_per_step"] for r in rows), "top": rows[:top]}
+
+
+def format_profile(title: str, prof: dict) -> str:
+    lines = [f"{title}: {prof['wall_us_per_step']:.0f} us/step wall, {prof['kernel_us_per_step']:.0f} us in "
+             f"{prof['kernels_per_step']:.0f} kernels ({100 * prof['kernel_us_per_step'] / max(1e-9, prof['wall_us_per_step']):.0f} % busy)",
+             f"{'us/step':>8} {'calls':>6} {'us/call':>8}  kernel"]
+    for r in prof["top"]:
+        lines.append(f"{r['us_per_step']:>8.1f} {r['calls_per_step']:>6.1f} {r['us_per_call']:>8.2f}  {r['kernel']}")
+    return "\n".join(lines)
+
+
+def bandwidth_regime(args, command: str, save=None) -> dict:
     """Random weights of ``args.bandwidth``'s shape: per-forward time over 1..k tokens (trunk + head 1, the
     forward that verifies k tokens), the full speculative step of k heads, and plain decoding's tokens/s
-    against the HBM floor: the bytes of the weights plain decoding reads per token / measured copy bandwidth."""
+    against the HBM floor: the bytes of the weights plain decoding reads per token / measured copy bandwidth.
+    On CUDA, a kernel profile of the plain and the k = n step (``kernel_profile``)."""
     import torch
 
     from megatron_mtp.config import load_config
-    from megatron_mtp.inference import SamplingParams, generate
-    from megatron_mtp.inference.generation import attention_backends, decoder_for
     from megatron_mtp.model.mtp_model import MTPModel
 
     cfg = load_config(args.bandwidth, [])
@@ -241,8 +279,70 @@ def bandwidth_regime(args, command: str) -> dict:
     all_bytes = size(model)
     prompt = torch.randint(0, cfg.model.vocab_size, (1, args.prompt_tokens), generator=g, device=args.device)
     prompts = [prompt[0].tolist()]
+    floor_tps = bw / plain_bytes
+    variants = [v for v in (args.variants or ("gemv" if args.gemv else "default")).split(",") if v]
+    options = {"default": (False, "sdpa"), "gemv": (True, "sdpa"), "fused": (False, "fused"),
+               "fused_gemv": (True, "fused")}  # name: (gemv, attention)
+    unknown = [v for v in variants if v not in options]
+    if unknown:
+        raise SystemExit(f"error: unknown --variants entry {unknown[0]!r}; choose from {', '.join(options)}.")
+    results = {}
+    for i, variant in enumerate(variants):
+        # The first variant gets every k and token count; later ones the plain and the k = max(ks) rows.
+        vks = ks if i == 0 else sorted({1, max(ks)})
+        try:
+            results[variant] = _bandwidth_variant(model, cfg, args, prompts, vks, *options[variant], g,
+                                                  full=i == 0)
+        except Exception as exc:  # a later variant's failure must not lose the first one's numbers
+            if i == 0:
+                raise
+            results[variant] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            print(f"warning: variant {variant} failed: {exc}", file=sys.stderr)
+            continue
+        plain = next(r for r in results[variant]["rows"] if r.get("kind") == "generate" and r["k"] == 1)
+        results[variant]["plain_decode_tokens_per_s"] = plain["decode_tokens_per_s"]
+        results[variant]["plain_fraction_of_floor"] = (plain["decode_tokens_per_s"] / floor_tps
+                                                       if plain["decode_tokens_per_s"] else None)
+        print(f"variant {variant}: plain decode {plain['decode_tokens_per_s']:.0f} tokens/s = "
+              f"{100 * results[variant]['plain_fraction_of_floor']:.0f} % of the HBM floor", flush=True)
+        if save is not None:  # after every variant: a run cut short keeps what it measured
+            save(_bandwidth_result(args, cfg, model, dtype, bw, all_bytes, plain_bytes, ks, variants, results))
+    return _bandwidth_result(args, cfg, model, dtype, bw, all_bytes, plain_bytes, ks, variants, results)
+
+
+def _bandwidth_result(args, cfg, model, dtype, bw, all_bytes, plain_bytes, ks, variants, results) -> dict:
+    first = results[variants[0]]
+    floor_tps = bw / plain_bytes
+    return {
+        "mode": "bandwidth", "config": args.bandwidth, "parameters": sum(p.numel() for p in model.parameters()),
+        "weights": "random (normal, std 0.02)", "dtype": str(dtype).replace("torch.", ""),
+        "copy_bandwidth_GBps": bw / 1e9, "weight_bytes_all": all_bytes, "weight_bytes_plain_step": plain_bytes,
+        "hbm_floor_ms_per_token": 1e3 * plain_bytes / bw, "hbm_floor_tokens_per_s": floor_tps,
+        "hbm_floor_tokens_per_s_all_weights": bw / all_bytes,
+        "plain_decode_tokens_per_s": first["plain_decode_tokens_per_s"],
+        "plain_fraction_of_floor": first["plain_fraction_of_floor"],
+        "variant": variants[0], "compiled": first["compiled"], "compile_error": first["compile_error"],
+        "gemv": first["gemv"], "attention": first["attention"],
+        "settings": {"prompt_tokens": args.prompt_tokens, "max_new_tokens": args.max_new_tokens, "ks": ks,
+                     "variants": variants},
+        "rows": first["rows"], "profiles": first["profiles"],
+        "variants": {v: {key: val for key, val in r.items() if key != "profiles"} for v, r in results.items()},
+        "variant_profiles": {v: r.get("profiles") for v, r in results.items() if v != variants[0]},
+    }
+
+
+def _bandwidth_variant(model, cfg, args, prompts, ks, gemv: bool, attention: str, g, full: bool) -> dict:
+    """One decoder configuration of the bandwidth regime: generate rows for ``ks``, forward times over
+    1..max(ks) tokens (only 1 and max(ks) unless ``full``), the speculative steps, the kernel profiles (of the
+    ``full`` variant)."""
+    import torch
+
+    from megatron_mtp.inference import SamplingParams, generate
+    from megatron_mtp.inference.generation import attention_backends, decoder_for, head_logits
+
+    n = cfg.mtp.n_heads
     rows = []
-    dec = decoder_for(model)
+    dec = decoder_for(model, gemv=gemv, attention=attention)
     # Plain and speculative decoding end to end (random weights: acceptance is near zero, so this times
     # the machinery, not the heads): warm, then timed.
     for k in ks:
@@ -262,44 +362,50 @@ def bandwidth_regime(args, command: str) -> dict:
     st = next(iter(dec._states.values()))
     cache = st.cache
     cuda = args.device.startswith("cuda")
+    profiles = {}
+    norm_w, eps, unembedding = dec._unembedding()
+    kmax = max(k for k in ks if k <= n)
+    sizes = range(1, max(ks) + 1) if full else sorted({1, max(ks)})
     with torch.no_grad(), attention_backends(torch.device(args.device)):
-        for s in range(1, max(ks) + 1):
+        for s in sizes:
             tokens = torch.randint(0, cfg.model.vocab_size, (1, s), generator=g, device=args.device)
             cache.lengths.fill_(args.prompt_tokens)
 
             def forward(s=s, tokens=tokens):
-                mask, pos = cache.attention_bias(s, dec.group, dec.dtype), cache.positions(s)
-                z, cos, sin = model.trunk_hidden(tokens, pos, cache, mask)
-                model.head_logits(0, z, cos, sin, cache, mask)
+                h1, _ = dec._forward(st, tokens, 1)
+                head_logits(h1, norm_w, eps, unembedding, cfg.model.vocab_size)
 
             fn = dec._capture(forward, False).replay if cuda else forward
             row = {"kind": "forward", "tokens": s, "ms": 1e3 * time_call(fn, args.device, iters=50 if cuda else 5)}
-            if s <= n:
+            if s <= n and s in ks:
                 step = dec._graphs.get(("step", 1, st.capacity, s, (True, 1.0, 0, 1.0)))
                 step = step.replay if step is not None else (lambda s=s: dec.step(st, s, SamplingParams(), None))
                 cache.lengths.fill_(args.prompt_tokens)
                 st.done.zero_()
                 st.budget.fill_(1 << 30)
                 row["speculative_step_ms"] = 1e3 * time_call(step, args.device, iters=20 if cuda else 3)
+                if cuda and s in (1, kmax) and args.profile and full:
+                    try:
+                        cache.lengths.fill_(args.prompt_tokens)
+                        prof = kernel_profile(step, args.device)
+                        prof["source"] = "CUDA graph replays"
+                        if not prof["top"]:  # a profiler that does not see inside graphs: the same step uncaptured
+                            cache.lengths.fill_(args.prompt_tokens)
+                            prof = kernel_profile(lambda s=s: dec.step(st, s, SamplingParams(), None), args.device)
+                            prof["source"] = "the step run uncaptured (graph kernels were not traced)"
+                        profiles[f"step_k{s}"] = prof
+                        print(format_profile(f"{attention} attention, gemv {gemv}: step k={s} ({prof['source']})",
+                                             prof), flush=True)
+                    except Exception as exc:  # the profile explains; it must not cost the measurements
+                        profiles[f"step_k{s}"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+                        print(f"warning: profile failed: {exc}", file=sys.stderr)
             rows.append(row)
     one = next(r["ms"] for r in rows if r.get("kind") == "forward" and r["tokens"] == 1)
     for r in rows:
         if r.get("kind") == "forward":
             r["x_one_token"] = r["ms"] / one
-    plain = next(r for r in rows if r.get("kind") == "generate" and r["k"] == 1)
-    floor_tps = bw / plain_bytes
-    return {
-        "mode": "bandwidth", "config": args.bandwidth, "parameters": sum(p.numel() for p in model.parameters()),
-        "weights": "random (normal, std 0.02)", "dtype": str(dtype).replace("torch.", ""),
-        "copy_bandwidth_GBps": bw / 1e9, "weight_bytes_all": all_bytes, "weight_bytes_plain_step": plain_bytes,
-        "hbm_floor_ms_per_token": 1e3 * plain_bytes / bw, "hbm_floor_tokens_per_s": floor_tps,
-        "hbm_floor_tokens_per_s_all_weights": bw / all_bytes,
-        "plain_decode_tokens_per_s": plain["decode_tokens_per_s"],
-        "plain_fraction_of_floor": plain["decode_tokens_per_s"] / floor_tps if plain["decode_tokens_per_s"] else None,
-        "compiled": dec.compile and dec.compile_error is None, "compile_error": dec.compile_error,
-        "settings": {"prompt_tokens": args.prompt_tokens, "max_new_tokens": args.max_new_tokens, "ks": ks},
-        "rows": rows,
-    }
+    return {"rows": rows, "profiles": profiles, "gemv": dec.gemv, "attention": dec.attention,
+            "compiled": dec.compile and dec.compile_error is None, "compile_error": dec.compile_error}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -438,6 +544,13 @@ def main(argv=None) -> int:
     p.add_argument("--peers", default=None,
                    help="comma-separated transformers rows: hf_default, hf_static_compiled, hf_prompt_lookup, or "
                         "none (default: all three on cuda, hf_default,hf_prompt_lookup on cpu)")
+    p.add_argument("--gemv", action="store_true",
+                   help="compile one-row matmuls as fused Triton reductions (inductor coordinate-descent tuning)")
+    p.add_argument("--profile", action="store_true", help="--bandwidth on CUDA: a kernel profile of the steps")
+    p.add_argument("--variants", default=None, metavar="LIST",
+                   help="--bandwidth: decoder configurations to measure one after the other, of default, gemv, "
+                        "fused (compiled products-and-sums attention) and fused_gemv (default: default, or gemv "
+                        "with --gemv); the first gets every row and the profiles")
     p.add_argument("--lookup-tokens", type=int, default=4, help="prompt_lookup_num_tokens of the lookup row")
     p.add_argument("--stop-at-eod", action="store_true", help="stop sequences at EOD (default: fixed budget)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -473,7 +586,8 @@ def main(argv=None) -> int:
         "command": command, "torch": torch.__version__, "threads": torch.get_num_threads(),
     }
     if args.bandwidth:
-        result = {**header, **bandwidth_regime(args, command)}
+        result = {**header, **bandwidth_regime(
+            args, command, save=lambda partial: write_result({**header, **partial}, args.output_dir, tag))}
         json_path = write_result(result, args.output_dir, tag)
         try:
             plot(result, json_path[:-5] + ".png")
@@ -537,6 +651,9 @@ def main(argv=None) -> int:
         return write_result(result, args.output_dir, tag)
 
     # ---- ours -----------------------------------------------------------------------------------------
+    from megatron_mtp.inference.generation import decoder_for
+
+    decoder_for(model, gemv=args.gemv)  # generate keeps this decoder's settings
     outputs, plain_rate = {}, {}
     for bs in batch_sizes:
         for k in ks:
@@ -558,11 +675,9 @@ def main(argv=None) -> int:
             print(f"ours batch {bs} k {k}: {agg['tokens_per_s']:.1f} tokens/s, {agg['tokens_per_forward']:.2f} "
                   f"tokens/forward", file=sys.stderr, flush=True)
             save()
-    from megatron_mtp.inference.generation import decoder_for
-
     dec = decoder_for(model)
     result["ours"] = {"cuda_graphs": dec.graphs, "compiled": dec.compile and dec.compile_error is None,
-                      "compile_error": dec.compile_error}
+                      "gemv": dec.gemv, "compile_error": dec.compile_error}
 
     # ---- peers: transformers on the HF export, batch 1 --------------------------------------------------
     if peers:

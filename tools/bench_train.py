@@ -3,9 +3,8 @@
 
 What is timed is the real training step: ``LocalEngine.train_step`` on an ``MTPModel`` (memory-efficient heads,
 fused linear cross-entropy, gradient clipping, AdamW), on synthetic random tokens, for n = 1, 2, 4 heads
-compute-matched (``model.num_layers`` counts the head layers). The peer is ``transformers``'
-``LlamaForCausalLM`` of the same shape (SDPA attention, fp32 weights under bf16 autocast as the HF Trainer runs
-it, fused AdamW, the same clipping). Per row: median step time over CUDA events after warm-up, tokens/s,
+compute-matched (``model.num_layers`` counts the head layers), in bf16 and with FP8 GEMMs. The peers are
+``transformers``' ``LlamaForCausalLM`` of the same shape in four regimes (below). Per row: median step time over CUDA events after warm-up, tokens/s,
 TFLOP/s (``metrics.flops_per_token``), MFU against 989 TFLOP/s dense bf16 and against the bf16 matmul rate
 measured in this run, peak memory (``max_memory_allocated``) next to ``training/memory_model.py``'s prediction.
 Also: the SDPA kernel chosen per attention layout (and their fwd+bwd times), saved-activation bytes per layer,
@@ -13,12 +12,23 @@ host syncs inside the step, and the top CUDA kernels of one profiled step.
 
     python tools/bench_train.py --output benchmarks/train_bench.json          # GPU: the 1.1B and 1.3B shapes
     python tools/bench_train.py --tiny --output /tmp/bench_tiny.json          # CPU smoke run (tests)
+    python tools/bench_train.py --isolate --shapes 7b-layer --rows fast:1,fast-fp8:1,hf-fp8:1,hf-compile:1
 
 Variants of our model (``--variants``; comma-separated, default all of the preset):
   eager-autocast   fp32 weights under bf16 autocast, no compile (LocalEngine with train.master_weights false)
   eager-bf16       bf16 weights + fp32 master weights, no compile (LocalEngine's default, train.master_weights)
   fast             bf16 weights + fp32 masters + torch.compile'd layers (train.compile) [+ attention layout if
                    the in-run attention benchmark shows it pays]
+  fast-fp8         as fast, with FP8 GEMMs in the trunk's and heads' linears (train.fp8, ops/fp8.py)
+Peers (transformers' LlamaForCausalLM of the same shape, fused AdamW, the same clipping):
+  hf               fp32 weights under bf16 autocast (the HF Trainer's bf16), our loss on the logits
+  hf-liger         bf16 weights (no fp32 masters) + Liger-Kernel (RMSNorm, RoPE, SwiGLU, fused linear CE)
+  hf-compile       bf16 weights (no fp32 masters), ``model.compile()``
+  hf-fp8           bf16 weights (no fp32 masters), torchao float8 training (tensorwise, every linear but the
+                   unembedding) + ``model.compile()``
+The bf16 peers compute transformers' own next-token loss (``labels=``: 2047 targets per 2048-token sample).
+``--isolate`` runs our rows of a shape in one child process and every peer in its own (Liger patches
+transformers' classes for the whole process; separate processes also keep each row's allocator clean).
 """
 from __future__ import annotations
 
@@ -58,6 +68,9 @@ SHAPES = {
     # brief's stated fallback shape (hidden 2048, 24 layers, 16 heads, MHA, SwiGLU 5632).
     "1.3b": dict(vocab_size=32000, hidden_size=2048, num_layers=24, num_attention_heads=16, num_kv_heads=16,
                  ffn_hidden_size=5632),
+    # Llama-2 7B's layer (d 4096, SwiGLU 11008, 32 heads, MHA) at reduced depth so one GPU holds it with Adam
+    "7b-layer": dict(vocab_size=32000, hidden_size=4096, num_layers=4, num_attention_heads=32, num_kv_heads=32,
+                     ffn_hidden_size=11008),
 }
 TINY_SHAPES = {
     "tiny-gqa": dict(vocab_size=512, hidden_size=64, num_layers=5, num_attention_heads=4, num_kv_heads=2,
@@ -65,13 +78,25 @@ TINY_SHAPES = {
     "tiny-mha": dict(vocab_size=512, hidden_size=64, num_layers=5, num_attention_heads=4, num_kv_heads=4,
                      ffn_hidden_size=160, make_vocab_size_divisible_by=64),
 }
-FILE_TAGS = {"1.1b": "1b", "1.3b": "1p3b"}
+FILE_TAGS = {"1.1b": "1b", "1.3b": "1p3b", "7b-layer": "7b_layer"}
 
 # rows: (variant, n_heads); "hf" is the peer
-GPU_PLAN = [("hf", 1), ("eager-autocast", 1), ("eager-autocast", 4), ("eager-bf16", 1),
-            ("fast", 1), ("fast", 2), ("fast", 4)]
+GPU_PLAN = [("hf", 1), ("hf-liger", 1), ("hf-compile", 1), ("hf-fp8", 1), ("eager-autocast", 1),
+            ("eager-autocast", 4), ("eager-bf16", 1), ("fast", 1), ("fast", 2), ("fast", 4), ("fast-fp8", 1),
+            ("fast-fp8", 4)]
 TINY_PLAN = [("hf", 1), ("eager-autocast", 1), ("eager-bf16", 1), ("eager-autocast", 2), ("eager-autocast", 4),
-             ("fast", 1), ("fast", 4)]
+             ("fast", 1), ("fast", 4), ("fast-fp8", 1)]
+HF_VARIANTS = ("hf", "hf-liger", "hf-compile", "hf-fp8")
+REGIMES = {
+    "hf": "fp32 weights under bf16 autocast, SDPA",
+    "hf-liger": "bf16 weights, no fp32 masters; Liger-Kernel RMSNorm/RoPE/SwiGLU/fused linear CE",
+    "hf-compile": "bf16 weights, no fp32 masters; model.compile()",
+    "hf-fp8": "bf16 weights, no fp32 masters; torchao float8 tensorwise (all linears but lm_head) + model.compile()",
+    "eager-autocast": "fp32 weights under bf16 autocast, eager",
+    "eager-bf16": "bf16 weights + fp32 masters, eager",
+    "fast": "bf16 weights + fp32 masters, compiled layers",
+    "fast-fp8": "bf16 weights + fp32 masters, compiled layers, FP8 GEMMs in trunk and head linears (train.fp8)",
+}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -194,7 +219,8 @@ def make_config(shape: dict, n_heads: int, seq: int, mb: int) -> Config:
     return cfg
 
 
-def build_ours(cfg: Config, device, *, master: bool, compiled: bool, attention: str):
+def build_ours(cfg: Config, device, *, master: bool, compiled: bool, attention: str, fp8: bool = False):
+    from megatron_mtp.ops.fp8 import apply_fp8
     from megatron_mtp.training.local_engine import LocalEngine
 
     if device.type == "cuda":
@@ -209,6 +235,8 @@ def build_ours(cfg: Config, device, *, master: bool, compiled: bool, attention: 
         model = build_model(cfg, "cpu", seed=1234, compile=False)
     if attention != "default":
         attention_layout.apply_attention_layout(model, expand_kv=attention == "bshd-expand")
+    if fp8:  # on a CPU smoke run the FP8 GEMMs run through torch._scaled_mm's CPU kernel (emulation speed)
+        apply_fp8(model)
     if compiled:
         apply_compile(model)
     dtype = torch.bfloat16 if (device.type == "cuda" or master) else torch.float32
@@ -216,7 +244,11 @@ def build_ours(cfg: Config, device, *, master: bool, compiled: bool, attention: 
     return engine
 
 
-def build_hf(cfg: Config, device):
+def build_hf(cfg: Config, device, variant: str = "hf"):
+    if variant == "hf-liger":  # patches transformers' Llama classes (this process only: see --isolate)
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama()
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from megatron_mtp.training.optimizer import param_groups
@@ -230,14 +262,32 @@ def build_hf(cfg: Config, device):
     hf_cfg._attn_implementation = "sdpa"
     with torch.device(device):
         model = LlamaForCausalLM(hf_cfg)
-    model.to(device=device, dtype=torch.float32)
+    bf16 = variant != "hf"
+    model.to(device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
     model.config.use_cache = False
     model.train()
+    if variant == "hf-fp8":
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+        convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name("tensorwise"),
+                                   module_filter_fn=lambda mod, fqn: fqn != "lm_head")
+    if variant in ("hf-compile", "hf-fp8"):
+        model.compile()
     o = cfg.optimizer
     opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                             fused=True if device.type == "cuda" else None)
     def autocast():
         return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+    def step_bf16(tokens):
+        # transformers' own loss, as its users run it (Liger's fused linear CE replaces it in hf-liger)
+        opt.zero_grad(set_to_none=True)
+        x = tokens[:, :-1]
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad, foreach=True)
+        opt.step()
+        return loss.detach()
 
     def step(tokens):
         opt.zero_grad(set_to_none=True)
@@ -253,7 +303,7 @@ def build_hf(cfg: Config, device):
         opt.step()
         return loss.detach()
 
-    return model, step
+    return model, (step_bf16 if bf16 else step)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -262,14 +312,21 @@ def build_hf(cfg: Config, device):
 
 def run_row(args, device, shape_name, shape, variant, n_heads, mb, attention, profile=False, check_syncs=False):
     seq = args.seq
-    cfg = make_config(shape, n_heads if variant != "hf" else 1, seq, mb)
-    row = {"shape": shape_name, "impl": "hf_llama" if variant == "hf" else "megatron_mtp", "variant": variant,
-           "n_heads": n_heads if variant != "hf" else None, "micro_batch": mb, "seq": seq,
-           "attention": attention if variant == "fast" else "default"}
-    master = variant in ("eager-bf16", "fast")
-    compiled = variant == "fast" and device.type == "cuda" and not args.no_compile
+    hf = variant in HF_VARIANTS
+    cfg = make_config(shape, n_heads if not hf else 1, seq, mb)
+    row = {"shape": shape_name, "impl": "hf_llama" if hf else "megatron_mtp", "variant": variant,
+           "n_heads": n_heads if not hf else None, "micro_batch": mb, "seq": seq,
+           "attention": attention if variant.startswith("fast") else "default", "regime": REGIMES[variant]}
+    master = variant in ("eager-bf16", "fast", "fast-fp8")
+    fp8 = variant == "fast-fp8"
+    compiled = ((variant.startswith("fast") and device.type == "cuda" and not args.no_compile)
+                or variant in ("hf-compile", "hf-fp8"))
     row["compile"] = compiled
-    row["precision"] = "hf-autocast" if variant == "hf" else ("bf16_master" if master else "autocast")
+    row["fp8"] = fp8 or variant == "hf-fp8"
+    if hf:
+        row["precision"] = "hf-autocast" if variant == "hf" else "bf16 (no masters)"
+    else:
+        row["precision"] = ("bf16_master" if master else "autocast") + ("+fp8" if fp8 else "")
     free_memory(device)
     gen = torch.Generator(device=device).manual_seed(0)
     batches = [torch.randint(0, cfg.model.vocab_size, (mb, seq + 1), device=device, generator=gen)
@@ -277,12 +334,12 @@ def run_row(args, device, shape_name, shape, variant, n_heads, mb, attention, pr
     t0 = time.perf_counter()
     model = engine = hf_step = None
     try:
-        if variant == "hf":
-            model, hf_step = build_hf(cfg, device)
+        if hf:
+            model, hf_step = build_hf(cfg, device, variant)
             step_fn = hf_step
             row["params"] = sum(p.numel() for p in model.parameters())
         else:
-            engine = build_ours(cfg, device, master=master, compiled=compiled, attention=row["attention"])
+            engine = build_ours(cfg, device, master=master, compiled=compiled, attention=row["attention"], fp8=fp8)
             model = engine.model
             row["params"] = sum(p.numel() for p in model.parameters())
             counter = [0]
@@ -298,7 +355,7 @@ def run_row(args, device, shape_name, shape, variant, n_heads, mb, attention, pr
             step_fn(batches[i % 2])
         sync(device)
         row["warmup_s"] = round(time.perf_counter() - t1, 2)
-        if variant != "hf":
+        if not hf:
             row["ce_operands"] = sorted({f"{a}/{b}" + ("/autocast" if c else "") for a, b, c in CE_SEEN})
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -320,9 +377,9 @@ def run_row(args, device, shape_name, shape, variant, n_heads, mb, attention, pr
         row["mfu_989"] = row["tflops"] * 1e12 / H100_BF16_PEAK
         if args.matmul_tflops:
             row["mfu_vs_matmul"] = row["tflops"] / args.matmul_tflops
-        if variant != "hf":
+        if not hf:
             layout = mm.Layout(micro_batch=mb, seq_length=seq, compiled=compiled,
-                               precision="bf16_master" if master else "autocast")
+                               precision="bf16_master" if master else "autocast", fp8=fp8)
             if device.type == "cpu" and not master:
                 layout.precision = "fp32"
             pred = mm.breakdown_gib(cfg, layout)
@@ -375,13 +432,15 @@ KERNEL_CLASSES = [
     ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
     ("optimizer", ("adam", "multi_tensor", "foreach")),
     ("cross_entropy", ("row_stats", "stats_and_grad", "softmax_grad", "narrow_fp32", "convert_fp32", "mtp")),
-    ("gemm", ("gemm", "xmma", "cutlass", "nvjet", "sm90", "cublas", "gemv")),
+    ("gemm", ("gemm", "xmma", "cutlass", "nvjet", "sm90", "cublas", "gemv", "scaled_mm")),
     ("fused (triton)", ("triton",)),
 ]
 
 
 def classify(name: str) -> str:
     low = name.lower()
+    if low.startswith(("triton_poi", "triton_red", "triton_per")):  # inductor's pointwise / reduction kernels,
+        return "fused (triton)"  # whose names list the ops fused in (an FP8 cast kernel names _scaled_mm)
     for cls, keys in KERNEL_CLASSES:
         if any(k in low for k in keys):
             return cls
@@ -540,7 +599,7 @@ def summarize(rows):
 
         s = {}
         hf = find("hf")
-        for variant in ("fast", "eager-bf16", "eager-autocast"):
+        for variant in ("fast", "fast-fp8", "eager-bf16", "eager-autocast"):
             n1, n4 = find(variant, 1), find(variant, 4)
             if n1 and n4 and n1["micro_batch"] == n4["micro_batch"]:
                 pred = n4["flops_per_token"] / n1["flops_per_token"]
@@ -551,6 +610,24 @@ def summarize(rows):
                                                       if n1.get("peak_mem_gib") else None)}
             if n1 and hf and n1["micro_batch"] == hf["micro_batch"]:
                 s.setdefault(variant, {})["n1_tokens_per_s_over_hf"] = n1["tokens_per_s"] / hf["tokens_per_s"]
+        # every megatron_mtp row against every peer row of the same micro-batch (tokens/s ratios, same run)
+        peers = {r["variant"]: r for r in rs if r["impl"] == "hf_llama"}
+        ratios = {}
+        for r in rs:
+            if r["impl"] != "megatron_mtp":
+                continue
+            for name, peer in peers.items():
+                if peer["micro_batch"] == r["micro_batch"]:
+                    ratios[f"{r['variant']} n={r['n_heads']} / {name}"] = r["tokens_per_s"] / peer["tokens_per_s"]
+        for n in (1, 2, 4):
+            a, b = find("fast-fp8", n), find("fast", n)
+            if a and b and a["micro_batch"] == b["micro_batch"]:
+                ratios[f"fast-fp8 n={n} / fast n={n}"] = a["tokens_per_s"] / b["tokens_per_s"]
+        if "hf-fp8" in peers and "hf-compile" in peers:
+            ratios["hf-fp8 / hf-compile (torchao's FP8 gain)"] = (peers["hf-fp8"]["tokens_per_s"]
+                                                                  / peers["hf-compile"]["tokens_per_s"])
+        if ratios:
+            s["tokens_per_s_ratios"] = ratios
         errs = [abs(r["prediction_error"]) for r in rs if r.get("prediction_error") is not None]
         if errs:
             s["memory_prediction_max_abs_error"] = max(errs)
@@ -590,6 +667,118 @@ def write_json(path, payload):
 # ---------------------------------------------------------------------------------------------------------
 
 
+def print_report(payload, args):
+    """The run's table, ratios, attention choice, profiles and errors (stdout)."""
+    print(f"\n{payload['device']} | torch {payload['torch']} | seq {payload['seq']} | matmul "
+          f"{payload['matmul_tflops_measured'] and round(payload['matmul_tflops_measured'])} TFLOP/s | "
+          f"CE {payload['ce']} | {payload['date']}")
+    print_table(payload["rows"])
+    for shape, s in payload["summary"].items():
+        print(f"{shape}: " + json.dumps(s, default=lambda v: round(v, 4)))
+    for shape, a in payload["attention"].items():
+        if isinstance(a, dict):
+            brief = {k: {kk: (round(vv, 3) if isinstance(vv, float) else vv) for kk, vv in v.items()
+                         if kk.endswith("_ms") or kk == "chosen"}
+                     for k, v in a.items() if isinstance(v, dict) and "chosen" in v}
+            print(f"attention {shape}: use {a.get('fast_rows_use')} | {json.dumps(brief)}")
+    for r in payload["rows"]:
+        if r.get("profile"):
+            p = r["profile"]
+            print(f"top kernels {r['shape']} {r['variant']} n={r['n_heads']} ({p['unit']}, total {p['total_ms']:.1f}):")
+            for k in p["top"][:args.profile_top]:
+                print(f"  {k['ms']:8.2f} {100 * (k['share'] or 0):5.1f}% x{k['calls']:<4} [{k['class']}] {k['name'][:100]}")
+            print(f"  by class: {json.dumps({k: round(v, 2) for k, v in p.get('by_class_ms', {}).items()})}")
+        if r.get("host_syncs"):
+            print(f"host syncs {r['shape']} {r['variant']} n={r['n_heads']}: {r['host_syncs']}")
+        if r.get("error"):
+            print(f"ERROR {r['shape']} {r['variant']} n={r.get('n_heads')}: {r['error']}")
+
+
+def _child_argv(argv, drop_values=("--rows", "--shapes", "--output", "--output-dir", "--time-budget-s",
+                                   "--variants", "--heads", "--skip")) -> list:
+    """The parent's own arguments minus those the child gets its own values for (and --isolate)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        name = a.split("=", 1)[0]
+        if name == "--isolate":
+            i += 1
+        elif name in drop_values:
+            i += 1 if "=" in a else 2
+        else:
+            out.append(a)
+            i += 1
+    return out
+
+
+def run_isolated(args, argv, shapes, plan, mb, payload, save, t_start):
+    """Per shape: our rows in one child process, each peer row in its own (same GPU, one after another)."""
+    import subprocess
+    import tempfile
+
+    groups = []
+    for shape_name in shapes:
+        ours = [f"{v}:{n}" for v, n in plan if v not in HF_VARIANTS]
+        pending = []
+        for v, n in plan:
+            if v in HF_VARIANTS:
+                pending.append([f"{v}:{n}"])
+            elif ours:
+                pending.append(ours)
+                ours = []
+        groups += [(shape_name, g) for g in pending]
+    base = _child_argv(argv)
+    tmp = tempfile.mkdtemp(prefix="bench_train_")
+    for k, (shape_name, rows) in enumerate(groups):
+        left = args.time_budget_s - (time.time() - t_start)
+        if left < 20:
+            for r in rows:
+                v, n = r.split(":")
+                payload["rows"].append({"shape": shape_name, "impl": "hf_llama" if v in HF_VARIANTS else "megatron_mtp",
+                                        "variant": v, "n_heads": int(n), "micro_batch": mb,
+                                        "error": "skipped: time budget"})
+            continue
+        out = os.path.join(tmp, f"group{k}.json")
+        cmd = [sys.executable, os.path.abspath(__file__), *base, "--shapes", shape_name, "--rows", ",".join(rows),
+               "--output", out, "--time-budget-s", str(max(left - 30, 10))]
+        t0 = time.time()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=left)
+            rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-3000:]
+        except subprocess.TimeoutExpired as exc:
+            rc, tail = "timeout", str((exc.stdout or b"")[-2000:] if isinstance(exc.stdout, bytes) else exc.stdout)
+        child = None
+        if os.path.exists(out):
+            with open(out) as f:
+                child = json.load(f)
+        print(f"[isolate] {shape_name} {','.join(rows)}: rc {rc} in {time.time() - t0:.0f} s", flush=True)
+        if child is None or rc != 0:
+            print(tail, flush=True)
+        done = set()
+        if child:
+            for r in child["rows"]:
+                r["process"] = k
+                payload["rows"].append(r)
+                done.add(f"{r['variant']}:{r['n_heads'] if r['n_heads'] is not None else 1}")
+            for key in ("attention", "saved_bytes_per_token"):
+                for shp, val in child.get(key, {}).items():
+                    if val and (shp not in payload[key] or not any(rr in HF_VARIANTS for rr in rows)):
+                        payload[key][shp] = val
+            if payload.get("matmul_tflops_measured") is None:
+                payload["matmul_tflops_measured"] = child.get("matmul_tflops_measured")
+            payload["device"] = child.get("device", payload["device"])
+            payload["ce"] = child.get("ce", payload["ce"])
+        for r in rows:
+            if r not in done:
+                v, n = r.split(":")
+                payload["rows"].append({"shape": shape_name, "impl": "hf_llama" if v in HF_VARIANTS else "megatron_mtp",
+                                        "variant": v, "n_heads": int(n), "micro_batch": mb, "process": k,
+                                        "error": f"child process failed (rc {rc}): {tail[-600:]}"})
+        save()
+    payload["isolated"] = "our rows of a shape in one process, each peer row in its own, one after another"
+
+
 def pick_micro_batch(shape, n_heads, seq, device, candidates=(32, 24, 16, 12, 8), fraction=0.85):
     """Largest micro-batch the memory model fits in ``fraction`` of this GPU (fast regime)."""
     if device.type != "cuda":
@@ -613,6 +802,12 @@ def main(argv=None):
                     "eager-bf16, fast)")
     ap.add_argument("--heads", default=None, help="comma-separated n to keep, e.g. 1,4")
     ap.add_argument("--skip", default=None, help="rows to leave out, variant:n comma-separated")
+    ap.add_argument("--rows", default=None, help="exactly these rows, in this order: variant:n comma-separated "
+                    "(overrides --variants/--heads/--skip)")
+    ap.add_argument("--isolate", action="store_true", help="run our rows of each shape in one child process and "
+                    "each peer row in its own")
+    ap.add_argument("--skip-extras", action="store_true", help="no attention-layout benchmark or saved-bytes check "
+                    "(the fast rows use --attention, 'default' when auto)")
     ap.add_argument("--micro-batch", type=int, default=None)
     ap.add_argument("--seq", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=None)
@@ -653,14 +848,20 @@ def main(argv=None):
         plan = [p for p in plan if p[0] in keep]
     if args.heads:
         keep_n = {int(x) for x in args.heads.split(",")}
-        plan = [p for p in plan if p[0] == "hf" or p[1] in keep_n]
+        plan = [p for p in plan if p[0] in HF_VARIANTS or p[1] in keep_n]
     if args.skip:
         drop = set(args.skip.split(","))
         plan = [p for p in plan if f"{p[0]}:{p[1]}" not in drop]
+    if args.rows:
+        plan = [(r.split(":")[0], int(r.split(":")[1])) for r in args.rows.split(",")]
+        unknown = [v for v, _ in plan if v not in REGIMES]
+        if unknown:
+            ap.error(f"--rows names unknown variants {unknown}; known: {', '.join(REGIMES)}")
     install_ce_wrapper(args.ce_backend)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 GEMMs stay fp32: the regimes compared are explicit
-    args.matmul_tflops = measure_matmul_tflops(device)
+    # with --isolate this process only launches children (its CUDA context would sit beside theirs)
+    args.matmul_tflops = None if args.isolate else measure_matmul_tflops(device)
 
     try:
         import transformers
@@ -668,7 +869,7 @@ def main(argv=None):
         hf_version = transformers.__version__
     except ImportError:
         hf_version = None
-        plan = [p for p in plan if p[0] != "hf"]
+        plan = [p for p in plan if p[0] not in HF_VARIANTS]
     payload = {
         "benchmark": "bench_train",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
@@ -709,6 +910,12 @@ def main(argv=None):
             return x
 
     jobs = []
+    if args.isolate:
+        run_isolated(args, argv, shapes, plan, mb, payload, save, t_start)
+        payload["elapsed_s"] = round(time.time() - t_start, 1)
+        save()
+        print_report(payload, args)
+        return payload
     for shape_name in shapes:
         for variant, n in plan:
             jobs.append((shape_name, variant, n, mb))
@@ -726,23 +933,28 @@ def main(argv=None):
                 torch._dynamo.reset()
             current_shape = shape_name
             bar.set_postfix_str(f"{shape_name}: attention layouts")
-            try:
-                payload["attention"][shape_name] = attention_bench(shape, mb, args.seq, device)
-            except Exception as exc:  # noqa: BLE001
-                payload["attention"][shape_name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            if args.skip_extras:
+                payload["attention"][shape_name] = {"skipped": "--skip-extras"}
+            else:
+                try:
+                    payload["attention"][shape_name] = attention_bench(shape, mb, args.seq, device)
+                except Exception as exc:  # noqa: BLE001
+                    payload["attention"][shape_name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
             choice = args.attention
             if choice == "auto":
-                choice = choose_attention(payload["attention"][shape_name]) if device.type == "cuda" else "default"
+                choice = (choose_attention(payload["attention"][shape_name])
+                          if device.type == "cuda" and not args.skip_extras else "default")
             attention_choice[shape_name] = choice
             payload["attention"][shape_name]["fast_rows_use"] = choice
-            try:
-                payload["saved_bytes_per_token"][shape_name] = saved_bytes_check(
-                    shape, device, compiled_too=args.calibrate and device.type == "cuda")
-            except Exception as exc:  # noqa: BLE001
-                payload["saved_bytes_per_token"][shape_name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            if not args.skip_extras:
+                try:
+                    payload["saved_bytes_per_token"][shape_name] = saved_bytes_check(
+                        shape, device, compiled_too=args.calibrate and device.type == "cuda")
+                except Exception as exc:  # noqa: BLE001
+                    payload["saved_bytes_per_token"][shape_name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
             save()
         if time.time() - t_start > args.time_budget_s:
-            payload["rows"].append({"shape": shape_name, "impl": "hf_llama" if variant == "hf" else "megatron_mtp",
+            payload["rows"].append({"shape": shape_name, "impl": "hf_llama" if variant in HF_VARIANTS else "megatron_mtp",
                                     "variant": variant, "n_heads": n, "micro_batch": row_mb,
                                     "error": "skipped: time budget"})
             continue
@@ -750,7 +962,7 @@ def main(argv=None):
         key = f"{variant}:{n}"
         row = run_row(args, device, shape_name, shape, variant, n, row_mb, attention_choice[shape_name],
                       profile=key in profile_keys and row_mb == mb,
-                      check_syncs=variant == "fast" and row_mb == mb)
+                      check_syncs=variant.startswith("fast") and row_mb == mb)
         if variant == "fast" and "error" in row and attention_choice[shape_name] != "default" \
                 and "out of memory" not in row["error"]:
             failed = row
@@ -763,27 +975,7 @@ def main(argv=None):
         save()
     payload["elapsed_s"] = round(time.time() - t_start, 1)
     save()
-    print(f"\n{payload['device']} | torch {payload['torch']} | seq {args.seq} | matmul "
-          f"{args.matmul_tflops and round(args.matmul_tflops)} TFLOP/s | CE {payload['ce']} | {payload['date']}")
-    print_table(payload["rows"])
-    for shape, s in payload["summary"].items():
-        print(f"{shape}: " + json.dumps(s, default=lambda v: round(v, 4)))
-    for shape, a in payload["attention"].items():
-        if isinstance(a, dict):
-            brief = {k: {kk: (round(vv, 3) if isinstance(vv, float) else vv) for kk, vv in v.items()
-                         if kk.endswith("_ms") or kk == "chosen"}
-                     for k, v in a.items() if isinstance(v, dict) and "chosen" in v}
-            print(f"attention {shape}: use {a.get('fast_rows_use')} | {json.dumps(brief)}")
-    for r in payload["rows"]:
-        if r.get("profile"):
-            p = r["profile"]
-            print(f"top kernels {r['shape']} {r['variant']} n={r['n_heads']} ({p['unit']}, total {p['total_ms']:.1f}):")
-            for k in p["top"][:args.profile_top]:
-                print(f"  {k['ms']:8.2f} {100 * (k['share'] or 0):5.1f}% x{k['calls']:<4} [{k['class']}] {k['name'][:100]}")
-        if r.get("host_syncs"):
-            print(f"host syncs {r['shape']} {r['variant']} n={r['n_heads']}: {r['host_syncs']}")
-        if r.get("error"):
-            print(f"ERROR {r['shape']} {r['variant']} n={r.get('n_heads')}: {r['error']}")
+    print_report(payload, args)
     return payload
 
 

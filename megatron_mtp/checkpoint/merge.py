@@ -43,7 +43,7 @@ def _load_canonical(path: str) -> tuple:
 def build_single_process_model(cfg, weights, device: Union[str, torch.device] = "cpu",
                                dtype: torch.dtype = torch.float32):
     """An MTPModel for one process holding the canonical ``weights`` (dict or callable)."""
-    model = build_model(cfg, "cpu", torch.float32, single_process=True, compile=False)
+    model = build_model(cfg, "cpu", torch.float32, single_process=True, compile=False, fp8=False)
     copy_into_model(model, weights, tp=1, tp_rank=0)
     return model.to(device=device, dtype=dtype).eval()
 

@@ -18,8 +18,8 @@ import json
 import sys
 
 from megatron_mtp.cli import HelpFormatter
-from megatron_mtp.config import ConfigError, load_config
-from megatron_mtp.data.errors import DataError
+from megatron_mtp.config import load_config
+from megatron_mtp.errors import InputError, UserError, report
 from megatron_mtp.data.tokenizers import resolve_config_tokenizer
 from megatron_mtp.training import memory_model as mm
 
@@ -44,16 +44,14 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, overrides)
         if cfg.model.vocab_size is None:  # a config that takes its vocabulary from its tokenizer
             resolve_config_tokenizer(cfg)
-    except (ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        gpus = args.gpus or args.nodes * args.gpus_per_node
+        if gpus % (cfg.parallel.tp * cfg.parallel.pp):
+            raise InputError(f"{gpus} GPUs do not divide into parallel.tp x parallel.pp = {cfg.parallel.tp} x "
+                             f"{cfg.parallel.pp}; pass --gpus or change the layout.")
+    except UserError as exc:
+        return report(exc)
     if args.compile:
         cfg.train.compile = True
-    gpus = args.gpus or args.nodes * args.gpus_per_node
-    if gpus % (cfg.parallel.tp * cfg.parallel.pp):
-        print(f"error: {gpus} GPUs do not divide into parallel.tp x parallel.pp = {cfg.parallel.tp} x "
-              f"{cfg.parallel.pp}; pass --gpus or change the layout.", file=sys.stderr)
-        return 2
     m = cfg.model
     budget = (args.gpu_memory_gib - args.reserved_gib) * (1 - args.headroom)
     print(f"{args.config}: {m.num_layers} layers (n={cfg.mtp.n_heads} {cfg.mtp.head_type} heads), d={m.hidden_size}, "
@@ -66,7 +64,7 @@ def main(argv=None) -> int:
     stages = mm.estimate(cfg, layout)
     worst = max(stages, key=lambda s: s.total)
     print(f"\nconfigured layout: {layout.describe()} grad_accum {layout.grad_accum}, precision {layout.precision}, "
-          f"{'compiled' if layout.compiled else 'eager'}")
+          f"{'compiled' if layout.compiled else 'eager'}{', fp8 linears' if layout.fp8 else ''}")
     print(f"{'stage':>5} {'params/GPU':>11} {'phase':>15} {'total GiB':>10}  parts (GiB)")
     for st in stages:
         parts = ", ".join(f"{k} {v / mm.GiB:.2f}" for k, v in sorted(st.bytes.items(), key=lambda kv: -kv[1]))

@@ -20,8 +20,9 @@ import sys
 import torch
 
 from megatron_mtp.eval.humaneval import evaluate_completions, generate_completions, load_problems
-from megatron_mtp.eval.sandbox import SandboxUnavailable, require_isolation
-from megatron_mtp.inference import ModelLoadError, SamplingParams, default_dtype, load_model
+from megatron_mtp.errors import InputError, UserError, report
+from megatron_mtp.eval.sandbox import require_isolation
+from megatron_mtp.inference import SamplingParams, default_dtype, load_model
 
 
 def main(argv=None) -> int:
@@ -58,11 +59,11 @@ def main(argv=None) -> int:
         isolation = require_isolation(args.allow_unsandboxed)  # before hours of generation, not after
         ks = sorted({int(k) for k in args.k.split(",") if k.strip()})
         if args.greedy and args.n_samples != 1:
-            raise ValueError("--greedy gives one completion per problem: use --n-samples 1.")
+            raise InputError("--greedy gives one completion per problem: use --n-samples 1.")
         if not ks or min(ks) < 1 or max(ks) > args.n_samples:
-            raise ValueError(f"--k values must lie in 1..--n-samples ({args.n_samples}), got {args.k!r}.")
+            raise InputError(f"--k values must lie in 1..--n-samples ({args.n_samples}), got {args.k!r}.")
         if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for but no CUDA device is visible; use --device cpu.")
+            raise InputError("--device cuda was asked for but no CUDA device is visible; use --device cpu.")
         sampling = (SamplingParams(greedy=True) if args.greedy else
                     SamplingParams(greedy=False, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p))
         problems = load_problems(args.limit, args.task)
@@ -70,10 +71,11 @@ def main(argv=None) -> int:
         cfg, model, tokenizer = load_model(args.load, device=args.device, dtype=dtype)
         heads = (args.heads or cfg.mtp.n_heads) if args.speculative else 1
         if not 1 <= heads <= cfg.mtp.n_heads:
-            raise ValueError(f"--heads must lie in 1..{cfg.mtp.n_heads}, got {heads}.")
-    except (ModelLoadError, ValueError, RuntimeError, SandboxUnavailable) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+            raise InputError(f"--heads must lie in 1..{cfg.mtp.n_heads}, got {heads}.")
+    except UserError as exc:
+        return report(exc)
+    except ValueError as exc:  # the library's own argument checks (task ids, sampling parameters)
+        return report(InputError(str(exc)))
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     completions, stats = generate_completions(model, tokenizer, problems, args.n_samples, sampling, heads=heads,
                                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,

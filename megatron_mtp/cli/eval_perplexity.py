@@ -34,13 +34,13 @@ def main(argv=None) -> int:
 
     import torch
 
-    from megatron_mtp.data.errors import DataError
+    from megatron_mtp.errors import InputError, UserError, report
     from megatron_mtp.eval.perplexity import evaluate_perplexity, perplexity_windows
-    from megatron_mtp.inference import ModelLoadError, load_model
+    from megatron_mtp.inference import load_model
 
     try:
         if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for but no CUDA device is visible; use --device cpu.")
+            raise InputError("--device cuda was asked for but no CUDA device is visible; use --device cpu.")
         cfg, model, _ = load_model(args.load, device=args.device, dtype=getattr(torch, args.dtype))
         seq_length = args.seq_length or cfg.data.seq_length
         if args.data is None:
@@ -49,9 +49,10 @@ def main(argv=None) -> int:
             dataset, source = validation_split(cfg, seq_length, args.max_samples)
         else:
             dataset, source = perplexity_windows(args.data, seq_length, args.max_samples), args.data
-    except (ModelLoadError, ValueError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except UserError as exc:
+        return report(exc)
+    except ValueError as exc:  # the library's own argument checks (window length, sample count)
+        return report(InputError(str(exc)))
     result = {"load": args.load, "data": source, **evaluate_perplexity(model, dataset, args.batch_size,
                                                                         progress=not args.no_progress)}
     text = json.dumps(result, indent=1)

@@ -21,15 +21,15 @@ import sys
 
 import torch
 
+from megatron_mtp.errors import InputError, UserError, report
 from megatron_mtp.inference import SamplingParams, default_dtype, generate, load_model
-from megatron_mtp.inference.loading import ModelLoadError
 
 
 def read_prompts(args) -> list:
     prompts = list(args.prompt or [])
     if args.prompt_file:
         if not os.path.isfile(args.prompt_file):
-            raise ValueError(f"prompt file {args.prompt_file!r} does not exist.")
+            raise InputError(f"prompt file {args.prompt_file!r} does not exist.")
         with open(args.prompt_file, encoding="utf-8") as f:
             if args.prompt_file.endswith(".jsonl"):
                 for n, line in enumerate(f, 1):
@@ -38,15 +38,15 @@ def read_prompts(args) -> list:
                     try:
                         record = json.loads(line)
                     except json.JSONDecodeError:
-                        raise ValueError(f"line {n} of {args.prompt_file} is not JSON.") from None
+                        raise InputError(f"line {n} of {args.prompt_file} is not JSON.") from None
                     text = record.get("prompt", record.get("text")) if isinstance(record, dict) else None
                     if not isinstance(text, str):
-                        raise ValueError(f"line {n} of {args.prompt_file} has no string field 'prompt' or 'text'.")
+                        raise InputError(f"line {n} of {args.prompt_file} has no string field 'prompt' or 'text'.")
                     prompts.append(text)
             else:
                 prompts.append(f.read())
     if not prompts:
-        raise ValueError("give a prompt with --prompt TEXT or --prompt-file FILE.")
+        raise InputError("give a prompt with --prompt TEXT or --prompt-file FILE.")
     return prompts
 
 
@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-stop-at-eod", action="store_true", help="keep generating past end-of-document")
     p.add_argument("--compare", action="store_true", help="also run plain decoding and report the speedup")
+    p.add_argument("--no-compile", action="store_true",
+                   help="on a GPU, capture CUDA graphs of the uncompiled step: no compile wait per new batch size "
+                        "or --heads (tens of seconds), slower steps; for a few short generations")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -78,13 +81,13 @@ def run(args) -> int:
 
 
     if args.greedy and args.temperature is not None:
-        raise ValueError("--greedy and --temperature exclude each other.")
+        raise InputError("--greedy and --temperature exclude each other.")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA device is visible; use --device cpu.")
+        raise InputError("--device cuda was asked for but no CUDA device is visible; use --device cpu.")
     if args.max_new_tokens < 1:
-        raise ValueError("--max-new-tokens must be at least 1.")
+        raise InputError("--max-new-tokens must be at least 1.")
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}.")
+        raise InputError(f"--batch-size must be at least 1, got {args.batch_size}.")
     sampling = (SamplingParams(greedy=True) if args.temperature is None else
                 SamplingParams(greedy=False, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p))
     prompts = read_prompts(args)
@@ -95,9 +98,9 @@ def run(args) -> int:
     if args.speculative:
         heads = n if args.heads is None else args.heads  # 0 is an error, not "all heads"
         if not 1 <= heads <= n:
-            raise ValueError(f"--heads must lie in 1..{n} (this model has {n} heads), got {heads}.")
+            raise InputError(f"--heads must lie in 1..{n} (this model has {n} heads), got {heads}.")
     elif args.heads is not None:
-        raise ValueError("--heads needs --speculative.")
+        raise InputError("--heads needs --speculative.")
     eod = None if args.no_stop_at_eod else tokenizer.eod
     pad = tokenizer.pad if getattr(tokenizer, "pad", None) is not None else 0
     encoded = [tokenizer.encode(p) or [tokenizer.eod] for p in prompts]
@@ -110,7 +113,8 @@ def run(args) -> int:
         texts, stats = [], []
         for start in range(0, len(encoded), args.batch_size):
             out = generate(model, encoded[start: start + args.batch_size], args.max_new_tokens, sampling,
-                           heads=k, eod=eod, pad_id=pad, generator=gen, progress=progress)
+                           heads=k, eod=eod, pad_id=pad, generator=gen, progress=progress,
+                           compile=False if args.no_compile else None)
             texts += [tokenizer.decode(t) for t in out.tokens]
             stats.append(out.stats)
         return texts, stats
@@ -145,9 +149,10 @@ def main(argv=None) -> int:
 
     try:
         return run(args)
-    except (ModelLoadError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except UserError as exc:
+        return report(exc)
+    except ValueError as exc:  # the inference library's own argument checks (prompt length, token ids)
+        return report(InputError(str(exc)))
 
 
 if __name__ == "__main__":

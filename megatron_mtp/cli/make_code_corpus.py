@@ -14,7 +14,7 @@ import sys
 
 from megatron_mtp.cli import HelpFormatter
 from megatron_mtp.data.code_corpus import DEFAULT_HELDOUT_FRACTION, write_code_corpus
-from megatron_mtp.data.errors import DataError
+from megatron_mtp.errors import UserError, report
 from megatron_mtp.data.preprocess import preprocess
 from megatron_mtp.data.tokenizers import TOKENIZER_TYPES
 
@@ -42,9 +42,8 @@ def main(argv=None) -> int:
                                    tokenizer_type=args.tokenizer_type, tokenizer_model=args.tokenizer_model,
                                    append_eod=True, workers=args.workers)
                 print(stats.summary())
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except UserError as exc:
+        return report(exc)
     return 0
 
 

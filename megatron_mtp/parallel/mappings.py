@@ -179,36 +179,71 @@ def _group(group):
 _eager = torch.compiler.disable
 
 
+def _single_rank(group) -> bool:
+    """One tensor-parallel rank: every mapping is the identity. Decided here, outside the ``compiler.disable``d
+    calls, so that a compiled layer at TP = 1 is one graph (each disabled call would split it, costing the
+    fusions across the GEMMs and a trip through eager mode per projection)."""
+    return group is None and state.tp_size() == 1
+
+
 @_eager
-def copy_to_tp_region(x, group=None):
+def _copy_to_tp_region(x, group):
     return _CopyToTP.apply(x, _group(group))
 
 
+def copy_to_tp_region(x, group=None):
+    return x if _single_rank(group) else _copy_to_tp_region(x, group)
+
+
 @_eager
-def reduce_from_tp_region(x, group=None):
+def _reduce_from_tp_region(x, group):
     return _ReduceFromTP.apply(x, _group(group))
 
 
+def reduce_from_tp_region(x, group=None):
+    return x if _single_rank(group) else _reduce_from_tp_region(x, group)
+
+
 @_eager
-def scatter_to_tp_region(x, group=None):
+def _scatter_to_tp_region(x, group):
     return _ScatterToTP.apply(x, _group(group))
 
 
+def scatter_to_tp_region(x, group=None):
+    return x if _single_rank(group) else _scatter_to_tp_region(x, group)
+
+
 @_eager
-def gather_from_tp_region(x, group=None):
+def _gather_from_tp_region(x, group):
     return _GatherFromTP.apply(x, _group(group))
 
 
+def gather_from_tp_region(x, group=None):
+    return x if _single_rank(group) else _gather_from_tp_region(x, group)
+
+
 @_eager
-def scatter_to_sequence_region(x, group=None):
+def _scatter_to_sequence_region(x, group):
     return _ScatterToSequence.apply(x, _group(group))
 
 
+def scatter_to_sequence_region(x, group=None):
+    return x if _single_rank(group) else _scatter_to_sequence_region(x, group)
+
+
 @_eager
-def gather_from_sequence_region(x, group=None):
+def _gather_from_sequence_region(x, group):
     return _GatherFromSequence.apply(x, _group(group))
 
 
+def gather_from_sequence_region(x, group=None):
+    return x if _single_rank(group) else _gather_from_sequence_region(x, group)
+
+
 @_eager
-def reduce_scatter_to_sequence_region(x, group=None):
+def _reduce_scatter_to_sequence_region(x, group):
     return _ReduceScatterToSequence.apply(x, _group(group))
+
+
+def reduce_scatter_to_sequence_region(x, group=None):
+    return x if _single_rank(group) else _reduce_scatter_to_sequence_region(x, group)

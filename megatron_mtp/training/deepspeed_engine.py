@@ -33,6 +33,7 @@ from megatron_mtp.config import Config, ConfigError
 from megatron_mtp.model.builder import build_model, param_dtype
 from megatron_mtp.model.compile import apply_compile
 from megatron_mtp.model.mtp_model import checkpoint_interval
+from megatron_mtp.ops.fp8 import apply_fp8, check_fp8_device
 from megatron_mtp.parallel import state
 from megatron_mtp.parallel.canonical import copy_into_model
 from megatron_mtp.parallel.distributed import _free_port
@@ -353,6 +354,9 @@ class DeepSpeedEngine(EngineBase):
         else:
             module = build_model(cfg, device, dtype, seed=t.seed, compile=False)
             mpu = MegatronMPU()
+        if t.fp8 and self.pipelined:  # build_model did it on the other path
+            check_fp8_device(device)
+            apply_fp8(module)
         if t.compile:  # the same pass as the single-replica engine: compile each transformer layer in place
             apply_compile(module)
         self.optimizer = build_optimizer(module, cfg.optimizer, device)

@@ -47,6 +47,7 @@ import torch
 
 from megatron_mtp.config import Config, ModelConfig, MTPConfig
 from megatron_mtp.model.transformer import TransformerLayer, rope_cos_sin
+from megatron_mtp.ops.fp8 import apply_fp8
 from megatron_mtp.ops.linear_cross_entropy import loss_memory_chunking
 from megatron_mtp.training.engine import uses_deepspeed_layout
 from megatron_mtp.validation import trunk_layer_count
@@ -74,6 +75,17 @@ ACTIVATION_COEFFS = {
     ("autocast", True): {"rep": {"d": 4, "c": 8}, "lin": {"d": 4}, "tp": {"d": 8, "kv": 6, "h": 4, "f": 6}},
 }
 
+# train.fp8 (ops/fp8.py): each FP8 linear saves its input in e4m3 (1 byte) instead of bf16. Eager, measured as
+# above: the two column-parallel inputs shrink 4d -> 2d, the down projection's input 2f -> f, while the
+# out-projection saves an e4m3 copy of the attention output (+d) that SDPA keeps in bf16 anyway. Compiled,
+# measured on an H100 (benchmarks/train_saved_bytes.json: d 2048 at two SwiGLU widths, which fixes the f
+# coefficient; the d total is measured, its split into rep/lin/tp follows the eager reasoning): inductor saves
+# the e4m3 copies instead of the bf16 ones, 14d -> 10d and 6f -> 4f.
+FP8_ACTIVATION_COEFFS = {
+    ("bf16", False): {"rep": {"d": 12, "c": 8}, "lin": {"d": 2}, "tp": {"d": 7, "kv": 6, "h": 4, "f": 7}},
+    ("bf16", True): {"rep": {"d": 2, "c": 8}, "lin": {"d": 2}, "tp": {"d": 6, "kv": 6, "h": 4, "f": 4}},
+}
+
 # Extra bytes per token a head's backward needs beyond its saved activations (gradients of the block's
 # intermediates alive at once: d(gate/up) [T, 2f], d(silu*up) [T, f], a few [T, d]).
 HEAD_BACKWARD_COEFFS = {"d": 8, "f": 6}
@@ -89,9 +101,10 @@ def activation_mode(precision: str) -> str:
 
 
 def layer_activation_bytes(m: ModelConfig, tokens: int, *, precision: str, compiled: bool, tp: int = 1,
-                           sequence_parallel: bool = False) -> float:
+                           sequence_parallel: bool = False, fp8: bool = False) -> float:
     """Bytes saved for backward by one transformer layer over ``tokens`` tokens (this rank's share)."""
-    coeffs = ACTIVATION_COEFFS[(activation_mode(precision), bool(compiled))]
+    key = (activation_mode(precision), bool(compiled))
+    coeffs = FP8_ACTIVATION_COEFFS[key] if fp8 and key in FP8_ACTIVATION_COEFFS else ACTIVATION_COEFFS[key]
     d, kv, f, h = m.hidden_size, m.kv_heads * m.head_dim, m.ffn_size, m.num_attention_heads
     sp = tp if (sequence_parallel and tp > 1) else 1
     per_token = (_coeff_bytes(coeffs["rep"], d, kv, f, h) / sp + _coeff_bytes(coeffs["lin"], d, kv, f, h)
@@ -182,6 +195,7 @@ class Layout:
     activation_checkpointing: str = "none"
     compiled: bool = False
     precision: str = "autocast"  # autocast | bf16_master | ds_bf16 | fp32
+    fp8: bool = False  # train.fp8: the linears save e4m3 inputs (FP8_ACTIVATION_COEFFS)
     memory_efficient_heads: bool = True
 
     def describe(self) -> str:
@@ -261,7 +275,7 @@ def estimate(cfg: Config, layout: Layout) -> list:
     act_bytes_resid = 4 if precision in ("autocast", "fp32") else 2
     compute_bytes = 4 if precision in ("autocast", "fp32") else 2
     layer_act = layer_activation_bytes(m, tokens, precision=precision, compiled=layout.compiled, tp=tp,
-                                       sequence_parallel=sp)
+                                       sequence_parallel=sp, fp8=layout.fp8)
     if precision == "fp32":
         layer_act *= 2  # no bf16 anywhere: every saved tensor at 4 bytes
     layer_input = tokens * m.hidden_size * act_bytes_resid / (tp if sp else 1)
@@ -342,7 +356,7 @@ def layout_from_config(cfg: Config, world_size: int, *, precision: Optional[str]
                     micro_batch=t.micro_batch_size, seq_length=cfg.data.seq_length, grad_accum=max(1, accum),
                     activation_checkpointing=t.activation_checkpointing,
                     compiled=t.compile if compiled is None else compiled,
-                    memory_efficient_heads=cfg.mtp.memory_efficient)
+                    memory_efficient_heads=cfg.mtp.memory_efficient, fp8=bool(t.fp8))
     layout.precision = precision or default_precision(cfg, layout, engine)
     return layout
 
@@ -405,7 +419,8 @@ def recommend(cfg: Config, gpus: int, gpu_memory_gib: float, *, gpus_per_node: i
             accum = gbs // (mb * dp)
             layout = Layout(tp=tp, pp=pp, dp=dp, zero_stage=zero, sequence_parallel=tp > 1, micro_batch=mb,
                             seq_length=cfg.data.seq_length, grad_accum=accum, activation_checkpointing=ac,
-                            compiled=cfg.train.compile, memory_efficient_heads=cfg.mtp.memory_efficient)
+                            compiled=cfg.train.compile, memory_efficient_heads=cfg.mtp.memory_efficient,
+                            fp8=bool(cfg.train.fp8))
             layout.precision = default_precision(cfg, layout, engine)
             if layout.precision == "autocast" and dp > 1 and engine == "auto" and zero == 0:
                 pass  # DeepSpeed ZeRO 0: fp32 weights under autocast, all-reduced grads
@@ -433,7 +448,7 @@ def recommend(cfg: Config, gpus: int, gpu_memory_gib: float, *, gpus_per_node: i
 
 def measure_layer_saved_bytes(m: ModelConfig, *, precision: str = "autocast", compiled: bool = False,
                               device: str = "cpu", batch: tuple = (2, 4), seq: int = 64,
-                              return_tensors: bool = False):
+                              return_tensors: bool = False, fp8: bool = False):
     """Saved-for-backward bytes per token of one ``TransformerLayer``: forward at two batch sizes under
     ``saved_tensors_hooks``, unique storages (a view keeps its whole base alive), parameters excluded, and the
     slope taken so per-call constants (weight casts, RoPE tables) drop out."""
@@ -444,6 +459,8 @@ def measure_layer_saved_bytes(m: ModelConfig, *, precision: str = "autocast", co
     with torch.no_grad():
         for p in layer.parameters():
             p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
+    if fp8:
+        apply_fp8(layer)
     if compiled:
         layer.compile(dynamic=False)
     autocast = precision == "autocast"
@@ -478,8 +495,8 @@ class _null:
         return False
 
 
-def formula_bytes_per_token(m: ModelConfig, precision: str, compiled: bool) -> float:
-    return layer_activation_bytes(m, 1, precision=precision, compiled=compiled)
+def formula_bytes_per_token(m: ModelConfig, precision: str, compiled: bool, fp8: bool = False) -> float:
+    return layer_activation_bytes(m, 1, precision=precision, compiled=compiled, fp8=fp8)
 
 
 def with_overrides(cfg: Config, **sections) -> Config:
