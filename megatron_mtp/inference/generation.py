@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from megatron_mtp.inference.kv_cache import KVCache, decode_bias
 from megatron_mtp.model.transformer import (decode_attention, decode_attention_fused, decode_layers, decode_mlp,
-                                            decode_qkv, rms_norm)
+                                            decode_qkv, rms_norm, stacked_alias)
 from megatron_mtp.inference.sampling import SamplingParams, next_tokens, probabilities, sample
 
 
@@ -217,8 +217,10 @@ def commit(inputs, accepted, y, drafts, out, out_len, done, all_done, budget, eo
         i = torch.arange(k - 1, device=inputs.device)[None]
         proposed[: k - 1] += ((i <= accepted[:, None]) & active[:, None]).sum(0)
         accepted_count[: k - 1] += ((i < accepted[:, None]) & active[:, None]).sum(0)
-        inputs[:, 1:] = drafts
-    inputs[:, 0] = y
+        y = torch.cat([y[:, None], drafts], 1)
+    # One copy of the whole buffer, the source viewed in its shape: a copy into column slices, or one that
+    # broadcasts, would make a compiler specialise on batch 1 or k = 2.
+    inputs.copy_(y.view(b, k))
     lengths.add_(gained)
 
 
@@ -237,6 +239,24 @@ def greedy_tail(h1, hd, norm_weight, eps: float, unembedding, vocab: int, inputs
            proposed, accepted_count, lengths)
 
 
+class _SizeOblivious:
+    """A compiled program traced with size-oblivious shapes. Dynamic shapes alone still specialise every
+    size that is 0 or 1 when first seen (batch 1, one token, one layer), so the first call at batch 1 and
+    k = 1 would compile graphs that batch 16 or k = 4 cannot reuse; size-oblivious reasoning keeps such a
+    size symbolic, so one graph serves every batch size and token count (a branch on a size, like the
+    one-layer ``F.linear`` of ``_stacked_linear``, still makes its own graph). The flag is scoped to these
+    calls: other compiled code of the process keeps the default."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, *args):
+        from torch.fx.experimental import _config as fx_config
+
+        with fx_config.patch(backed_size_oblivious=True, use_duck_shape=False):
+            return self.fn(*args)
+
+
 class _Programs:
     """The step's tensor programs, compiled (``torch.compile``, dynamic shapes: one compilation serves every
     layer, bucket and k of a shape class) or as they are. ``gemv`` adds inductor's coordinate-descent tuning,
@@ -250,14 +270,11 @@ class _Programs:
         fns = dict(self.EAGER)
         self.attention = decode_attention
         if compile:
-            import torch._dynamo
-
-            # Every shape class (batch 1 or more, one token or k, prefill) is a cache entry of one code object.
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             options = {"coordinate_descent_tuning": True} if gemv else None
             if attention == "fused":
                 fns["attention"] = decode_attention_fused
-            fns = {name: torch.compile(fn, dynamic=True, fullgraph=True, options=options) for name, fn in fns.items()}
+            fns = {name: _SizeOblivious(torch.compile(fn, dynamic=True, fullgraph=True, options=options))
+                   for name, fn in fns.items()}
             self.attention = fns.pop("attention", decode_attention)
         self.qkv, self.mlp, self.inputs, self.tail, self.commit = (fns[n] for n in ("qkv", "mlp", "inputs", "tail",
                                                                                     "commit"))
@@ -439,7 +456,7 @@ class Decoder:
         head = model.output.heads[1]
         attn, m, b = head.attn, k - 1, st.b
         k_all, v_all = cache.stack([h.key for h in model.output.heads[1:]], attn.n_kv, attn.head_dim, z.dtype)
-        weights = {name: w[:m] for name, w in self._draft_weights.items()}
+        weights = {name: stacked_alias(w, m) for name, w in self._draft_weights.items()}
         return decode_layers(z, cos, sin, k_all[: m * b], v_all[: m * b], cache.lengths, mask, weights,
                              self.programs.kernels, head.attn_norm.eps, attn.n_kv, attn.group, attn.head_dim)
 

@@ -41,10 +41,14 @@ def decode_bias(lengths: torch.Tensor, start: torch.Tensor, s_new: int, capacity
     ``group`` query heads that share a KV head: the decode path folds those heads into the query rows (see
     ``model.transformer.decode_qkv``), and building the bias once per forward spares every layer a
     bool-to-float conversion. A pure function of tensors, so a decoder can compile it."""
-    mask = decode_mask(lengths, start, s_new, capacity)
-    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
-    b = mask.size(0)
-    return bias[:, :, None].expand(b, 1, group, s_new, capacity).reshape(b, 1, group * s_new, capacity)
+    # Row r is query r % s_new of head group r // s_new: built in that shape directly, since reshaping an
+    # expanded [b, 1, group, s_new, capacity] is a view or a copy depending on s_new == 1, which a compiler
+    # would specialise on.
+    slot = torch.arange(capacity, device=lengths.device)[None, None, :]
+    query = torch.arange(group * s_new, device=lengths.device) % s_new
+    last = lengths[:, None, None] + query[None, :, None]  # [b, group * s_new, 1]
+    mask = ((slot <= last) & (slot >= start[:, None, None])) | (slot == last)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))[:, None]
 
 
 class KVCache:

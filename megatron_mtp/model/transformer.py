@@ -99,6 +99,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
 
 
+def stacked_alias(t: torch.Tensor, m: Optional[int] = None) -> torch.Tensor:
+    """The first ``m`` of stacked weights ``t`` [n, ...] — or, for ``m`` None, a layer's own weight ``t`` as a
+    stack of one [1, ...] — as a plain tensor over the same memory: no copy, no autograd, and not a view.
+    A compiled decode step guards on a view's base (its sizes and strides), so the trunk's ``weight[None]``
+    (base: the 2-D parameter) and the draft heads' ``stack[:m]`` (base: the 3-D stack) would each compile
+    their own program; plain tensors of one layout share one."""
+    if m is None:
+        size, stride = (1, *t.shape), (t.numel(), *t.stride())
+    else:
+        size, stride = (m, *t.shape[1:]), t.stride()
+    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), size, stride).detach()
+
+
 def _stacked_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [m, rows, in] through weights [m, out, in] -> [m, rows, out]; m = 1 is a plain ``F.linear``."""
     if weight.size(0) == 1:
@@ -124,19 +137,23 @@ def decode_qkv(x, norm_weight, eps: float, qkv_weight, cos, sin, k_buf, v_buf, l
     c, si = cos[None, :, :, None, None], sin[None, :, :, None, None]  # [1, b|1, s, 1, 1, head_dim]
     qk = qkv[..., : group + 1, :]  # the query heads of each group and its key head, rotated together
     qk = qk * c + _rotate_half(qk) * si
-    q = qk[..., :group, :].permute(0, 1, 3, 4, 2, 5).reshape(m * b, n_kv, group * s, head_dim)
-    k = qk[..., group, :].permute(0, 1, 3, 2, 4).reshape(m * b, n_kv, s, head_dim)
-    v = qkv[..., group + 1, :].permute(0, 1, 3, 2, 4).reshape(m * b, n_kv, s, head_dim)
-    # Row r of the buffers is layer r // b, sequence r % b. Slots are clamped so a finished sequence that
-    # keeps riding along in a batch never writes out of bounds (no host check is possible without a sync;
-    # the decoder sizes the capacity so live ones fit). An index_put_ on the buffer itself (not a view, not a
-    # scatter): the compiler then writes the new rows in place instead of copying the whole cache.
+    # The folded queries are copied into a fresh buffer rather than reshaped: whether a reshape of the
+    # permuted rows can be a view depends on s == 1, which would give one token and k tokens separate
+    # compilations.
+    q = qk.new_empty(m * b, n_kv, group * s, head_dim)
+    q.view(m, b, n_kv, group, s, head_dim).copy_(qk[..., :group, :].permute(0, 1, 3, 4, 2, 5))
+    # Row r of the buffers is layer r // b, sequence r % b; the index tensors broadcast to [m, b, s, n_kv],
+    # the layout of the new keys and values, so they are written without a reshape. Slots are clamped so a
+    # finished sequence that keeps riding along in a batch never writes out of bounds (no host check is
+    # possible without a sync; the decoder sizes the capacity so live ones fit). An index_put_ on the buffer
+    # itself (not a view, not a scatter): the compiler then writes the new rows in place instead of copying
+    # the whole cache.
     device = lengths.device
-    slots = (lengths[:, None] + torch.arange(s, device=device)[None]).clamp(max=k_buf.size(2) - 1).repeat(m, 1)
-    index = (torch.arange(m * b, device=device)[:, None, None], torch.arange(n_kv, device=device)[None, :, None],
-             slots[:, None, :])
-    k_buf.index_put_(index, k)
-    v_buf.index_put_(index, v)
+    slots = (lengths[:, None] + torch.arange(s, device=device)[None]).clamp(max=k_buf.size(2) - 1)
+    index = (torch.arange(m * b, device=device).view(m, b, 1, 1), torch.arange(n_kv, device=device).view(1, 1, 1, n_kv),
+             slots.view(1, b, s, 1))
+    k_buf.index_put_(index, qk[..., group, :])
+    v_buf.index_put_(index, qkv[..., group + 1, :])
     return q
 
 
@@ -165,7 +182,9 @@ def decode_attention_fused(q, k_all, v_all, mask, s: int) -> torch.Tensor:
     [.., rows, capacity, head_dim] products: only compiled decoders use it."""
     b, n_kv, rows, head_dim = q.shape
     qf = q.float() * head_dim ** -0.5
-    scores = (qf[:, :, :, None, :] * k_all[:, :, None, :, :].float()).sum(-1) + mask.float()  # [b, n_kv, rows, cap]
+    # The mask's head dim (size 1) re-made as a literal 1: a compiler that keeps input sizes of 1 symbolic
+    # (the decoder's) would not broadcast it.
+    scores = (qf[:, :, :, None, :] * k_all[:, :, None, :, :].float()).sum(-1) + mask[:, 0, None].float()
     p = torch.softmax(scores, dim=-1)
     o = (p[:, :, :, :, None] * v_all[:, :, None, :, :].float()).sum(-2).to(q.dtype)  # [b, n_kv, rows, head_dim]
     return o.view(b, n_kv, rows // s, s, head_dim).permute(0, 3, 1, 2, 4).reshape(b, s, n_kv * (rows // s) * head_dim)
@@ -246,10 +265,13 @@ class TransformerLayer(nn.Module):
         return self._residual(x, self.mlp(self.mlp_norm(x)))
 
     def decode_weights(self) -> dict:
-        """This layer's weights in the stacked form of ``decode_layers`` (views with a leading dim of 1)."""
-        return {"attn_norm": self.attn_norm.weight[None], "qkv": self.attn.qkv.weight[None],
-                "out": self.attn.out.weight[None], "mlp_norm": self.mlp_norm.weight[None],
-                "gate_up": self.mlp.gate_up.weight[None], "down": self.mlp.down.weight[None]}
+        """This layer's weights in the stacked form of ``decode_layers`` (a leading dim of 1), as plain
+        tensors over the parameters' memory (``stacked_alias``): decoding needs no gradients, and a compiled
+        decode step guards on ``requires_grad`` and keeps a parameter's shape static — the trunk and the
+        draft heads' stacked weights would each compile apart."""
+        weights = {"attn_norm": self.attn_norm.weight, "qkv": self.attn.qkv.weight, "out": self.attn.out.weight,
+                   "mlp_norm": self.mlp_norm.weight, "gate_up": self.mlp.gate_up.weight, "down": self.mlp.down.weight}
+        return {name: stacked_alias(w) for name, w in weights.items()}
 
     def decode(self, x, cos, sin, kv_cache, attn_mask):
         """Inference with a KV cache (one process, no dropout): the same math as ``forward`` as three pieces
