@@ -362,6 +362,47 @@ def test_compiled_step_programs_give_the_eager_tokens(monkeypatch):
     torch._dynamo.reset()
 
 
+def test_compiled_decoder_compiles_once_per_shape_class(monkeypatch):
+    """A compiled decoder compiles each step program once per shape class that truly differs — one layer or
+    a stack (the trunk vs k >= 3 draft heads), k = 1 or k >= 2 (the tail and the bookkeeping) — and never for
+    a new batch size, prompt width or k: dynamo would otherwise specialise the sizes first seen as 1 (batch 1,
+    one token, one draft head), and every new (batch, k) cost a compilation (tens of seconds on a GPU). The
+    guards are dynamo's whatever the backend, so the eager backend keeps this fast."""
+    import torch._dynamo
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from megatron_mtp.inference.generation import commit, greedy_tail, step_inputs
+    from megatron_mtp.model.transformer import decode_mlp, decode_qkv
+
+    original = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: original(fn, **{**kw, "backend": "eager",
+                                                                            "options": None}))
+    programs = {"qkv": decode_qkv, "mlp": decode_mlp, "inputs": step_inputs, "tail": greedy_tail,
+                "commit": commit}
+
+    def graphs():
+        return {name: len(_debug_get_cache_entry_list(fn.__code__)) for name, fn in programs.items()}
+
+    def decode(b, k, greedy=True):
+        prompts = random_prompts([2 + (3 * i) % 7 for i in range(b)], 16, seed=b + k)
+        sampling = SamplingParams() if greedy else SamplingParams(greedy=False, temperature=0.9)
+        return generate(model, prompts, 5, sampling=sampling, heads=k, graphs=False, compile=True,
+                        generator=torch.Generator().manual_seed(0)).tokens
+
+    torch._dynamo.reset()
+    model = tiny_model(n_heads=4, layers=2, dtype=torch.float32)
+    for k in (1, 3):  # batch 1: every shape class once, greedy and sampling
+        decode(1, k)
+        decode(1, k, greedy=False)
+    assert graphs() == {"qkv": 2, "mlp": 2, "inputs": 1, "tail": 2, "commit": 2}
+    for b, k in ((1, 2), (1, 4), (4, 1), (4, 2), (4, 4), (3, 3)):  # new k, new batch sizes, new widths
+        compiled = decode(b, k)
+        decode(b, k, greedy=False)
+        assert graphs() == {"qkv": 2, "mlp": 2, "inputs": 1, "tail": 2, "commit": 2}, (b, k)
+    prompts = random_prompts([2 + (3 * i) % 7 for i in range(3)], 16, seed=6)
+    assert compiled == generate(model, prompts, 5, graphs=False, compile=False).tokens
+    torch._dynamo.reset()
+
+
 def test_fused_decode_attention_equals_sdpa():
     """The products-and-sums attention of compiled decoders against scaled_dot_product_attention: folded GQA
     rows, an additive mask with padding and per-row limits, two new tokens."""
