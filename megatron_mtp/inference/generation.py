@@ -214,9 +214,12 @@ def commit(inputs, accepted, y, drafts, out, out_len, done, all_done, budget, eo
     forwards.add_(active.any().long())
     seq_forwards.add_(active.sum())
     if k > 1:
-        i = torch.arange(k - 1, device=inputs.device)[None]
-        proposed[: k - 1] += ((i <= accepted[:, None]) & active[:, None]).sum(0)
-        accepted_count[: k - 1] += ((i < accepted[:, None]) & active[:, None]).sum(0)
+        # Counted over every draft head, those past k masked: an in-place add into ``proposed[:k - 1]`` would
+        # leave the compiler a slice whose end it cannot compare with the buffer's size without specialising.
+        i = torch.arange(proposed.size(0), device=inputs.device)[None]
+        live = (i < k - 1) & active[:, None]
+        proposed.add_(((i <= accepted[:, None]) & live).sum(0))
+        accepted_count.add_(((i < accepted[:, None]) & live).sum(0))
         y = torch.cat([y[:, None], drafts], 1)
     # One copy of the whole buffer, the source viewed in its shape: a copy into column slices, or one that
     # broadcasts, would make a compiler specialise on batch 1 or k = 2.
