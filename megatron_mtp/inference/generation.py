@@ -247,8 +247,9 @@ class _SizeOblivious:
     size that is 0 or 1 when first seen (batch 1, one token, one layer), so the first call at batch 1 and
     k = 1 would compile graphs that batch 16 or k = 4 cannot reuse; size-oblivious reasoning keeps such a
     size symbolic, so one graph serves every batch size and token count (a branch on a size, like the
-    one-layer ``F.linear`` of ``_stacked_linear``, still makes its own graph). The flag is scoped to these
-    calls: other compiled code of the process keeps the default."""
+    one-layer ``F.linear`` of ``_stacked_linear``, still makes its own graph). Duck shaping is off for the
+    same reason: sizes that happen to be equal when first seen (batch 1 and one draft head) would be guarded
+    equal. The flags are scoped to these calls: other compiled code of the process keeps the defaults."""
 
     def __init__(self, fn):
         self.fn = fn
@@ -262,7 +263,8 @@ class _SizeOblivious:
 
 class _Programs:
     """The step's tensor programs, compiled (``torch.compile``, dynamic shapes: one compilation serves every
-    layer, bucket and k of a shape class) or as they are. ``gemv`` adds inductor's coordinate-descent tuning,
+    layer, batch size, prompt width and k of a shape class — one layer or a stack of draft heads, k = 1 or
+    more; see ``_SizeOblivious``) or as they are. ``gemv`` adds inductor's coordinate-descent tuning,
     under which a one-row matmul (batch 1, one token) becomes a Triton reduction that the norm before it
     and the residual add after it fuse into (gpt-fast's configuration)."""
 
@@ -276,7 +278,14 @@ class _Programs:
             options = {"coordinate_descent_tuning": True} if gemv else None
             if attention == "fused":
                 fns["attention"] = decode_attention_fused
-            fns = {name: _SizeOblivious(torch.compile(fn, dynamic=True, fullgraph=True, options=options))
+            # gemv's point is a matmul known to have one row, which only a specialised graph knows: with gemv
+            # the programs keep dynamo's default and compile the one-token step apart.
+            wrap = (lambda fn: fn) if gemv else _SizeOblivious
+            if gemv:  # then each (batch 1 or more, one token or k) class is a cache entry of one code object
+                import torch._dynamo
+
+                torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            fns = {name: wrap(torch.compile(fn, dynamic=True, fullgraph=True, options=options))
                    for name, fn in fns.items()}
             self.attention = fns.pop("attention", decode_attention)
         self.qkv, self.mlp, self.inputs, self.tail, self.commit = (fns[n] for n in ("qkv", "mlp", "inputs", "tail",
