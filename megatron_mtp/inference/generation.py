@@ -275,6 +275,8 @@ class _Programs:
         fns = dict(self.EAGER)
         self.attention = decode_attention
         if compile:
+            import torch._dynamo
+
             options = {"coordinate_descent_tuning": True} if gemv else None
             if attention == "fused":
                 fns["attention"] = decode_attention_fused
@@ -282,8 +284,6 @@ class _Programs:
             # the programs keep dynamo's default and compile the one-token step apart.
             wrap = (lambda fn: fn) if gemv else _SizeOblivious
             if gemv:  # then each (batch 1 or more, one token or k) class is a cache entry of one code object
-                import torch._dynamo
-
                 torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             fns = {name: wrap(torch.compile(fn, dynamic=True, fullgraph=True, options=options))
                    for name, fn in fns.items()}
