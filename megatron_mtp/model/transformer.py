@@ -142,7 +142,7 @@ def decode_qkv(x, norm_weight, eps: float, qkv_weight, cos, sin, k_buf, v_buf, l
     # compilations.
     q = qk.new_empty(m * b, n_kv, group * s, head_dim)
     q.view(m, b, n_kv, group, s, head_dim).copy_(qk[..., :group, :].permute(0, 1, 3, 4, 2, 5))
-    # Row r of the buffers is layer r // b, sequence r % b; the index tensors broadcast to [m, b, s, n_kv],
+    # Row r of the buffers is layer r // b, sequence r % b; the index tensors broadcast to [m, b, s, n_kv, 1],
     # the layout of the new keys and values, so they are written without a reshape. Slots are clamped so a
     # finished sequence that keeps riding along in a batch never writes out of bounds (no host check is
     # possible without a sync; the decoder sizes the capacity so live ones fit). An index_put_ on the buffer
@@ -150,10 +150,12 @@ def decode_qkv(x, norm_weight, eps: float, qkv_weight, cos, sin, k_buf, v_buf, l
     # the whole cache.
     device = lengths.device
     slots = (lengths[:, None] + torch.arange(s, device=device)[None]).clamp(max=k_buf.size(2) - 1)
-    index = (torch.arange(m * b, device=device).view(m, b, 1, 1), torch.arange(n_kv, device=device).view(1, 1, 1, n_kv),
-             slots.view(1, b, s, 1))
-    k_buf.index_put_(index, qk[..., group, :])
-    v_buf.index_put_(index, qkv[..., group + 1, :])
+    # (The key and value heads are taken as slices [.., 1, head_dim], not selected: a compiler lowers a
+    # select to a squeeze whose strides it cannot derive without specialising sizes of 1.)
+    index = (torch.arange(m * b, device=device).view(m, b, 1, 1, 1),
+             torch.arange(n_kv, device=device).view(1, 1, 1, n_kv, 1), slots.view(1, b, s, 1, 1))
+    k_buf.index_put_(index, qk[..., group:, :])
+    v_buf.index_put_(index, qkv[..., group + 1:, :])
     return q
 
 
