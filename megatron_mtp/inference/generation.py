@@ -231,8 +231,8 @@ def greedy_tail(h1, hd, norm_weight, eps: float, unembedding, vocab: int, inputs
                 budget, eod, forwards, seq_forwards, proposed, accepted_count, lengths) -> None:
     """Greedy: head 1's logits at the k inputs, verification, the next drafts from the draft heads' rows at
     the last accepted input (``hd`` [k-1, b, k, hidden], None for k = 1), and ``commit``."""
-    if hd is None:
-        y = head_logits(h1[:, 0], norm_weight, eps, unembedding, vocab).argmax(-1)
+    if hd is None:  # (h1 [b, 1, hidden] is not indexed: a compiler lowers that to a squeeze that specialises b == 1)
+        y = head_logits(h1, norm_weight, eps, unembedding, vocab).argmax(-1).view(h1.size(0))
         accepted, drafts = torch.zeros_like(y), None
     else:
         logits1, draft_logits = all_logits(h1, hd, norm_weight, eps, unembedding, vocab)
