@@ -367,7 +367,8 @@ def test_compiled_decoder_compiles_once_per_shape_class(monkeypatch):
     a stack (the trunk vs k >= 3 draft heads), k = 1 or k >= 2 (the tail and the bookkeeping) — and never for
     a new batch size, prompt width or k: dynamo would otherwise specialise the sizes first seen as 1 (batch 1,
     one token, one draft head), and every new (batch, k) cost a compilation (tens of seconds on a GPU). The
-    guards are dynamo's whatever the backend, so the eager backend keeps this fast."""
+    guards are dynamo's whatever the backend, so the eager backend keeps this fast (inductor's lowering can
+    add a few of its own: ``tools/decode_compile_report.py`` counts them with inductor)."""
     import torch._dynamo
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
     from megatron_mtp.inference.generation import commit, greedy_tail, step_inputs
