@@ -165,7 +165,7 @@ def fold_mask(mask: torch.Tensor, group: int, s: int, batch: int) -> torch.Tenso
     b, kv = mask.size(0), mask.size(-1)
     if mask.size(-2) != group * s:
         mask = mask[:, :, None].expand(b, 1, group, s, kv).reshape(b, 1, group * s, kv)
-    if b != batch and b != 1:
+    if b != batch:  # (a batch-1 mask too: a compiler that keeps sizes of 1 symbolic would not broadcast it)
         mask = mask.repeat(batch // b, 1, 1, 1)
     return mask
 
@@ -189,7 +189,10 @@ def decode_attention_fused(q, k_all, v_all, mask, s: int) -> torch.Tensor:
     scores = (qf[:, :, :, None, :] * k_all[:, :, None, :, :].float()).sum(-1) + mask[:, 0, None].float()
     p = torch.softmax(scores, dim=-1)
     o = (p[:, :, :, :, None] * v_all[:, :, None, :, :].float()).sum(-2).to(q.dtype)  # [b, n_kv, rows, head_dim]
-    return o.view(b, n_kv, rows // s, s, head_dim).permute(0, 3, 1, 2, 4).reshape(b, s, n_kv * (rows // s) * head_dim)
+    # Copied into the output layout rather than reshaped (whether that reshape is a view depends on s == 1).
+    out = o.new_empty(b, s, n_kv * (rows // s) * head_dim)
+    out.view(b, s, n_kv, rows // s, head_dim).copy_(o.view(b, n_kv, rows // s, s, head_dim).permute(0, 3, 1, 2, 4))
+    return out
 
 
 def decode_mlp(x, o, out_weight, norm_weight, eps: float, gate_up_weight, down_weight) -> torch.Tensor:
