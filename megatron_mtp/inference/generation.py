@@ -41,7 +41,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from megatron_mtp.inference.kv_cache import KVCache, decode_bias
+from megatron_mtp.inference.kv_cache import KVCache, decode_bias, decode_positions
 from megatron_mtp.model.transformer import (decode_attention, decode_attention_fused, decode_layers, decode_mlp,
                                             decode_qkv, rms_norm, stacked_alias)
 from megatron_mtp.inference.sampling import SamplingParams, next_tokens, probabilities, sample
@@ -171,7 +171,7 @@ def step_inputs(lengths, start, cos_table, sin_table, s: int, capacity: int, gro
     next ``s`` tokens. RoPE comes from tables of every position, so it costs one gather, not a
     recomputation (the tables hold the values ``rope_cos_sin`` gives)."""
     bias = decode_bias(lengths, start, s, capacity, group, cos_table.dtype)
-    pos = ((lengths - start)[:, None] + torch.arange(s, device=lengths.device)[None]).clamp(min=0)
+    pos = decode_positions(lengths, start, s)
     return bias, cos_table[pos], sin_table[pos]
 
 

@@ -26,13 +26,24 @@ import torch
 from megatron_mtp.model.transformer import decode_attention, decode_mlp, decode_qkv
 
 
-def decode_mask(lengths: torch.Tensor, start: torch.Tensor, s_new: int, capacity: int) -> torch.Tensor:
-    """Bool [b, 1, s_new, capacity]: query i of sequence b sees slots start[b] .. lengths[b] + i, or its own
-    slot alone when that range is empty (a padding query; its output is never used)."""
+def _visible(lengths: torch.Tensor, start: torch.Tensor, query: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Bool [b, rows, capacity]: a row holding query i (``query`` [rows]) of sequence b sees slots
+    start[b] .. lengths[b] + i, or its own slot alone when that range is empty (a padding query; its output is
+    never used)."""
     slot = torch.arange(capacity, device=lengths.device)[None, None, :]  # [1, 1, capacity]
-    last = lengths[:, None, None] + torch.arange(s_new, device=lengths.device)[None, :, None]  # [b, s_new, 1]
-    mask = ((slot <= last) & (slot >= start[:, None, None])) | (slot == last)
-    return mask[:, None]
+    last = lengths[:, None, None] + query[None, :, None]  # [b, rows, 1]
+    return ((slot <= last) & (slot >= start[:, None, None])) | (slot == last)
+
+
+def decode_mask(lengths: torch.Tensor, start: torch.Tensor, s_new: int, capacity: int) -> torch.Tensor:
+    """Bool [b, 1, s_new, capacity]: query i of sequence b sees slots start[b] .. lengths[b] + i (see
+    ``_visible``)."""
+    return _visible(lengths, start, torch.arange(s_new, device=lengths.device), capacity)[:, None]
+
+
+def decode_positions(lengths: torch.Tensor, start: torch.Tensor, s_new: int) -> torch.Tensor:
+    """RoPE positions [b, s_new] of the next ``s_new`` tokens (padding does not count; pads get 0)."""
+    return ((lengths - start)[:, None] + torch.arange(s_new, device=lengths.device)[None]).clamp(min=0)
 
 
 def decode_bias(lengths: torch.Tensor, start: torch.Tensor, s_new: int, capacity: int, group: int,
@@ -44,10 +55,7 @@ def decode_bias(lengths: torch.Tensor, start: torch.Tensor, s_new: int, capacity
     # Row r is query r % s_new of head group r // s_new: built in that shape directly, since reshaping an
     # expanded [b, 1, group, s_new, capacity] is a view or a copy depending on s_new == 1, which a compiler
     # would specialise on.
-    slot = torch.arange(capacity, device=lengths.device)[None, None, :]
-    query = torch.arange(group * s_new, device=lengths.device) % s_new
-    last = lengths[:, None, None] + query[None, :, None]  # [b, group * s_new, 1]
-    mask = ((slot <= last) & (slot >= start[:, None, None])) | (slot == last)
+    mask = _visible(lengths, start, torch.arange(group * s_new, device=lengths.device) % s_new, capacity)
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))[:, None]
 
 
@@ -64,7 +72,6 @@ class KVCache:
         self._k: dict = {}
         self._v: dict = {}
         self._stacks: dict = {}  # tuple of layer keys -> their shared buffer pair
-        self._arange = torch.arange(capacity, device=self.device)
         self.reset(start)
 
     # ---- bookkeeping (in place: the tensors keep their addresses for captured graphs) -----------------
@@ -101,9 +108,8 @@ class KVCache:
         self.lengths.copy_(torch.tensor(lengths, dtype=torch.long))
 
     def positions(self, s_new: int) -> torch.Tensor:
-        """RoPE positions [b, s_new] of the next ``s_new`` tokens (padding does not count; pads get 0)."""
-        pos = (self.lengths - self.start)[:, None] + self._arange[None, :s_new]
-        return pos.clamp(min=0)
+        """RoPE positions [b, s_new] of the next ``s_new`` tokens (see ``decode_positions``)."""
+        return decode_positions(self.lengths, self.start, s_new)
 
     def attention_mask(self, s_new: int) -> torch.Tensor:
         """Bool [b, 1, s_new, capacity]: query i of sequence b sees slots start[b] .. length[b] + i.
