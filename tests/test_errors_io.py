@@ -50,6 +50,7 @@ def test_report_says_config_errors_once():
      "--greedy and --temperature exclude each other"),
     ("generate", ["--load", "{tmp}/none", "--prompt", "x"], "checkpoint", "none"),
     ("eval_perplexity", ["--load", "{tmp}/none"], "checkpoint", "none"),
+    ("eval_humaneval", ["--load", "{tmp}", "--k", "1,a", "--allow-unsandboxed"], "input", "--k takes comma-separated integers"),
 ])
 def test_every_tool_reports_a_user_error_in_one_line(tool, argv, kind, words, tmp_path, capsys):
     """Each command-line tool says ``<kind> error: <sentence>`` through errors.report and exits 2."""

@@ -52,12 +52,12 @@ def main(argv=None) -> int:
     p.add_argument("--output", default="humaneval_results.jsonl", help="per-problem results (JSONL)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-
-
-
     try:
         isolation = require_isolation(args.allow_unsandboxed)  # before hours of generation, not after
-        ks = sorted({int(k) for k in args.k.split(",") if k.strip()})
+        try:
+            ks = sorted({int(k) for k in args.k.split(",") if k.strip()})
+        except ValueError:
+            raise InputError(f"--k takes comma-separated integers, got {args.k!r}.") from None
         if args.greedy and args.n_samples != 1:
             raise InputError("--greedy gives one completion per problem: use --n-samples 1.")
         if not ks or min(ks) < 1 or max(ks) > args.n_samples:
@@ -74,8 +74,6 @@ def main(argv=None) -> int:
             raise InputError(f"--heads must lie in 1..{cfg.mtp.n_heads}, got {heads}.")
     except UserError as exc:
         return report(exc)
-    except ValueError as exc:  # the library's own argument checks (task ids, sampling parameters)
-        return report(InputError(str(exc)))
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     completions, stats = generate_completions(model, tokenizer, problems, args.n_samples, sampling, heads=heads,
                                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,

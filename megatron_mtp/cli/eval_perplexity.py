@@ -51,8 +51,6 @@ def main(argv=None) -> int:
             dataset, source = perplexity_windows(args.data, seq_length, args.max_samples), args.data
     except UserError as exc:
         return report(exc)
-    except ValueError as exc:  # the library's own argument checks (window length, sample count)
-        return report(InputError(str(exc)))
     result = {"load": args.load, "data": source, **evaluate_perplexity(model, dataset, args.batch_size,
                                                                         progress=not args.no_progress)}
     text = json.dumps(result, indent=1)

@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from megatron_mtp.cli import HelpFormatter
-from megatron_mtp.errors import CheckpointError, DataError, report
+from megatron_mtp.errors import UserError, report
 
 
 def main(argv=None) -> int:
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     
     try:
         out = export(args.load, args.format, args.output, getattr(torch, args.dtype), parse_size(args.max_shard_size))
-    except (CheckpointError, DataError) as exc:
+    except UserError as exc:
         return report(exc)
     print(f"wrote {args.format} export to {out}")
     return 0

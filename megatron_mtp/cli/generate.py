@@ -151,8 +151,6 @@ def main(argv=None) -> int:
         return run(args)
     except UserError as exc:
         return report(exc)
-    except ValueError as exc:  # the inference library's own argument checks (prompt length, token ids)
-        return report(InputError(str(exc)))
 
 
 if __name__ == "__main__":

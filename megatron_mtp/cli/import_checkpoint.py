@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from megatron_mtp.cli import HelpFormatter
-from megatron_mtp.errors import CheckpointError, DataError, report
+from megatron_mtp.errors import UserError, report
 
 
 def main(argv=None) -> int:
@@ -28,7 +28,7 @@ def main(argv=None) -> int:
 
     try:
         config = import_checkpoint(args.hf, args.output, args.n_heads, args.init_heads)
-    except (CheckpointError, DataError) as exc:
+    except UserError as exc:
         return report(exc)
     print(f"wrote {args.output} (config {config})\ntrain with: mtp-train --config {config} --data.paths ...")
     return 0

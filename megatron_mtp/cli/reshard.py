@@ -12,7 +12,7 @@ import os
 import sys
 
 from megatron_mtp.cli import HelpFormatter
-from megatron_mtp.errors import CheckpointError, DataError, report
+from megatron_mtp.errors import UserError, report
 
 
 def main(argv=None) -> int:
@@ -33,7 +33,7 @@ def main(argv=None) -> int:
 
     try:
         out = reshard(args.load, args.output, args.tp, args.pp, args.dp, args.zero_stage, args.weights_only)
-    except (CheckpointError, DataError) as exc:
+    except UserError as exc:
         return report(exc)
     world = args.tp * args.pp * (args.dp or 1)
     print(f"wrote {out}\ncontinue with: torchrun --nproc-per-node {world} -m megatron_mtp.train "

@@ -41,6 +41,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from megatron_mtp.errors import InputError
 from megatron_mtp.inference.kv_cache import KVCache, decode_bias, decode_positions
 from megatron_mtp.model.transformer import (decode_attention, decode_attention_fused, decode_layers, decode_mlp,
                                             decode_qkv, rms_norm, stacked_alias)
@@ -721,20 +722,20 @@ def check_request(model, prompts, max_new_tokens: int, heads: int, sampling: Sam
     """Every generation argument range-checked, one sentence each."""
     n_heads = model.mtp.n_heads
     if isinstance(heads, bool) or not isinstance(heads, int) or not 1 <= heads <= n_heads:
-        raise ValueError(f"speculative heads must lie in 1..{n_heads} (the model's mtp.n_heads), got {heads}.")
+        raise InputError(f"speculative heads must lie in 1..{n_heads} (the model's mtp.n_heads), got {heads}.")
     if not prompts:
-        raise ValueError("give at least one prompt (a batch of size 0 has nothing to decode).")
+        raise InputError("give at least one prompt (a batch of size 0 has nothing to decode).")
     if any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token.")
+        raise InputError("every prompt needs at least one token.")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer of at least 1, got {max_new_tokens}.")
+        raise InputError(f"max_new_tokens must be an integer of at least 1, got {max_new_tokens}.")
     vocab = model.cfg.vocab_size
     bad = [t for p in prompts for t in p if not 0 <= int(t) < vocab]
     if bad:
-        raise ValueError(f"prompt token id {bad[0]} lies outside the vocabulary 0..{vocab - 1}.")
+        raise InputError(f"prompt token id {bad[0]} lies outside the vocabulary 0..{vocab - 1}.")
     longest, limit = max(len(p) for p in prompts), model.cfg.max_seq_length
     if longest + max_new_tokens > limit:
-        raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens {max_new_tokens} exceeds the model's "
+        raise InputError(f"a prompt of {longest} tokens plus max_new_tokens {max_new_tokens} exceeds the model's "
                          f"max_seq_length {limit}: shorten the prompt or lower max_new_tokens.")
     sampling.validate()
 

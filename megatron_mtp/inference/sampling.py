@@ -14,6 +14,8 @@ from typing import Optional
 
 import torch
 
+from megatron_mtp.errors import InputError
+
 
 @dataclass
 class SamplingParams:
@@ -31,12 +33,12 @@ class SamplingParams:
         if self.greedy:
             return
         if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(f"temperature must be a positive finite number for sampling, got {self.temperature}; "
+            raise InputError(f"temperature must be a positive finite number for sampling, got {self.temperature}; "
                              f"use greedy decoding for temperature 0.")
         if not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}.")
+            raise InputError(f"top_p must lie in (0, 1], got {self.top_p}.")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be a non-negative integer (0 = off), got {self.top_k}.")
+            raise InputError(f"top_k must be a non-negative integer (0 = off), got {self.top_k}.")
 
     def describe(self) -> str:
         if self.greedy:
