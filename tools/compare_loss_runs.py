@@ -19,20 +19,13 @@ import sys
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
 from megatron_mtp.io_utils import atomic_write_text  # noqa: E402
+from megatron_mtp.training.metrics import read_metrics  # noqa: E402
 
 
 def read_curve(run_dir: str) -> list:
-    records = []
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            rec = json.loads(line)
-            if "loss" in rec and "step" in rec:  # training records (validation ones carry valid_loss)
-                records.append({k: v for k, v in rec.items() if k == "step" or k == "loss" or k.startswith("loss_head_")
-                                or k in ("tokens_per_s", "memory_gib", "grad_norm")})
-    return records
+    """The training records of ``run_dir`` (``read_metrics``), cut to the fields the comparison keeps."""
+    kept = ("step", "loss", "tokens_per_s", "memory_gib", "grad_norm")
+    return [{k: v for k, v in rec.items() if k in kept or k.startswith("loss_head_")} for rec in read_metrics(run_dir)]
 
 
 def compare(curves: dict, tail: int, tolerance: float) -> dict:
