@@ -10,7 +10,7 @@
 #    under contention like the real runs' (megatron_mtp/experiments/calibrate.py: the cost model);
 # 2. `experiments fit` turns it into one schedule factor (--iters-scale, the same for every n and seed) that
 #    fits all four experiments' planned steps into the seconds left before TOTAL, less start-up and end margins;
-#    jobs that cannot start before three fifths of that budget are cut (and reported);
+#    jobs that cannot start before seven tenths of that budget are cut (and reported);
 # 3. while they run, every experiment's results.json (rewritten after each finished job) is copied to $OUT, so a
 #    run stopped at any point still returns the finished jobs; runs still going at TOTAL - END_MARGIN seconds are
 #    stopped; results, tables, logs and an nvidia-smi trace go into $OUT/repro_results.tar.gz.
@@ -66,7 +66,7 @@ fi
 cat "$WORK/fit.json" >> "$OUT/log.txt" 2>/dev/null
 log "iters scale $SCALE (device budget ${BUDGET}s for the runs)"
 
-START_BUDGET=$(( BUDGET * 3 / 5 ))
+START_BUDGET=$(( BUDGET * 7 / 10 ))
 RUN_T0=$(date +%s)
 declare -A PGID
 launch() {  # experiment, workers
