@@ -23,11 +23,11 @@ SIZES = {
     "cpu": {"data": {"train": 50_000, "test": 200, "in_ops": (1, 1), "ood_ops": (2, 2)},
             "models": {"0.3M": (64, 5, 4), "1.1M": (128, 5, 4)}, "iters": 600, "batch": 32, "seq": 128,
             "warmup": 40, "lr": 3e-3},
-    # One H100 shared by ~40 concurrent runs for about six minutes (docs/reproduction.md): one-operation
-    # expressions in-domain, two out-of-domain. What the models must learn is where in the expression each
-    # answer digit's inputs are, and learning is counted in steps more than in tokens (runs of 128 x 128
-    # tokens a step sat on the loss plateau for 700-1200 steps; 32 x 128 left it at ~300 on a CPU), while a
-    # step's device time grows with its tokens: so small batches (~200 one-operation samples), many steps.
+    # One H100 shared by 45 runs for about six minutes (docs/reproduction.md): one-operation expressions
+    # in-domain, two out-of-domain. Small batches and many steps, on the reading that leaving the pre-learning
+    # plateau is counted in steps while a step's device time grows with its tokens; run 3 refuted that reading
+    # (no run left the plateau; 128 x 128-byte batches did in run 2), so a decisive polynomial run needs
+    # batch 128 and about one GPU call of its own (docs/reproduction.md, experiment 1).
     "small": {"data": {"train": 200_000, "test": 500, "in_ops": (1, 1), "ood_ops": (2, 2)},
               "models": {"1.3M": (128, 6, 4), "2.8M": (192, 6, 6)}, "iters": 1500, "batch": 32, "seq": 128,
               "warmup": 60, "lr": 3e-3},
