@@ -779,6 +779,34 @@ def run_isolated(args, argv, shapes, plan, mb, payload, save, t_start):
     payload["isolated"] = "our rows of a shape in one process, each peer row in its own, one after another"
 
 
+def merge_outputs(paths: list, output: str, args) -> dict:
+    """One payload from the --output files of separate calls: the first readable file's metadata, every file's
+    rows (each tagged with the command that measured it), the summary recomputed over all rows."""
+    parts = []
+    for path in paths:
+        try:
+            with open(path) as f:
+                parts.append(json.load(f))
+        except (OSError, ValueError) as exc:
+            print(f"merge: {path} left out ({type(exc).__name__}: {exc})", file=sys.stderr)
+    if not parts:
+        print("merge: no readable input; nothing written", file=sys.stderr)
+        return {}
+    payload = dict(parts[0])
+    payload["rows"], payload["commands"] = [], []
+    for part in parts:
+        payload["commands"].append(part.get("command"))
+        for r in part.get("rows", []):
+            payload["rows"].append(dict(r, command=part.get("command")))
+        if payload.get("matmul_tflops_measured") is None:
+            payload["matmul_tflops_measured"] = part.get("matmul_tflops_measured")
+    payload["summary"] = summarize(payload["rows"])
+    payload["merged_from"] = [os.path.basename(p) for p in paths]
+    write_json(output, payload)
+    print_report(payload, args)
+    return payload
+
+
 def pick_micro_batch(shape, n_heads, seq, device, candidates=(32, 24, 16, 12, 8), fraction=0.85):
     """Largest micro-batch the memory model fits in ``fraction`` of this GPU (fast regime)."""
     if device.type != "cuda":
@@ -824,7 +852,12 @@ def main(argv=None):
     ap.add_argument("--time-budget-s", type=float, default=540.0, help="skip remaining rows after this long")
     ap.add_argument("--output", default=None, help="JSON with every row")
     ap.add_argument("--output-dir", default=None, help="also write train_<shape>.json per shape here")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="combine the rows of earlier --output "
+                    "files of one session (e.g. ours and the peers, run in separate calls) into --output, with the "
+                    "summary and ratios recomputed over all of them; runs nothing")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge_outputs(args.merge, args.output, args)
 
     t_start = time.time()
     if args.device == "auto":

@@ -40,9 +40,22 @@ def compare(curves: dict, tail: int, tolerance: float) -> dict:
         finals[label]["tokens_per_s_mean"] = sum(r.get("tokens_per_s", 0) for r in last) / len(last)
     a, b = labels[0], labels[1]
     diffs = {k: (finals[b][k] - finals[a][k]) / finals[a][k] for k in finals[a] if k.startswith("loss")}
+    # The absolute gap (nats) next to the relative one: a regime that adds the same noise to every head's logits
+    # costs every head about the same nats, so the heads with the lowest loss show the largest relative gap.
+    absolute = {k: finals[b][k] - finals[a][k] for k in diffs}
     return {"final_mean_of_last_records": tail, "final": finals,
-            f"relative_difference_{b}_vs_{a}": diffs, "tolerance": tolerance,
-            "within_tolerance": all(abs(v) <= tolerance for v in diffs.values())}
+            f"relative_difference_{b}_vs_{a}": diffs, f"absolute_difference_{b}_vs_{a}": absolute,
+            "tolerance": tolerance, "within_tolerance": all(abs(v) <= tolerance for v in diffs.values())}
+
+
+def compare_evals(evals: dict) -> dict:
+    """Per-head held-out losses of each run's final checkpoint (``mtp-eval-perplexity --output`` files), and the
+    second run's relative difference to the first."""
+    heads = {label: {f"loss_head_{h['head']}": h["loss"] for h in ev["heads"]} for label, ev in evals.items()}
+    a, b = list(heads)[:2]
+    return {"heads": heads, "samples": {label: ev.get("samples") for label, ev in evals.items()},
+            f"relative_difference_{b}_vs_{a}": {k: (heads[b][k] - heads[a][k]) / heads[a][k] for k in heads[a]},
+            f"absolute_difference_{b}_vs_{a}": {k: heads[b][k] - heads[a][k] for k in heads[a]}}
 
 
 def plot(payload: dict, path: str) -> None:
@@ -77,6 +90,8 @@ def main(argv=None) -> int:
     ap.add_argument("--title", default=None)
     ap.add_argument("--meta", default=None, help="JSON object of extra fields (device, command, ...)")
     ap.add_argument("--output", default=None)
+    ap.add_argument("--eval", default=None, help="label=path,label=path: mtp-eval-perplexity --output files of "
+                    "each run's final checkpoint (e.g. both evaluated with bf16 GEMMs), compared per head")
     ap.add_argument("--from-json", default=None, help="re-read an earlier --output instead of run directories")
     ap.add_argument("--plot", default=None, help="PNG of both runs' per-head curves (needs matplotlib)")
     args = ap.parse_args(argv)
@@ -94,6 +109,17 @@ def main(argv=None) -> int:
         payload = {"title": args.title or f"{labels[0]} vs {labels[1]}", "runs": dict(zip(labels, args.runs)),
                    **(json.loads(args.meta) if args.meta else {}),
                    **compare(curves, args.tail, args.tolerance), "curves": curves}
+        if args.eval:
+            evals = {}
+            for item in args.eval.split(","):
+                label, _, path = item.partition("=")
+                try:
+                    with open(path) as f:
+                        evals[label] = json.load(f)
+                except (OSError, ValueError) as exc:
+                    print(f"--eval {label}: {path} unreadable ({type(exc).__name__}); left out", file=sys.stderr)
+            if len(evals) >= 2:
+                payload["held_out_eval"] = compare_evals(evals)
         if args.output:
             atomic_write_text(args.output, json.dumps(payload, indent=1))
     print(json.dumps({k: v for k, v in payload.items() if k != "curves"}, indent=1))
