@@ -669,13 +669,13 @@ def write_json(path, payload):
 
 def print_report(payload, args):
     """The run's table, ratios, attention choice, profiles and errors (stdout)."""
-    print(f"\n{payload['device']} | torch {payload['torch']} | seq {payload['seq']} | matmul "
-          f"{payload['matmul_tflops_measured'] and round(payload['matmul_tflops_measured'])} TFLOP/s | "
-          f"CE {payload['ce']} | {payload['date']}")
+    mm_rate = payload.get("matmul_tflops_measured")
+    print(f"\n{payload.get('device')} | torch {payload.get('torch')} | seq {payload.get('seq')} | matmul "
+          f"{mm_rate and round(mm_rate)} TFLOP/s | CE {payload.get('ce')} | {payload.get('date')}")
     print_table(payload["rows"])
     for shape, s in payload["summary"].items():
         print(f"{shape}: " + json.dumps(s, default=lambda v: round(v, 4)))
-    for shape, a in payload["attention"].items():
+    for shape, a in payload.get("attention", {}).items():
         if isinstance(a, dict):
             brief = {k: {kk: (round(vv, 3) if isinstance(vv, float) else vv) for kk, vv in v.items()
                          if kk.endswith("_ms") or kk == "chosen"}
@@ -782,11 +782,12 @@ def run_isolated(args, argv, shapes, plan, mb, payload, save, t_start):
 def merge_outputs(paths: list, output: str, args) -> dict:
     """One payload from the --output files of separate calls: the first readable file's metadata, every file's
     rows (each tagged with the command that measured it), the summary recomputed over all rows."""
-    parts = []
+    parts, read = [], []
     for path in paths:
         try:
             with open(path) as f:
                 parts.append(json.load(f))
+            read.append(os.path.basename(path))
         except (OSError, ValueError) as exc:
             print(f"merge: {path} left out ({type(exc).__name__}: {exc})", file=sys.stderr)
     if not parts:
@@ -801,7 +802,7 @@ def merge_outputs(paths: list, output: str, args) -> dict:
         if payload.get("matmul_tflops_measured") is None:
             payload["matmul_tflops_measured"] = part.get("matmul_tflops_measured")
     payload["summary"] = summarize(payload["rows"])
-    payload["merged_from"] = [os.path.basename(p) for p in paths]
+    payload["merged_from"] = read
     write_json(output, payload)
     print_report(payload, args)
     return payload
