@@ -122,6 +122,12 @@ def test_compare_loss_runs_reports_absolute_gaps_and_held_out_evals(tmp_path):
     ev = compare_loss_runs.compare_evals(evals)
     assert ev["relative_difference_fp8_vs_bf16"]["loss_head_1"] == pytest.approx(0.005)
     assert ev["heads"]["fp8"]["loss_head_1"] == 2.01
+    valids = {"bf16": [{"step": 20, "valid_loss": 2.0, "valid_loss_head_1": 2.0}],
+              "fp8": [{"step": 20, "valid_loss": 2.2, "valid_loss_head_1": 2.2},
+                      {"step": 30, "valid_loss": 9.0, "valid_loss_head_1": 9.0}]}
+    val = compare_loss_runs.compare_validation(valids)
+    assert val["step"] == 20 and val["absolute_difference_fp8_vs_bf16"]["loss_head_1"] == pytest.approx(0.2)
+    assert compare_loss_runs.compare_validation({"bf16": [], "fp8": valids["fp8"]}) == {}
 
 
 def test_estimate_memory_recommends_fitting_layouts(tmp_path, capsys):

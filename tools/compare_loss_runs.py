@@ -48,14 +48,31 @@ def compare(curves: dict, tail: int, tolerance: float) -> dict:
             "tolerance": tolerance, "within_tolerance": all(abs(v) <= tolerance for v in diffs.values())}
 
 
+def _head_gaps(heads: dict) -> dict:
+    a, b = list(heads)[:2]
+    return {f"relative_difference_{b}_vs_{a}": {k: (heads[b][k] - heads[a][k]) / heads[a][k] for k in heads[a]},
+            f"absolute_difference_{b}_vs_{a}": {k: heads[b][k] - heads[a][k] for k in heads[a]}}
+
+
 def compare_evals(evals: dict) -> dict:
     """Per-head held-out losses of each run's final checkpoint (``mtp-eval-perplexity --output`` files), and the
-    second run's relative difference to the first."""
+    second run's differences to the first."""
     heads = {label: {f"loss_head_{h['head']}": h["loss"] for h in ev["heads"]} for label, ev in evals.items()}
-    a, b = list(heads)[:2]
-    return {"heads": heads, "samples": {label: ev.get("samples") for label, ev in evals.items()},
-            f"relative_difference_{b}_vs_{a}": {k: (heads[b][k] - heads[a][k]) / heads[a][k] for k in heads[a]},
-            f"absolute_difference_{b}_vs_{a}": {k: heads[b][k] - heads[a][k] for k in heads[a]}}
+    return {"heads": heads, "samples": {label: ev.get("samples") for label, ev in evals.items()}, **_head_gaps(heads)}
+
+
+def compare_validation(valids: dict) -> dict:
+    """Each run's last validation record (the run's own regime, e.g. FP8 GEMMs for an FP8 run) at the last step
+    both validated at, and the second run's differences to the first; {} when a run never validated."""
+    if len(valids) < 2 or not all(valids.values()):
+        return {}
+    common = min(recs[-1]["step"] for recs in valids.values())
+    last = {label: [r for r in recs if r["step"] <= common] for label, recs in valids.items()}
+    if not all(last.values()):
+        return {}
+    heads = {label: {k[len("valid_"):]: v for k, v in recs[-1].items() if k.startswith("valid_loss_head_")}
+             for label, recs in last.items()}
+    return {"step": common, "heads": heads, **_head_gaps(heads)}
 
 
 def plot(payload: dict, path: str) -> None:
@@ -109,6 +126,9 @@ def main(argv=None) -> int:
         payload = {"title": args.title or f"{labels[0]} vs {labels[1]}", "runs": dict(zip(labels, args.runs)),
                    **(json.loads(args.meta) if args.meta else {}),
                    **compare(curves, args.tail, args.tolerance), "curves": curves}
+        validation = compare_validation({label: read_metrics(run, "valid") for label, run in zip(labels, args.runs)})
+        if validation:
+            payload["validation_own_regime"] = validation
         if args.eval:
             evals = {}
             for item in args.eval.split(","):
