@@ -9,7 +9,8 @@
 #          (the peers do not use the extension; their whole-model compile is what a 1.1B run cannot afford here);
 #   B. (extension built) tools/bench_train.py --isolate at the 1.1B shape: ours bf16 and FP8 at n = 1, 4 (one
 #      process), then transformers + Liger (ROWS_B) -> train_fp8_1b_v2.json;
-#   C. ours bf16 / FP8 at the 7B layer shape -> merged with A2 into train_fp8_7b_layer_v2.json;
+#   C. ours bf16 / FP8 at the 7B layer shape -> train_7b_ours_v2.json, merged with A2's rows into
+#      train_fp8_7b_layer_v2.json (bench_train.py --merge: the ratios over both);
 #   D. with LOSS=1 and time left: the ~100M code model trained LOSS_ITERS steps bf16 and, beside it, with
 #      train.fp8, then both final checkpoints evaluated with bf16 GEMMs -> train_fp8_loss_v2.json.
 # Every part is time-boxed from what is left; a part that fails is logged and the next one runs.
@@ -76,8 +77,7 @@ if [ "$DEVICE" = cuda ]; then
 fi
 A2_BUDGET=$(( $(left) - ${RESERVE_BC:-165} ))
 [ "$A2_BUDGET" -gt 200 ] && A2_BUDGET=200
-bench A2 "$A2_BUDGET" "$WORK/peers_c.json" "$SHAPE_C" "$ROWS_A" --profile none
-cp "$WORK/peers_c.json" "$OUT/train_7b_peers$TAG.json" 2>/dev/null
+bench A2 "$A2_BUDGET" "$OUT/train_7b_peers$TAG.json" "$SHAPE_C" "$ROWS_A" --profile none
 if [ -n "$BUILD" ]; then
   while kill -0 "$BUILD" 2>/dev/null && [ "$(left)" -gt 120 ]; do sleep 2; done
   kill -0 "$BUILD" 2>/dev/null && say "extension build still running: the rows below use the PyTorch CE fallback"
@@ -89,8 +89,9 @@ say "phase A done"
 RES_C=$([ "$QUICK" = 1 ] && echo 20 || echo 60)
 bench B $(( $(left) - RES_C )) "$OUT/train_fp8_1b$TAG.json" "$SHAPE_B" "$ROWS_B" --profile fast:1,fast-fp8:1
 # ---- C: ours at the 7B layer shape
-bench C $(( $(left) - 15 )) "$WORK/ours_c.json" "$SHAPE_C" "$ROWS_C" --profile none
-python3 tools/bench_train.py --merge "$WORK/ours_c.json" "$WORK/peers_c.json" --output "$OUT/train_fp8_7b_layer$TAG.json" \
+bench C $(( $(left) - 15 )) "$OUT/train_7b_ours$TAG.json" "$SHAPE_C" "$ROWS_C" --profile none
+python3 tools/bench_train.py --merge "$OUT/train_7b_ours$TAG.json" "$OUT/train_7b_peers$TAG.json" \
+  --output "$OUT/train_fp8_7b_layer$TAG.json" \
   2>&1 | tail -12 | tee -a "$LOG"
 
 # ---- D: the loss comparison, if asked and it fits: both runs side by side, then each final checkpoint evaluated on
