@@ -13,6 +13,7 @@ host syncs inside the step, and the top CUDA kernels of one profiled step.
     python tools/bench_train.py --output benchmarks/train_bench.json          # GPU: the 1.1B and 1.3B shapes
     python tools/bench_train.py --tiny --output /tmp/bench_tiny.json          # CPU smoke run (tests)
     python tools/bench_train.py --isolate --shapes 7b-layer --rows fast:1,fast-fp8:1,hf-fp8:1,hf-compile:1
+    python tools/bench_train.py --merge ours.json peers.json --output all.json   # rows of separate calls, one summary
 
 Variants of our model (``--variants``; comma-separated, default all of the preset):
   eager-autocast   fp32 weights under bf16 autocast, no compile (LocalEngine with train.master_weights false)
