@@ -300,9 +300,10 @@ def test_generate_cli_rejects_bad_arguments(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("compile_layers, gemv", [(False, False), (True, False), (True, True)],
-                         ids=["graphs", "graphs+compile", "graphs+compile+gemv"])
-def test_cuda_graph_path_gives_the_eager_tokens(compile_layers, gemv):
+@pytest.mark.parametrize("compile_layers, gemv, attention",
+                         [(False, False, "sdpa"), (True, False, "sdpa"), (True, True, "sdpa"), (True, False, "fused")],
+                         ids=["graphs", "graphs+compile", "graphs+compile+gemv", "graphs+compile+fused"])
+def test_cuda_graph_path_gives_the_eager_tokens(compile_layers, gemv, attention):
     """fp32 on the GPU: the captured (and compiled) decoder emits exactly the eager decoder's tokens, for
     plain and speculative decoding, batch 1 and a batch of mixed prompt lengths, with an EOD in play; replays
     of the same graphs on new prompts stay right."""
@@ -313,15 +314,17 @@ def test_cuda_graph_path_gives_the_eager_tokens(compile_layers, gemv):
         eod = eager.tokens[0][7]
         eager_eod = generate(model, prompts, 20, eod=eod, graphs=False, compile=False)
         for k in (1, 2, 3):
-            fast = generate(model, prompts, 20, heads=k, graphs=True, compile=compile_layers, gemv=gemv)
+            fast = generate(model, prompts, 20, heads=k, graphs=True, compile=compile_layers, gemv=gemv,
+                            attention=attention)
             assert fast.tokens == eager.tokens, (lengths, k)
-            fast = generate(model, prompts, 20, heads=k, eod=eod, graphs=True, compile=compile_layers, gemv=gemv)
+            fast = generate(model, prompts, 20, heads=k, eod=eod, graphs=True, compile=compile_layers, gemv=gemv,
+                            attention=attention)
             assert fast.tokens == eager_eod.tokens and fast.finished_by_eod == eager_eod.finished_by_eod
             assert fast.stats.tokens == eager_eod.stats.tokens
     from megatron_mtp.inference.generation import decoder_for
 
-    dec = decoder_for(model, graphs=True, compile=compile_layers, gemv=gemv)
-    assert dec.compile_error is None and dec.gemv == gemv
+    dec = decoder_for(model, graphs=True, compile=compile_layers, gemv=gemv, attention=attention)
+    assert dec.compile_error is None and dec.gemv == gemv and dec.attention == attention
 
 
 def test_decoder_reuses_and_bounds_its_buffers():

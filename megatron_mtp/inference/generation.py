@@ -755,6 +755,7 @@ def generate(
     graphs: Optional[bool] = None,
     compile: Optional[bool] = None,
     gemv: Optional[bool] = None,
+    attention: Optional[str] = None,
 ) -> GenerationOutput:
     """Generate up to ``max_new_tokens`` for each prompt (lists of token ids, any lengths).
 
@@ -763,7 +764,9 @@ def generate(
     ``callback(b, new_tokens)`` is called as tokens of sequence b are accepted (streaming: the decoder
     then reads the device every few steps). ``graphs`` / ``compile`` (default: on for CUDA models) pick
     CUDA-graph replay and the compiled step programs; the eager path gives the same tokens. ``gemv`` (default
-    off; kept once set) compiles one-row matmuls as fused Triton reductions (see ``_Programs``).
+    off; kept once set) compiles one-row matmuls as fused Triton reductions (see ``_Programs``); ``attention``
+    (``"sdpa"`` or ``"fused"``; default: kept once set, else sdpa) picks the decode attention of a compiled
+    decoder (``Decoder``).
     The model runs in eval mode (no dropout) and gets its previous mode back afterwards.
     """
     sampling = sampling or SamplingParams()
@@ -772,7 +775,7 @@ def generate(
     model.eval()
     try:
         with attention_backends(model.embedding.weight.device):
-            dec = decoder_for(model, graphs, compile, gemv)
+            dec = decoder_for(model, graphs, compile, gemv, attention)
             return dec.generate(prompts, max_new_tokens, sampling, heads, eod, pad_id, generator, progress,
                                 callback)
     finally:
