@@ -19,7 +19,9 @@ work; the GPU runs the trainings), and the benchmarks after the training only ca
               3. the 1.1B shape, random weights: forward time over 1..4 tokens, the speculative steps, plain
                  tokens/s against the HBM floor, kernel profiles; default then fused attention
                  -> decode_<tag>_1b.json
-              4. (time left) the n = 4 model at batch 1 with the fused attention -> decode_<tag>_fused.json
+              4. the n = 4 model at batch 1 with the fused attention -> decode_<tag>_fused.json
+              5. the code model's shape, random weights, as 3. (where a k-token step's time goes, kernel by
+                 kernel) -> decode_<tag>_100m.json
   the run's own record (phases, compile counts and times, test result) -> decode_<tag>_run.json; log.txt.
 
 Each phase gets a cap from what is left of DEADLINE_S (SIGALRM ends a phase that overruns it, and the next one
@@ -50,10 +52,10 @@ DEVICE = ENV.get("DEVICE", "cuda")
 QUICK = ENV.get("QUICK", "0") == "1"
 TAG = ENV.get("TAG", "cuda_v3" if DEVICE == "cuda" else "dry")
 DEADLINE_S = float(ENV.get("DEADLINE_S", "400"))
-TRAIN_S = int(ENV.get("TRAIN_S", "170"))
-TESTS_S = int(ENV.get("TESTS_S", "150"))
-ITERS4 = ENV.get("ITERS4", "800")
-ITERS8 = ENV.get("ITERS8", "1800")
+TRAIN_S = int(ENV.get("TRAIN_S", "210"))
+TESTS_S = int(ENV.get("TESTS_S", str(TRAIN_S - 5)))  # in parallel with the trainings: free
+ITERS4 = ENV.get("ITERS4", "900")
+ITERS8 = ENV.get("ITERS8", "1600")
 T0 = time.monotonic()
 
 # A dry run: tiny models (the trainings' overrides also shape the warm-up models), short prompts.
@@ -63,6 +65,7 @@ TRAIN_EXTRA = (["--model.hidden_size", "64", "--model.num_attention_heads", "4",
 BENCH_EXTRA = ["--prompt-tokens", "64", "--max-new-tokens", "16", "--prompts-batch1", "2"] if QUICK else []
 PROMPT_TOKENS, NEW_TOKENS = (64, 16) if QUICK else (256, 128)
 BANDWIDTH_CONFIG = "configs/tiny.yaml" if QUICK else "configs/1b.yaml"
+CODE_CONFIG = "configs/tiny.yaml" if QUICK else "configs/code_100m.yaml"
 RUN4, RUN8 = "runs/code_100m", "runs/code_100m_n8"
 
 
@@ -275,12 +278,15 @@ def main() -> int:
           lambda: bench(["--load", RUN4, "--tag", TAG]))
     phase("bench n=8 k=1..8", left() - 50,
           lambda: bench(["--load", RUN8, "--tag", f"{TAG}_n8", "--batch-sizes", "1", "--peers", "none"]))
-    phase("bandwidth 1.1B default + fused", left() - 8,
+    phase("bandwidth 1.1B default + fused", left() - 20,
           lambda: bench(["--bandwidth", BANDWIDTH_CONFIG, "--tag", f"{TAG}_1b", "--profile",
                          "--variants", "default,fused"]))
-    phase("bench n=4 fused attention, batch 1", left() - 3,
+    phase("bench n=4 fused attention, batch 1", left() - 12,
           lambda: bench(["--load", RUN4, "--tag", f"{TAG}_fused", "--batch-sizes", "1", "--peers", "none",
                          "--attention", "fused"]))
+    phase("bandwidth code n=4 shape (step profiles)", left() - 2,
+          lambda: bench(["--bandwidth", CODE_CONFIG, "--tag", f"{TAG}_100m", "--profile",
+                         "--variants", "default,fused"]))
     say("done")
     save_record()
     return 0
