@@ -301,8 +301,10 @@ def test_generate_cli_rejects_bad_arguments(tmp_path, capsys):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("compile_layers, gemv, attention",
-                         [(False, False, "sdpa"), (True, False, "sdpa"), (True, True, "sdpa"), (True, False, "fused")],
-                         ids=["graphs", "graphs+compile", "graphs+compile+gemv", "graphs+compile+fused"])
+                         [(False, False, "sdpa"), (True, False, "sdpa"), (True, True, "sdpa"), (True, False, "fused"),
+                          (True, False, "flex")],
+                         ids=["graphs", "graphs+compile", "graphs+compile+gemv", "graphs+compile+fused",
+                              "graphs+compile+flex"])
 def test_cuda_graph_path_gives_the_eager_tokens(compile_layers, gemv, attention):
     """fp32 on the GPU: the captured (and compiled) decoder emits exactly the eager decoder's tokens, for
     plain and speculative decoding, batch 1 and a batch of mixed prompt lengths, with an EOD in play; replays
@@ -360,8 +362,9 @@ def test_compiled_step_programs_give_the_eager_tokens(monkeypatch):
         assert generate(model, prompts, 12, heads=k, graphs=False, compile=True).tokens == eager.tokens, k
     from megatron_mtp.inference.generation import decoder_for
 
-    assert decoder_for(model, graphs=False, compile=True, attention="fused").attention == "fused"
-    assert generate(model, prompts, 12, heads=3, graphs=False, compile=True).tokens == eager.tokens
+    for attention in ("fused", "flex"):
+        assert decoder_for(model, graphs=False, compile=True, attention=attention).attention == attention
+        assert generate(model, prompts, 12, heads=3, graphs=False, compile=True).tokens == eager.tokens, attention
     torch._dynamo.reset()
 
 
@@ -421,6 +424,29 @@ def test_fused_decode_attention_equals_sdpa():
     mask = cache.attention_bias(s, group, torch.float32)
     torch.testing.assert_close(decode_attention_fused(q, k_all, v_all, mask, s),
                                decode_attention(q, k_all, v_all, mask, s), rtol=1e-5, atol=1e-5)
+
+
+def test_flex_decode_attention_equals_sdpa():
+    """The FlexAttention decode attention (its eager reference path here; compiled on a GPU it is the
+    flash-decoding kernel) against scaled_dot_product_attention: folded GQA rows, an additive mask with
+    padding and per-row limits, two new tokens, and the draft heads' stacked batch (the mask repeated)."""
+    import warnings
+
+    from megatron_mtp.inference.generation import decode_attention_flex
+    from megatron_mtp.model.transformer import decode_attention, fold_mask
+
+    g = torch.Generator().manual_seed(0)
+    b, n_kv, group, s, cap, hd = 2, 2, 3, 2, 16, 16
+    cache = KVCache(b, cap, "cpu", start=[0, 3])
+    cache.advance(torch.tensor([7, 9]))
+    for m in (1, 3):
+        q = torch.randn(m * b, n_kv, group * s, hd, generator=g)
+        k_all, v_all = torch.randn(m * b, n_kv, cap, hd, generator=g), torch.randn(m * b, n_kv, cap, hd, generator=g)
+        mask = fold_mask(cache.attention_bias(s, group, torch.float32), group, s, m * b)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # flex_attention's eager path warns that it is not compiled
+            flex = decode_attention_flex(q, k_all, v_all, mask, s)
+        torch.testing.assert_close(flex, decode_attention(q, k_all, v_all, mask, s), rtol=1e-5, atol=1e-5)
 
 
 def test_batched_draft_heads_equal_the_per_head_layers():

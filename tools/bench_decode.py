@@ -296,7 +296,7 @@ def bandwidth_regime(args, command: str, save=None) -> dict:
     floor_tps = bw / plain_bytes
     variants = [v for v in (args.variants or ("gemv" if args.gemv else "default")).split(",") if v]
     options = {"default": (False, "sdpa"), "gemv": (True, "sdpa"), "fused": (False, "fused"),
-               "fused_gemv": (True, "fused")}  # name: (gemv, attention)
+               "fused_gemv": (True, "fused"), "flex": (False, "flex")}  # name: (gemv, attention)
     unknown = [v for v in variants if v not in options]
     if unknown:
         raise SystemExit(f"error: unknown --variants entry {unknown[0]!r}; choose from {', '.join(options)}.")
@@ -398,7 +398,7 @@ def _bandwidth_variant(model, cfg, args, prompts, ks, gemv: bool, attention: str
                 st.done.zero_()
                 st.budget.fill_(1 << 30)
                 row["speculative_step_ms"] = 1e3 * time_call(step, args.device, iters=20 if cuda else 3)
-                if cuda and s in (1, kmax) and args.profile and full:
+                if cuda and s in (1, kmax) and args.profile and (full or s == 1):
                     try:
                         cache.lengths.fill_(args.prompt_tokens)
                         prof = kernel_profile(step, args.device)
@@ -560,13 +560,14 @@ def main(argv=None) -> int:
                         "none (default: all three on cuda, hf_default,hf_prompt_lookup on cpu)")
     p.add_argument("--gemv", action="store_true",
                    help="compile one-row matmuls as fused Triton reductions (inductor coordinate-descent tuning)")
-    p.add_argument("--attention", choices=["sdpa", "fused"], default="sdpa",
-                   help="--load: the decode attention (fused: compiled products and sums; see docs/inference.md)")
+    p.add_argument("--attention", choices=["sdpa", "fused", "flex"], default="sdpa",
+                   help="--load: the decode attention (fused: compiled products and sums; flex: FlexAttention's "
+                        "flash-decoding kernel; see docs/inference.md)")
     p.add_argument("--no-plot", action="store_true", help="write the JSON only (no PNG)")
     p.add_argument("--profile", action="store_true", help="--bandwidth on CUDA: a kernel profile of the steps")
     p.add_argument("--variants", default=None, metavar="LIST",
                    help="--bandwidth: decoder configurations to measure one after the other, of default, gemv, "
-                        "fused (compiled products-and-sums attention) and fused_gemv (default: default, or gemv "
+                        "fused (compiled products-and-sums attention), fused_gemv and flex (FlexAttention) (default: default, or gemv "
                         "with --gemv); the first gets every row and the profiles")
     p.add_argument("--lookup-tokens", type=int, default=4, help="prompt_lookup_num_tokens of the lookup row")
     p.add_argument("--stop-at-eod", action="store_true", help="stop sequences at EOD (default: fixed budget)")

@@ -10,16 +10,16 @@ work; the GPU runs the trainings), and the benchmarks after the training only ca
 
   0 s         the two trainings start (configs/code_100m.yaml n = 4, configs/code_100m_n8.yaml n = 8; SIGTERM at
               TRAIN_S makes each checkpoint and stop), and the short CUDA correctness test (fp32: the graph and
-              compiled paths give the eager path's tokens, the fused attention included);
-  meanwhile   compile warm-up in this process: the 1.1B shape (default and fused attention) and the two code
+              compiled paths give the eager path's tokens, the fused and flex attentions included);
+  meanwhile   compile warm-up in this process: the 1.1B shape (default, fused, flex attention) and the two code
               shapes at batch 1 and 16, k = 1..n, bf16 — the compilations counted and timed per shape;
   TRAIN_S     1. the n = 4 model: ours k = 1..4 at batch 1 and 16, then transformers' default, prompt-lookup and
                  static-cache compiled generate on its HF export -> decode_<tag>.json
               2. the n = 8 byte model at batch 1, k = 1..8 -> decode_<tag>_n8.json
               3. the 1.1B shape, random weights: forward time over 1..4 tokens, the speculative steps, plain
-                 tokens/s against the HBM floor, kernel profiles; default then fused attention
+                 tokens/s against the HBM floor, kernel profiles; default, fused then flex attention
                  -> decode_<tag>_1b.json
-              4. the n = 4 model at batch 1 with the fused attention -> decode_<tag>_fused.json
+              4. the n = 4 model at batch 1 with the flex, then the fused attention -> decode_<tag>_{flex,fused}.json
               5. the code model's shape, random weights, as 3. (where a k-token step's time goes, kernel by
                  kernel) -> decode_<tag>_100m.json
   the run's own record (phases, compile counts and times, test result) -> decode_<tag>_run.json; log.txt.
@@ -228,9 +228,10 @@ def main() -> int:
     p8 = train("configs/code_100m_n8.yaml", RUN8, ITERS8)
     tests = None
     if DEVICE == "cuda":
-        tests = spawn([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", 
+        tests = spawn([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", 
                        "tests/test_generation.py::test_cuda_graph_path_gives_the_eager_tokens[graphs+compile]",
-                       "tests/test_generation.py::test_cuda_graph_path_gives_the_eager_tokens[graphs+compile+fused]"], os.path.join(work, "tests.txt"), TESTS_S, "KILL")
+                       "tests/test_generation.py::test_cuda_graph_path_gives_the_eager_tokens[graphs+compile+fused]",
+                       "tests/test_generation.py::test_cuda_graph_path_gives_the_eager_tokens[graphs+compile+flex]"], os.path.join(work, "tests.txt"), TESTS_S, "KILL")
 
     import torch
 
@@ -250,13 +251,13 @@ def main() -> int:
     code_over = TRAIN_EXTRA[:6] if QUICK else []
     warm_cap = max(10.0, TRAIN_S - elapsed() - 5)
     t_warm = time.monotonic()
-    phase("warm-up 1.1B shape", warm_cap, lambda: warm_up(BANDWIDTH_CONFIG, [], [1], ["sdpa", "fused"], "1b"))
+    phase("warm-up 1.1B shape", warm_cap, lambda: warm_up(BANDWIDTH_CONFIG, [], [1], ["sdpa", "fused", "flex"], "1b"))
     phase("warm-up code n=4 shape", max(10.0, TRAIN_S - elapsed()),
           lambda: warm_up("configs/code_100m.yaml", code_over, [1, 16], ["sdpa"], "code_n4"))
     phase("warm-up code n=8 shape", max(10.0, TRAIN_S - elapsed()),
           lambda: warm_up("configs/code_100m_n8.yaml", code_over, [1], ["sdpa"], "code_n8"))
-    phase("warm-up code n=4 fused", max(10.0, TRAIN_S - elapsed()),
-          lambda: warm_up("configs/code_100m.yaml", code_over, [1], ["fused"], "code_n4"))
+    phase("warm-up code n=4 fused, flex", max(10.0, TRAIN_S - elapsed()),
+          lambda: warm_up("configs/code_100m.yaml", code_over, [1], ["fused", "flex"], "code_n4"))
     RECORD["warm_up_s"] = round(time.monotonic() - t_warm, 1)
 
     for p in (p4, p8):
@@ -278,15 +279,16 @@ def main() -> int:
           lambda: bench(["--load", RUN4, "--tag", TAG]))
     phase("bench n=8 k=1..8", left() - 50,
           lambda: bench(["--load", RUN8, "--tag", f"{TAG}_n8", "--batch-sizes", "1", "--peers", "none"]))
-    phase("bandwidth 1.1B default + fused", left() - 20,
+    phase("bandwidth 1.1B default, fused, flex", left() - 28,
           lambda: bench(["--bandwidth", BANDWIDTH_CONFIG, "--tag", f"{TAG}_1b", "--profile",
-                         "--variants", "default,fused"]))
-    phase("bench n=4 fused attention, batch 1", left() - 12,
-          lambda: bench(["--load", RUN4, "--tag", f"{TAG}_fused", "--batch-sizes", "1", "--peers", "none",
-                         "--attention", "fused"]))
+                         "--variants", "default,fused,flex"]))
+    for attention in ("flex", "fused"):
+        phase(f"bench n=4 {attention} attention, batch 1", left() - (20 if attention == "flex" else 12),
+              lambda: bench(["--load", RUN4, "--tag", f"{TAG}_{attention}", "--batch-sizes", "1", "--peers", "none",
+                             "--attention", attention]))
     phase("bandwidth code n=4 shape (step profiles)", left() - 2,
           lambda: bench(["--bandwidth", CODE_CONFIG, "--tag", f"{TAG}_100m", "--profile",
-                         "--variants", "default,fused"]))
+                         "--variants", "default,fused,flex"]))
     say("done")
     save_record()
     return 0
