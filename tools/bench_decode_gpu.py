@@ -52,7 +52,7 @@ DEVICE = ENV.get("DEVICE", "cuda")
 QUICK = ENV.get("QUICK", "0") == "1"
 TAG = ENV.get("TAG", "cuda_v3" if DEVICE == "cuda" else "dry")
 DEADLINE_S = float(ENV.get("DEADLINE_S", "400"))
-TRAIN_S = int(ENV.get("TRAIN_S", "210"))
+TRAIN_S = int(ENV.get("TRAIN_S", "200"))
 TESTS_S = int(ENV.get("TESTS_S", str(TRAIN_S - 5)))  # in parallel with the trainings: free
 ITERS4 = ENV.get("ITERS4", "900")
 ITERS8 = ENV.get("ITERS8", "1600")
