@@ -19,8 +19,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def tiny_model(vocab=16, n_heads=3, layers=5, seed=0, sharpen=30.0, dtype=torch.float64):
-    cfg = ModelConfig(vocab_size=vocab, hidden_size=32, num_layers=layers, num_attention_heads=4, num_kv_heads=2,
+def tiny_model(vocab=16, n_heads=3, layers=5, seed=0, sharpen=30.0, dtype=torch.float64, hidden=32):
+    cfg = ModelConfig(vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_attention_heads=4, num_kv_heads=2,
                       ffn_hidden_size=64, make_vocab_size_divisible_by=8)
     model = MTPModel(cfg, MTPConfig(n_heads=n_heads), dtype=dtype)
     initialize_parameters(model, seed)
@@ -309,7 +309,8 @@ def test_cuda_graph_path_gives_the_eager_tokens(compile_layers, gemv, attention)
     """fp32 on the GPU: the captured (and compiled) decoder emits exactly the eager decoder's tokens, for
     plain and speculative decoding, batch 1 and a batch of mixed prompt lengths, with an EOD in play; replays
     of the same graphs on new prompts stay right."""
-    model = tiny_model(n_heads=3, layers=5, dtype=torch.float32).cuda()
+    # (FlexAttention's GPU kernels take head dims of 16 and more)
+    model = tiny_model(n_heads=3, layers=5, dtype=torch.float32, hidden=64 if attention == "flex" else 32).cuda()
     for lengths, seed in (([6], 1), ([3, 9, 1, 6], 2), ([5, 2, 8, 4], 3)):
         prompts = random_prompts(lengths, 16, seed=seed)
         eager = generate(model, prompts, 20, graphs=False, compile=False)

@@ -181,7 +181,8 @@ def decode_attention_flex(q, k_all, v_all, mask, s: int) -> torch.Tensor:
     """``decode_attention`` through FlexAttention, for compiled decoders only: compiled, a query of a few rows
     takes its flash-decoding kernel, which splits the cache over thread blocks (the memory-efficient kernel
     runs one block per KV head at batch 1). The additive mask [b, 1, rows, capacity] is read inside the kernel
-    (a score modification); the folded GQA rows stay folded (one query "head" per KV head)."""
+    (a score modification); the folded GQA rows stay folded (one query "head" per KV head). Its GPU kernels
+    need a head dim of at least 16 (a smaller one fails to compile: the decoder then warns and runs uncompiled)."""
     b, n_kv, rows, head_dim = q.shape
 
     def add_mask(score, bi, h, qi, kv):
