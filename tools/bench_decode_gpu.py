@@ -279,11 +279,12 @@ def main() -> int:
     save_record()
 
     # 1-4: the benchmarks, most important first; each gets what is left minus a reserve for the later ones
-    phase("bench n=4 ours + transformers", left() - 75,
+    # (Reserves as shares of what is left, so a shortened run keeps the same order of sacrifice.)
+    phase("bench n=4 ours + transformers", max(0.6 * left(), left() - 75),
           lambda: bench(["--load", RUN4, "--tag", TAG]))
-    phase("bench n=8 k=1..8", left() - 50,
+    phase("bench n=8 k=1..8", max(0.3 * left(), left() - 50),
           lambda: bench(["--load", RUN8, "--tag", f"{TAG}_n8", "--batch-sizes", "1", "--peers", "none"]))
-    phase("bandwidth 1.1B default, fused, flex", left() - 28,
+    phase("bandwidth 1.1B default, fused, flex", max(0.7 * left(), left() - 28),
           lambda: bench(["--bandwidth", BANDWIDTH_CONFIG, "--tag", f"{TAG}_1b", "--profile",
                          "--variants", "default,fused,flex"]))
     for attention in ("flex", "fused"):
