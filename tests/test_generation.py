@@ -411,6 +411,39 @@ def test_compiled_decoder_compiles_once_per_shape_class(monkeypatch):
     torch._dynamo.reset()
 
 
+def test_compiled_step_programs_have_no_data_dependent_sizes(monkeypatch):
+    """No tensor in the traced step programs has a data-dependent (unbacked) size, for every attention and
+    for greedy and sampled steps: under size-oblivious tracing a slice with a symbolic end gets one, and
+    torch 2.11 (the GPU image of the 2026-12-07 run) then fails to compile the step — the decoder fell back
+    to its uncompiled step. torch 2.13 defers such guards to runtime asserts, so only this check sees it."""
+    import torch._dynamo
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    seen = []
+
+    def backend(gm, example_inputs):
+        for node in gm.graph.nodes:
+            value = node.meta.get("example_value")
+            if isinstance(value, torch.Tensor) and free_unbacked_symbols(value):
+                seen.append(f"{node.format_node()} {node.meta.get('stack_trace', '').strip().splitlines()[-1:]}")
+        return gm.forward
+
+    original = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: original(fn, **{**kw, "backend": backend, "options": None}))
+    torch._dynamo.reset()
+    from megatron_mtp.inference.generation import decoder_for
+
+    model = tiny_model(n_heads=4, layers=2, dtype=torch.float32, hidden=64)
+    for attention in ("sdpa", "fused", "flex"):
+        decoder_for(model, graphs=False, compile=True, attention=attention)
+        for b, k in ((1, 1), (2, 3)):
+            generate(model, random_prompts([5, 7][:b], 16, seed=k), 4, heads=k, graphs=False, compile=True)
+        generate(model, random_prompts([5], 16), 4, heads=3, graphs=False, compile=True,
+                 sampling=SamplingParams(greedy=False, temperature=0.8), generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    assert not seen, seen[:3]
+
+
 def test_fused_decode_attention_equals_sdpa():
     """The products-and-sums attention of compiled decoders against scaled_dot_product_attention: folded GQA
     rows, an additive mask with padding and per-row limits, two new tokens."""

@@ -197,7 +197,9 @@ def decode_attention_flex(q, k_all, v_all, mask, s: int) -> torch.Tensor:
 
 def head_logits(h, norm_weight, eps: float, unembedding, vocab: int) -> torch.Tensor:
     """Full-vocabulary logits of head outputs ``h`` [..., hidden] through the shared final norm."""
-    return F.linear(rms_norm(h, norm_weight, eps), unembedding)[..., :vocab]
+    # narrow, not a slice: under size-oblivious tracing a slice with a symbolic end gets a data-dependent size
+    # (torch 2.11 then fails on the guards after it); narrow's is exact.
+    return F.linear(rms_norm(h, norm_weight, eps), unembedding).narrow(-1, 0, vocab)
 
 
 def select_rows(x, index) -> torch.Tensor:
