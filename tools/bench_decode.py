@@ -77,6 +77,9 @@ def heldout_prompts(cfg, tokenizer, count: int, prompt_tokens: int, min_tail: in
     return prompts
 
 
+PROMPT_POOL = 16  # held-out windows drawn per run (see main)
+
+
 def run_config(model, prompts, batch_size, k, max_new_tokens, eod, pad, generator):
     from megatron_mtp.inference import generate
 
@@ -647,8 +650,10 @@ def main(argv=None) -> int:
         return 2
     pad = tokenizer.pad if getattr(tokenizer, "pad", None) is not None else 0
     eod = tokenizer.eod if args.stop_at_eod else None
-    all_prompts = heldout_prompts(cfg, tokenizer, max(batch_sizes + [args.prompts_batch1]), args.prompt_tokens,
-                                  args.max_new_tokens)
+    # Drawn from a pool of at least PROMPT_POOL windows whatever the batch sizes: heldout_prompts spreads its
+    # windows over each file by how many it draws, so a batch-1-only run would otherwise decode other prompts.
+    all_prompts = heldout_prompts(cfg, tokenizer, max(batch_sizes + [args.prompts_batch1, PROMPT_POOL]),
+                                  args.prompt_tokens, args.max_new_tokens)
     prompt_sets = {bs: all_prompts[: args.prompts_batch1 if bs == 1 else bs] for bs in batch_sizes}
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     n_params = sum(p.numel() for p in model.parameters())
