@@ -268,7 +268,8 @@ def main() -> int:
         p.wait()
     if tests is not None:
         tests.wait()
-        RECORD["cuda_test"] = {"rc": tests.returncode, "tail": tail(os.path.join(work, "tests.txt"), 6)}
+        RECORD["cuda_test"] = {"rc": tests.returncode, "tail": tail(os.path.join(work, "tests.txt"), 6),
+                               "errors": tail(os.path.join(work, "tests.txt"), 20, lambda line: line.startswith("E "))}
     say("trained; tests: " + (RECORD.get("cuda_test", {}).get("tail", "(not run on cpu)")))
     for name in ("code_100m", "code_100m_n8"):
         path = os.path.join(work, f"train_{name}.txt")
