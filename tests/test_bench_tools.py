@@ -79,6 +79,57 @@ def test_bench_train_isolate_runs_peer_and_fp8_rows_in_child_processes(tmp_path)
     assert "fast-fp8 n=1 / fast n=1" in data["summary"]["tiny-gqa"]["tokens_per_s_ratios"]
 
 
+def test_bench_train_merge_combines_separate_calls_and_recomputes_the_ratios(tmp_path):
+    """--merge: ours and the peers measured by separate calls of one session become one payload whose summary
+    holds the cross ratios (ours FP8 / bf16, torchao's FP8 / its bf16 + compile); an unreadable input is left out."""
+    import bench_train
+
+    def row(variant, n, ms, impl="megatron_mtp"):
+        return {"shape": "7b-layer", "impl": impl, "variant": variant, "n_heads": n, "micro_batch": 8,
+                "step_ms": ms, "tokens_per_s": 16384 / (ms * 1e-3), "flops_per_token": 1.0, "peak_mem_gib": 20.0,
+                "tflops": 1.0, "mfu_989": 0.5}
+
+    ours = {"device": "H100", "command": "ours", "rows": [row("fast", 1, 177.0), row("fast-fp8", 1, 139.0)],
+            "matmul_tflops_measured": 800.0}
+    peers = {"device": "H100", "command": "peers", "rows": [row("hf-compile", None, 185.0, "hf_llama"),
+                                                            row("hf-fp8", None, 145.0, "hf_llama")]}
+    paths = []
+    for name, payload in (("ours", ours), ("peers", peers)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(payload))
+    out = tmp_path / "merged.json"
+    bench_train.main(["--merge", str(paths[0]), str(paths[1]), str(tmp_path / "missing.json"), "--output", str(out)])
+    data = json.loads(out.read_text())
+    assert [r["command"] for r in data["rows"]] == ["ours", "ours", "peers", "peers"]
+    ratios = data["summary"]["7b-layer"]["tokens_per_s_ratios"]
+    assert ratios["fast-fp8 n=1 / fast n=1"] == pytest.approx(177.0 / 139.0)
+    assert ratios["hf-fp8 / hf-compile (torchao's FP8 gain)"] == pytest.approx(185.0 / 145.0)
+    assert data["merged_from"] == ["ours.json", "peers.json"] and data["matmul_tflops_measured"] == 800.0
+
+
+def test_compare_loss_runs_reports_absolute_gaps_and_held_out_evals(tmp_path):
+    import compare_loss_runs
+
+    curves = {"bf16": [{"step": s, "loss": 4.0, "loss_head_1": 1.0, "loss_head_2": 3.0} for s in (10, 20)],
+              "fp8": [{"step": s, "loss": 4.04, "loss_head_1": 1.02, "loss_head_2": 3.02} for s in (10, 20, 30)]}
+    out = compare_loss_runs.compare(curves, tail=2, tolerance=0.01)
+    assert out["final"]["fp8"]["steps"] == 20  # compared where both runs got to
+    rel, gap = out["relative_difference_fp8_vs_bf16"], out["absolute_difference_fp8_vs_bf16"]
+    assert gap["loss_head_1"] == pytest.approx(0.02) and gap["loss_head_2"] == pytest.approx(0.02)
+    assert rel["loss_head_1"] == pytest.approx(0.02) and rel["loss_head_2"] == pytest.approx(0.02 / 3)
+    assert out["within_tolerance"] is False
+    evals = {label: {"heads": [{"head": 1, "loss": v}], "samples": 4} for label, v in (("bf16", 2.0), ("fp8", 2.01))}
+    ev = compare_loss_runs.compare_evals(evals)
+    assert ev["relative_difference_fp8_vs_bf16"]["loss_head_1"] == pytest.approx(0.005)
+    assert ev["heads"]["fp8"]["loss_head_1"] == 2.01
+    valids = {"bf16": [{"step": 20, "valid_loss": 2.0, "valid_loss_head_1": 2.0}],
+              "fp8": [{"step": 20, "valid_loss": 2.2, "valid_loss_head_1": 2.2},
+                      {"step": 30, "valid_loss": 9.0, "valid_loss_head_1": 9.0}]}
+    val = compare_loss_runs.compare_validation(valids)
+    assert val["step"] == 20 and val["absolute_difference_fp8_vs_bf16"]["loss_head_1"] == pytest.approx(0.2)
+    assert compare_loss_runs.compare_validation({"bf16": [], "fp8": valids["fp8"]}) == {}
+
+
 def test_estimate_memory_recommends_fitting_layouts(tmp_path, capsys):
     import estimate_memory
 

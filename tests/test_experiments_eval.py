@@ -55,10 +55,25 @@ def test_shared_device_time_is_processor_sharing():
 
 @pytest.mark.parametrize("experiment", ["polynomial", "induction", "bytes", "finetune"])
 def test_fit_scale_fits_the_plan_into_the_budget(experiment):
-    layers, n = 6, 4
-    cal = {"step_time_s": 0.2, "workers": 8, "layers": layers, "n": n}
+    cal = {"step_time_s": 0.2, "workers": 8, "layers": 6, "n": 4, "batch": 64, "seq": 64, "hidden": 192}
     plan = {experiment: ([0, 1, 2], 4)}
     fit = calibrate.fit_scale(cal, 1e9, "small", plan)
     assert fit["scale"] == 1.0 and len(fit["worker_work"][experiment]) == 4
     tight = calibrate.fit_scale(cal, fit["needed_s_at_scale_1"] / 4, "small", plan)
     assert tight["scale"] == pytest.approx(0.25, abs=1e-3)
+
+
+def test_step_cost_grows_with_layers_heads_and_tokens():
+    base = calibrate.step_cost(6, 1, 4096, 128)
+    assert calibrate.step_cost(7, 1, 4096, 128) > base and calibrate.step_cost(6, 4, 4096, 128) > base
+    # a step of 4x the tokens costs more, but less than 4x: part of a small model's step is fixed per layer
+    assert base < calibrate.step_cost(6, 1, 4 * 4096, 128) < 4 * base
+
+
+def test_polynomial_root_operation():
+    assert polynomial.root_op(["comp", ["neg", [1, 0, 0, 0, 0]], [0, 1, 0, 0, 0]]) == "comp"
+    assert polynomial.root_op([1, 2, 3, 4, 5]) == "poly"
+    runs = [{"in_domain": {"by_op": {"neg": 1.0, "add": 0.5}}}, {"in_domain": {"by_op": {"neg": 0.5, "add": 0.0}}}]
+    by_op = polynomial.summarize_by_op(runs)
+    assert list(by_op) == ["neg", "add"] and by_op["neg"]["mean"] == 0.75
+    assert polynomial.by_op_cell(by_op) == "neg 75, add 25"

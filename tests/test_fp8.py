@@ -76,6 +76,28 @@ def test_fp8_linear_equals_emulated_gemms_and_is_close_to_the_plain_linear(dtype
     assert 1e-3 < errs[0] < 0.06 and 1e-3 < errs[1] < 0.1 and 1e-3 < errs[2] < 0.1, errs
 
 
+def test_fp8_linear_casts_each_operand_once_and_saves_the_transposed_fp8_copies():
+    """The forward casts x and W once, in both layouts, and keeps only the transposed FP8 copies the backward GEMMs
+    read: the backward never casts the weight again (dx uses the FP8 weight of the forward, even if the weight
+    changed in between) and holds no bf16 or fp32 copy of x or W."""
+    torch.manual_seed(1)
+    x = torch.randn(32, 64).bfloat16().requires_grad_()
+    w = (torch.randn(48, 64) * 0.05).bfloat16().requires_grad_()
+    g = torch.randn(32, 48).bfloat16()
+    y = fp8_linear(x, w)
+    saved = y.grad_fn.saved_tensors
+    assert [t.dtype for t in saved] == [E4M3, torch.float32, E4M3, torch.float32]
+    assert saved[0].shape == (64, 32) and saved[2].shape == (64, 48)  # x8ᵀ [in, tokens], W8ᵀ [in, out]
+    assert saved[0].is_contiguous() and saved[2].is_contiguous()
+    _, ref_gx, ref_gw = emulated_linear_grads(x.detach().float(), w.detach().float(), g.float())
+    with torch.no_grad():
+        w.mul_(2.0)  # after the forward: the backward must not see it
+    y.backward(g)
+    assert rel(x.grad, ref_gx) < 8e-3 and rel(w.grad, ref_gw) < 8e-3
+    with torch.no_grad():  # evaluation: no transposed copies are made (nothing is saved)
+        assert fp8_linear(x, w).grad_fn is None
+
+
 def test_fp8_linear_under_autocast_returns_the_autocast_dtype():
     x, w = torch.randn(16, 32), torch.randn(16, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -13,6 +13,7 @@ host syncs inside the step, and the top CUDA kernels of one profiled step.
     python tools/bench_train.py --output benchmarks/train_bench.json          # GPU: the 1.1B and 1.3B shapes
     python tools/bench_train.py --tiny --output /tmp/bench_tiny.json          # CPU smoke run (tests)
     python tools/bench_train.py --isolate --shapes 7b-layer --rows fast:1,fast-fp8:1,hf-fp8:1,hf-compile:1
+    python tools/bench_train.py --merge ours.json peers.json --output all.json   # rows of separate calls, one summary
 
 Variants of our model (``--variants``; comma-separated, default all of the preset):
   eager-autocast   fp32 weights under bf16 autocast, no compile (LocalEngine with train.master_weights false)
@@ -669,13 +670,13 @@ def write_json(path, payload):
 
 def print_report(payload, args):
     """The run's table, ratios, attention choice, profiles and errors (stdout)."""
-    print(f"\n{payload['device']} | torch {payload['torch']} | seq {payload['seq']} | matmul "
-          f"{payload['matmul_tflops_measured'] and round(payload['matmul_tflops_measured'])} TFLOP/s | "
-          f"CE {payload['ce']} | {payload['date']}")
+    mm_rate = payload.get("matmul_tflops_measured")
+    print(f"\n{payload.get('device')} | torch {payload.get('torch')} | seq {payload.get('seq')} | matmul "
+          f"{mm_rate and round(mm_rate)} TFLOP/s | CE {payload.get('ce')} | {payload.get('date')}")
     print_table(payload["rows"])
     for shape, s in payload["summary"].items():
         print(f"{shape}: " + json.dumps(s, default=lambda v: round(v, 4)))
-    for shape, a in payload["attention"].items():
+    for shape, a in payload.get("attention", {}).items():
         if isinstance(a, dict):
             brief = {k: {kk: (round(vv, 3) if isinstance(vv, float) else vv) for kk, vv in v.items()
                          if kk.endswith("_ms") or kk == "chosen"}
@@ -779,6 +780,35 @@ def run_isolated(args, argv, shapes, plan, mb, payload, save, t_start):
     payload["isolated"] = "our rows of a shape in one process, each peer row in its own, one after another"
 
 
+def merge_outputs(paths: list, output: str, args) -> dict:
+    """One payload from the --output files of separate calls: the first readable file's metadata, every file's
+    rows (each tagged with the command that measured it), the summary recomputed over all rows."""
+    parts, read = [], []
+    for path in paths:
+        try:
+            with open(path) as f:
+                parts.append(json.load(f))
+            read.append(os.path.basename(path))
+        except (OSError, ValueError) as exc:
+            print(f"merge: {path} left out ({type(exc).__name__}: {exc})", file=sys.stderr)
+    if not parts:
+        print("merge: no readable input; nothing written", file=sys.stderr)
+        return {}
+    payload = dict(parts[0])
+    payload["rows"], payload["commands"] = [], []
+    for part in parts:
+        payload["commands"].append(part.get("command"))
+        for r in part.get("rows", []):
+            payload["rows"].append(dict(r, command=part.get("command")))
+        if payload.get("matmul_tflops_measured") is None:
+            payload["matmul_tflops_measured"] = part.get("matmul_tflops_measured")
+    payload["summary"] = summarize(payload["rows"])
+    payload["merged_from"] = read
+    write_json(output, payload)
+    print_report(payload, args)
+    return payload
+
+
 def pick_micro_batch(shape, n_heads, seq, device, candidates=(32, 24, 16, 12, 8), fraction=0.85):
     """Largest micro-batch the memory model fits in ``fraction`` of this GPU (fast regime)."""
     if device.type != "cuda":
@@ -824,7 +854,12 @@ def main(argv=None):
     ap.add_argument("--time-budget-s", type=float, default=540.0, help="skip remaining rows after this long")
     ap.add_argument("--output", default=None, help="JSON with every row")
     ap.add_argument("--output-dir", default=None, help="also write train_<shape>.json per shape here")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="combine the rows of earlier --output "
+                    "files of one session (e.g. ours and the peers, run in separate calls) into --output, with the "
+                    "summary and ratios recomputed over all of them; runs nothing")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge_outputs(args.merge, args.output, args)
 
     t_start = time.time()
     if args.device == "auto":

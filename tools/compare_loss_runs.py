@@ -40,9 +40,39 @@ def compare(curves: dict, tail: int, tolerance: float) -> dict:
         finals[label]["tokens_per_s_mean"] = sum(r.get("tokens_per_s", 0) for r in last) / len(last)
     a, b = labels[0], labels[1]
     diffs = {k: (finals[b][k] - finals[a][k]) / finals[a][k] for k in finals[a] if k.startswith("loss")}
+    # The absolute gap (nats) next to the relative one: a regime that adds the same noise to every head's logits
+    # costs every head about the same nats, so the heads with the lowest loss show the largest relative gap.
+    absolute = {k: finals[b][k] - finals[a][k] for k in diffs}
     return {"final_mean_of_last_records": tail, "final": finals,
-            f"relative_difference_{b}_vs_{a}": diffs, "tolerance": tolerance,
-            "within_tolerance": all(abs(v) <= tolerance for v in diffs.values())}
+            f"relative_difference_{b}_vs_{a}": diffs, f"absolute_difference_{b}_vs_{a}": absolute,
+            "tolerance": tolerance, "within_tolerance": all(abs(v) <= tolerance for v in diffs.values())}
+
+
+def _head_gaps(heads: dict) -> dict:
+    a, b = list(heads)[:2]
+    return {f"relative_difference_{b}_vs_{a}": {k: (heads[b][k] - heads[a][k]) / heads[a][k] for k in heads[a]},
+            f"absolute_difference_{b}_vs_{a}": {k: heads[b][k] - heads[a][k] for k in heads[a]}}
+
+
+def compare_evals(evals: dict) -> dict:
+    """Per-head held-out losses of each run's final checkpoint (``mtp-eval-perplexity --output`` files), and the
+    second run's differences to the first."""
+    heads = {label: {f"loss_head_{h['head']}": h["loss"] for h in ev["heads"]} for label, ev in evals.items()}
+    return {"heads": heads, "samples": {label: ev.get("samples") for label, ev in evals.items()}, **_head_gaps(heads)}
+
+
+def compare_validation(valids: dict) -> dict:
+    """Each run's last validation record (the run's own regime, e.g. FP8 GEMMs for an FP8 run) at the last step
+    both validated at, and the second run's differences to the first; {} when a run never validated."""
+    if len(valids) < 2 or not all(valids.values()):
+        return {}
+    common = min(recs[-1]["step"] for recs in valids.values())
+    last = {label: [r for r in recs if r["step"] <= common] for label, recs in valids.items()}
+    if not all(last.values()):
+        return {}
+    heads = {label: {k[len("valid_"):]: v for k, v in recs[-1].items() if k.startswith("valid_loss_head_")}
+             for label, recs in last.items()}
+    return {"step": common, "heads": heads, **_head_gaps(heads)}
 
 
 def plot(payload: dict, path: str) -> None:
@@ -77,6 +107,8 @@ def main(argv=None) -> int:
     ap.add_argument("--title", default=None)
     ap.add_argument("--meta", default=None, help="JSON object of extra fields (device, command, ...)")
     ap.add_argument("--output", default=None)
+    ap.add_argument("--eval", default=None, help="label=path,label=path: mtp-eval-perplexity --output files of "
+                    "each run's final checkpoint (e.g. both evaluated with bf16 GEMMs), compared per head")
     ap.add_argument("--from-json", default=None, help="re-read an earlier --output instead of run directories")
     ap.add_argument("--plot", default=None, help="PNG of both runs' per-head curves (needs matplotlib)")
     args = ap.parse_args(argv)
@@ -94,6 +126,20 @@ def main(argv=None) -> int:
         payload = {"title": args.title or f"{labels[0]} vs {labels[1]}", "runs": dict(zip(labels, args.runs)),
                    **(json.loads(args.meta) if args.meta else {}),
                    **compare(curves, args.tail, args.tolerance), "curves": curves}
+        validation = compare_validation({label: read_metrics(run, "valid") for label, run in zip(labels, args.runs)})
+        if validation:
+            payload["validation_own_regime"] = validation
+        if args.eval:
+            evals = {}
+            for item in args.eval.split(","):
+                label, _, path = item.partition("=")
+                try:
+                    with open(path) as f:
+                        evals[label] = json.load(f)
+                except (OSError, ValueError) as exc:
+                    print(f"--eval {label}: {path} unreadable ({type(exc).__name__}); left out", file=sys.stderr)
+            if len(evals) >= 2:
+                payload["held_out_eval"] = compare_evals(evals)
         if args.output:
             atomic_write_text(args.output, json.dumps(payload, indent=1))
     print(json.dumps({k: v for k, v in payload.items() if k != "curves"}, indent=1))

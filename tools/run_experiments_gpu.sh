@@ -10,7 +10,7 @@
 #    under contention like the real runs' (megatron_mtp/experiments/calibrate.py: the cost model);
 # 2. `experiments fit` turns it into one schedule factor (--iters-scale, the same for every n and seed) that
 #    fits all four experiments' planned steps into the seconds left before TOTAL, less start-up and end margins;
-#    jobs that cannot start before three fifths of that budget are cut (and reported);
+#    jobs that cannot start before seven tenths of that budget are cut (and reported);
 # 3. while they run, every experiment's results.json (rewritten after each finished job) is copied to $OUT, so a
 #    run stopped at any point still returns the finished jobs; runs still going at TOTAL - END_MARGIN seconds are
 #    stopped; results, tables, logs and an nvidia-smi trace go into $OUT/repro_results.tar.gz.
@@ -22,13 +22,16 @@ DEVICE=${DEVICE:-cuda}
 TOTAL=${TOTAL:-480}          # seconds this script may take, end to end
 END_MARGIN=${END_MARGIN:-25} # seconds kept at the end to stop the runs and pack the results
 START_S=${START_S:-30}       # seconds the experiments take to write their data and start their workers
-CAL_STEPS=${CAL_STEPS:-45}
+CAL_STEPS=${CAL_STEPS:-60}
 SEEDS=${SEEDS:-0 1 2}
-# Workers per experiment: polynomial's 18 runs in two waves, induction's 12, bytes' 6 and finetune's 6 jobs
-# (a pretraining and its finetunes each) in one.
-W_POLY=${W_POLY:-9} W_IND=${W_IND:-12} W_BYTES=${W_BYTES:-6} W_FT=${W_FT:-6}
-# The calibration's runs are the largest polynomial model: 24 of them measure the device's throughput without
-# the memory of 33 such runs (`fit` takes the throughput to be the same with the experiments' 33 smaller ones).
+# Workers per experiment: each experiment's jobs in two waves (polynomial's 18 runs, induction's 12, bytes' 6,
+# finetune's 9 jobs of a pretraining and a finetune each). 23 processes keep the GPU busy as well as 45 would,
+# and the first wave (seed 0 and part of seed 1: jobs go seed-major) finishes near half time, so a run that
+# overruns its plan loses the last seeds, not every run of an experiment at once.
+W_POLY=${W_POLY:-9} W_IND=${W_IND:-6} W_BYTES=${W_BYTES:-3} W_FT=${W_FT:-5}
+# The calibration's runs are the largest polynomial model: 24 of them keep the device as busy as the
+# experiments' 23 runs will (`fit` takes the device's throughput to be the same, and its cost model scales it
+# to the other models' layers, tokens and width).
 CAL_JOBS=${CAL_JOBS:-24}
 mkdir -p "$OUT" "$WORK"
 # expandable segments: ~30 processes share the GPU's memory, so each one's cache should not fragment.
@@ -57,13 +60,13 @@ if python -m megatron_mtp.experiments fit "$WORK/calibrate/calibration.json" --b
      --plan $PLAN > "$WORK/fit.json" 2>>"$OUT/log.txt"; then
   SCALE=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['scale'])" "$WORK/fit.json")
 else
-  SCALE=${FALLBACK_SCALE:-0.5}  # a failed calibration must not cost the run: about what an H100 measured
+  SCALE=${FALLBACK_SCALE:-0.7}  # a failed calibration must not cost the run: about what run 2's H100 rates give
   log "calibration failed (see calibrate.log): falling back to iters scale $SCALE"
 fi
 cat "$WORK/fit.json" >> "$OUT/log.txt" 2>/dev/null
 log "iters scale $SCALE (device budget ${BUDGET}s for the runs)"
 
-START_BUDGET=$(( BUDGET * 3 / 5 ))
+START_BUDGET=$(( BUDGET * 7 / 10 ))
 RUN_T0=$(date +%s)
 declare -A PGID
 launch() {  # experiment, workers

@@ -18,7 +18,7 @@ SIZES = {
               "lr": 1e-3, "eval_windows": 4, "prompts": 2, "prompt_bytes": 16, "new_bytes": 8},
     "cpu": {"max_docs": None, "models": {"1.1M": (96, 9, 4)}, "iters": 300, "batch": 16, "seq": 128,
             "warmup": 30, "lr": 2e-3, "eval_windows": 100, "prompts": 8, "prompt_bytes": 64, "new_bytes": 64},
-    "small": {"max_docs": None, "models": {"8.2M": (256, 10, 8)}, "iters": 1000, "batch": 32, "seq": 256,
+    "small": {"max_docs": None, "models": {"8.2M": (256, 10, 8)}, "iters": 500, "batch": 32, "seq": 256,
               "warmup": 60, "lr": 2e-3, "eval_windows": 400, "prompts": 32, "prompt_bytes": 128, "new_bytes": 128},
 }
 
@@ -34,8 +34,10 @@ def jobs(size: str, seeds: list) -> list:
 
 
 def job_trainings(job: dict, spec: dict) -> list:
-    """(num_layers, n, steps) of every training a job runs: what the GPU script's time plan counts."""
-    return [(spec["models"][job["model"]][1], job["n"], spec["iters"])]
+    """(num_layers, n, steps, tokens per step, hidden) of every training a job runs: what the GPU script's time
+    plan counts."""
+    hidden, layers, _ = spec["models"][job["model"]]
+    return [(layers, job["n"], spec["iters"], spec["batch"] * spec["seq"], hidden)]
 
 
 def heldout_prompts(heldout_jsonl: str, count: int, prompt_bytes: int, tokenizer) -> list:

@@ -7,12 +7,14 @@ the median step time of the last third of the steps. The runs wait for each othe
 barrier): processes start seconds apart, and a run that times its steps before the others have started
 measures a quieter device than the real runs will share.
 
-Small models are bound by kernel launches and host overhead more than by arithmetic, and the runs take turns
-on one GPU: the device's time for one step is about ``step_time_s / workers``, roughly in proportion to the
-number of kernels, i.e. to the layers plus a fixed part for the embedding, the optimizer and each head's loss
-(``step_cost``). It is rough: on an H100 with 33 runs, the time per cost unit differed up to ~2x between
-experiments (docs/reproduction.md, run 2), hence ``SLACK``. ``fit_scale`` sums every planned training's
-steps x cost per worker and returns the schedule factor that fits the last worker's finish into the budget.
+Small models are bound by kernel launches and memory traffic more than by arithmetic, and the runs take turns
+on one GPU: the device's time for one step is about ``step_time_s / workers``. ``step_cost`` models it as the
+number of layers (plus a fixed part for the embedding and the optimizer, and a third of a layer per head's
+loss) times a fixed share per layer plus a share that grows with the tokens x width of the step: fitted to the
+per-process step times of 33 concurrent runs on an H100 (docs/reproduction.md, run 2: within ~25 % for every
+experiment, where the layer count alone was off by up to 2x). ``SLACK`` covers that and the end of the run.
+``fit_scale`` sums every planned training's steps x cost per worker and returns the schedule factor that fits
+the last worker's finish into the budget.
 """
 from __future__ import annotations
 
@@ -27,13 +29,20 @@ from megatron_mtp.training.metrics import read_metrics
 # The per-step cost model: a transformer layer is 1; the embedding, gradient clipping and the optimizer
 # about one more; each head's norm, unembedding and loss (forward and backward) about a third of a layer.
 FIXED_COST, HEAD_COST = 1.0, 0.3
-# The runs do not keep the device equally busy to the end (the last ones run with fewer peers), and every
-# training has its own start-up, checkpoint and evaluation: plan the device time at this multiple.
-SLACK = 1.2
+# Per layer, a fixed part (launches, small kernels) worth LAUNCH_SHARE of a step of REFERENCE_WORK tokens x
+# hidden (128 x 128 tokens at width 256), plus a part in proportion to tokens x hidden. Run 2 on an H100:
+# 0.4 fits the 1.1M-8.2M models at 8k-16k tokens a step.
+LAUNCH_SHARE, REFERENCE_WORK = 0.4, 16384 * 256
+# The runs do not keep the device equally busy to the end (the last ones run with fewer peers, each bound
+# by its own launches), and every training has its own start-up, checkpoint and evaluation: plan the device
+# time at this multiple.
+SLACK = 1.3
 
 
-def step_cost(layers: int, n: int) -> float:
-    return layers + FIXED_COST + HEAD_COST * n
+def step_cost(layers: int, n: int, tokens: int, hidden: int) -> float:
+    """Device work of one training step (cost units) of a ``layers``-layer, ``n``-head model of width
+    ``hidden`` on ``tokens`` tokens (micro-batch x sequence)."""
+    return (layers + FIXED_COST + HEAD_COST * n) * (LAUNCH_SHARE + tokens * hidden / REFERENCE_WORK)
 
 
 def calibration_model(size: str) -> str:
@@ -52,8 +61,9 @@ def calibrate(out_dir: str, device: str, workers: int, steps: int, size: str = "
     jobs = [{"model": model, "n": 4, "seed": i} for i in range(workers)]
     results = common.run_jobs(__name__, jobs, shared, workers, None, lambda _: None)
     times = [r["step_time_s"] for r in common.ok_runs(results)]
-    layers = polynomial.SIZES[size]["models"][model][1]
+    hidden, layers, _ = polynomial.SIZES[size]["models"][model]
     summary = {"workers": workers, "steps": steps, "size": size, "model": model, "layers": layers, "n": 4,
+               "hidden": hidden,
                "batch": shared["spec"]["batch"], "seq": shared["spec"]["seq"],
                "step_time_s": statistics.median(times) if times else None, "step_times_s": times,
                "failed": [r.get("error") for r in results if r["status"] != "ok"],
@@ -84,14 +94,16 @@ def run_job(job: dict, shared: dict) -> dict:
 
 
 def worker_work(experiment: str, size: str, seeds: list, workers: int) -> list:
-    """Each worker's steps x ``step_cost`` at the size's unscaled schedule, the jobs dealt out in turn (the
+    """Each worker's steps x ``step_cost`` at the size's unscaled schedule (``job_trainings``: (layers, n, steps,
+    tokens, hidden) of each training of a job), the jobs dealt out in turn (the
     pool hands the next job to the next free worker; an experiment's jobs cost about the same)."""
     module = importlib.import_module(f"megatron_mtp.experiments.{experiment}")
     spec = module.SIZES[size]
     totals = [0.0] * max(1, min(workers, len(module.jobs(size, seeds))))
     for i, job in enumerate(module.jobs(size, seeds)):
         trainings = module.job_trainings(job, spec)
-        totals[i % len(totals)] += sum(steps * step_cost(layers, n) for layers, n, steps in trainings)
+        totals[i % len(totals)] += sum(steps * step_cost(layers, n, tokens, hidden)
+                                       for layers, n, steps, tokens, hidden in trainings)
     return totals
 
 
@@ -108,7 +120,9 @@ def shared_device_seconds(work: list, unit_s: float) -> float:
 def fit_scale(calibration: dict, budget_s: float, size: str, plan: dict) -> dict:
     """The schedule factor (at most 1) that fits ``plan`` ({experiment: (seeds, workers)}) into ``budget_s``
     seconds, given a ``calibrate`` result: one device shared by every worker of every experiment."""
-    unit_s = calibration["step_time_s"] / calibration["workers"] / step_cost(calibration["layers"], calibration["n"])
+    cost = step_cost(calibration["layers"], calibration["n"], calibration["batch"] * calibration["seq"],
+                     calibration["hidden"])
+    unit_s = calibration["step_time_s"] / calibration["workers"] / cost
     work = {name: worker_work(name, size, seeds, workers) for name, (seeds, workers) in plan.items()}
     needed_s = SLACK * shared_device_seconds([w for ws in work.values() for w in ws], unit_s)
     return {"scale": round(min(1.0, budget_s / needed_s), 3), "needed_s_at_scale_1": needed_s, "unit_s": unit_s,

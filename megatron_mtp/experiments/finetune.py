@@ -20,10 +20,10 @@ SIZES = {
     "cpu": {"max_docs": None, "data": {"train": 50_000, "test": 200, "in_ops": (1, 1), "ood_ops": (2, 2)},
             "model": (128, 6, 4), "pretrain_iters": 300, "finetune_iters": 600, "batch": 32, "seq": 128,
             "warmup": 40, "lr": 3e-3},
-    # The polynomial experiment's task (one operation in-domain, two out-of-domain) after a short pretraining.
-    "small": {"max_docs": None, "data": {"train": 300_000, "test": 500, "in_ops": (1, 1), "ood_ops": (2, 2)},
-              "model": (256, 6, 8), "pretrain_iters": 400, "finetune_iters": 800, "batch": 128, "seq": 128,
-              "warmup": 60, "lr": 3e-3},
+    # The polynomial experiment's task and schedule (its smaller model) after a short code pretraining.
+    "small": {"max_docs": None, "data": {"train": 200_000, "test": 500, "in_ops": (1, 1), "ood_ops": (2, 2)},
+              "model": (128, 6, 4), "pretrain_iters": 300, "pretrain_batch": 16, "pretrain_seq": 256,
+              "finetune_iters": 1500, "batch": 32, "seq": 128, "warmup": 60, "lr": 3e-3},
 }
 
 
@@ -38,65 +38,72 @@ def prepare(out_dir: str, size: str, device: str) -> dict:
 
 
 def jobs(size: str, seeds: list) -> list:
-    # One job per (seed, pretraining n): pretrain once, then every finetune of that checkpoint.
-    return [{"pretrain_n": n, "seed": seed} for seed in seeds for n in (4, 1)]
+    # One job per (seed, variant), each pretraining its own checkpoint: the two n = 4 jobs of a seed train the
+    # same pretraining (same config, seed and data order; equal up to floating-point non-determinism on a GPU)
+    # instead of sharing one, so that the three finetunes of a seed run side by side, none waiting for another.
+    return [{"pretrain_n": n, "n_prime": n_prime, "seed": seed} for seed in seeds for n, n_prime in VARIANTS]
 
 
 def job_trainings(job: dict, spec: dict) -> list:
-    """(num_layers, n, steps) of every training a job runs: the pretraining, then each finetune."""
-    layers, n = spec["model"][1], job["pretrain_n"]
-    return [(layers, n, spec["pretrain_iters"])] + [(layers, n, spec["finetune_iters"])
-                                                     for pre_n, _ in VARIANTS if pre_n == n]
+    """(num_layers, n, steps, tokens per step, hidden) of the pretraining and the finetune a job runs."""
+    hidden, layers, _ = spec["model"]
+    pre_batch, pre_seq = pretraining_shape(spec)
+    return [(layers, job["pretrain_n"], spec["pretrain_iters"], pre_batch * pre_seq, hidden),
+            (layers, job["pretrain_n"], spec["finetune_iters"], spec["batch"] * spec["seq"], hidden)]
+
+
+def pretraining_shape(spec: dict) -> tuple:
+    """(micro-batch, sequence length) of the code pretraining: code wants a longer context than the task's
+    short expressions; by default the finetuning's."""
+    return spec.get("pretrain_batch", spec["batch"]), spec.get("pretrain_seq", spec["seq"])
 
 
 def run_job(job: dict, shared: dict) -> dict:
     spec = shared["spec"]
     hidden, layers, heads = spec["model"]
-    n, seed = job["pretrain_n"], job["seed"]
+    n, n_prime, seed = job["pretrain_n"], job["n_prime"], job["seed"]
     base = {**common.model_overrides(hidden, layers, heads), **common.device_overrides(shared["device"]),
             "mtp.n_heads": n, "data.seq_length": spec["seq"], "train.seed": seed,
             "data.cache_dir": os.path.join(shared["out_dir"], "cache")}
-    pre_dir = os.path.join(shared["out_dir"], "runs", f"pretrain-n{n}-s{seed}")
+    name = f"n{n}-nprime{n_prime}-s{seed}"
+    pre_dir = os.path.join(shared["out_dir"], "runs", f"pretrain-{name}")
+    pre_batch, pre_seq = pretraining_shape(spec)
     pre = common.train_model("finetune", pre_dir, {**base, "data.paths": [shared["corpus"]["train_prefix"]],
-                                                   **common.schedule_overrides(spec, "pretrain_iters")})
-    finetunes = []
-    for pre_n, n_prime in VARIANTS:
-        if pre_n != n:
-            continue
-        ft_dir = os.path.join(shared["out_dir"], "runs", f"finetune-n{n}-nprime{n_prime}-s{seed}")
-        weights = None if n_prime == n else [1.0] + [0.0] * (n - 1)
-        summary = common.train_model("finetune", ft_dir, {
-            **base, "data.paths": [shared["train_prefix"]], **common.schedule_overrides(spec, "finetune_iters"),
-            "checkpoint.load": os.path.join(pre_dir, "checkpoints"), "checkpoint.finetune": True,
-            "mtp.loss_weights": weights})
-        finetunes.append({"n_prime": n_prime, "final_loss_head_1": summary["last"].get("loss_head_1"),
-                          **polynomial.evaluate_run(ft_dir, shared)})
-    return {"pretrain_loss_head_1": pre["last"].get("loss_head_1"), "finetunes": finetunes,
-            "baseline": shared["baseline"]}
+                                                   **common.schedule_overrides(spec, "pretrain_iters"),
+                                                   "train.micro_batch_size": pre_batch, "data.seq_length": pre_seq})
+    ft_dir = os.path.join(shared["out_dir"], "runs", f"finetune-{name}")
+    weights = None if n_prime == n else [1.0] + [0.0] * (n - 1)
+    summary = common.train_model("finetune", ft_dir, {
+        **base, "data.paths": [shared["train_prefix"]], **common.schedule_overrides(spec, "finetune_iters"),
+        "checkpoint.load": os.path.join(pre_dir, "checkpoints"), "checkpoint.finetune": True,
+        "mtp.loss_weights": weights})
+    return {"pretrain_loss_head_1": pre["last"].get("loss_head_1"), "final_loss_head_1": summary["last"].get("loss_head_1"),
+            "baseline": shared["baseline"], **polynomial.evaluate_run(ft_dir, shared)}
 
 
 def summarize(results: list, shared: dict) -> dict:
     rows = []
     for pre_n, n_prime in VARIANTS:
-        runs = [(r["job"]["seed"], f, r) for r in common.ok_runs(results) if r["job"]["pretrain_n"] == pre_n
-                for f in r["finetunes"] if f["n_prime"] == n_prime]
+        runs = [r for r in common.ok_runs(results) if (r["job"]["pretrain_n"], r["job"]["n_prime"]) == (pre_n, n_prime)]
         if runs:
-            rows.append({"pretrain_n": pre_n, "n_prime": n_prime, "seeds": [s for s, _, _ in runs],
-                         "pretrain_loss_head_1": common.mean_std([r["pretrain_loss_head_1"] for _, _, r in runs]),
-                         "in_domain": polynomial.summarize_split([f for _, f, _ in runs], "in_domain"),
-                         "out_of_domain": polynomial.summarize_split([f for _, f, _ in runs], "out_of_domain"),
-                         "loss_head_1": common.mean_std([f["final_loss_head_1"] for _, f, _ in runs])})
+            rows.append({"pretrain_n": pre_n, "n_prime": n_prime, "seeds": [r["job"]["seed"] for r in runs],
+                         "pretrain_loss_head_1": common.mean_std([r["pretrain_loss_head_1"] for r in runs]),
+                         "in_domain": polynomial.summarize_split(runs, "in_domain"),
+                         "out_of_domain": polynomial.summarize_split(runs, "out_of_domain"),
+                         "by_op": polynomial.summarize_by_op(runs),
+                         "loss_head_1": common.mean_std([r["final_loss_head_1"] for r in runs])})
     return {"rows": rows, "baseline": polynomial.run_baseline(results)}
 
 
 def table(summary: dict) -> str:
     lines = ["| pretraining n | finetuning n' | seeds | pretraining loss head 1 | in-domain exact match (%) | "
              "in-domain digits (%) | out-of-domain exact match (%) | out-of-domain digits (%) | "
-             "finetuning loss head 1 |", "|---|---|---|---|---|---|---|---|---|"]
+             "in-domain exact by operation (mean %) | finetuning loss head 1 |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary["rows"]:
         lines.append(f"| {r['pretrain_n']} | {r['n_prime']} | {len(r['seeds'])} | "
                      f"{common.fmt(r['pretrain_loss_head_1'], 3)} | {polynomial.split_cells(r['in_domain'])} | "
-                     f"{polynomial.split_cells(r['out_of_domain'])} | {common.fmt(r['loss_head_1'], 3)} |")
+                     f"{polynomial.split_cells(r['out_of_domain'])} | {polynomial.by_op_cell(r.get('by_op', {}))} | "
+                     f"{common.fmt(r['loss_head_1'], 3)} |")
     return "\n".join(lines) + polynomial.baseline_line(summary.get("baseline"))
 
 

@@ -22,8 +22,8 @@ SIZES = {
     # Stories of 6-12 short sentences (~150 bytes, rarely more than 256) fit the 256-byte context, so nearly every
     # repeat can be copied from it; evaluation cuts a story at the context length.
     "small": {"data": {"train": 60_000, "test": 300, "sentences": (6, 12)},
-              "models": {"0.7M": (128, 3, 4), "3.4M": (256, 4, 8)}, "iters": 3000, "eval_every": 500,
-              "batch": 64, "seq": 256, "warmup": 60, "lr": 3e-3},
+              "models": {"0.7M": (128, 3, 4), "3.4M": (256, 4, 8)}, "iters": 1200, "eval_every": 150,
+              "batch": 32, "seq": 256, "warmup": 60, "lr": 3e-3},
 }
 
 
@@ -39,8 +39,10 @@ def jobs(size: str, seeds: list) -> list:
 
 
 def job_trainings(job: dict, spec: dict) -> list:
-    """(num_layers, n, steps) of every training a job runs: what the GPU script's time plan counts."""
-    return [(spec["models"][job["model"]][1], job["n"], spec["iters"])]
+    """(num_layers, n, steps, tokens per step, hidden) of every training a job runs: what the GPU script's time
+    plan counts."""
+    hidden, layers, _ = spec["models"][job["model"]]
+    return [(layers, job["n"], spec["iters"], spec["batch"] * spec["seq"], hidden)]
 
 
 def induction_success(model, tokenizer, stories: list, max_len: int, batch_size: int = 32) -> float:

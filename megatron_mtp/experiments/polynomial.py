@@ -12,7 +12,7 @@ from collections import Counter
 from megatron_mtp.experiments import common
 from megatron_mtp.inference import generate
 from megatron_mtp.tasks.io import read_jsonl
-from megatron_mtp.tasks.polynomial import DEGREE, prompt_and_answer, write_dataset
+from megatron_mtp.tasks.polynomial import DEGREE, OPS, prompt_and_answer, write_dataset
 
 NS = (1, 2, 4)
 SIZES = {
@@ -23,11 +23,13 @@ SIZES = {
     "cpu": {"data": {"train": 50_000, "test": 200, "in_ops": (1, 1), "ood_ops": (2, 2)},
             "models": {"0.3M": (64, 5, 4), "1.1M": (128, 5, 4)}, "iters": 600, "batch": 32, "seq": 128,
             "warmup": 40, "lr": 3e-3},
-    # One H100 shared by ~30 concurrent runs for a few minutes (docs/reproduction.md says what was cut):
-    # one-operation expressions in-domain, two out-of-domain, so that the step budget reaches above chance;
-    # small models are launch-bound, so a large batch costs little.
-    "small": {"data": {"train": 300_000, "test": 500, "in_ops": (1, 1), "ood_ops": (2, 2)},
-              "models": {"1.1M": (128, 5, 4), "5.0M": (256, 6, 8)}, "iters": 1200, "batch": 128, "seq": 128,
+    # One H100 shared by 45 runs for about six minutes (docs/reproduction.md): one-operation expressions
+    # in-domain, two out-of-domain. Small batches and many steps, on the reading that leaving the pre-learning
+    # plateau is counted in steps while a step's device time grows with its tokens; run 3 refuted that reading
+    # (no run left the plateau; 128 x 128-byte batches did in run 2), so a decisive polynomial run needs
+    # batch 128 and about one GPU call of its own (docs/reproduction.md, experiment 1).
+    "small": {"data": {"train": 200_000, "test": 500, "in_ops": (1, 1), "ood_ops": (2, 2)},
+              "models": {"1.3M": (128, 6, 4), "2.8M": (192, 6, 6)}, "iters": 1500, "batch": 32, "seq": 128,
               "warmup": 60, "lr": 3e-3},
 }
 
@@ -46,8 +48,10 @@ def jobs(size: str, seeds: list) -> list:
 
 
 def job_trainings(job: dict, spec: dict) -> list:
-    """(num_layers, n, steps) of every training a job runs: what the GPU script's time plan counts."""
-    return [(spec["models"][job["model"]][1], job["n"], spec["iters"])]
+    """(num_layers, n, steps, tokens per step, hidden) of every training a job runs: what the GPU script's time
+    plan counts."""
+    hidden, layers, _ = spec["models"][job["model"]]
+    return [(layers, job["n"], spec["iters"], spec["batch"] * spec["seq"], hidden)]
 
 
 def training_overrides(shared: dict, model: str, n: int, seed: int) -> dict:
@@ -61,8 +65,10 @@ def training_overrides(shared: dict, model: str, n: int, seed: int) -> dict:
 
 def exact_match(model, tokenizer, samples: list, batch_size: int = 256) -> dict:
     """Greedy-decode the answer of every sample's prompt (head 1 only) and compare it exactly; also the
-    fraction of answer digits right in place (a graded view of the same outputs)."""
-    correct, digits, by_ops = 0, 0, {}
+    fraction of answer digits right in place (a graded view of the same outputs), and exact match by number
+    of operations (``by_ops``) and by the expression's outermost operation (``by_op``: which operations a
+    model has learned)."""
+    correct, digits, by_ops, by_op = 0, 0, {}, {}
     for start in range(0, len(samples), batch_size):
         chunk = samples[start: start + batch_size]
         pairs = [prompt_and_answer(s["text"]) for s in chunk]
@@ -73,12 +79,19 @@ def exact_match(model, tokenizer, samples: list, batch_size: int = 256) -> dict:
             hit = text == answer
             correct += hit
             digits += sum(a == b for a, b in zip(text, answer))
-            stats = by_ops.setdefault(str(sample["ops"]), [0, 0])
-            stats[0] += hit
-            stats[1] += 1
+            for counts, key in ((by_ops, str(sample["ops"])), (by_op, root_op(sample["tree"]))):
+                stats = counts.setdefault(key, [0, 0])
+                stats[0] += hit
+                stats[1] += 1
     total = max(1, len(samples))
     return {"accuracy": correct / total, "digit_accuracy": digits / (total * DEGREE), "samples": len(samples),
-            "by_ops": {k: v[0] / v[1] for k, v in sorted(by_ops.items(), key=lambda kv: int(kv[0]))}}
+            "by_ops": {k: v[0] / v[1] for k, v in sorted(by_ops.items(), key=lambda kv: int(kv[0]))},
+            "by_op": {k: by_op[k][0] / by_op[k][1] for k in OPS + ("poly",) if k in by_op}}
+
+
+def root_op(tree) -> str:
+    """The outermost operation of an expression tree (``"poly"`` for a bare polynomial)."""
+    return tree[0] if tree and isinstance(tree[0], str) else "poly"
 
 
 def baseline(paths: dict) -> dict:
@@ -116,6 +129,17 @@ def summarize_split(runs: list, key: str) -> dict:
             "digits": common.mean_std([r[key].get("digit_accuracy") for r in runs])}
 
 
+def summarize_by_op(runs: list) -> dict:
+    """In-domain exact match by outermost operation, mean and spread over seeds (runs from before ``by_op``
+    was recorded have none)."""
+    ops = [op for op in OPS if all(op in r["in_domain"].get("by_op", {}) for r in runs)]
+    return {op: common.mean_std([r["in_domain"]["by_op"][op] for r in runs]) for op in ops}
+
+
+def by_op_cell(by_op: dict) -> str:
+    return ", ".join(f"{op} {100 * s['mean']:.0f}" for op, s in by_op.items() if s["mean"] is not None) or "-"
+
+
 def run_baseline(results: list) -> dict:
     """The training answers' baseline (``baseline``), as recorded with the finished runs (None before any)."""
     return next((r.get("baseline") for r in common.ok_runs(results) if r.get("baseline")), None)
@@ -125,7 +149,7 @@ def summarize(results: list, shared: dict) -> dict:
     rows = []
     for row, runs in common.runs_by_model_and_n(results, shared["spec"]["models"], NS):
         rows.append({**row, "in_domain": summarize_split(runs, "in_domain"),
-                     "out_of_domain": summarize_split(runs, "out_of_domain"),
+                     "out_of_domain": summarize_split(runs, "out_of_domain"), "by_op": summarize_by_op(runs),
                      "loss_head_1": common.mean_std([r["final_loss_head_1"] for r in runs])})
     return {"rows": rows, "baseline": run_baseline(results)}
 
@@ -146,10 +170,12 @@ def baseline_line(base: dict) -> str:
 
 def table(summary: dict) -> str:
     lines = ["| model | n | seeds | in-domain exact match (%) | in-domain digits (%) | out-of-domain exact match (%) | "
-             "out-of-domain digits (%) | final train loss head 1 |", "|---|---|---|---|---|---|---|---|"]
+             "out-of-domain digits (%) | in-domain exact by operation (mean %) | final train loss head 1 |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in summary["rows"]:
         lines.append(f"| {r['model']} | {r['n']} | {len(r['seeds'])} | {split_cells(r['in_domain'])} | "
-                     f"{split_cells(r['out_of_domain'])} | {common.fmt(r['loss_head_1'], 3)} |")
+                     f"{split_cells(r['out_of_domain'])} | {by_op_cell(r.get('by_op', {}))} | "
+                     f"{common.fmt(r['loss_head_1'], 3)} |")
     return "\n".join(lines) + baseline_line(summary.get("baseline"))
 
 

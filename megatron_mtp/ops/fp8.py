@@ -65,45 +65,64 @@ def fp8_shape_ok(tokens: int, in_features: int, out_features: int) -> bool:
     return tokens % 16 == 0 and in_features % 16 == 0 and out_features % 16 == 0
 
 
+def to_float8_pair(t: torch.Tensor, dtype: torch.dtype) -> tuple:
+    """(t in ``dtype``, the same values transposed and made contiguous, the fp32 inverse scale): one dynamic
+    scale, both layouts a GEMM of the linear needs.
+
+    ``torch._scaled_mm`` takes its operands "TN" only: the reduction dimension contiguous in both. The forward
+    GEMM reduces over features, the weight-gradient GEMM over tokens, so x and dy are each needed in both
+    layouts. Making both copies from the one scaled tensor lets inductor write them from one read of the bf16
+    source (a 2-D tiled kernel) instead of casting, then re-reading the FP8 copy to transpose it in backward."""
+    t8, inv = to_float8(t, dtype)
+    return t8, t8.t().contiguous(), inv
+
+
 class _Float8Linear(torch.autograd.Function):
-    """y = x Wᵀ with FP8 operands in all three GEMMs (module docstring). Saved for backward: x in e4m3 with
-    its inverse scale (half the bytes of a bf16 input) and W's scale; W itself is a parameter (no copy), and
-    is cast again, transposed, in backward."""
+    """y = x Wᵀ with FP8 operands in all three GEMMs (module docstring).
+
+    Each operand is cast once: the forward casts x and W, in both layouts (``to_float8_pair``), and saves only
+    the transposed copies the backward GEMMs read (x in e4m3 is half the bytes of a bf16 input); the backward
+    casts dy once. The weight is not cast again in backward: dx uses the FP8 weight the forward used."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, need_dx: bool, need_dw: bool) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type):  # the dtype F.linear would have produced under autocast
             out_dtype = torch.get_autocast_dtype(x.device.type)
         else:
             out_dtype = x.dtype
         x2 = x.reshape(-1, x.size(-1))
-        x8, x_inv = to_float8(x2, E4M3)
-        w_scale = fp8_scale(weight, E4M3)
-        w8, w_inv = to_float8(weight, E4M3, w_scale)
+        if need_dw:
+            x8, x8_t, x_inv = to_float8_pair(x2, E4M3)
+        else:
+            (x8, x_inv), x8_t = to_float8(x2, E4M3), None
+        if need_dx:
+            w8, w8_t, w_inv = to_float8_pair(weight, E4M3)
+        else:
+            (w8, w_inv), w8_t = to_float8(weight, E4M3), None
         # Forward accumulates in the tensor cores' fast mode (as torchao and TE do): the output error it adds is
         # far below e4m3's own rounding; the gradient GEMMs below keep full fp32 accumulation.
         y = _scaled_mm(x8, x_inv, w8.t(), w_inv, out_dtype, fast_accum=True)
-        ctx.save_for_backward(x8, x_inv, weight, w_scale)
-        ctx.x_dtype = x.dtype
+        ctx.save_for_backward(x8_t, x_inv, w8_t, w_inv)
+        ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
         ctx.x_shape = x.shape
         return y.view(*x.shape[:-1], y.size(-1))
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x8, x_inv, weight, w_scale = ctx.saved_tensors
+        x8_t, x_inv, w8_t, w_inv = ctx.saved_tensors
         g2 = grad_out.reshape(-1, grad_out.size(-1))
-        g8, g_inv = to_float8(g2, E5M2)
         grad_x = grad_w = None
+        if ctx.needs_input_grad[1]:
+            g8, g8_t, g_inv = to_float8_pair(g2, E5M2)
+            # dW = dyᵀ · x: dyᵀ row-major [out, tokens], x column-major [tokens, in] (x8_t is [in, tokens])
+            grad_w = _scaled_mm(g8_t, g_inv, x8_t.t(), x_inv, ctx.w_dtype, fast_accum=False)
+        else:
+            g8, g_inv = to_float8(g2, E5M2)
         if ctx.needs_input_grad[0]:
-            # dx = dy · W: W [out, in] as the column-major second operand, i.e. its transpose made contiguous
-            w8_t, w_inv = to_float8(weight.t().contiguous(), E4M3, w_scale)
+            # dx = dy · W: W [out, in] as the column-major second operand (w8_t is [in, out])
             grad_x = _scaled_mm(g8, g_inv, w8_t.t(), w_inv, ctx.x_dtype, fast_accum=False)
             grad_x = grad_x.view(ctx.x_shape)
-        if ctx.needs_input_grad[1]:
-            # dW = dyᵀ · x: dyᵀ row-major [out, tokens], x column-major [tokens, in]
-            grad_w = _scaled_mm(g8.t().contiguous(), g_inv, x8.t().contiguous().t(), x_inv, weight.dtype,
-                                fast_accum=False)
-        return grad_x, grad_w
+        return grad_x, grad_w, None, None
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -112,7 +131,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     tokens = x.numel() // x.size(-1) if x.size(-1) else 0
     if not fp8_shape_ok(tokens, weight.size(1), weight.size(0)):
         return F.linear(x, weight)
-    return _Float8Linear.apply(x, weight)
+    grad = torch.is_grad_enabled()  # no transposed copies when nothing will run backward (evaluation)
+    return _Float8Linear.apply(x, weight, grad and x.requires_grad, grad and weight.requires_grad)
 
 
 def check_fp8_device(device, capability=None) -> None:
