@@ -34,7 +34,7 @@ SHAPES = [(1, 1, True), (1, 2, True), (1, 3, True), (1, 4, True), (16, 1, True),
 
 PROGRAMS = {"qkv": transformer.decode_qkv, "mlp": transformer.decode_mlp, "inputs": generation.step_inputs,
             "tail": generation.greedy_tail, "commit": generation.commit,
-            "attention": transformer.decode_attention_fused}
+            "attention": transformer.decode_attention_fused, "attention_flex": generation.decode_attention_flex}
 
 
 def compiled_graphs() -> dict:
@@ -45,7 +45,7 @@ def compiled_graphs() -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="inductor", help="torch.compile backend (inductor, aot_eager, eager)")
-    parser.add_argument("--attention", default="sdpa", choices=["sdpa", "fused"])
+    parser.add_argument("--attention", default="sdpa", choices=["sdpa", "fused", "flex"])
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--json", help="also write the table here")
     args = parser.parse_args(argv)
