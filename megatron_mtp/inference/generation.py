@@ -128,7 +128,7 @@ class GenerationOutput:
 def verify_greedy(logits1: torch.Tensor, drafts: torch.Tensor) -> tuple:
     """logits1 [b, k, V] (head 1 at the k inputs), drafts [b, k-1] -> (accepted a [b], next token [b])."""
     pred = logits1.argmax(dim=-1)
-    accepted = (pred[:, :-1] == drafts).long().cumprod(dim=1).sum(dim=1)
+    accepted = (pred.narrow(1, 0, pred.size(1) - 1) == drafts).long().cumprod(dim=1).sum(dim=1)
     return accepted, pred.gather(1, accepted[:, None])[:, 0]
 
 
@@ -140,7 +140,7 @@ def verify_sampled(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor,
     drafts [b, k-1] were drawn from. Returns (accepted a [b], next token [b]).
     """
     b, k = p.shape[0], p.shape[1]
-    pd = p[:, :-1].gather(-1, drafts[..., None])[..., 0]
+    pd = p.narrow(1, 0, k - 1).gather(-1, drafts[..., None])[..., 0]
     qd = q.gather(-1, drafts[..., None])[..., 0]
     u = torch.rand(qd.shape, generator=generator, device=qd.device, dtype=qd.dtype)
     ok = u * qd < pd  # with probability min(1, p(x) / q(x))
@@ -195,6 +195,13 @@ def decode_attention_flex(q, k_all, v_all, mask, s: int) -> torch.Tensor:
     return out
 
 
+def _drafts_of(inputs) -> torch.Tensor:
+    """The drafts among a step's inputs [b, k]: all but the first column. narrow, not ``inputs[:, 1:]``: torch
+    2.11's inductor cannot lower an open-ended slice of a size-obliviously traced size (the compiled step then
+    fails and the decoder falls back to its uncompiled step)."""
+    return inputs.narrow(1, 1, inputs.size(1) - 1)
+
+
 def head_logits(h, norm_weight, eps: float, unembedding, vocab: int) -> torch.Tensor:
     """Full-vocabulary logits of head outputs ``h`` [..., hidden] through the shared final norm."""
     # narrow, not a slice: under size-oblivious tracing a slice with a symbolic end gets a data-dependent size
@@ -213,7 +220,7 @@ def all_logits(h1, hd, norm_weight, eps: float, unembedding, vocab: int) -> tupl
     """(head 1's logits [b, k, V], the draft heads' [k-1, b, k, V]) in one GEMM: the unembedding — the largest
     matrix of a small model — is read once, and head 1's verification and the draft rows come out together."""
     logits = head_logits(torch.cat([h1[None], hd]), norm_weight, eps, unembedding, vocab)
-    return logits[0], logits[1:]
+    return logits[0], logits.narrow(0, 1, logits.size(0) - 1)
 
 
 def commit(inputs, accepted, y, drafts, out, out_len, done, all_done, budget, eod, forwards, seq_forwards,
@@ -225,7 +232,7 @@ def commit(inputs, accepted, y, drafts, out, out_len, done, all_done, budget, eo
     active = ~done
     # All k columns are written (the ones past a are overwritten by the next step); only a + 1 count.
     j = torch.arange(k, device=inputs.device)[None]
-    emitted = torch.where(j < accepted[:, None], torch.cat([inputs[:, 1:], y[:, None]], 1), y[:, None])
+    emitted = torch.where(j < accepted[:, None], torch.cat([_drafts_of(inputs), y[:, None]], 1), y[:, None])
     out.index_put_((torch.arange(b, device=out.device)[:, None], (out_len[:, None] + j).clamp(max=out.size(1) - 1)),
                    emitted)
     valid = (j <= accepted[:, None]) & active[:, None]
@@ -258,7 +265,7 @@ def greedy_tail(h1, hd, norm_weight, eps: float, unembedding, vocab: int, inputs
         accepted, drafts = torch.zeros_like(y), None
     else:
         logits1, draft_logits = all_logits(h1, hd, norm_weight, eps, unembedding, vocab)
-        accepted, y = verify_greedy(logits1, inputs[:, 1:])
+        accepted, y = verify_greedy(logits1, _drafts_of(inputs))
         drafts = select_rows(draft_logits, accepted).argmax(-1)
     commit(inputs, accepted, y, drafts, out, out_len, done, all_done, budget, eod, forwards, seq_forwards,
            proposed, accepted_count, lengths)
@@ -543,7 +550,7 @@ class Decoder:
             accepted, drafts = torch.zeros_like(y), None
         else:
             logits1, draft_logits = all_logits(h1, hd, norm_w, eps, unembedding, vocab)
-            accepted, y = verify_sampled(probabilities(logits1, sampling), st.q[k], inputs[:, 1:], generator)
+            accepted, y = verify_sampled(probabilities(logits1, sampling), st.q[k], _drafts_of(inputs), generator)
             drafts, q = next_tokens(select_rows(draft_logits, accepted), sampling, generator)
             st.q[k].copy_(q)
         self.programs.commit(inputs, accepted, y, drafts, *st.counters())
