@@ -19,8 +19,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def tiny_model(vocab=16, n_heads=3, layers=5, seed=0, sharpen=30.0, dtype=torch.float64):
-    cfg = ModelConfig(vocab_size=vocab, hidden_size=32, num_layers=layers, num_attention_heads=4, num_kv_heads=2,
+def tiny_model(vocab=16, n_heads=3, layers=5, seed=0, sharpen=30.0, dtype=torch.float64, hidden=32):
+    cfg = ModelConfig(vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_attention_heads=4, num_kv_heads=2,
                       ffn_hidden_size=64, make_vocab_size_divisible_by=8)
     model = MTPModel(cfg, MTPConfig(n_heads=n_heads), dtype=dtype)
     initialize_parameters(model, seed)
@@ -300,28 +300,34 @@ def test_generate_cli_rejects_bad_arguments(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("compile_layers, gemv", [(False, False), (True, False), (True, True)],
-                         ids=["graphs", "graphs+compile", "graphs+compile+gemv"])
-def test_cuda_graph_path_gives_the_eager_tokens(compile_layers, gemv):
+@pytest.mark.parametrize("compile_layers, gemv, attention",
+                         [(False, False, "sdpa"), (True, False, "sdpa"), (True, True, "sdpa"), (True, False, "fused"),
+                          (True, False, "flex")],
+                         ids=["graphs", "graphs+compile", "graphs+compile+gemv", "graphs+compile+fused",
+                              "graphs+compile+flex"])
+def test_cuda_graph_path_gives_the_eager_tokens(compile_layers, gemv, attention):
     """fp32 on the GPU: the captured (and compiled) decoder emits exactly the eager decoder's tokens, for
     plain and speculative decoding, batch 1 and a batch of mixed prompt lengths, with an EOD in play; replays
     of the same graphs on new prompts stay right."""
-    model = tiny_model(n_heads=3, layers=5, dtype=torch.float32).cuda()
+    # (FlexAttention's GPU kernels take head dims of 16 and more)
+    model = tiny_model(n_heads=3, layers=5, dtype=torch.float32, hidden=64 if attention == "flex" else 32).cuda()
     for lengths, seed in (([6], 1), ([3, 9, 1, 6], 2), ([5, 2, 8, 4], 3)):
         prompts = random_prompts(lengths, 16, seed=seed)
         eager = generate(model, prompts, 20, graphs=False, compile=False)
         eod = eager.tokens[0][7]
         eager_eod = generate(model, prompts, 20, eod=eod, graphs=False, compile=False)
         for k in (1, 2, 3):
-            fast = generate(model, prompts, 20, heads=k, graphs=True, compile=compile_layers, gemv=gemv)
+            fast = generate(model, prompts, 20, heads=k, graphs=True, compile=compile_layers, gemv=gemv,
+                            attention=attention)
             assert fast.tokens == eager.tokens, (lengths, k)
-            fast = generate(model, prompts, 20, heads=k, eod=eod, graphs=True, compile=compile_layers, gemv=gemv)
+            fast = generate(model, prompts, 20, heads=k, eod=eod, graphs=True, compile=compile_layers, gemv=gemv,
+                            attention=attention)
             assert fast.tokens == eager_eod.tokens and fast.finished_by_eod == eager_eod.finished_by_eod
             assert fast.stats.tokens == eager_eod.stats.tokens
     from megatron_mtp.inference.generation import decoder_for
 
-    dec = decoder_for(model, graphs=True, compile=compile_layers, gemv=gemv)
-    assert dec.compile_error is None and dec.gemv == gemv
+    dec = decoder_for(model, graphs=True, compile=compile_layers, gemv=gemv, attention=attention)
+    assert dec.compile_error is None and dec.gemv == gemv and dec.attention == attention
 
 
 def test_decoder_reuses_and_bounds_its_buffers():
@@ -357,8 +363,9 @@ def test_compiled_step_programs_give_the_eager_tokens(monkeypatch):
         assert generate(model, prompts, 12, heads=k, graphs=False, compile=True).tokens == eager.tokens, k
     from megatron_mtp.inference.generation import decoder_for
 
-    assert decoder_for(model, graphs=False, compile=True, attention="fused").attention == "fused"
-    assert generate(model, prompts, 12, heads=3, graphs=False, compile=True).tokens == eager.tokens
+    for attention in ("fused", "flex"):
+        assert decoder_for(model, graphs=False, compile=True, attention=attention).attention == attention
+        assert generate(model, prompts, 12, heads=3, graphs=False, compile=True).tokens == eager.tokens, attention
     torch._dynamo.reset()
 
 
@@ -404,6 +411,39 @@ def test_compiled_decoder_compiles_once_per_shape_class(monkeypatch):
     torch._dynamo.reset()
 
 
+def test_compiled_step_programs_have_no_data_dependent_sizes(monkeypatch):
+    """No tensor in the traced step programs has a data-dependent (unbacked) size, for every attention and
+    for greedy and sampled steps: under size-oblivious tracing a slice with a symbolic end gets one, and
+    torch 2.11 (the GPU image of the 2026-12-07 run) then fails to compile the step — the decoder fell back
+    to its uncompiled step. torch 2.13 defers such guards to runtime asserts, so only this check sees it."""
+    import torch._dynamo
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    seen = []
+
+    def backend(gm, example_inputs):
+        for node in gm.graph.nodes:
+            value = node.meta.get("example_value")
+            if isinstance(value, torch.Tensor) and free_unbacked_symbols(value):
+                seen.append(f"{node.format_node()} {node.meta.get('stack_trace', '').strip().splitlines()[-1:]}")
+        return gm.forward
+
+    original = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: original(fn, **{**kw, "backend": backend, "options": None}))
+    torch._dynamo.reset()
+    from megatron_mtp.inference.generation import decoder_for
+
+    model = tiny_model(n_heads=4, layers=2, dtype=torch.float32, hidden=64)
+    for attention in ("sdpa", "fused", "flex"):
+        decoder_for(model, graphs=False, compile=True, attention=attention)
+        for b, k in ((1, 1), (2, 3)):
+            generate(model, random_prompts([5, 7][:b], 16, seed=k), 4, heads=k, graphs=False, compile=True)
+        generate(model, random_prompts([5], 16), 4, heads=3, graphs=False, compile=True,
+                 sampling=SamplingParams(greedy=False, temperature=0.8), generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    assert not seen, seen[:3]
+
+
 def test_fused_decode_attention_equals_sdpa():
     """The products-and-sums attention of compiled decoders against scaled_dot_product_attention: folded GQA
     rows, an additive mask with padding and per-row limits, two new tokens."""
@@ -418,6 +458,29 @@ def test_fused_decode_attention_equals_sdpa():
     mask = cache.attention_bias(s, group, torch.float32)
     torch.testing.assert_close(decode_attention_fused(q, k_all, v_all, mask, s),
                                decode_attention(q, k_all, v_all, mask, s), rtol=1e-5, atol=1e-5)
+
+
+def test_flex_decode_attention_equals_sdpa():
+    """The FlexAttention decode attention (its eager reference path here; compiled on a GPU it is the
+    flash-decoding kernel) against scaled_dot_product_attention: folded GQA rows, an additive mask with
+    padding and per-row limits, two new tokens, and the draft heads' stacked batch (the mask repeated)."""
+    import warnings
+
+    from megatron_mtp.inference.generation import decode_attention_flex
+    from megatron_mtp.model.transformer import decode_attention, fold_mask
+
+    g = torch.Generator().manual_seed(0)
+    b, n_kv, group, s, cap, hd = 2, 2, 3, 2, 16, 16
+    cache = KVCache(b, cap, "cpu", start=[0, 3])
+    cache.advance(torch.tensor([7, 9]))
+    for m in (1, 3):
+        q = torch.randn(m * b, n_kv, group * s, hd, generator=g)
+        k_all, v_all = torch.randn(m * b, n_kv, cap, hd, generator=g), torch.randn(m * b, n_kv, cap, hd, generator=g)
+        mask = fold_mask(cache.attention_bias(s, group, torch.float32), group, s, m * b)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # flex_attention's eager path warns that it is not compiled
+            flex = decode_attention_flex(q, k_all, v_all, mask, s)
+        torch.testing.assert_close(flex, decode_attention(q, k_all, v_all, mask, s), rtol=1e-5, atol=1e-5)
 
 
 def test_batched_draft_heads_equal_the_per_head_layers():

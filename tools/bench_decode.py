@@ -77,6 +77,9 @@ def heldout_prompts(cfg, tokenizer, count: int, prompt_tokens: int, min_tail: in
     return prompts
 
 
+PROMPT_POOL = 16  # held-out windows drawn per run (see main)
+
+
 def run_config(model, prompts, batch_size, k, max_new_tokens, eod, pad, generator):
     from megatron_mtp.inference import generate
 
@@ -96,9 +99,13 @@ def aggregate(stats_list: list, k: int) -> dict:
     proposed = [sum(s.proposed[i] for s in stats_list) for i in range(k - 1)]
     accepted = [sum(s.accepted[i] for s in stats_list) for i in range(k - 1)]
     verify = sum(s.verify_steps for s in stats_list)
+    # The decode steps alone: wall time after the prefill per forward after the prefill's (the k-token step's
+    # cost against the plain one's is what the speedup per token/forward hinges on).
+    steps = sum(s.forwards - 1 for s in stats_list)
+    step_s = sum(s.wall_s - s.prefill_s for s in stats_list)
     return {
         "tokens": tokens, "forwards": sum(s.forwards for s in stats_list), "wall_s": wall,
-        "prefill_s": sum(s.prefill_s for s in stats_list),
+        "prefill_s": sum(s.prefill_s for s in stats_list), "ms_per_step": 1e3 * step_s / steps if steps else None,
         "tokens_per_forward": tokens / max(1, seq_forwards), "tokens_per_s": tokens / wall if wall else 0.0,
         "acceptance_per_head": {f"head_{i + 2}": (a / p if p else None)
                                 for i, (a, p) in enumerate(zip(accepted, proposed))},
@@ -246,6 +253,25 @@ def format_profile(title: str, prof: dict) -> str:
     return "\n".join(lines)
 
 
+def random_model(cfg, device: str, dtype, seed: int = 0):
+    """An MTP model of ``cfg``'s shape with random weights (normal, std 0.02; norms 1), in eval mode: the
+    bandwidth regime times it, and a decoder compiled on it serves a trained model of the same shape."""
+    import torch
+
+    from megatron_mtp.model.mtp_model import MTPModel
+
+    with torch.device(device):
+        model = MTPModel(cfg.model, cfg.mtp, dtype=dtype)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.fill_(1.0)  # norms
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+    return model.eval()
+
+
 def bandwidth_regime(args, command: str, save=None) -> dict:
     """Random weights of ``args.bandwidth``'s shape: per-forward time over 1..k tokens (trunk + head 1, the
     forward that verifies k tokens), the full speculative step of k heads, and plain decoding's tokens/s
@@ -254,20 +280,11 @@ def bandwidth_regime(args, command: str, save=None) -> dict:
     import torch
 
     from megatron_mtp.config import load_config
-    from megatron_mtp.model.mtp_model import MTPModel
 
     cfg = load_config(args.bandwidth, [])
     dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16
-    with torch.device(args.device):
-        model = MTPModel(cfg.model, cfg.mtp, dtype=dtype)
-    g = torch.Generator(device=args.device).manual_seed(args.seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.fill_(1.0)  # norms
-            else:
-                p.normal_(0.0, 0.02, generator=g)
-    model.eval()
+    model = random_model(cfg, args.device, dtype, args.seed)
+    g = torch.Generator(device=args.device).manual_seed(args.seed + 1)
     n = cfg.mtp.n_heads
     ks = [int(k) for k in args.ks.split(",")] if args.ks else list(range(1, n + 1))
     bw = copy_bandwidth(args.device, (1 << 30) if args.device.startswith("cuda") else (1 << 26))
@@ -282,7 +299,7 @@ def bandwidth_regime(args, command: str, save=None) -> dict:
     floor_tps = bw / plain_bytes
     variants = [v for v in (args.variants or ("gemv" if args.gemv else "default")).split(",") if v]
     options = {"default": (False, "sdpa"), "gemv": (True, "sdpa"), "fused": (False, "fused"),
-               "fused_gemv": (True, "fused")}  # name: (gemv, attention)
+               "fused_gemv": (True, "fused"), "flex": (False, "flex")}  # name: (gemv, attention)
     unknown = [v for v in variants if v not in options]
     if unknown:
         raise SystemExit(f"error: unknown --variants entry {unknown[0]!r}; choose from {', '.join(options)}.")
@@ -384,7 +401,7 @@ def _bandwidth_variant(model, cfg, args, prompts, ks, gemv: bool, attention: str
                 st.done.zero_()
                 st.budget.fill_(1 << 30)
                 row["speculative_step_ms"] = 1e3 * time_call(step, args.device, iters=20 if cuda else 3)
-                if cuda and s in (1, kmax) and args.profile and full:
+                if cuda and s in (1, kmax) and args.profile and (full or s == 1):
                     try:
                         cache.lengths.fill_(args.prompt_tokens)
                         prof = kernel_profile(step, args.device)
@@ -546,10 +563,14 @@ def main(argv=None) -> int:
                         "none (default: all three on cuda, hf_default,hf_prompt_lookup on cpu)")
     p.add_argument("--gemv", action="store_true",
                    help="compile one-row matmuls as fused Triton reductions (inductor coordinate-descent tuning)")
+    p.add_argument("--attention", choices=["sdpa", "fused", "flex"], default="sdpa",
+                   help="--load: the decode attention (fused: compiled products and sums; flex: FlexAttention's "
+                        "flash-decoding kernel; see docs/inference.md)")
+    p.add_argument("--no-plot", action="store_true", help="write the JSON only (no PNG)")
     p.add_argument("--profile", action="store_true", help="--bandwidth on CUDA: a kernel profile of the steps")
     p.add_argument("--variants", default=None, metavar="LIST",
                    help="--bandwidth: decoder configurations to measure one after the other, of default, gemv, "
-                        "fused (compiled products-and-sums attention) and fused_gemv (default: default, or gemv "
+                        "fused (compiled products-and-sums attention), fused_gemv and flex (FlexAttention) (default: default, or gemv "
                         "with --gemv); the first gets every row and the profiles")
     p.add_argument("--lookup-tokens", type=int, default=4, help="prompt_lookup_num_tokens of the lookup row")
     p.add_argument("--stop-at-eod", action="store_true", help="stop sequences at EOD (default: fixed budget)")
@@ -590,7 +611,8 @@ def main(argv=None) -> int:
             args, command, save=lambda partial: write_result({**header, **partial}, args.output_dir, tag))}
         json_path = write_result(result, args.output_dir, tag)
         try:
-            plot(result, json_path[:-5] + ".png")
+            if not args.no_plot:
+                plot(result, json_path[:-5] + ".png")
         except ImportError:
             print("matplotlib is not installed: no plot written", file=sys.stderr)
         print_table(result)
@@ -628,8 +650,10 @@ def main(argv=None) -> int:
         return 2
     pad = tokenizer.pad if getattr(tokenizer, "pad", None) is not None else 0
     eod = tokenizer.eod if args.stop_at_eod else None
-    all_prompts = heldout_prompts(cfg, tokenizer, max(batch_sizes + [args.prompts_batch1]), args.prompt_tokens,
-                                  args.max_new_tokens)
+    # Drawn from a pool of at least PROMPT_POOL windows whatever the batch sizes: heldout_prompts spreads its
+    # windows over each file by how many it draws, so a batch-1-only run would otherwise decode other prompts.
+    all_prompts = heldout_prompts(cfg, tokenizer, max(batch_sizes + [args.prompts_batch1, PROMPT_POOL]),
+                                  args.prompt_tokens, args.max_new_tokens)
     prompt_sets = {bs: all_prompts[: args.prompts_batch1 if bs == 1 else bs] for bs in batch_sizes}
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     n_params = sum(p.numel() for p in model.parameters())
@@ -653,7 +677,7 @@ def main(argv=None) -> int:
     # ---- ours -----------------------------------------------------------------------------------------
     from megatron_mtp.inference.generation import decoder_for
 
-    decoder_for(model, gemv=args.gemv)  # generate keeps this decoder's settings
+    decoder_for(model, gemv=args.gemv, attention=args.attention)  # generate keeps this decoder's settings
     outputs, plain_rate = {}, {}
     for bs in batch_sizes:
         for k in ks:
@@ -677,7 +701,7 @@ def main(argv=None) -> int:
             save()
     dec = decoder_for(model)
     result["ours"] = {"cuda_graphs": dec.graphs, "compiled": dec.compile and dec.compile_error is None,
-                      "gemv": dec.gemv, "compile_error": dec.compile_error}
+                      "gemv": dec.gemv, "attention": dec.attention, "compile_error": dec.compile_error}
 
     # ---- peers: transformers on the HF export, batch 1 --------------------------------------------------
     if peers:
@@ -734,9 +758,10 @@ def main(argv=None) -> int:
                     ratios[f"ours_k{k}_over_{name}"] = rate[f"ours_k{k}"] / rate[name]
     result["ratios_batch1"] = ratios
     json_path = save()
-    png_path = json_path[:-5] + ".png"
+    png_path = None if args.no_plot else json_path[:-5] + ".png"
     try:
-        plot(result, png_path)
+        if png_path:
+            plot(result, png_path)
     except ImportError:
         print("matplotlib is not installed: no plot written", file=sys.stderr)
         png_path = None

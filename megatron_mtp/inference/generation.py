@@ -40,6 +40,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import flex_attention
 
 from megatron_mtp.errors import InputError
 from megatron_mtp.inference.kv_cache import KVCache, decode_bias, decode_positions
@@ -127,7 +128,7 @@ class GenerationOutput:
 def verify_greedy(logits1: torch.Tensor, drafts: torch.Tensor) -> tuple:
     """logits1 [b, k, V] (head 1 at the k inputs), drafts [b, k-1] -> (accepted a [b], next token [b])."""
     pred = logits1.argmax(dim=-1)
-    accepted = (pred[:, :-1] == drafts).long().cumprod(dim=1).sum(dim=1)
+    accepted = (pred.narrow(1, 0, pred.size(1) - 1) == drafts).long().cumprod(dim=1).sum(dim=1)
     return accepted, pred.gather(1, accepted[:, None])[:, 0]
 
 
@@ -139,7 +140,7 @@ def verify_sampled(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor,
     drafts [b, k-1] were drawn from. Returns (accepted a [b], next token [b]).
     """
     b, k = p.shape[0], p.shape[1]
-    pd = p[:, :-1].gather(-1, drafts[..., None])[..., 0]
+    pd = p.narrow(1, 0, k - 1).gather(-1, drafts[..., None])[..., 0]
     qd = q.gather(-1, drafts[..., None])[..., 0]
     u = torch.rand(qd.shape, generator=generator, device=qd.device, dtype=qd.dtype)
     ok = u * qd < pd  # with probability min(1, p(x) / q(x))
@@ -176,9 +177,36 @@ def step_inputs(lengths, start, cos_table, sin_table, s: int, capacity: int, gro
     return bias, cos_table[pos], sin_table[pos]
 
 
+def decode_attention_flex(q, k_all, v_all, mask, s: int) -> torch.Tensor:
+    """``decode_attention`` through FlexAttention, for compiled decoders only: compiled, a query of a few rows
+    takes its flash-decoding kernel, which splits the cache over thread blocks (the memory-efficient kernel
+    runs one block per KV head at batch 1). The additive mask [b, 1, rows, capacity] is read inside the kernel
+    (a score modification); the folded GQA rows stay folded (one query "head" per KV head). Its GPU kernels
+    need a head dim of at least 16 (a smaller one fails to compile: the decoder then warns and runs uncompiled)."""
+    b, n_kv, rows, head_dim = q.shape
+
+    def add_mask(score, bi, h, qi, kv):
+        return score + mask[bi, 0, qi, kv]
+
+    o = flex_attention(q, k_all, v_all, score_mod=add_mask)
+    # Copied into the output layout rather than reshaped (whether that reshape is a view depends on s == 1).
+    out = o.new_empty(b, s, n_kv * (rows // s) * head_dim)
+    out.view(b, s, n_kv, rows // s, head_dim).copy_(o.view(b, n_kv, rows // s, s, head_dim).permute(0, 3, 1, 2, 4))
+    return out
+
+
+def _drafts_of(inputs) -> torch.Tensor:
+    """The drafts among a step's inputs [b, k]: all but the first column. narrow, not ``inputs[:, 1:]``: torch
+    2.11's inductor cannot lower an open-ended slice of a size-obliviously traced size (the compiled step then
+    fails and the decoder falls back to its uncompiled step)."""
+    return inputs.narrow(1, 1, inputs.size(1) - 1)
+
+
 def head_logits(h, norm_weight, eps: float, unembedding, vocab: int) -> torch.Tensor:
     """Full-vocabulary logits of head outputs ``h`` [..., hidden] through the shared final norm."""
-    return F.linear(rms_norm(h, norm_weight, eps), unembedding)[..., :vocab]
+    # narrow, not a slice: under size-oblivious tracing a slice with a symbolic end gets a data-dependent size
+    # (torch 2.11 then fails on the guards after it); narrow's is exact.
+    return F.linear(rms_norm(h, norm_weight, eps), unembedding).narrow(-1, 0, vocab)
 
 
 def select_rows(x, index) -> torch.Tensor:
@@ -192,7 +220,7 @@ def all_logits(h1, hd, norm_weight, eps: float, unembedding, vocab: int) -> tupl
     """(head 1's logits [b, k, V], the draft heads' [k-1, b, k, V]) in one GEMM: the unembedding — the largest
     matrix of a small model — is read once, and head 1's verification and the draft rows come out together."""
     logits = head_logits(torch.cat([h1[None], hd]), norm_weight, eps, unembedding, vocab)
-    return logits[0], logits[1:]
+    return logits[0], logits.narrow(0, 1, logits.size(0) - 1)
 
 
 def commit(inputs, accepted, y, drafts, out, out_len, done, all_done, budget, eod, forwards, seq_forwards,
@@ -204,7 +232,7 @@ def commit(inputs, accepted, y, drafts, out, out_len, done, all_done, budget, eo
     active = ~done
     # All k columns are written (the ones past a are overwritten by the next step); only a + 1 count.
     j = torch.arange(k, device=inputs.device)[None]
-    emitted = torch.where(j < accepted[:, None], torch.cat([inputs[:, 1:], y[:, None]], 1), y[:, None])
+    emitted = torch.where(j < accepted[:, None], torch.cat([_drafts_of(inputs), y[:, None]], 1), y[:, None])
     out.index_put_((torch.arange(b, device=out.device)[:, None], (out_len[:, None] + j).clamp(max=out.size(1) - 1)),
                    emitted)
     valid = (j <= accepted[:, None]) & active[:, None]
@@ -237,7 +265,7 @@ def greedy_tail(h1, hd, norm_weight, eps: float, unembedding, vocab: int, inputs
         accepted, drafts = torch.zeros_like(y), None
     else:
         logits1, draft_logits = all_logits(h1, hd, norm_weight, eps, unembedding, vocab)
-        accepted, y = verify_greedy(logits1, inputs[:, 1:])
+        accepted, y = verify_greedy(logits1, _drafts_of(inputs))
         drafts = select_rows(draft_logits, accepted).argmax(-1)
     commit(inputs, accepted, y, drafts, out, out_len, done, all_done, budget, eod, forwards, seq_forwards,
            proposed, accepted_count, lengths)
@@ -279,8 +307,8 @@ class _Programs:
             import torch._dynamo
 
             options = {"coordinate_descent_tuning": True} if gemv else None
-            if attention == "fused":
-                fns["attention"] = decode_attention_fused
+            if attention != "sdpa":
+                fns["attention"] = {"fused": decode_attention_fused, "flex": decode_attention_flex}[attention]
             # gemv's point is a matmul known to have one row, which only a specialised graph knows: with gemv
             # the programs keep dynamo's default and compile the one-token step apart.
             wrap = (lambda fn: fn) if gemv else _SizeOblivious
@@ -375,8 +403,8 @@ class Decoder:
             raise ValueError("CUDA graphs need a model on a CUDA device.")
         self.compile = self.graphs if compile is None else compile
         self.gemv = gemv and self.compile
-        if attention not in ("sdpa", "fused"):
-            raise ValueError(f"attention must be 'sdpa' or 'fused', got {attention!r}.")
+        if attention not in ("sdpa", "fused", "flex"):
+            raise ValueError(f"attention must be 'sdpa', 'fused' or 'flex', got {attention!r}.")
         self.attention = attention if self.compile else "sdpa"
         self.programs = _Programs(self.compile, self.gemv, self.attention)
         self.compile_error = None
@@ -522,7 +550,7 @@ class Decoder:
             accepted, drafts = torch.zeros_like(y), None
         else:
             logits1, draft_logits = all_logits(h1, hd, norm_w, eps, unembedding, vocab)
-            accepted, y = verify_sampled(probabilities(logits1, sampling), st.q[k], inputs[:, 1:], generator)
+            accepted, y = verify_sampled(probabilities(logits1, sampling), st.q[k], _drafts_of(inputs), generator)
             drafts, q = next_tokens(select_rows(draft_logits, accepted), sampling, generator)
             st.q[k].copy_(q)
         self.programs.commit(inputs, accepted, y, drafts, *st.counters())
@@ -755,6 +783,7 @@ def generate(
     graphs: Optional[bool] = None,
     compile: Optional[bool] = None,
     gemv: Optional[bool] = None,
+    attention: Optional[str] = None,
 ) -> GenerationOutput:
     """Generate up to ``max_new_tokens`` for each prompt (lists of token ids, any lengths).
 
@@ -763,7 +792,9 @@ def generate(
     ``callback(b, new_tokens)`` is called as tokens of sequence b are accepted (streaming: the decoder
     then reads the device every few steps). ``graphs`` / ``compile`` (default: on for CUDA models) pick
     CUDA-graph replay and the compiled step programs; the eager path gives the same tokens. ``gemv`` (default
-    off; kept once set) compiles one-row matmuls as fused Triton reductions (see ``_Programs``).
+    off; kept once set) compiles one-row matmuls as fused Triton reductions (see ``_Programs``); ``attention``
+    (``"sdpa"``, ``"fused"`` or ``"flex"``; default: kept once set, else sdpa) picks the decode attention of a
+    compiled decoder (``Decoder``).
     The model runs in eval mode (no dropout) and gets its previous mode back afterwards.
     """
     sampling = sampling or SamplingParams()
@@ -772,7 +803,7 @@ def generate(
     model.eval()
     try:
         with attention_backends(model.embedding.weight.device):
-            dec = decoder_for(model, graphs, compile, gemv)
+            dec = decoder_for(model, graphs, compile, gemv, attention)
             return dec.generate(prompts, max_new_tokens, sampling, heads, eod, pad_id, generator, progress,
                                 callback)
     finally:

@@ -135,13 +135,17 @@ def decode_qkv(x, norm_weight, eps: float, qkv_weight, cos, sin, k_buf, v_buf, l
     if cos.dim() == 2:
         cos, sin = cos[None], sin[None]
     c, si = cos[None, :, :, None, None], sin[None, :, :, None, None]  # [1, b|1, s, 1, 1, head_dim]
-    qk = qkv[..., : group + 1, :]  # the query heads of each group and its key head, rotated together
+    # The query heads of each group and its key head (rotated together), then its value head. Split, not
+    # sliced: under size-oblivious tracing a slice with a symbolic end gets a data-dependent size, which
+    # torch 2.11 cannot guard on (the compile fails); split sizes that sum to the dim are exact.
+    qk, v_new = qkv.split([group + 1, 1], dim=-2)
     qk = qk * c + _rotate_half(qk) * si
+    q_new, k_new = qk.split([group, 1], dim=-2)
     # The folded queries are copied into a fresh buffer rather than reshaped: whether a reshape of the
     # permuted rows can be a view depends on s == 1, which would give one token and k tokens separate
     # compilations.
     q = qk.new_empty(m * b, n_kv, group * s, head_dim)
-    q.view(m, b, n_kv, group, s, head_dim).copy_(qk[..., :group, :].permute(0, 1, 3, 4, 2, 5))
+    q.view(m, b, n_kv, group, s, head_dim).copy_(q_new.permute(0, 1, 3, 4, 2, 5))
     # Row r of the buffers is layer r // b, sequence r % b; the index tensors broadcast to [m, b, s, n_kv, 1],
     # the layout of the new keys and values, so they are written without a reshape. Slots are clamped so a
     # finished sequence that keeps riding along in a batch never writes out of bounds (no host check is
@@ -154,8 +158,8 @@ def decode_qkv(x, norm_weight, eps: float, qkv_weight, cos, sin, k_buf, v_buf, l
     # select to a squeeze whose strides it cannot derive without specialising sizes of 1.)
     index = (torch.arange(m * b, device=device).view(m, b, 1, 1, 1),
              torch.arange(n_kv, device=device).view(1, 1, 1, n_kv, 1), slots.view(1, b, s, 1, 1))
-    k_buf.index_put_(index, qk[..., group:, :])
-    v_buf.index_put_(index, qkv[..., group + 1:, :])
+    k_buf.index_put_(index, k_new)
+    v_buf.index_put_(index, v_new)
     return q
 
 
