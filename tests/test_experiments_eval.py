@@ -77,3 +77,28 @@ def test_polynomial_root_operation():
     by_op = polynomial.summarize_by_op(runs)
     assert list(by_op) == ["neg", "add"] and by_op["neg"]["mean"] == 0.75
     assert polynomial.by_op_cell(by_op) == "neg 75, add 25"
+
+
+def test_polynomial_run3_size_is_what_run_3_ran():
+    # docs/reproduction.md's run 3 is re-runnable with --size run3: its settings are the recorded ones.
+    from megatron_mtp.experiments.__main__ import scale_schedule
+
+    with open("benchmarks/reproduction/run3/polynomial.json") as stream:
+        recorded = json.load(stream)
+    ran = scale_schedule(polynomial.SIZES["run3"], recorded["iters_scale"])
+    assert json.loads(json.dumps(ran)) == recorded["settings"]
+
+
+def test_polynomial_small_size_fits_one_gpu_call_of_its_own():
+    # The next GPU call (EXPS=polynomial TOTAL=505): 18 runs, 9 workers, on run 3's measured device rate, with
+    # the calibration's step at the new batch priced by the cost model; the budget is what the script leaves
+    # of 505 s (calibration ~65 s, start-up 30 s, end margin 25 s). The plan may shorten the schedule, but by
+    # little: a scale far below 1 would mean the step count no longer tests leaving the plateau.
+    with open("benchmarks/reproduction/run3/calibration.json") as stream:
+        cal = json.load(stream)
+    spec = polynomial.SIZES["small"]
+    old = calibrate.step_cost(cal["layers"], cal["n"], cal["batch"] * cal["seq"], cal["hidden"])
+    new = calibrate.step_cost(cal["layers"], cal["n"], spec["batch"] * spec["seq"], cal["hidden"])
+    cal = {**cal, "batch": spec["batch"], "seq": spec["seq"], "step_time_s": cal["step_time_s"] * new / old}
+    fit = calibrate.fit_scale(cal, 505 - 65 - 30 - 25, "small", {"polynomial": ([0, 1, 2], 9)})
+    assert 0.85 <= fit["scale"] <= 1.0 and fit["scale"] * spec["iters"] >= 1500
