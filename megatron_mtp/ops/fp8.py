@@ -38,14 +38,13 @@ AMAX_FLOOR = 1e-12
 MIN_CAPABILITY = (8, 9)  # Ada (8.9) and Hopper (9.0) have FP8 tensor cores
 
 
-def to_float8(t: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor = None) -> tuple:
+def to_float8(t: torch.Tensor, dtype: torch.dtype) -> tuple:
     """(t scaled and saturated into ``dtype``, the fp32 inverse scale that undoes it).
 
-    ``scale`` defaults to the dynamic one, ``finfo(dtype).max / amax(|t|)``: the largest value maps to the
-    format's largest, so no value overflows and small ones keep as many bits as the format allows."""
+    The scale is the dynamic one, ``finfo(dtype).max / amax(|t|)``: the largest value maps to the format's
+    largest, so no value overflows and small ones keep as many bits as the format allows."""
     fmax = torch.finfo(dtype).max
-    if scale is None:
-        scale = fp8_scale(t, dtype)
+    scale = fp8_scale(t, dtype)
     t8 = (t.float() * scale).clamp(-fmax, fmax).to(dtype)
     return t8, scale.reciprocal()
 
