@@ -80,6 +80,13 @@ def model_jobs(models: Iterable[str], ns: Iterable[int], seeds: list) -> list:
     return [{"model": name, "n": n, "seed": seed} for seed in seeds for name in models for n in ns]
 
 
+def model_job_trainings(job: dict, spec: dict) -> list:
+    """(num_layers, n, steps, tokens per step, hidden) of every training a ``model_jobs`` job runs — one, at the
+    size's schedule: what the GPU script's time plan counts (``calibrate.worker_work``)."""
+    hidden, layers, _ = spec["models"][job["model"]]
+    return [(layers, job["n"], spec["iters"], spec["batch"] * spec["seq"], hidden)]
+
+
 def ok_runs(results: list) -> list:
     return [r for r in results if r["status"] == "ok"]
 

@@ -38,11 +38,7 @@ def jobs(size: str, seeds: list) -> list:
     return common.model_jobs(SIZES[size]["models"], NS, seeds)
 
 
-def job_trainings(job: dict, spec: dict) -> list:
-    """(num_layers, n, steps, tokens per step, hidden) of every training a job runs: what the GPU script's time
-    plan counts."""
-    hidden, layers, _ = spec["models"][job["model"]]
-    return [(layers, job["n"], spec["iters"], spec["batch"] * spec["seq"], hidden)]
+job_trainings = common.model_job_trainings  # one training per (model, n, seed) job
 
 
 def induction_success(model, tokenizer, stories: list, max_len: int, batch_size: int = 32) -> float:
