@@ -45,7 +45,7 @@ from torch.nn.attention.flex_attention import flex_attention
 from megatron_mtp.errors import InputError
 from megatron_mtp.inference.kv_cache import KVCache, decode_bias, decode_positions
 from megatron_mtp.model.transformer import (decode_attention, decode_attention_fused, decode_layers, decode_mlp,
-                                            decode_qkv, rms_norm, stacked_alias)
+                                            decode_qkv, rms_norm, stacked_alias, unfold_heads)
 from megatron_mtp.inference.sampling import SamplingParams, next_tokens, probabilities, sample
 
 
@@ -183,16 +183,10 @@ def decode_attention_flex(q, k_all, v_all, mask, s: int) -> torch.Tensor:
     runs one block per KV head at batch 1). The additive mask [b, 1, rows, capacity] is read inside the kernel
     (a score modification); the folded GQA rows stay folded (one query "head" per KV head). Its GPU kernels
     need a head dim of at least 16 (a smaller one fails to compile: the decoder then warns and runs uncompiled)."""
-    b, n_kv, rows, head_dim = q.shape
-
     def add_mask(score, bi, h, qi, kv):
         return score + mask[bi, 0, qi, kv]
 
-    o = flex_attention(q, k_all, v_all, score_mod=add_mask)
-    # Copied into the output layout rather than reshaped (whether that reshape is a view depends on s == 1).
-    out = o.new_empty(b, s, n_kv * (rows // s) * head_dim)
-    out.view(b, s, n_kv, rows // s, head_dim).copy_(o.view(b, n_kv, rows // s, s, head_dim).permute(0, 3, 1, 2, 4))
-    return out
+    return unfold_heads(flex_attention(q, k_all, v_all, score_mod=add_mask), s)
 
 
 def _drafts_of(inputs) -> torch.Tensor:
@@ -298,17 +292,19 @@ class _Programs:
     and the residual add after it fuse into (gpt-fast's configuration)."""
 
     EAGER = dict(qkv=decode_qkv, mlp=decode_mlp, inputs=step_inputs, tail=greedy_tail, commit=commit)
+    # The decode attentions by name; sdpa is the eager path's and stays uncompiled (a library kernel).
+    ATTENTIONS = dict(sdpa=decode_attention, fused=decode_attention_fused, flex=decode_attention_flex)
 
     def __init__(self, compile: bool, gemv: bool = False, attention: str = "sdpa"):
         self.compiled = compile
         fns = dict(self.EAGER)
-        self.attention = decode_attention
+        self.attention = self.ATTENTIONS["sdpa"]
         if compile:
             import torch._dynamo
 
             options = {"coordinate_descent_tuning": True} if gemv else None
             if attention != "sdpa":
-                fns["attention"] = {"fused": decode_attention_fused, "flex": decode_attention_flex}[attention]
+                fns["attention"] = self.ATTENTIONS[attention]
             # gemv's point is a matmul known to have one row, which only a specialised graph knows: with gemv
             # the programs keep dynamo's default and compile the one-token step apart.
             wrap = (lambda fn: fn) if gemv else _SizeOblivious
@@ -316,7 +312,7 @@ class _Programs:
                 torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             fns = {name: wrap(torch.compile(fn, dynamic=True, fullgraph=True, options=options))
                    for name, fn in fns.items()}
-            self.attention = fns.pop("attention", decode_attention)
+            self.attention = fns.pop("attention", self.attention)
         self.qkv, self.mlp, self.inputs, self.tail, self.commit = (fns[n] for n in ("qkv", "mlp", "inputs", "tail",
                                                                                     "commit"))
 
@@ -403,8 +399,9 @@ class Decoder:
             raise ValueError("CUDA graphs need a model on a CUDA device.")
         self.compile = self.graphs if compile is None else compile
         self.gemv = gemv and self.compile
-        if attention not in ("sdpa", "fused", "flex"):
-            raise ValueError(f"attention must be 'sdpa', 'fused' or 'flex', got {attention!r}.")
+        if attention not in _Programs.ATTENTIONS:
+            names = ", ".join(map(repr, _Programs.ATTENTIONS))
+            raise ValueError(f"attention must be one of {names}, got {attention!r}.")
         self.attention = attention if self.compile else "sdpa"
         self.programs = _Programs(self.compile, self.gemv, self.attention)
         self.compile_error = None

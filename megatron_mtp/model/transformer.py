@@ -186,14 +186,22 @@ def decode_attention_fused(q, k_all, v_all, mask, s: int) -> torch.Tensor:
     reduction kernels spread over the whole GPU — at batch 1 the memory-efficient kernel runs one thread
     block per KV head and is latency-bound (tens of microseconds per layer). Eagerly this would materialise
     [.., rows, capacity, head_dim] products: only compiled decoders use it."""
-    b, n_kv, rows, head_dim = q.shape
+    head_dim = q.size(-1)
     qf = q.float() * head_dim ** -0.5
     # The mask's head dim (size 1) re-made as a literal 1: a compiler that keeps input sizes of 1 symbolic
     # (the decoder's) would not broadcast it.
     scores = (qf[:, :, :, None, :] * k_all[:, :, None, :, :].float()).sum(-1) + mask[:, 0, None].float()
     p = torch.softmax(scores, dim=-1)
     o = (p[:, :, :, :, None] * v_all[:, :, None, :, :].float()).sum(-2).to(q.dtype)  # [b, n_kv, rows, head_dim]
-    # Copied into the output layout rather than reshaped (whether that reshape is a view depends on s == 1).
+    return unfold_heads(o, s)
+
+
+def unfold_heads(o: torch.Tensor, s: int) -> torch.Tensor:
+    """A compiled decode attention's output [b, n_kv, group * s, head_dim] (GQA rows folded, see
+    ``decode_qkv``) in the token layout [b, s, heads * head_dim] the output projection reads. Copied into that
+    layout rather than reshaped: whether the reshape is a view depends on s == 1, which a compiler would
+    specialise on."""
+    b, n_kv, rows, head_dim = o.shape
     out = o.new_empty(b, s, n_kv * (rows // s) * head_dim)
     out.view(b, s, n_kv, rows // s, head_dim).copy_(o.view(b, n_kv, rows // s, s, head_dim).permute(0, 3, 1, 2, 4))
     return out
