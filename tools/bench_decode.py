@@ -272,6 +272,11 @@ def random_model(cfg, device: str, dtype, seed: int = 0):
     return model.eval()
 
 
+# The decoder configurations --variants names: name -> (gemv, attention).
+DECODER_VARIANTS = {"default": (False, "sdpa"), "gemv": (True, "sdpa"), "fused": (False, "fused"),
+                    "fused_gemv": (True, "fused"), "flex": (False, "flex")}
+
+
 def bandwidth_regime(args, command: str, save=None) -> dict:
     """Random weights of ``args.bandwidth``'s shape: per-forward time over 1..k tokens (trunk + head 1, the
     forward that verifies k tokens), the full speculative step of k heads, and plain decoding's tokens/s
@@ -298,8 +303,7 @@ def bandwidth_regime(args, command: str, save=None) -> dict:
     prompts = [prompt[0].tolist()]
     floor_tps = bw / plain_bytes
     variants = [v for v in (args.variants or ("gemv" if args.gemv else "default")).split(",") if v]
-    options = {"default": (False, "sdpa"), "gemv": (True, "sdpa"), "fused": (False, "fused"),
-               "fused_gemv": (True, "fused"), "flex": (False, "flex")}  # name: (gemv, attention)
+    options = DECODER_VARIANTS
     unknown = [v for v in variants if v not in options]
     if unknown:
         raise SystemExit(f"error: unknown --variants entry {unknown[0]!r}; choose from {', '.join(options)}.")

@@ -56,6 +56,12 @@ TRAIN_S = int(ENV.get("TRAIN_S", "200"))
 TESTS_S = int(ENV.get("TESTS_S", str(TRAIN_S - 5)))  # in parallel with the trainings: free
 ITERS4 = ENV.get("ITERS4", "900")
 ITERS8 = ENV.get("ITERS8", "1600")
+# A subset of the run (the rest is skipped, the n = 4 training included when no part needs it):
+#   n4 (the n = 4 model against transformers), n8 (the byte model, k = 1..8), 1b (the bandwidth regime, in the
+#   decoder configurations VARIANTS_1B names, bench_decode.DECODER_VARIANTS), n4_attention (the n = 4 model with
+#   the flex and fused attentions), 100m (the code shape's step profiles).
+PARTS = set(ENV.get("PARTS", "n4,n8,1b,n4_attention,100m").split(","))
+VARIANTS_1B = ENV.get("VARIANTS_1B", "default,fused,flex")
 T0 = time.monotonic()
 
 # A dry run: tiny models (the trainings' overrides also shape the warm-up models), short prompts.
@@ -82,7 +88,8 @@ def say(msg: str) -> None:
 
 
 RECORD = {"tag": TAG, "device": DEVICE, "quick": QUICK, "deadline_s": DEADLINE_S, "train_s": TRAIN_S,
-          "iters": {"n4": ITERS4, "n8": ITERS8}, "phases": [], "warm_up": []}
+          "iters": {"n4": ITERS4, "n8": ITERS8}, "parts": sorted(PARTS), "variants_1b": VARIANTS_1B,
+          "phases": [], "warm_up": []}
 
 
 def save_record() -> None:
@@ -150,8 +157,8 @@ def tail(path: str, n: int = 12, keep=lambda line: True) -> str:
 # Compile warm-up: random-weight models of the benchmarked shapes
 
 
-def warm_up(config: str, overrides: list, batch_sizes: list, attentions: list, label: str) -> None:
-    """Decode every (attention, batch, k) shape the benchmarks will decode, on a random-weight model of
+def warm_up(config: str, overrides: list, batch_sizes: list, variants: list, label: str) -> None:
+    """Decode every (decoder variant, batch, k) shape the benchmarks will decode, on a random-weight model of
     ``config``'s shape, recording per shape the first call's time and the compilations it caused."""
     import torch
 
@@ -169,8 +176,9 @@ def warm_up(config: str, overrides: list, batch_sizes: list, attentions: list, l
                for _ in range(max(batch_sizes))]
     n = cfg.mtp.n_heads
     try:
-        for attention in attentions:
-            decoder_for(model, attention=attention)
+        for variant in variants:
+            gemv, attention = bench_decode.DECODER_VARIANTS[variant]
+            decoder_for(model, gemv=gemv, attention=attention)
             for b in batch_sizes:
                 for k in range(1, n + 1):
                     before, t = decode_compile_report.compiled_graphs(), time.perf_counter()
@@ -180,12 +188,12 @@ def warm_up(config: str, overrides: list, batch_sizes: list, attentions: list, l
                         torch.cuda.synchronize()
                     now = decode_compile_report.compiled_graphs()
                     new = {p: now[p] - before[p] for p in now if now[p] != before[p]}
-                    row = {"model": label, "attention": attention, "batch": b, "k": k,
+                    row = {"model": label, "variant": variant, "batch": b, "k": k,
                            "first_call_s": round(time.perf_counter() - t, 2), "compiled": new,
                            "compile_error": decoder_for(model).compile_error}
                     RECORD["warm_up"].append(row)
                     if new or row["first_call_s"] > 2:
-                        say(f"warm-up {label} {attention} b={b} k={k}: {row['first_call_s']:.1f}s compiled {new or '-'}")
+                        say(f"warm-up {label} {variant} b={b} k={k}: {row['first_call_s']:.1f}s compiled {new or '-'}")
             save_record()
     finally:
         RECORD["graphs_per_program"] = decode_compile_report.compiled_graphs()
@@ -216,7 +224,8 @@ def main() -> int:
         f"deadline {DEADLINE_S:.0f}s, training {TRAIN_S}s (n=4 {ITERS4} iters, n=8 {ITERS8})")
     RECORD["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     RECORD["command"] = "OUT=$OUT " + " ".join(f"{k}={ENV[k]}" for k in ("DEADLINE_S", "TRAIN_S", "ITERS4", "ITERS8",
-                                                                        "TESTS_S", "QUICK", "DEVICE") if k in ENV) \
+                                                                        "TESTS_S", "QUICK", "DEVICE", "PARTS",
+                                                                        "VARIANTS_1B", "TAG") if k in ENV) \
         + " bash tools/bench_decode_gpu.sh"
 
     # 0: the trainings and the CUDA correctness test, in the background
@@ -225,9 +234,12 @@ def main() -> int:
                       "--train.run_dir", run_dir, *TRAIN_EXTRA], os.path.join(work, f"train_{os.path.basename(run_dir)}.txt"),
                      TRAIN_S)
 
-    p4 = train("configs/code_100m.yaml", RUN4, ITERS4)
-    time.sleep(5)  # the corpus build takes a lock; the second run waits on it and reuses it
-    p8 = train("configs/code_100m_n8.yaml", RUN8, ITERS8)
+    trainings = []
+    if PARTS & {"n4", "n4_attention"}:
+        trainings.append(train("configs/code_100m.yaml", RUN4, ITERS4))
+        time.sleep(5)  # the corpus build takes a lock; the second run waits on it and reuses it
+    if "n8" in PARTS:
+        trainings.append(train("configs/code_100m_n8.yaml", RUN8, ITERS8))
     tests = None
     if DEVICE == "cuda":
         tests = spawn([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", 
@@ -254,24 +266,26 @@ def main() -> int:
     # flex attentions.
     code_over = TRAIN_EXTRA[:6] if QUICK else []
     t_warm = time.monotonic()
-    for label, config, over, batches, attentions in (
-            ("1b", BANDWIDTH_CONFIG, [], [1], ["sdpa"]),
-            ("code_n4", "configs/code_100m.yaml", code_over, [1, 16], ["sdpa"]),
-            ("code_n8", "configs/code_100m_n8.yaml", code_over, [1], ["sdpa"]),
-            ("1b", BANDWIDTH_CONFIG, [], [1], ["fused", "flex"]),
-            ("code_n4", "configs/code_100m.yaml", code_over, [1], ["flex", "fused"])):
-        phase(f"warm-up {label} {','.join(attentions)}", TRAIN_S - elapsed() - 3,  # none past the training
-              lambda: warm_up(config, over, batches, attentions, label))
+    variants_1b = VARIANTS_1B.split(",")
+    for label, config, over, batches, variants, part in (
+            ("1b", BANDWIDTH_CONFIG, [], [1], variants_1b[:1], "1b"),
+            ("code_n4", "configs/code_100m.yaml", code_over, [1, 16], ["default"], "n4"),
+            ("code_n8", "configs/code_100m_n8.yaml", code_over, [1], ["default"], "n8"),
+            ("1b", BANDWIDTH_CONFIG, [], [1], variants_1b[1:], "1b"),
+            ("code_n4", "configs/code_100m.yaml", code_over, [1], ["flex", "fused"], "n4_attention")):
+        if part in PARTS and variants:
+            phase(f"warm-up {label} {','.join(variants)}", TRAIN_S - elapsed() - 3,  # none past the training
+                  lambda: warm_up(config, over, batches, variants, label))
     RECORD["warm_up_s"] = round(time.monotonic() - t_warm, 1)
 
-    for p in (p4, p8):
+    for p in trainings:
         p.wait()
     if tests is not None:
         tests.wait()
         RECORD["cuda_test"] = {"rc": tests.returncode, "tail": tail(os.path.join(work, "tests.txt"), 6),
                                "errors": tail(os.path.join(work, "tests.txt"), 20, lambda line: line.startswith("E "))}
     say("trained; tests: " + (RECORD.get("cuda_test", {}).get("tail", "(not run on cpu)")))
-    for name in ("code_100m", "code_100m_n8"):
+    for name in [os.path.basename(r) for r, part in ((RUN4, "n4"), (RUN8, "n8")) if part in PARTS]:
         path = os.path.join(work, f"train_{name}.txt")
         text = tail(path, 3, lambda line: not line.startswith("step")) + "\n" + \
             tail(path, 2, lambda line: line.startswith("step"))
@@ -281,20 +295,24 @@ def main() -> int:
 
     # 1-4: the benchmarks, most important first; each gets what is left minus a reserve for the later ones
     # (Reserves as shares of what is left, so a shortened run keeps the same order of sacrifice.)
-    phase("bench n=4 ours + transformers", max(0.6 * left(), left() - 75),
-          lambda: bench(["--load", RUN4, "--tag", TAG]))
-    phase("bench n=8 k=1..8", max(0.3 * left(), left() - 50),
-          lambda: bench(["--load", RUN8, "--tag", f"{TAG}_n8", "--batch-sizes", "1", "--peers", "none"]))
-    phase("bandwidth 1.1B default, fused, flex", max(0.7 * left(), left() - 28),
-          lambda: bench(["--bandwidth", BANDWIDTH_CONFIG, "--tag", f"{TAG}_1b", "--profile",
-                         "--variants", "default,fused,flex"]))
-    for attention in ("flex", "fused"):
+    if "n4" in PARTS:
+        phase("bench n=4 ours + transformers", max(0.6 * left(), left() - 75),
+              lambda: bench(["--load", RUN4, "--tag", TAG]))
+    if "n8" in PARTS:
+        phase("bench n=8 k=1..8", max(0.3 * left(), left() - 50),
+              lambda: bench(["--load", RUN8, "--tag", f"{TAG}_n8", "--batch-sizes", "1", "--peers", "none"]))
+    if "1b" in PARTS:
+        phase(f"bandwidth 1.1B {VARIANTS_1B}", max(0.7 * left(), left() - 28),
+              lambda: bench(["--bandwidth", BANDWIDTH_CONFIG, "--tag", f"{TAG}_1b", "--profile",
+                             "--variants", VARIANTS_1B]))
+    for attention in ("flex", "fused") if "n4_attention" in PARTS else ():
         phase(f"bench n=4 {attention} attention, batch 1", left() - (20 if attention == "flex" else 12),
               lambda: bench(["--load", RUN4, "--tag", f"{TAG}_{attention}", "--batch-sizes", "1", "--peers", "none",
                              "--attention", attention]))
-    phase("bandwidth code n=4 shape (step profiles)", left() - 2,
-          lambda: bench(["--bandwidth", CODE_CONFIG, "--tag", f"{TAG}_100m", "--profile",
-                         "--variants", "default,fused,flex"]))
+    if "100m" in PARTS:
+        phase("bandwidth code n=4 shape (step profiles)", left() - 2,
+              lambda: bench(["--bandwidth", CODE_CONFIG, "--tag", f"{TAG}_100m", "--profile",
+                             "--variants", "default,fused,flex"]))
     say("done")
     save_record()
     return 0

@@ -20,10 +20,16 @@ SIZES = {
     "cpu": {"max_docs": None, "data": {"train": 50_000, "test": 200, "in_ops": (1, 1), "ood_ops": (2, 2)},
             "model": (128, 6, 4), "pretrain_iters": 300, "finetune_iters": 600, "batch": 32, "seq": 128,
             "warmup": 40, "lr": 3e-3},
-    # The polynomial experiment's task and schedule (its smaller model) after a short code pretraining.
+    # Run 3's schedule (docs/reproduction.md), kept so its command can be re-run: the polynomial experiment's
+    # run-3 schedule (32 x 128-byte batches) after the code pretraining.
+    "run3": {"max_docs": None, "data": {"train": 200_000, "test": 500, "in_ops": (1, 1), "ood_ops": (2, 2)},
+             "model": (128, 6, 4), "pretrain_iters": 300, "pretrain_batch": 16, "pretrain_seq": 256,
+             "finetune_iters": 1500, "batch": 32, "seq": 128, "warmup": 60, "lr": 3e-3},
+    # The polynomial experiment's task and schedule (its smaller model, 128 x 128-byte batches) after a short
+    # code pretraining, so the finetunes compare with experiment 1's from-scratch runs of the same model.
     "small": {"max_docs": None, "data": {"train": 200_000, "test": 500, "in_ops": (1, 1), "ood_ops": (2, 2)},
               "model": (128, 6, 4), "pretrain_iters": 300, "pretrain_batch": 16, "pretrain_seq": 256,
-              "finetune_iters": 1500, "batch": 32, "seq": 128, "warmup": 60, "lr": 3e-3},
+              "finetune_iters": 2000, "batch": 128, "seq": 128, "warmup": 60, "lr": 3e-3},
 }
 
 
