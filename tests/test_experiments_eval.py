@@ -79,21 +79,29 @@ def test_polynomial_root_operation():
     assert polynomial.by_op_cell(by_op) == "neg 75, add 25"
 
 
-def test_polynomial_run3_size_is_what_run_3_ran():
-    # docs/reproduction.md's run 3 is re-runnable with --size run3: its settings are the recorded ones.
+@pytest.mark.parametrize("experiment, size, recorded_json", [
+    ("polynomial", "run3", "run3/polynomial.json"), ("finetune", "run3", "run3/finetune.json"),
+    ("polynomial", "small", "run4/polynomial.json"), ("finetune", "small", "run4/finetune.json")])
+def test_recorded_run_is_what_its_size_runs(experiment, size, recorded_json):
+    # docs/reproduction.md's runs are re-runnable with the --size it names (run 3's sizes were renamed run3
+    # when small changed): the size's schedule, scaled by the run's recorded factor, is the recorded settings.
+    import importlib
+
     from megatron_mtp.experiments.__main__ import scale_schedule
 
-    with open("benchmarks/reproduction/run3/polynomial.json") as stream:
+    with open(f"benchmarks/reproduction/{recorded_json}") as stream:
         recorded = json.load(stream)
-    ran = scale_schedule(polynomial.SIZES["run3"], recorded["iters_scale"])
+    module = importlib.import_module(f"megatron_mtp.experiments.{experiment}")
+    ran = scale_schedule(module.SIZES[size], recorded["iters_scale"])
     assert json.loads(json.dumps(ran)) == recorded["settings"]
 
 
 def test_polynomial_small_size_fits_one_gpu_call_of_its_own():
-    # The next GPU call (EXPS=polynomial TOTAL=505): 18 runs, 9 workers, on run 3's measured device rate, with
-    # the calibration's step at the new batch priced by the cost model; the budget is what the script leaves
-    # of 505 s (calibration ~65 s, start-up 30 s, end margin 25 s). The plan may shorten the schedule, but by
-    # little: a scale far below 1 would mean the step count no longer tests leaving the plateau.
+    # A GPU call for polynomial alone (EXPS=polynomial TOTAL=505, run 4's): 18 runs, 9 workers, planned on run
+    # 3's measured device rate with the calibration's step at the new batch priced by the cost model; the
+    # budget is what the script leaves of 505 s (calibration ~65 s, start-up 30 s, end margin 25 s). The plan
+    # may shorten the schedule, but by little: a scale far below 1 would mean the step count no longer tests
+    # leaving the plateau.
     with open("benchmarks/reproduction/run3/calibration.json") as stream:
         cal = json.load(stream)
     spec = polynomial.SIZES["small"]
