@@ -50,7 +50,7 @@ ENV = os.environ
 OUT = ENV.get("OUT", os.path.join(REPO, "benchmarks"))
 DEVICE = ENV.get("DEVICE", "cuda")
 QUICK = ENV.get("QUICK", "0") == "1"
-TAG = ENV.get("TAG", "cuda_v3" if DEVICE == "cuda" else "dry")
+TAG = ENV.get("TAG", "cuda_v5" if DEVICE == "cuda" else "dry")  # v1-v4 are checked in
 DEADLINE_S = float(ENV.get("DEADLINE_S", "400"))
 TRAIN_S = int(ENV.get("TRAIN_S", "200"))
 TESTS_S = int(ENV.get("TESTS_S", str(TRAIN_S - 5)))  # in parallel with the trainings: free
