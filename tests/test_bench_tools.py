@@ -267,3 +267,22 @@ def test_probe_gemm_tuning_says_it_needs_a_gpu():
     probe = os.path.join(ROOT, "tools", "probe_gemm_tuning.py")
     done = subprocess.run([sys.executable, probe], capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "needs a CUDA GPU" in done.stderr
+
+
+def test_bench_decode_gpu_runs_only_the_parts_asked_for(tmp_path):
+    # The one-process GPU script, dry on the CPU: PARTS=n8 trains and benchmarks only the byte model (no n = 4
+    # training, no transformers rows), and the run record says which parts ran.
+    out = tmp_path / "out"
+    env = {**os.environ, "QUICK": "1", "DEVICE": "cpu", "PARTS": "n8", "TRAIN_S": "60", "ITERS8": "3",
+           "DEADLINE_S": "150", "OUT": str(out), "RUNS_DIR": str(tmp_path / "runs"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "tools/bench_decode_gpu.py"], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert sorted(os.listdir(out)) == ["decode_dry_n8.json", "decode_dry_run.json"]
+    record = json.loads((out / "decode_dry_run.json").read_text())
+    assert record["parts"] == ["n8"]
+    assert [p["phase"] for p in record["phases"]] == ["warm-up code_n8 default", "bench n=8 k=1..8"]
+    assert all(p["status"] == "done" for p in record["phases"])
+    assert os.listdir(tmp_path / "runs") == ["code_100m_n8"]
+    n8 = json.loads((out / "decode_dry_n8.json").read_text())
+    assert [r["k"] for r in n8["rows"]] == list(range(1, 9)) and n8["model"]["n_heads"] == 8

@@ -50,7 +50,7 @@ ENV = os.environ
 OUT = ENV.get("OUT", os.path.join(REPO, "benchmarks"))
 DEVICE = ENV.get("DEVICE", "cuda")
 QUICK = ENV.get("QUICK", "0") == "1"
-TAG = ENV.get("TAG", "cuda_v3" if DEVICE == "cuda" else "dry")
+TAG = ENV.get("TAG", "cuda_v5" if DEVICE == "cuda" else "dry")  # v1-v4 are checked in
 DEADLINE_S = float(ENV.get("DEADLINE_S", "400"))
 TRAIN_S = int(ENV.get("TRAIN_S", "200"))
 TESTS_S = int(ENV.get("TESTS_S", str(TRAIN_S - 5)))  # in parallel with the trainings: free
@@ -72,7 +72,8 @@ BENCH_EXTRA = ["--prompt-tokens", "64", "--max-new-tokens", "16", "--prompts-bat
 PROMPT_TOKENS, NEW_TOKENS = (64, 16) if QUICK else (256, 128)
 BANDWIDTH_CONFIG = "configs/tiny.yaml" if QUICK else "configs/1b.yaml"
 CODE_CONFIG = "configs/tiny.yaml" if QUICK else "configs/code_100m.yaml"
-RUN4, RUN8 = "runs/code_100m", "runs/code_100m_n8"
+RUNS = ENV.get("RUNS_DIR", "runs")  # where the two code models train (a test points it at a temporary folder)
+RUN4, RUN8 = os.path.join(RUNS, "code_100m"), os.path.join(RUNS, "code_100m_n8")
 
 
 def elapsed() -> float:
