@@ -84,7 +84,8 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="train and evaluate one experiment's models")
     r.add_argument("experiment", choices=EXPERIMENTS)
-    r.add_argument("--size", default="smoke", help="smoke (CI, seconds) or small (one GPU, minutes)")
+    r.add_argument("--size", default="smoke", help="smoke (CI, seconds), cpu (this CPU, minutes), small (one GPU, minutes) or, for polynomial and "
+                   "finetune, run3 (run 3's schedule, docs/reproduction.md)")
     r.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     r.add_argument("--jobs", type=int, default=1, help="runs trained concurrently (processes)")
