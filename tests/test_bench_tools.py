@@ -286,3 +286,14 @@ def test_bench_decode_gpu_runs_only_the_parts_asked_for(tmp_path):
     assert os.listdir(tmp_path / "runs") == ["code_100m_n8"]
     n8 = json.loads((out / "decode_dry_n8.json").read_text())
     assert [r["k"] for r in n8["rows"]] == list(range(1, 9)) and n8["model"]["n_heads"] == 8
+
+
+@pytest.mark.parametrize("env, entry", [({"PARTS": "n8,1B"}, "PARTS entry '1B'"),
+                                        ({"VARIANTS_1B": "fused,gemv_fused"}, "VARIANTS_1B entry 'gemv_fused'")])
+def test_bench_decode_gpu_refuses_unknown_selection_before_starting(tmp_path, env, entry):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "tools/bench_decode_gpu.py"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "QUICK": "1", "DEVICE": "cpu", "OUT": str(out),
+                                            "RUNS_DIR": str(tmp_path / "runs"), **env})
+    assert proc.returncode != 0 and f"unknown {entry}" in proc.stderr
+    assert not out.exists() and not (tmp_path / "runs").exists()

@@ -60,7 +60,8 @@ ITERS8 = ENV.get("ITERS8", "1600")
 #   n4 (the n = 4 model against transformers), n8 (the byte model, k = 1..8), 1b (the bandwidth regime, in the
 #   decoder configurations VARIANTS_1B names, bench_decode.DECODER_VARIANTS), n4_attention (the n = 4 model with
 #   the flex and fused attentions), 100m (the code shape's step profiles).
-PARTS = set(ENV.get("PARTS", "n4,n8,1b,n4_attention,100m").split(","))
+ALL_PARTS = ("n4", "n8", "1b", "n4_attention", "100m")
+PARTS = set(ENV.get("PARTS", ",".join(ALL_PARTS)).split(","))
 VARIANTS_1B = ENV.get("VARIANTS_1B", "default,fused,flex")
 T0 = time.monotonic()
 
@@ -216,7 +217,22 @@ def bench(argv: list) -> None:
         raise RuntimeError(f"bench_decode exited with {rc}")
 
 
+def check_selection() -> None:
+    """Unknown PARTS or VARIANTS_1B names end the run before anything starts (a typo would otherwise skip a
+    part silently, or fail it after minutes of training)."""
+    import bench_decode
+
+    unknown = sorted(PARTS - set(ALL_PARTS))
+    if unknown:
+        raise SystemExit(f"error: unknown PARTS entry {unknown[0]!r}; choose from {', '.join(ALL_PARTS)}.")
+    unknown = [v for v in VARIANTS_1B.split(",") if v not in bench_decode.DECODER_VARIANTS]
+    if unknown:
+        raise SystemExit(f"error: unknown VARIANTS_1B entry {unknown[0]!r}; choose from "
+                         f"{', '.join(bench_decode.DECODER_VARIANTS)}.")
+
+
 def main() -> int:
+    check_selection()
     os.makedirs(OUT, exist_ok=True)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     os.environ["PYTHONPATH"] = REPO + os.pathsep + os.environ.get("PYTHONPATH", "")
@@ -226,7 +242,8 @@ def main() -> int:
     RECORD["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     RECORD["command"] = "OUT=$OUT " + " ".join(f"{k}={ENV[k]}" for k in ("DEADLINE_S", "TRAIN_S", "ITERS4", "ITERS8",
                                                                         "TESTS_S", "QUICK", "DEVICE", "PARTS",
-                                                                        "VARIANTS_1B", "TAG") if k in ENV) \
+                                                                        "VARIANTS_1B", "TAG", "RUNS_DIR")
+                                                 if k in ENV) \
         + " bash tools/bench_decode_gpu.sh"
 
     # 0: the trainings and the CUDA correctness test, in the background
