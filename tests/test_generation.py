@@ -302,9 +302,9 @@ def test_generate_cli_rejects_bad_arguments(tmp_path, capsys):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("compile_layers, gemv, attention",
                          [(False, False, "sdpa"), (True, False, "sdpa"), (True, True, "sdpa"), (True, False, "fused"),
-                          (True, False, "flex")],
+                          (True, False, "flex"), (False, False, "flash_decoding"), (True, False, "flash_decoding")],
                          ids=["graphs", "graphs+compile", "graphs+compile+gemv", "graphs+compile+fused",
-                              "graphs+compile+flex"])
+                              "graphs+compile+flex", "graphs+flash_decoding", "graphs+compile+flash_decoding"])
 def test_cuda_graph_path_gives_the_eager_tokens(compile_layers, gemv, attention):
     """fp32 on the GPU: the captured (and compiled) decoder emits exactly the eager decoder's tokens, for
     plain and speculative decoding, batch 1 and a batch of mixed prompt lengths, with an EOD in play; replays
@@ -313,9 +313,9 @@ def test_cuda_graph_path_gives_the_eager_tokens(compile_layers, gemv, attention)
     model = tiny_model(n_heads=3, layers=5, dtype=torch.float32, hidden=64 if attention == "flex" else 32).cuda()
     for lengths, seed in (([6], 1), ([3, 9, 1, 6], 2), ([5, 2, 8, 4], 3)):
         prompts = random_prompts(lengths, 16, seed=seed)
-        eager = generate(model, prompts, 20, graphs=False, compile=False)
+        eager = generate(model, prompts, 20, graphs=False, compile=False, attention="sdpa")
         eod = eager.tokens[0][7]
-        eager_eod = generate(model, prompts, 20, eod=eod, graphs=False, compile=False)
+        eager_eod = generate(model, prompts, 20, eod=eod, graphs=False, compile=False, attention="sdpa")
         for k in (1, 2, 3):
             fast = generate(model, prompts, 20, heads=k, graphs=True, compile=compile_layers, gemv=gemv,
                             attention=attention)

@@ -272,9 +272,21 @@ def random_model(cfg, device: str, dtype, seed: int = 0):
     return model.eval()
 
 
-# The decoder configurations --variants names: name -> (gemv, attention).
-DECODER_VARIANTS = {"default": (False, "sdpa"), "gemv": (True, "sdpa"), "fused": (False, "fused"),
-                    "fused_gemv": (True, "fused"), "flex": (False, "flex")}
+# The decoder configurations --variants names: name -> (gemv, attention); None is the decoder's default
+# attention on the device (``generation.default_attention``: flash_decoding on CUDA with Triton, else sdpa).
+DECODER_VARIANTS = {"default": (False, None), "sdpa": (False, "sdpa"), "flash_decoding": (False, "flash_decoding"),
+                    "gemv": (True, "sdpa"), "fused": (False, "fused"), "fused_gemv": (True, "fused"),
+                    "flex": (False, "flex")}
+
+
+def decoder_options(variant: str, device: str) -> tuple:
+    """(gemv, attention) of a --variants entry on ``device``, the default attention resolved."""
+    import torch
+
+    from megatron_mtp.inference.generation import default_attention
+
+    gemv, attention = DECODER_VARIANTS[variant]
+    return gemv, attention or default_attention(torch.device(device))
 
 
 def bandwidth_regime(args, command: str, save=None) -> dict:
@@ -312,8 +324,8 @@ def bandwidth_regime(args, command: str, save=None) -> dict:
         # The first variant gets every k and token count; later ones the plain and the k = max(ks) rows.
         vks = ks if i == 0 else sorted({1, max(ks)})
         try:
-            results[variant] = _bandwidth_variant(model, cfg, args, prompts, vks, *options[variant], g,
-                                                  full=i == 0)
+            results[variant] = _bandwidth_variant(model, cfg, args, prompts, vks,
+                                                  *decoder_options(variant, args.device), g, full=i == 0)
         except Exception as exc:  # a later variant's failure must not lose the first one's numbers
             if i == 0:
                 raise
@@ -567,15 +579,17 @@ def main(argv=None) -> int:
                         "none (default: all three on cuda, hf_default,hf_prompt_lookup on cpu)")
     p.add_argument("--gemv", action="store_true",
                    help="compile one-row matmuls as fused Triton reductions (inductor coordinate-descent tuning)")
-    p.add_argument("--attention", choices=["sdpa", "fused", "flex"], default="sdpa",
-                   help="--load: the decode attention (fused: compiled products and sums; flex: FlexAttention's "
-                        "flash-decoding kernel; see docs/inference.md)")
+    p.add_argument("--attention", choices=["flash_decoding", "sdpa", "fused", "flex"], default=None,
+                   help="--load: the decode attention (default: flash_decoding on CUDA where Triton is, else sdpa; "
+                        "fused: compiled products and sums; flex: FlexAttention's flash-decoding kernel; see "
+                        "docs/inference.md)")
     p.add_argument("--no-plot", action="store_true", help="write the JSON only (no PNG)")
     p.add_argument("--profile", action="store_true", help="--bandwidth on CUDA: a kernel profile of the steps")
     p.add_argument("--variants", default=None, metavar="LIST",
-                   help="--bandwidth: decoder configurations to measure one after the other, of default, gemv, "
-                        "fused (compiled products-and-sums attention), fused_gemv and flex (FlexAttention) (default: default, or gemv "
-                        "with --gemv); the first gets every row and the profiles")
+                   help="--bandwidth: decoder configurations to measure one after the other, of default (the "
+                        "device's default attention), sdpa, flash_decoding, gemv, fused (compiled products-and-sums "
+                        "attention), fused_gemv and flex (FlexAttention) (default: default, or gemv with --gemv); the "
+                        "first gets every row and the profiles")
     p.add_argument("--lookup-tokens", type=int, default=4, help="prompt_lookup_num_tokens of the lookup row")
     p.add_argument("--stop-at-eod", action="store_true", help="stop sequences at EOD (default: fixed budget)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -62,7 +62,8 @@ ITERS8 = ENV.get("ITERS8", "1600")
 #   the flex and fused attentions), 100m (the code shape's step profiles).
 ALL_PARTS = ("n4", "n8", "1b", "n4_attention", "100m")
 PARTS = set(ENV.get("PARTS", ",".join(ALL_PARTS)).split(","))
-VARIANTS_1B = ENV.get("VARIANTS_1B", "default,fused,flex")
+VARIANTS_1B = ENV.get("VARIANTS_1B", "default,sdpa,fused")
+ATTENTIONS_N4 = [a for a in ENV.get("ATTENTIONS_N4", "sdpa,fused").split(",") if a]  # the n4_attention part
 T0 = time.monotonic()
 
 # A dry run: tiny models (the trainings' overrides also shape the warm-up models), short prompts.
@@ -179,7 +180,7 @@ def warm_up(config: str, overrides: list, batch_sizes: list, variants: list, lab
     n = cfg.mtp.n_heads
     try:
         for variant in variants:
-            gemv, attention = bench_decode.DECODER_VARIANTS[variant]
+            gemv, attention = bench_decode.decoder_options(variant, DEVICE)
             decoder_for(model, gemv=gemv, attention=attention)
             for b in batch_sizes:
                 for k in range(1, n + 1):
@@ -229,6 +230,10 @@ def check_selection() -> None:
     if unknown:
         raise SystemExit(f"error: unknown VARIANTS_1B entry {unknown[0]!r}; choose from "
                          f"{', '.join(bench_decode.DECODER_VARIANTS)}.")
+    attentions = ("flash_decoding", "sdpa", "fused", "flex")  # bench_decode.py --attention's choices
+    unknown = [a for a in ATTENTIONS_N4 if a not in attentions]
+    if unknown:
+        raise SystemExit(f"error: unknown ATTENTIONS_N4 entry {unknown[0]!r}; choose from {', '.join(attentions)}.")
 
 
 def main() -> int:
@@ -242,7 +247,8 @@ def main() -> int:
     RECORD["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     RECORD["command"] = "OUT=$OUT " + " ".join(f"{k}={ENV[k]}" for k in ("DEADLINE_S", "TRAIN_S", "ITERS4", "ITERS8",
                                                                         "TESTS_S", "QUICK", "DEVICE", "PARTS",
-                                                                        "VARIANTS_1B", "TAG", "RUNS_DIR")
+                                                                        "VARIANTS_1B", "ATTENTIONS_N4", "TAG",
+                                                                        "RUNS_DIR")
                                                  if k in ENV) \
         + " bash tools/bench_decode_gpu.sh"
 
@@ -260,10 +266,12 @@ def main() -> int:
         trainings.append(train("configs/code_100m_n8.yaml", RUN8, ITERS8))
     tests = None
     if DEVICE == "cuda":
-        tests = spawn([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", 
-                       "tests/test_generation.py::test_cuda_graph_path_gives_the_eager_tokens[graphs+compile]",
-                       "tests/test_generation.py::test_cuda_graph_path_gives_the_eager_tokens[graphs+compile+fused]",
-                       "tests/test_generation.py::test_cuda_graph_path_gives_the_eager_tokens[graphs+compile+flex]"], os.path.join(work, "tests.txt"), TESTS_S, "KILL")
+        cuda_test = "tests/test_generation.py::test_cuda_graph_path_gives_the_eager_tokens"
+        tests = spawn([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                       *(f"{cuda_test}[{case}]" for case in ("graphs+compile", "graphs+compile+fused",
+                                                             "graphs+compile+flex", "graphs+flash_decoding",
+                                                             "graphs+compile+flash_decoding")),
+                       "tests/test_decode_attention.py"], os.path.join(work, "tests.txt"), TESTS_S, "KILL")
 
     import torch
 
@@ -290,7 +298,7 @@ def main() -> int:
             ("code_n4", "configs/code_100m.yaml", code_over, [1, 16], ["default"], "n4"),
             ("code_n8", "configs/code_100m_n8.yaml", code_over, [1], ["default"], "n8"),
             ("1b", BANDWIDTH_CONFIG, [], [1], variants_1b[1:], "1b"),
-            ("code_n4", "configs/code_100m.yaml", code_over, [1], ["flex", "fused"], "n4_attention")):
+            ("code_n4", "configs/code_100m.yaml", code_over, [1], ATTENTIONS_N4, "n4_attention")):
         if part in PARTS and variants:
             phase(f"warm-up {label} {','.join(variants)}", TRAIN_S - elapsed() - 3,  # none past the training
                   lambda: warm_up(config, over, batches, variants, label))
@@ -323,14 +331,14 @@ def main() -> int:
         phase(f"bandwidth 1.1B {VARIANTS_1B}", max(0.7 * left(), left() - 28),
               lambda: bench(["--bandwidth", BANDWIDTH_CONFIG, "--tag", f"{TAG}_1b", "--profile",
                              "--variants", VARIANTS_1B]))
-    for attention in ("flex", "fused") if "n4_attention" in PARTS else ():
-        phase(f"bench n=4 {attention} attention, batch 1", left() - (20 if attention == "flex" else 12),
+    for attention in ATTENTIONS_N4 if "n4_attention" in PARTS else ():
+        phase(f"bench n=4 {attention} attention, batch 1", left() - 12,
               lambda: bench(["--load", RUN4, "--tag", f"{TAG}_{attention}", "--batch-sizes", "1", "--peers", "none",
                              "--attention", attention]))
     if "100m" in PARTS:
         phase("bandwidth code n=4 shape (step profiles)", left() - 2,
               lambda: bench(["--bandwidth", CODE_CONFIG, "--tag", f"{TAG}_100m", "--profile",
-                             "--variants", "default,fused,flex"]))
+                             "--variants", "default,sdpa"]))
     say("done")
     save_record()
     return 0

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
 from megatron_mtp.errors import InputError
+from megatron_mtp.ops import decode_attention as flash_decoding_kernels
 from megatron_mtp.inference.kv_cache import KVCache, decode_bias, decode_positions
 from megatron_mtp.model.transformer import (decode_attention, decode_attention_fused, decode_layers, decode_mlp,
                                             decode_qkv, rms_norm, stacked_alias, unfold_heads)
@@ -292,18 +293,22 @@ class _Programs:
     and the residual add after it fuse into (gpt-fast's configuration)."""
 
     EAGER = dict(qkv=decode_qkv, mlp=decode_mlp, inputs=step_inputs, tail=greedy_tail, commit=commit)
-    # The decode attentions by name; sdpa is the eager path's and stays uncompiled (a library kernel).
-    ATTENTIONS = dict(sdpa=decode_attention, fused=decode_attention_fused, flex=decode_attention_flex)
+    # The decode attentions by name. sdpa (a library kernel) and flash_decoding (Triton kernels launched from
+    # Python, captured by the step's graph like any kernel) run as they are, compiled decoder or not; fused and
+    # flex exist only compiled.
+    ATTENTIONS = dict(sdpa=decode_attention, flash_decoding=flash_decoding_kernels.flash_decoding,
+                      fused=decode_attention_fused, flex=decode_attention_flex)
+    UNCOMPILED = ("sdpa", "flash_decoding")
 
     def __init__(self, compile: bool, gemv: bool = False, attention: str = "sdpa"):
         self.compiled = compile
         fns = dict(self.EAGER)
-        self.attention = self.ATTENTIONS["sdpa"]
+        self.attention = self.ATTENTIONS[attention if attention in self.UNCOMPILED else "sdpa"]
         if compile:
             import torch._dynamo
 
             options = {"coordinate_descent_tuning": True} if gemv else None
-            if attention != "sdpa":
+            if attention not in self.UNCOMPILED:
                 fns["attention"] = self.ATTENTIONS[attention]
             # gemv's point is a matmul known to have one row, which only a specialised graph knows: with gemv
             # the programs keep dynamo's default and compile the one-token step apart.
@@ -389,7 +394,7 @@ class Decoder:
     MAX_STATES = 4  # (batch, capacity) buckets kept at once
 
     def __init__(self, model, graphs: Optional[bool] = None, compile: Optional[bool] = None, gemv: bool = False,
-                 attention: str = "sdpa"):
+                 attention: Optional[str] = None):
         self.model = model
         self.device = model.embedding.weight.device
         self.dtype = model.embedding.weight.dtype
@@ -399,10 +404,14 @@ class Decoder:
             raise ValueError("CUDA graphs need a model on a CUDA device.")
         self.compile = self.graphs if compile is None else compile
         self.gemv = gemv and self.compile
+        attention = default_attention(self.device) if attention is None else attention
         if attention not in _Programs.ATTENTIONS:
             names = ", ".join(map(repr, _Programs.ATTENTIONS))
             raise ValueError(f"attention must be one of {names}, got {attention!r}.")
-        self.attention = attention if self.compile else "sdpa"
+        if attention == "flash_decoding" and not flash_decoding_kernels.available(self.device):
+            raise ValueError("attention='flash_decoding' needs Triton and a CUDA device (or Triton's interpreter, "
+                             "TRITON_INTERPRET=1); use attention='sdpa'.")
+        self.attention = attention if self.compile or attention in _Programs.UNCOMPILED else "sdpa"
         self.programs = _Programs(self.compile, self.gemv, self.attention)
         self.compile_error = None
         cfg = model.cfg
@@ -726,6 +735,15 @@ def _finished(tokens: list, eod: Optional[int]) -> tuple:
 _DECODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def default_attention(device: torch.device) -> str:
+    """The decode attention a decoder gets unless told: split-KV flash-decoding on CUDA where Triton is (the
+    memory-efficient SDPA kernel runs one thread block per KV head, latency-bound at small batch), else
+    SDPA."""
+    if torch.device(device).type == "cuda" and flash_decoding_kernels.available(device):
+        return "flash_decoding"
+    return "sdpa"
+
+
 def decoder_for(model, graphs: Optional[bool] = None, compile: Optional[bool] = None,
                 gemv: Optional[bool] = None, attention: Optional[str] = None) -> Decoder:
     """The model's decoder (kept across calls, so graphs are captured once), rebuilt if the model's
@@ -734,8 +752,9 @@ def decoder_for(model, graphs: Optional[bool] = None, compile: Optional[bool] = 
     want_graphs = model.embedding.weight.device.type == "cuda" if graphs is None else graphs
     want_compile = want_graphs if compile is None else compile
     want_gemv = (dec.gemv if dec is not None else False) if gemv is None else (gemv and want_compile)
-    want_attention = (dec.attention if dec is not None else "sdpa") if attention is None else attention
-    want_attention = want_attention if want_compile else "sdpa"
+    if attention is None:
+        attention = dec.attention if dec is not None else default_attention(model.embedding.weight.device)
+    want_attention = attention if want_compile or attention in _Programs.UNCOMPILED else "sdpa"
     if (dec is None or dec.signature != Decoder._signature(model) or dec.graphs != want_graphs
             or dec.compile != want_compile or dec.gemv != want_gemv or dec.attention != want_attention):
         dec = _DECODERS[model] = Decoder(model, graphs=want_graphs, compile=want_compile, gemv=want_gemv,
@@ -790,8 +809,9 @@ def generate(
     then reads the device every few steps). ``graphs`` / ``compile`` (default: on for CUDA models) pick
     CUDA-graph replay and the compiled step programs; the eager path gives the same tokens. ``gemv`` (default
     off; kept once set) compiles one-row matmuls as fused Triton reductions (see ``_Programs``); ``attention``
-    (``"sdpa"``, ``"fused"`` or ``"flex"``; default: kept once set, else sdpa) picks the decode attention of a
-    compiled decoder (``Decoder``).
+    picks the decode attention (default: kept once set, else ``default_attention``): ``"flash_decoding"``
+    (split-KV Triton kernels, ``ops.decode_attention``), ``"sdpa"``, or for a compiled decoder ``"fused"`` or
+    ``"flex"`` (``Decoder``).
     The model runs in eval mode (no dropout) and gets its previous mode back afterwards.
     """
     sampling = sampling or SamplingParams()
