@@ -143,6 +143,10 @@ class OptimizerConfig:
     warmup_iters: int = option(100, "linear warm-up steps")
     decay_iters: Optional[int] = option(None, "cosine decay length; null = train.iters")
     fused: Optional[bool] = option(None, "fused AdamW on CUDA; null = when available")
+    # train.compile with fp32 master weights (training/master_weights.py): the clip factor, AdamW and the bf16
+    # copy as one compiled pass per parameter, reading the bf16 gradients directly with one micro-batch.
+    compiled_step: bool = option(True, "with train.compile and fp32 master weights: clip, AdamW and the bf16 "
+                                       "copy in one compiled pass; false = torch's AdamW then a copy")
 
 
 @dataclass
@@ -507,6 +511,7 @@ _RANGES = {
         "warmup_iters": _ints(0),
         "decay_iters": _ints(1, optional=True),
         "fused": _OPTIONAL_FLAG,
+        "compiled_step": _FLAG,
     },
     "train": {
         "iters": _ints(0),

@@ -26,6 +26,7 @@ def allreduce_sequence_parallel_grads(model: torch.nn.Module) -> None:
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = flat.to(torch.promote_types(flat.dtype, torch.float32))  # bf16 gradients are summed in fp32
     dist.all_reduce(flat, group=group)
     offset = 0
     for g in grads:
@@ -36,12 +37,14 @@ def allreduce_sequence_parallel_grads(model: torch.nn.Module) -> None:
 def global_grad_norm(model: torch.nn.Module) -> torch.Tensor:
     """L2 norm of the whole model's gradient: TP-sharded parameters count on every rank, replicated ones
     on TP rank 0 only, then summed over the model-parallel (TP x PP) group. A weight tied across pipeline
-    stages (DeepSpeed's ``ds_pipe_replicated`` copies of the embedding) counts once, on its owning stage."""
+    stages (DeepSpeed's ``ds_pipe_replicated`` copies of the embedding) counts once, on its owning stage.
+    bf16 gradients are summed in fp32 (no fp32 copy of them is made)."""
     grads = [p.grad.detach() for p in model.parameters() if p.grad is not None
              and not ds_compat.is_pipe_replicated(p)
              and (getattr(p, "tensor_model_parallel", False) or state.tp_rank() == 0)]
     if grads:  # one fused multi-tensor kernel instead of pow + sum per parameter
-        norms = torch._foreach_norm(grads)
+        wide = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+        norms = torch._foreach_norm(grads, 2, dtype=wide)
         total = torch.stack([n.float() for n in norms]).pow(2).sum()
     else:
         total = torch.zeros((), device=next(model.parameters()).device)

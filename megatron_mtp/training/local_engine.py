@@ -39,7 +39,10 @@ class LocalEngine(EngineBase):
         self.master_weights = bool(master_weights) and dtype == torch.bfloat16
         if self.master_weights:
             model.to(torch.bfloat16)
-            self.optimizer = MasterWeightAdamW(model, cfg.optimizer, device)
+            # with compiled layers, the optimizer step is compiled too (one pass per parameter); the
+            # master-weight regime is a CUDA one (use_master_weights), so this is the GPU's ``fast`` regime
+            self.optimizer = MasterWeightAdamW(model, cfg.optimizer, device,
+                                               compiled_step=cfg.train.compile and cfg.optimizer.compiled_step)
         else:
             self.optimizer = build_optimizer(model, cfg.optimizer, device)
 
@@ -49,16 +52,16 @@ class LocalEngine(EngineBase):
         self.optimizer.zero_grad(set_to_none=True)
         accum = len(micro_batches)
         loss_sum, heads_sum = 0.0, 0.0
-        for tokens in micro_batches:
+        for i, tokens in enumerate(micro_batches):
             with autocast_context(self.device, self.dtype):
                 loss, head_losses = self.model(tokens.to(self.device, non_blocking=True))
             (loss / accum).backward()
-            if self.master_weights:
-                self.optimizer.accumulate_grads()  # fp32 accumulation across micro-batches
+            if self.master_weights:  # fp32 accumulation across micro-batches
+                self.optimizer.accumulate_grads(last=i == accum - 1)
             loss_sum = loss_sum + loss.detach()
             heads_sum = heads_sum + head_losses
-        if self.master_weights:  # fp32 master gradients; the clip factor is applied inside the fused AdamW
-            allreduce_sequence_parallel_grads(self.optimizer.master_view)
+        if self.master_weights:  # the gradients the step reads; the clip factor is applied inside the step
+            allreduce_sequence_parallel_grads(self.optimizer.grad_view)
             grad_norm = self.optimizer.clip_grad_norm_(self.cfg.optimizer.clip_grad)
         else:
             allreduce_sequence_parallel_grads(self.model)
