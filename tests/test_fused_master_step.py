@@ -3,9 +3,10 @@ optimizer) against today's eager path: torch's AdamW on fp32 masters, then a bf1
 
 Tolerance: masters within rtol 1e-6, atol 1e-7 of the eager path (the compiled step computes the bias
 corrections in fp32 on the device, as torch's capturable AdamW does; the eager one in doubles on the host),
-gradient norms within rtol 1e-6; the bf16 parameters equal the masters rounded, exactly. Adam moments within rtol 1e-6 and an atol of 1e-6 times the moment's largest
-magnitude (inductor's lerp and fused multiply-adds round differently from ATen's: a few ulps near cancellation).
-Inductor compiles for the CPU here; each distinct parameter list compiles once (seconds).
+gradient norms within rtol 1e-6; Adam moments within rtol 1e-6 and an atol of 1e-6 times the moment's largest
+magnitude (inductor's lerp and fused multiply-adds round differently from ATen's: a few ulps near
+cancellation); the bf16 parameters equal the masters rounded, exactly. Inductor compiles for the CPU here; each
+distinct parameter list compiles once (seconds).
 """
 import copy
 import io

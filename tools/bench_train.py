@@ -18,8 +18,8 @@ host syncs inside the step, and the top CUDA kernels of one profiled step.
 Variants of our model (``--variants``; comma-separated, default all of the preset):
   eager-autocast   fp32 weights under bf16 autocast, no compile (LocalEngine with train.master_weights false)
   eager-bf16       bf16 weights + fp32 master weights, no compile (LocalEngine's default, train.master_weights)
-  fast             bf16 weights + fp32 masters + torch.compile'd layers (train.compile) [+ attention layout if
-                   the in-run attention benchmark shows it pays]
+  fast             bf16 weights + fp32 masters + torch.compile'd layers and optimizer step (train.compile,
+                   optimizer.compiled_step) [+ attention layout if the in-run attention benchmark shows it pays]
   fast-fp8         as fast, with FP8 GEMMs in the trunk's and heads' linears (train.fp8, ops/fp8.py)
 Peers (transformers' LlamaForCausalLM of the same shape, fused AdamW, the same clipping):
   hf               fp32 weights under bf16 autocast (the HF Trainer's bf16), our loss on the logits
@@ -95,8 +95,9 @@ REGIMES = {
     "hf-fp8": "bf16 weights, no fp32 masters; torchao float8 tensorwise (all linears but lm_head) + model.compile()",
     "eager-autocast": "fp32 weights under bf16 autocast, eager",
     "eager-bf16": "bf16 weights + fp32 masters, eager",
-    "fast": "bf16 weights + fp32 masters, compiled layers",
-    "fast-fp8": "bf16 weights + fp32 masters, compiled layers, FP8 GEMMs in trunk and head linears (train.fp8)",
+    "fast": "bf16 weights + fp32 masters, compiled layers and optimizer step",
+    "fast-fp8": "bf16 weights + fp32 masters, compiled layers and optimizer step, FP8 GEMMs in trunk and head "
+                "linears (train.fp8)",
 }
 
 
@@ -241,6 +242,7 @@ def build_ours(cfg: Config, device, *, master: bool, compiled: bool, attention: 
     if compiled:
         apply_compile(model)
     dtype = torch.bfloat16 if (device.type == "cuda" or master) else torch.float32
+    cfg.train.compile = compiled  # as in a run: compiled layers bring the compiled optimizer step with them
     engine = LocalEngine(model, cfg, device, dtype, master_weights=master)
     return engine
 
@@ -358,6 +360,8 @@ def run_row(args, device, shape_name, shape, variant, n_heads, mb, attention, pr
         row["warmup_s"] = round(time.perf_counter() - t1, 2)
         if not hf:
             row["ce_operands"] = sorted({f"{a}/{b}" + ("/autocast" if c else "") for a, b, c in CE_SEEN})
+            # whether the step ran the compiled optimizer step (False after a compile failure's fallback too)
+            row["compiled_optimizer_step"] = getattr(engine.optimizer, "compiled_step", None) is not None
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             row["states_gib"] = torch.cuda.memory_allocated(device) / 2**30

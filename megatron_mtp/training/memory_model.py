@@ -11,7 +11,8 @@ The estimate is a sum of named parts, each a formula of the config (see docs/ben
   autocast      LocalEngine with train.master_weights false;            fp32 weights 4 + fp32 grads 4 + Adam 8,
                 DeepSpeed with ZeRO 0                                   + 2 for autocast's bf16 weight copies
   bf16_master   LocalEngine's default (train.master_weights true;       bf16 weights 2 + fp32 masters 4 + Adam 8;
-                training/master_weights.py)                             fp32 grads 4 after backward
+                training/master_weights.py)                             fp32 grads 4 after backward (bf16 grads 2
+                                                                        with the compiled step, one micro-batch)
   ds_bf16       DeepSpeed bf16 with ZeRO 1/2                            bf16 weights 2 + bf16 grads 2 + fp32
                                                                         grad accumulation 4 (/dp under ZeRO 2) +
                                                                         fp32 masters and Adam 12 (/dp, ZeRO >= 1)
@@ -194,6 +195,7 @@ class Layout:
     grad_accum: int = 1  # micro-batches per optimizer step per DP rank (1F1B: also the pipeline's micro-batches)
     activation_checkpointing: str = "none"
     compiled: bool = False
+    compiled_step: bool = True  # optimizer.compiled_step: with compiled layers, the optimizer step is compiled
     precision: str = "autocast"  # autocast | bf16_master | ds_bf16 | fp32
     fp8: bool = False  # train.fp8: the linears save e4m3 inputs (FP8_ACTIVATION_COEFFS)
     memory_efficient_heads: bool = True
@@ -226,9 +228,10 @@ def default_precision(cfg: Config, layout: Layout, engine: str = "auto") -> str:
     return "ds_bf16" if layout.zero_stage >= 1 else "autocast"
 
 
-def _state_bytes(params: float, precision: str, zero: int, dp: int) -> tuple:
+def _state_bytes(params: float, precision: str, zero: int, dp: int, bf16_grads: bool = False) -> tuple:
     """Model-state bytes on one GPU for ``params`` parameters, as two dicts: (while the forward and the heads
-    run — no trunk gradients yet; after the backward — every gradient exists)."""
+    run — no trunk gradients yet; after the backward — every gradient exists). ``bf16_grads``: the compiled
+    master-weight step reads the bf16 gradients of a single micro-batch, with no fp32 copy of them."""
     if precision in ("autocast", "fp32"):
         opt = 8 * params / (dp if zero >= 1 else 1)
         grads = 4 * params / (dp if zero >= 2 else 1)
@@ -238,7 +241,7 @@ def _state_bytes(params: float, precision: str, zero: int, dp: int) -> tuple:
         return during, {"weights": 4 * params, "optimizer": opt, "grads": grads}
     if precision == "bf16_master":
         during = {"weights": 2 * params, "master": 4 * params, "optimizer": 8 * params}
-        return during, {**during, "grads": 4 * params}
+        return during, {**during, "grads": (2 if bf16_grads else 4) * params}
     if precision == "ds_bf16":
         shard = dp if zero >= 1 else 1
         during = {"weights": 2 * params, "grad_accum": 4 * params / (dp if zero >= 2 else 1),
@@ -286,7 +289,8 @@ def estimate(cfg: Config, layout: Layout) -> list:
         names = [name for name, _ in pieces[bounds[s]:bounds[s + 1]]]
         params = sum(w for _, w in pieces[bounds[s]:bounds[s + 1]])
         st = StageMemory(stage=s, params=params)
-        during, after = _state_bytes(params, precision, layout.zero_stage, layout.dp)
+        during, after = _state_bytes(params, precision, layout.zero_stage, layout.dp,
+                                     bf16_grads=layout.compiled and layout.compiled_step and layout.grad_accum == 1)
         st.bytes.update(during)
         trunk = [n for n in names if n.startswith("trunk.")]
         checkpointed = [n for n in trunk if every and int(n.split(".")[1]) % every == 0]
@@ -355,7 +359,7 @@ def layout_from_config(cfg: Config, world_size: int, *, precision: Optional[str]
     layout = Layout(tp=p.tp, pp=p.pp, dp=dp, zero_stage=p.zero_stage, sequence_parallel=p.sequence_parallel,
                     micro_batch=t.micro_batch_size, seq_length=cfg.data.seq_length, grad_accum=max(1, accum),
                     activation_checkpointing=t.activation_checkpointing,
-                    compiled=t.compile if compiled is None else compiled,
+                    compiled=t.compile if compiled is None else compiled, compiled_step=cfg.optimizer.compiled_step,
                     memory_efficient_heads=cfg.mtp.memory_efficient, fp8=bool(t.fp8))
     layout.precision = precision or default_precision(cfg, layout, engine)
     return layout
