@@ -51,8 +51,8 @@ def adamw_master_step(groups: list, coef) -> None:
     Compiled, each parameter's chain becomes one kernel: one read of the gradient, master and moments, one
     write of the master, moments and bf16 parameter."""
     for params, grads, masters, exp_avgs, exp_avg_sqs, steps, lr, weight_decay, beta1, beta2, eps in groups:
+        torch._foreach_add_(steps, 1)  # one kernel for all the scalar counts, not one per parameter
         for p, g, m, exp_avg, exp_avg_sq, step in zip(params, grads, masters, exp_avgs, exp_avg_sqs, steps):
-            step += 1
             g = g.float()
             if coef is not None:
                 g = g * coef
