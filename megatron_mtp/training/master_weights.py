@@ -27,7 +27,7 @@ def use_master_weights(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 class _ParamView:
-    """Looks like a module to the engine's gradient helpers (``.parameters()``), yielding the fp32 masters."""
+    """Looks like a module to the engine's gradient helpers (``.parameters()``), yielding the given tensors."""
 
     def __init__(self, params: list):
         self._params = params
@@ -108,13 +108,13 @@ class MasterWeightAdamW:
         fused = cfg.fused if cfg.fused is not None else device.type == "cuda"
         self.inner = torch.optim.AdamW(master_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                        fused=fused or None)
-        self.master_view = _ParamView(self.masters)
         self._param_of = {id(m): p for p, m in zip(self.params, self.masters)}
         # compiled lazily, at the first step; the learning rates live in tensors (one per group) so that the
         # schedule never recompiles the step
         self.compiled_step = torch.compile(adamw_master_step, fullgraph=True, dynamic=False) if compiled_step \
             else None
-        self._lrs = [torch.zeros((), dtype=torch.float32, device=device) for _ in master_groups]
+        self._lrs = [torch.zeros((), dtype=torch.float32, device=g["params"][0].device if g["params"] else device)
+                     for g in master_groups]
         self._clip_coef = None
 
     @property
