@@ -445,7 +445,9 @@ KERNEL_CLASSES = [
 def classify(name: str) -> str:
     low = name.lower()
     if low.startswith(("triton_poi", "triton_red", "triton_per")):  # inductor's pointwise / reduction kernels,
-        return "fused (triton)"  # whose names list the ops fused in (an FP8 cast kernel names _scaled_mm)
+        # whose names list the ops fused in (an FP8 cast kernel names _scaled_mm); the compiled optimizer step's
+        # name its moments' lerp and its step counts' _foreach_add
+        return "optimizer" if ("lerp" in low or "foreach" in low) else "fused (triton)"
     for cls, keys in KERNEL_CLASSES:
         if any(k in low for k in keys):
             return cls
