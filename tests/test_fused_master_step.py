@@ -172,3 +172,20 @@ def test_compile_failure_warns_once_and_falls_back(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no second warning
         train(ref, opt, 2, 1, first_step=1)
+
+
+def test_memory_planner_counts_bf16_gradients_with_the_compiled_step():
+    from megatron_mtp.training import memory_model as mm
+
+    cfg = Config()
+
+    def after_backward(**kw) -> dict:  # a tiny batch: the peak is after the backward, every gradient alive
+        stage = max(mm.estimate(cfg, mm.Layout(micro_batch=1, seq_length=16, precision="bf16_master", **kw)),
+                    key=lambda s: s.total)
+        assert stage.phase == "after_backward"
+        return {k: v / stage.params for k, v in stage.bytes.items() if k in ("weights", "master", "grads")}
+
+    assert after_backward(compiled=True) == {"weights": 2, "master": 4, "grads": 2}
+    assert after_backward(compiled=True, grad_accum=2)["grads"] == 4  # the fp32 accumulation stays
+    assert after_backward(compiled=True, compiled_step=False)["grads"] == 4
+    assert after_backward(compiled=False)["grads"] == 4
