@@ -275,8 +275,8 @@ def random_model(cfg, device: str, dtype, seed: int = 0):
 # The decoder configurations --variants names: name -> (gemv, attention); None is the decoder's default
 # attention on the device (``generation.default_attention``: flash_decoding on CUDA with Triton, else sdpa).
 DECODER_VARIANTS = {"default": (False, None), "sdpa": (False, "sdpa"), "flash_decoding": (False, "flash_decoding"),
-                    "gemv": (True, "sdpa"), "fused": (False, "fused"), "fused_gemv": (True, "fused"),
-                    "flex": (False, "flex")}
+                    "gemv": (True, "sdpa"), "flash_gemv": (True, "flash_decoding"), "fused": (False, "fused"),
+                    "fused_gemv": (True, "fused"), "flex": (False, "flex")}
 
 
 def decoder_options(variant: str, device: str) -> tuple:
@@ -587,7 +587,7 @@ def main(argv=None) -> int:
     p.add_argument("--profile", action="store_true", help="--bandwidth on CUDA: a kernel profile of the steps")
     p.add_argument("--variants", default=None, metavar="LIST",
                    help="--bandwidth: decoder configurations to measure one after the other, of default (the "
-                        "device's default attention), sdpa, flash_decoding, gemv, fused (compiled products-and-sums "
+                        "device's default attention), sdpa, flash_decoding, gemv, flash_gemv, fused (compiled products-and-sums "
                         "attention), fused_gemv and flex (FlexAttention) (default: default, or gemv with --gemv); the "
                         "first gets every row and the profiles")
     p.add_argument("--lookup-tokens", type=int, default=4, help="prompt_lookup_num_tokens of the lookup row")
