@@ -31,7 +31,7 @@ def run_interpreted(code: str) -> dict:
 
 @needs_triton
 def test_flash_decoding_equals_sdpa_on_every_layout():
-    """Folded GQA rows (1 and 4 new tokens), padding and per-sequence lengths in the mask, capacities that are
+    """Folded GQA rows (1, 4 and — a prefill, over MAX_ROWS, served by SDPA — 9 new tokens), padding and per-sequence lengths in the mask, capacities that are
     and are not a multiple of the block, one split and many (each a different share of the cache), head dims
     below the 16 a Triton product needs, the draft heads' stacked buffers (strided views), a bool mask."""
     out = run_interpreted("""
@@ -44,7 +44,7 @@ def test_flash_decoding_equals_sdpa_on_every_layout():
         errors = {}
         for b, n_kv, group, s, cap, hd, m, target in [(1, 4, 8, 1, 384, 64, 1, 264), (2, 2, 3, 4, 130, 16, 1, 264),
                                                       (2, 1, 2, 2, 200, 8, 3, 2), (3, 2, 1, 3, 64, 32, 1, 264),
-                                                      (1, 2, 4, 2, 1000, 16, 2, 12)]:
+                                                      (1, 2, 4, 2, 1000, 16, 2, 12), (2, 2, 8, 9, 128, 16, 1, 264)]:
             kernels.TARGET_PROGRAMS = target  # few programs -> each split walks several blocks
             cache = KVCache(b, cap, "cpu", start=[0, 5, 2][:b])
             cache.advance(torch.tensor([cap - s - 3, cap // 2, 9][:b]))

@@ -11,7 +11,8 @@ output projection reads, so the GQA rows need no unfolding copy.
 Same contract as ``model.transformer.decode_attention``: folded queries q [B, n_kv, rows, head_dim] (rows =
 group * s, row r is query r % s of head r // s of the group), keys and values [B, n_kv, capacity, head_dim]
 (any strides with a unit last one: the decoder's stacked buffers are views), an additive mask [B, 1, rows,
-capacity] (0 or -inf) that hides padding, stale slots and the future. Scores and the softmax are fp32; the
+capacity] (0 or -inf) that hides padding, stale slots and the future. A prefill (more than ``MAX_ROWS`` query
+rows) goes to SDPA, which has rows enough to fill the GPU. Scores and the softmax are fp32; the
 probabilities meet V in V's dtype, as flash attention does. fp32 inputs multiply in full fp32 (no TF32), so
 the greedy fp32 tests see the eager path's tokens.
 
@@ -42,6 +43,9 @@ def available(device: torch.device) -> bool:
 # beyond that the merge costs more than the parallelism gains).
 BLOCK_N = 64
 TARGET_PROGRAMS = 264
+# More query rows than this (a prefill: group x prompt width) go to SDPA, which parallelises over the rows
+# itself; a decode step has group x k of them (at most 8 x 8 for the shapes we ship).
+MAX_ROWS = 64
 
 
 def num_splits(programs: int, capacity: int) -> tuple:
@@ -59,7 +63,7 @@ if triton is not None:
     def _partial_kernel(Q, K, V, Mask, Acc, ML,
                         sqb, sqh, sqr, skb, skh, skn, svb, svh, svn, smb, smr, smn,
                         n_kv, rows, capacity, split_len, n_splits, scale,
-                        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+                        SPLIT_BLOCKS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                         BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
         """One (sequence, KV head, split): online softmax over the split's slots -> unnormalised output
         Acc [rows, head_dim], running max and sum ML [rows, 2] (fp32)."""
@@ -77,10 +81,11 @@ if triton is not None:
         l_i = tl.zeros([BLOCK_R], tl.float32)
         acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
         first = split * split_len
-        end = tl.minimum(first + split_len, capacity)
-        for n0 in range(first, end, BLOCK_N):
-            n = n0 + tl.arange(0, BLOCK_N)
-            n_ok = n < end
+        # (A compile-time trip count: the interpreter of the Triton that torch 2.11 ships cannot take a bound
+        # passed at run time under numpy 2. A few values in practice: blocks per split for each capacity bucket.)
+        for j in range(0, SPLIT_BLOCKS):
+            n = first + j * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = n < capacity
             k = tl.load(K + b * skb + h * skh + n[None, :] * skn + d[:, None],
                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
             s = tl.dot(q, k, input_precision=PRECISION) * scale
@@ -145,6 +150,10 @@ def flash_decoding(q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, ma
                          f"{capacity}], got {list(mask.shape)}.")
     if mask.dtype == torch.bool:
         mask = torch.zeros(mask.shape, dtype=q.dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+    if rows > MAX_ROWS:
+        from megatron_mtp.model.transformer import decode_attention
+
+        return decode_attention(q, k_all, v_all, mask, s)
     programs = B * n_kv
     n_splits, split_len = num_splits(programs, capacity)
     acc = torch.empty(programs * n_splits * rows * head_dim, dtype=torch.float32, device=q.device)
@@ -157,7 +166,7 @@ def flash_decoding(q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, ma
         q.stride(0), q.stride(1), q.stride(2), k_all.stride(0), k_all.stride(1), k_all.stride(2),
         v_all.stride(0), v_all.stride(1), v_all.stride(2), mask.stride(0), mask.stride(2), mask.stride(3),
         n_kv, rows, capacity, split_len, n_splits, head_dim ** -0.5,
-        BLOCK_R=max(16, triton.next_power_of_2(rows)), BLOCK_D=block_d, HEAD_DIM=head_dim, BLOCK_N=BLOCK_N,
+        SPLIT_BLOCKS=split_len // BLOCK_N, BLOCK_R=max(16, triton.next_power_of_2(rows)), BLOCK_D=block_d, HEAD_DIM=head_dim, BLOCK_N=BLOCK_N,
         PRECISION=precision)
     _merge_kernel[(programs, rows)](
         acc, ml, out, n_kv, rows, s, n_splits, out.stride(0), out.stride(1),
