@@ -317,6 +317,7 @@ def run_row(args, device, shape_name, shape, variant, n_heads, mb, attention, pr
     seq = args.seq
     hf = variant in HF_VARIANTS
     cfg = make_config(shape, n_heads if not hf else 1, seq, mb)
+    cfg.optimizer.compiled_step = not getattr(args, "eager_optimizer_step", False)
     row = {"shape": shape_name, "impl": "hf_llama" if hf else "megatron_mtp", "variant": variant,
            "n_heads": n_heads if not hf else None, "micro_batch": mb, "seq": seq,
            "attention": attention if variant.startswith("fast") else "default", "regime": REGIMES[variant]}
@@ -853,6 +854,9 @@ def main(argv=None):
     ap.add_argument("--best-mb", action="store_true", help="also run fast n=1 and n=4 at the largest micro-batch "
                     "the memory model fits")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--eager-optimizer-step", action="store_true",
+                    help="compiled rows keep torch's fused AdamW and the separate bf16 copy (optimizer.compiled_step "
+                         "false): the baseline of the compiled optimizer step")
     ap.add_argument("--calibrate", action="store_true", help="measure per-layer saved bytes (compiled too) here")
     ap.add_argument("--profile", default="fast:4,fast:1,hf:1", help="rows to profile, variant:n, comma-separated")
     ap.add_argument("--profile-top", type=int, default=15)
