@@ -145,8 +145,9 @@ class OptimizerConfig:
     fused: Optional[bool] = option(None, "fused AdamW on CUDA; null = when available")
     # train.compile with fp32 master weights (training/master_weights.py): the clip factor, AdamW and the bf16
     # copy as one compiled pass per parameter, reading the bf16 gradients directly with one micro-batch.
-    compiled_step: bool = option(True, "with train.compile and fp32 master weights: clip, AdamW and the bf16 "
-                                       "copy in one compiled pass; false = torch's AdamW then a copy")
+    compiled_step: bool = option(False, "with train.compile and fp32 master weights: clip, AdamW and the bf16 "
+                                        "copy in one compiled pass (not yet timed on a GPU); false = torch's "
+                                        "AdamW then a copy")
 
 
 @dataclass

@@ -138,6 +138,9 @@ def test_engine_with_train_compile_uses_the_compiled_step():
     initialize_parameters(model, 3)
     ref = LocalEngine(copy.deepcopy(model), cfg, CPU, torch.bfloat16, master_weights=True)
     cfg.train.compile = True  # the model itself stays eager: only the optimizer step is compiled here
+    assert LocalEngine(copy.deepcopy(model), cfg, CPU, torch.bfloat16, master_weights=True) \
+        .optimizer.compiled_step is None  # off by default (not yet timed on a GPU)
+    cfg.optimizer.compiled_step = True  # the switch
     eng = LocalEngine(model, cfg, CPU, torch.bfloat16, master_weights=True)
     assert ref.optimizer.compiled_step is None and eng.optimizer.compiled_step is not None
     gen = torch.Generator().manual_seed(0)
@@ -150,9 +153,6 @@ def test_engine_with_train_compile_uses_the_compiled_step():
         torch.testing.assert_close(r.grad_norm, r_ref.grad_norm, rtol=1e-6, atol=0)
         assert_same(ref.optimizer, eng.optimizer)
     assert eng.optimizer.compiled_step is not None
-    cfg.optimizer.compiled_step = False  # the switch
-    assert LocalEngine(copy.deepcopy(model), cfg, CPU, torch.bfloat16, master_weights=True) \
-        .optimizer.compiled_step is None
 
 
 def test_compile_failure_warns_once_and_falls_back(monkeypatch):
@@ -185,7 +185,7 @@ def test_memory_planner_counts_bf16_gradients_with_the_compiled_step():
         assert stage.phase == "after_backward"
         return {k: v / stage.params for k, v in stage.bytes.items() if k in ("weights", "master", "grads")}
 
-    assert after_backward(compiled=True) == {"weights": 2, "master": 4, "grads": 2}
-    assert after_backward(compiled=True, grad_accum=2)["grads"] == 4  # the fp32 accumulation stays
-    assert after_backward(compiled=True, compiled_step=False)["grads"] == 4
+    assert after_backward(compiled=True, compiled_step=True) == {"weights": 2, "master": 4, "grads": 2}
+    assert after_backward(compiled=True, compiled_step=True, grad_accum=2)["grads"] == 4  # fp32 accumulation stays
+    assert after_backward(compiled=True)["grads"] == 4  # the default: torch's AdamW on fp32 gradients
     assert after_backward(compiled=False)["grads"] == 4

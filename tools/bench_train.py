@@ -242,7 +242,7 @@ def build_ours(cfg: Config, device, *, master: bool, compiled: bool, attention: 
     if compiled:
         apply_compile(model)
     dtype = torch.bfloat16 if (device.type == "cuda" or master) else torch.float32
-    cfg.train.compile = compiled  # as in a run: compiled layers bring the compiled optimizer step with them
+    cfg.train.compile = compiled  # as in a run: with optimizer.compiled_step, compiled layers bring the compiled step
     engine = LocalEngine(model, cfg, device, dtype, master_weights=master)
     return engine
 
@@ -317,7 +317,7 @@ def run_row(args, device, shape_name, shape, variant, n_heads, mb, attention, pr
     seq = args.seq
     hf = variant in HF_VARIANTS
     cfg = make_config(shape, n_heads if not hf else 1, seq, mb)
-    cfg.optimizer.compiled_step = not getattr(args, "eager_optimizer_step", False)
+    cfg.optimizer.compiled_step = bool(getattr(args, "compiled_optimizer_step", False))
     row = {"shape": shape_name, "impl": "hf_llama" if hf else "megatron_mtp", "variant": variant,
            "n_heads": n_heads if not hf else None, "micro_batch": mb, "seq": seq,
            "attention": attention if variant.startswith("fast") else "default", "regime": REGIMES[variant]}
@@ -854,9 +854,9 @@ def main(argv=None):
     ap.add_argument("--best-mb", action="store_true", help="also run fast n=1 and n=4 at the largest micro-batch "
                     "the memory model fits")
     ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--eager-optimizer-step", action="store_true",
-                    help="compiled rows keep torch's fused AdamW and the separate bf16 copy (optimizer.compiled_step "
-                         "false): the baseline of the compiled optimizer step")
+    ap.add_argument("--compiled-optimizer-step", action="store_true",
+                    help="compiled rows run the compiled optimizer step (optimizer.compiled_step true; off by default "
+                         "like the config's) instead of torch's fused AdamW and a separate bf16 copy")
     ap.add_argument("--calibrate", action="store_true", help="measure per-layer saved bytes (compiled too) here")
     ap.add_argument("--profile", default="fast:4,fast:1,hf:1", help="rows to profile, variant:n, comma-separated")
     ap.add_argument("--profile-top", type=int, default=15)

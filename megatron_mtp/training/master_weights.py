@@ -5,7 +5,7 @@ fp32 gradient accumulation and a fused AdamW on the masters. Compute runs in bf1
 per-step weight casts, the residual stream is bf16, and the fused cross-entropy receives bf16 operands.
 Nothing here needs a GPU to run; the tests exercise it on CPU.
 
-With ``train.compile`` (and ``optimizer.compiled_step``, on by default) the optimizer step is one compiled
+With ``train.compile`` and ``optimizer.compiled_step`` (off by default until it is timed on a GPU) the optimizer step is one compiled
 function (:func:`adamw_master_step`): for each parameter, the clip factor, AdamW on the fp32 master and the
 bf16 copy are one pass over the gradient, the master, the two moments and the bf16 parameter. With one
 micro-batch it reads the bf16 gradient that backward produced, so no fp32 gradient is ever materialised.

@@ -195,7 +195,7 @@ class Layout:
     grad_accum: int = 1  # micro-batches per optimizer step per DP rank (1F1B: also the pipeline's micro-batches)
     activation_checkpointing: str = "none"
     compiled: bool = False
-    compiled_step: bool = True  # optimizer.compiled_step: with compiled layers, the optimizer step is compiled
+    compiled_step: bool = False  # optimizer.compiled_step: with compiled layers, the optimizer step is compiled
     precision: str = "autocast"  # autocast | bf16_master | ds_bf16 | fp32
     fp8: bool = False  # train.fp8: the linears save e4m3 inputs (FP8_ACTIVATION_COEFFS)
     memory_efficient_heads: bool = True
