@@ -36,6 +36,7 @@ def test_flash_decoding_equals_sdpa_on_every_layout():
     below the 16 a Triton product needs, the draft heads' stacked buffers (strided views), a bool mask."""
     out = run_interpreted("""
         import json, torch
+        from megatron_mtp.inference.generation import decode_attention_flash
         from megatron_mtp.inference.kv_cache import KVCache
         from megatron_mtp.model.transformer import decode_attention, fold_mask
         from megatron_mtp.ops import decode_attention as kernels
@@ -56,11 +57,19 @@ def test_flash_decoding_equals_sdpa_on_every_layout():
                         else cache.attention_mask(s)[:, :, None].expand(b, 1, group, s, cap).reshape(b, 1, group * s, cap))
                 mask = fold_mask(mask, group, s, m * b)
                 ref = decode_attention(q, k_all, v_all, mask, s)
-                got = kernels.flash_decoding(q, k_all, v_all, mask, s)
+                got = decode_attention_flash(q, k_all, v_all, mask, s)
                 key = f"b{b} kv{n_kv} g{group} s{s} cap{cap} hd{hd} m{m} {kind} splits{kernels.num_splits(m * b * n_kv, cap)}"
                 errors[key] = [list(got.shape) == list(ref.shape), (got - ref).abs().max().item()]
-        print(json.dumps(errors))
+        try:  # the kernels alone refuse a prefill's rows in one sentence (the decoder routes those to SDPA)
+            kernels.flash_decoding(torch.zeros(1, 1, 72, 16), k_all[:1, :1], v_all[:1, :1],
+                                   torch.zeros(1, 1, 72, k_all.size(2)), 9)
+            refused = ""
+        except ValueError as exc:
+            refused = str(exc)
+        print(json.dumps({"errors": errors, "refused": refused}))
     """)
+    assert "serves up to 64 query rows (a decode step), got 72" in out["refused"]
+    out = out["errors"]
     for key, (same_shape, err) in out.items():
         assert same_shape and err < 1e-5, (key, err)
     # one split of several blocks, one block per split, several blocks per split (the last one short)

@@ -190,6 +190,15 @@ def decode_attention_flex(q, k_all, v_all, mask, s: int) -> torch.Tensor:
     return unfold_heads(flex_attention(q, k_all, v_all, score_mod=add_mask), s)
 
 
+def decode_attention_flash(q, k_all, v_all, mask, s: int) -> torch.Tensor:
+    """The decoder's ``attention="flash_decoding"``: a decode step's few query rows through the split-KV Triton
+    kernels (``ops.decode_attention``), a prefill's group x prompt-width rows through SDPA, whose own kernel has
+    rows enough to fill the GPU."""
+    if q.size(2) > flash_decoding_kernels.MAX_ROWS:
+        return decode_attention(q, k_all, v_all, mask, s)
+    return flash_decoding_kernels.flash_decoding(q, k_all, v_all, mask, s)
+
+
 def _drafts_of(inputs) -> torch.Tensor:
     """The drafts among a step's inputs [b, k]: all but the first column. narrow, not ``inputs[:, 1:]``: torch
     2.11's inductor cannot lower an open-ended slice of a size-obliviously traced size (the compiled step then
@@ -296,7 +305,7 @@ class _Programs:
     # The decode attentions by name. sdpa (a library kernel) and flash_decoding (Triton kernels launched from
     # Python, captured by the step's graph like any kernel) run as they are, compiled decoder or not; fused and
     # flex exist only compiled.
-    ATTENTIONS = dict(sdpa=decode_attention, flash_decoding=flash_decoding_kernels.flash_decoding,
+    ATTENTIONS = dict(sdpa=decode_attention, flash_decoding=decode_attention_flash,
                       fused=decode_attention_fused, flex=decode_attention_flex)
     UNCOMPILED = ("sdpa", "flash_decoding")
 

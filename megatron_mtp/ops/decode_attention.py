@@ -11,8 +11,9 @@ output projection reads, so the GQA rows need no unfolding copy.
 Same contract as ``model.transformer.decode_attention``: folded queries q [B, n_kv, rows, head_dim] (rows =
 group * s, row r is query r % s of head r // s of the group), keys and values [B, n_kv, capacity, head_dim]
 (any strides with a unit last one: the decoder's stacked buffers are views), an additive mask [B, 1, rows,
-capacity] (0 or -inf) that hides padding, stale slots and the future. A prefill (more than ``MAX_ROWS`` query
-rows) goes to SDPA, which has rows enough to fill the GPU. Scores and the softmax are fp32; the
+capacity] (0 or -inf) that hides padding, stale slots and the future. Up to ``MAX_ROWS`` query rows: a prefill
+has group x prompt-width rows, enough to fill the GPU with SDPA's own kernel, and the decoder gives it that
+(``inference.generation.decode_attention_flash``). Scores and the softmax are fp32; the
 probabilities meet V in V's dtype, as flash attention does. fp32 inputs multiply in full fp32 (no TF32), so
 the greedy fp32 tests see the eager path's tokens.
 
@@ -43,8 +44,8 @@ def available(device: torch.device) -> bool:
 # beyond that the merge costs more than the parallelism gains).
 BLOCK_N = 64
 TARGET_PROGRAMS = 264
-# More query rows than this (a prefill: group x prompt width) go to SDPA, which parallelises over the rows
-# itself; a decode step has group x k of them (at most 8 x 8 for the shapes we ship).
+# A decode step has group x k query rows (at most 8 x 8 for the shapes we ship); the row tile is sized to them, so
+# many more (a prefill's group x prompt width) would not fit in shared memory.
 MAX_ROWS = 64
 
 
@@ -151,9 +152,8 @@ def flash_decoding(q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, ma
     if mask.dtype == torch.bool:
         mask = torch.zeros(mask.shape, dtype=q.dtype, device=mask.device).masked_fill(~mask, float("-inf"))
     if rows > MAX_ROWS:
-        from megatron_mtp.model.transformer import decode_attention
-
-        return decode_attention(q, k_all, v_all, mask, s)
+        raise ValueError(f"flash_decoding serves up to {MAX_ROWS} query rows (a decode step), got {rows}: give a "
+                         "prefill to SDPA.")
     programs = B * n_kv
     n_splits, split_len = num_splits(programs, capacity)
     acc = torch.empty(programs * n_splits * rows * head_dim, dtype=torch.float32, device=q.device)
