@@ -10,18 +10,20 @@ work; the GPU runs the trainings), and the benchmarks after the training only ca
 
   0 s         the two trainings start (configs/code_100m.yaml n = 4, configs/code_100m_n8.yaml n = 8; SIGTERM at
               TRAIN_S makes each checkpoint and stop), and the short CUDA correctness test (fp32: the graph and
-              compiled paths give the eager path's tokens, the fused and flex attentions included);
-  meanwhile   compile warm-up in this process: the 1.1B shape (default, fused, flex attention) and the two code
+              compiled paths give the eager path's tokens: the default split-KV attention first, then SDPA, the
+              fused and the flex attention);
+  meanwhile   compile warm-up in this process: the 1.1B shape (VARIANTS_1B) and the two code
               shapes at batch 1 and 16, k = 1..n, bf16 — the compilations counted and timed per shape;
   TRAIN_S     1. the n = 4 model: ours k = 1..4 at batch 1 and 16, then transformers' default, prompt-lookup and
                  static-cache compiled generate on its HF export -> decode_<tag>.json
               2. the n = 8 byte model at batch 1, k = 1..8 -> decode_<tag>_n8.json
               3. the 1.1B shape, random weights: forward time over 1..4 tokens, the speculative steps, plain
-                 tokens/s against the HBM floor, kernel profiles; default, fused then flex attention
-                 -> decode_<tag>_1b.json
-              4. the n = 4 model at batch 1 with the flex, then the fused attention -> decode_<tag>_{flex,fused}.json
-              5. the code model's shape, random weights, as 3. (where a k-token step's time goes, kernel by
-                 kernel) -> decode_<tag>_100m.json
+                 tokens/s against the HBM floor, kernel profiles; the decoder variants VARIANTS_1B names
+                 (default: the default attention, SDPA, the fused attention) -> decode_<tag>_1b.json
+              4. the n = 4 model at batch 1 with each attention ATTENTIONS_N4 names (default: SDPA, fused)
+                 -> decode_<tag>_<attention>.json
+              5. the code model's shape, random weights, as 3. with the default attention and SDPA (where a
+                 k-token step's time goes, kernel by kernel) -> decode_<tag>_100m.json
   the run's own record (phases, compile counts and times, test result) -> decode_<tag>_run.json; log.txt.
 
 Each phase gets a cap from what is left of DEADLINE_S (SIGALRM ends a phase that overruns it, and the next one
@@ -266,12 +268,14 @@ def main() -> int:
         trainings.append(train("configs/code_100m_n8.yaml", RUN8, ITERS8))
     tests = None
     if DEVICE == "cuda":
+        # The default attention's cases first: a cut at TESTS_S loses the variants, not the default. (The
+        # kernels' own layout tests run on the CPU, through Triton's interpreter: tests/test_decode_attention.py.)
         cuda_test = "tests/test_generation.py::test_cuda_graph_path_gives_the_eager_tokens"
         tests = spawn([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                       *(f"{cuda_test}[{case}]" for case in ("graphs+compile", "graphs+compile+fused",
-                                                             "graphs+compile+flex", "graphs+flash_decoding",
-                                                             "graphs+compile+flash_decoding")),
-                       "tests/test_decode_attention.py"], os.path.join(work, "tests.txt"), TESTS_S, "KILL")
+                       *(f"{cuda_test}[{case}]" for case in ("graphs+compile+flash_decoding", "graphs+flash_decoding",
+                                                             "graphs+compile", "graphs+compile+fused",
+                                                             "graphs+compile+flex"))],
+                      os.path.join(work, "tests.txt"), TESTS_S, "KILL")
 
     import torch
 

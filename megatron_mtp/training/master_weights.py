@@ -21,11 +21,6 @@ from megatron_mtp.training.grads import global_grad_norm
 from megatron_mtp.training.optimizer import param_groups
 
 
-def use_master_weights(device: torch.device, dtype: torch.dtype) -> bool:
-    """The default precision regime of ``LocalEngine``: bf16 parameters + fp32 masters on CUDA with bf16."""
-    return device.type == "cuda" and dtype == torch.bfloat16
-
-
 class _ParamView:
     """Looks like a module to the engine's gradient helpers (``.parameters()``), yielding the given tensors."""
 
