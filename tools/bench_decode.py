@@ -277,6 +277,8 @@ def random_model(cfg, device: str, dtype, seed: int = 0):
 DECODER_VARIANTS = {"default": (False, None), "sdpa": (False, "sdpa"), "flash_decoding": (False, "flash_decoding"),
                     "gemv": (True, "sdpa"), "flash_gemv": (True, "flash_decoding"), "fused": (False, "fused"),
                     "fused_gemv": (True, "fused"), "flex": (False, "flex")}
+# The decode attentions by name (--attention, bench_decode_gpu.py's ATTENTIONS_N4), in the variants' order.
+ATTENTIONS = tuple(dict.fromkeys(attention for _, attention in DECODER_VARIANTS.values() if attention))
 
 
 def decoder_options(variant: str, device: str) -> tuple:
@@ -579,7 +581,7 @@ def main(argv=None) -> int:
                         "none (default: all three on cuda, hf_default,hf_prompt_lookup on cpu)")
     p.add_argument("--gemv", action="store_true",
                    help="compile one-row matmuls as fused Triton reductions (inductor coordinate-descent tuning)")
-    p.add_argument("--attention", choices=["flash_decoding", "sdpa", "fused", "flex"], default=None,
+    p.add_argument("--attention", choices=ATTENTIONS, default=None,
                    help="--load: the decode attention (default: flash_decoding on CUDA where Triton is, else sdpa; "
                         "fused: compiled products and sums; flex: FlexAttention's flash-decoding kernel; see "
                         "docs/inference.md)")

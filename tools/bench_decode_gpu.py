@@ -232,10 +232,10 @@ def check_selection() -> None:
     if unknown:
         raise SystemExit(f"error: unknown VARIANTS_1B entry {unknown[0]!r}; choose from "
                          f"{', '.join(bench_decode.DECODER_VARIANTS)}.")
-    attentions = ("flash_decoding", "sdpa", "fused", "flex")  # bench_decode.py --attention's choices
-    unknown = [a for a in ATTENTIONS_N4 if a not in attentions]
+    unknown = [a for a in ATTENTIONS_N4 if a not in bench_decode.ATTENTIONS]
     if unknown:
-        raise SystemExit(f"error: unknown ATTENTIONS_N4 entry {unknown[0]!r}; choose from {', '.join(attentions)}.")
+        raise SystemExit(f"error: unknown ATTENTIONS_N4 entry {unknown[0]!r}; choose from "
+                         f"{', '.join(bench_decode.ATTENTIONS)}.")
 
 
 def main() -> int:

@@ -3,7 +3,7 @@
 # tools/bench_decode_gpu.py trains the two code models (n = 4 and byte-level n = 8) side by side while it
 # compiles the decoder's step programs once on random-weight models of every benchmarked shape, then benchmarks
 # the n = 4 model against transformers, the n = 8 model at k = 1..8 and the 1.1B shape's bandwidth regime
-# (default and fused attention). Everything lands in $OUT (default benchmarks/): decode_<TAG>*.json (written
+# (the decoder variants VARIANTS_1B names; tools/bench_decode_gpu.py's docstring lists every part and knob). Everything lands in $OUT (default benchmarks/): decode_<TAG>*.json (written
 # after every row), decode_<TAG>_run.json (phases, compilations, the CUDA test) and log.txt; plots are made
 # from the JSON where matplotlib is (bench_decode.plot).
 #

@@ -18,8 +18,9 @@ host syncs inside the step, and the top CUDA kernels of one profiled step.
 Variants of our model (``--variants``; comma-separated, default all of the preset):
   eager-autocast   fp32 weights under bf16 autocast, no compile (LocalEngine with train.master_weights false)
   eager-bf16       bf16 weights + fp32 master weights, no compile (LocalEngine's default, train.master_weights)
-  fast             bf16 weights + fp32 masters + torch.compile'd layers and optimizer step (train.compile,
-                   optimizer.compiled_step) [+ attention layout if the in-run attention benchmark shows it pays]
+  fast             bf16 weights + fp32 masters + torch.compile'd layers (train.compile) [+ the compiled optimizer
+                   step with --compiled-optimizer-step] [+ attention layout if the in-run attention benchmark
+                   shows it pays]
   fast-fp8         as fast, with FP8 GEMMs in the trunk's and heads' linears (train.fp8, ops/fp8.py)
 Peers (transformers' LlamaForCausalLM of the same shape, fused AdamW, the same clipping):
   hf               fp32 weights under bf16 autocast (the HF Trainer's bf16), our loss on the logits
@@ -95,9 +96,8 @@ REGIMES = {
     "hf-fp8": "bf16 weights, no fp32 masters; torchao float8 tensorwise (all linears but lm_head) + model.compile()",
     "eager-autocast": "fp32 weights under bf16 autocast, eager",
     "eager-bf16": "bf16 weights + fp32 masters, eager",
-    "fast": "bf16 weights + fp32 masters, compiled layers and optimizer step",
-    "fast-fp8": "bf16 weights + fp32 masters, compiled layers and optimizer step, FP8 GEMMs in trunk and head "
-                "linears (train.fp8)",
+    "fast": "bf16 weights + fp32 masters, compiled layers",
+    "fast-fp8": "bf16 weights + fp32 masters, compiled layers, FP8 GEMMs in trunk and head linears (train.fp8)",
 }
 
 
@@ -363,6 +363,8 @@ def run_row(args, device, shape_name, shape, variant, n_heads, mb, attention, pr
             row["ce_operands"] = sorted({f"{a}/{b}" + ("/autocast" if c else "") for a, b, c in CE_SEEN})
             # whether the step ran the compiled optimizer step (False after a compile failure's fallback too)
             row["compiled_optimizer_step"] = getattr(engine.optimizer, "compiled_step", None) is not None
+            if row["compiled_optimizer_step"]:
+                row["regime"] += ", compiled optimizer step"
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             row["states_gib"] = torch.cuda.memory_allocated(device) / 2**30

@@ -309,6 +309,12 @@ class _Programs:
                       fused=decode_attention_fused, flex=decode_attention_flex)
     UNCOMPILED = ("sdpa", "flash_decoding")
 
+    @classmethod
+    def attention_for(cls, attention: str, compile: bool) -> str:
+        """The attention a decoder asked for ``attention`` runs: a compiled-only one falls back to sdpa when
+        the decoder does not compile."""
+        return attention if compile or attention in cls.UNCOMPILED else "sdpa"
+
     def __init__(self, compile: bool, gemv: bool = False, attention: str = "sdpa"):
         self.compiled = compile
         fns = dict(self.EAGER)
@@ -420,7 +426,7 @@ class Decoder:
         if attention == "flash_decoding" and not flash_decoding_kernels.available(self.device):
             raise ValueError("attention='flash_decoding' needs Triton and a CUDA device (or Triton's interpreter, "
                              "TRITON_INTERPRET=1); use attention='sdpa'.")
-        self.attention = attention if self.compile or attention in _Programs.UNCOMPILED else "sdpa"
+        self.attention = _Programs.attention_for(attention, self.compile)
         self.programs = _Programs(self.compile, self.gemv, self.attention)
         self.compile_error = None
         cfg = model.cfg
@@ -763,7 +769,7 @@ def decoder_for(model, graphs: Optional[bool] = None, compile: Optional[bool] = 
     want_gemv = (dec.gemv if dec is not None else False) if gemv is None else (gemv and want_compile)
     if attention is None:
         attention = dec.attention if dec is not None else default_attention(model.embedding.weight.device)
-    want_attention = attention if want_compile or attention in _Programs.UNCOMPILED else "sdpa"
+    want_attention = _Programs.attention_for(attention, want_compile)
     if (dec is None or dec.signature != Decoder._signature(model) or dec.graphs != want_graphs
             or dec.compile != want_compile or dec.gemv != want_gemv or dec.attention != want_attention):
         dec = _DECODERS[model] = Decoder(model, graphs=want_graphs, compile=want_compile, gemv=want_gemv,
