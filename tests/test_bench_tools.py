@@ -290,7 +290,7 @@ def test_bench_decode_gpu_runs_only_the_parts_asked_for(tmp_path):
 
 @pytest.mark.parametrize("env, entry", [({"PARTS": "n8,1B"}, "PARTS entry '1B'"),
                                         ({"VARIANTS_1B": "fused,gemv_fused"}, "VARIANTS_1B entry 'gemv_fused'"),
-                                        ({"ATTENTIONS_N4": "sdpa,flash"}, "ATTENTIONS_N4 entry 'flash'")])
+                                        ({"VARIANTS_N4": "sdpa,flash"}, "VARIANTS_N4 entry 'flash'")])
 def test_bench_decode_gpu_refuses_unknown_selection_before_starting(tmp_path, env, entry):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "tools/bench_decode_gpu.py"], cwd=ROOT, capture_output=True, text=True,

@@ -300,34 +300,40 @@ def test_generate_cli_rejects_bad_arguments(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("compile_layers, gemv, attention",
-                         [(False, False, "sdpa"), (True, False, "sdpa"), (True, True, "sdpa"), (True, False, "fused"),
-                          (True, False, "flex"), (False, False, "flash_decoding"), (True, False, "flash_decoding")],
+@pytest.mark.parametrize("compile_layers, gemv, attention, layers",
+                         [(False, False, "sdpa", "torch"), (True, False, "sdpa", "torch"), (True, True, "sdpa", "torch"),
+                          (True, False, "fused", "torch"), (True, False, "flex", "torch"),
+                          (False, False, "flash_decoding", "torch"), (True, False, "flash_decoding", "torch"),
+                          (False, False, "flash_decoding", "triton"), (True, False, "flash_decoding", "triton")],
                          ids=["graphs", "graphs+compile", "graphs+compile+gemv", "graphs+compile+fused",
-                              "graphs+compile+flex", "graphs+flash_decoding", "graphs+compile+flash_decoding"])
-def test_cuda_graph_path_gives_the_eager_tokens(compile_layers, gemv, attention):
-    """fp32 on the GPU: the captured (and compiled) decoder emits exactly the eager decoder's tokens, for
-    plain and speculative decoding, batch 1 and a batch of mixed prompt lengths, with an EOD in play; replays
-    of the same graphs on new prompts stay right."""
+                              "graphs+compile+flex", "graphs+flash_decoding", "graphs+compile+flash_decoding",
+                              "graphs+triton_layers", "graphs+compile+triton_layers"])
+def test_cuda_graph_path_gives_the_eager_tokens(compile_layers, gemv, attention, layers):
+    """fp32 on the GPU: the captured (and compiled) decoder emits exactly the eager decoder's tokens (SDPA,
+    torch's layer programs), for plain and speculative decoding, batch 1 and a batch of mixed prompt lengths
+    (with the GEMV layer kernels: steps of 4 and 8 rows through them, of 12 through torch's), with an EOD in
+    play; replays of the same graphs on new prompts stay right."""
     # (FlexAttention's GPU kernels take head dims of 16 and more)
     model = tiny_model(n_heads=3, layers=5, dtype=torch.float32, hidden=64 if attention == "flex" else 32).cuda()
     for lengths, seed in (([6], 1), ([3, 9, 1, 6], 2), ([5, 2, 8, 4], 3)):
         prompts = random_prompts(lengths, 16, seed=seed)
-        eager = generate(model, prompts, 20, graphs=False, compile=False, attention="sdpa")
+        eager = generate(model, prompts, 20, graphs=False, compile=False, attention="sdpa", layer_kernels="torch")
         eod = eager.tokens[0][7]
-        eager_eod = generate(model, prompts, 20, eod=eod, graphs=False, compile=False, attention="sdpa")
+        eager_eod = generate(model, prompts, 20, eod=eod, graphs=False, compile=False, attention="sdpa",
+                             layer_kernels="torch")
         for k in (1, 2, 3):
             fast = generate(model, prompts, 20, heads=k, graphs=True, compile=compile_layers, gemv=gemv,
-                            attention=attention)
+                            attention=attention, layer_kernels=layers)
             assert fast.tokens == eager.tokens, (lengths, k)
             fast = generate(model, prompts, 20, heads=k, eod=eod, graphs=True, compile=compile_layers, gemv=gemv,
-                            attention=attention)
+                            attention=attention, layer_kernels=layers)
             assert fast.tokens == eager_eod.tokens and fast.finished_by_eod == eager_eod.finished_by_eod
             assert fast.stats.tokens == eager_eod.stats.tokens
     from megatron_mtp.inference.generation import decoder_for
 
-    dec = decoder_for(model, graphs=True, compile=compile_layers, gemv=gemv, attention=attention)
+    dec = decoder_for(model, graphs=True, compile=compile_layers, gemv=gemv, attention=attention, layer_kernels=layers)
     assert dec.compile_error is None and dec.gemv == gemv and dec.attention == attention
+    assert dec.layer_kernels == layers
 
 
 def test_decoder_reuses_and_bounds_its_buffers():

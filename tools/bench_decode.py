@@ -272,23 +272,32 @@ def random_model(cfg, device: str, dtype, seed: int = 0):
     return model.eval()
 
 
-# The decoder configurations --variants names: name -> (gemv, attention); None is the decoder's default
-# attention on the device (``generation.default_attention``: flash_decoding on CUDA with Triton, else sdpa).
-DECODER_VARIANTS = {"default": (False, None), "sdpa": (False, "sdpa"), "flash_decoding": (False, "flash_decoding"),
-                    "gemv": (True, "sdpa"), "flash_gemv": (True, "flash_decoding"), "fused": (False, "fused"),
-                    "fused_gemv": (True, "fused"), "flex": (False, "flex")}
-# The decode attentions by name (--attention, bench_decode_gpu.py's ATTENTIONS_N4), in the variants' order.
-ATTENTIONS = tuple(dict.fromkeys(attention for _, attention in DECODER_VARIANTS.values() if attention))
+# The decoder configurations --variants names: name -> (gemv, attention, layer_kernels); None is the decoder's
+# default on the device (``generation.default_attention`` / ``default_layer_kernels``: on CUDA with Triton the
+# split-KV attention and the GEMV layer kernels, else sdpa and torch's programs). "default" is what users get.
+DECODER_VARIANTS = {"default": (False, None, None), "sdpa": (False, "sdpa", "torch"),
+                    "flash_decoding": (False, "flash_decoding", "torch"),
+                    "triton_layers": (False, "flash_decoding", "triton"), "sdpa_triton": (False, "sdpa", "triton"),
+                    "gemv": (True, "sdpa", "torch"), "flash_gemv": (True, "flash_decoding", "torch"),
+                    "fused": (False, "fused", "torch"), "fused_gemv": (True, "fused", "torch"),
+                    "flex": (False, "flex", "torch")}
+# The decode attentions and layer programs by name (--attention, --layer-kernels, bench_decode_gpu.py's
+# VARIANTS_N4), in the variants' order.
+ATTENTIONS = tuple(dict.fromkeys(option[1] for option in DECODER_VARIANTS.values() if option[1]))
+LAYER_KERNELS = tuple(dict.fromkeys(option[2] for option in DECODER_VARIANTS.values() if option[2]))
 
 
-def decoder_options(variant: str, device: str) -> tuple:
-    """(gemv, attention) of a --variants entry on ``device``, the default attention resolved."""
+def decoder_options(variant: str, device: str) -> dict:
+    """``decoder_for``'s keyword arguments (gemv, attention, layer_kernels) of a --variants entry on ``device``,
+    the defaults resolved."""
     import torch
 
-    from megatron_mtp.inference.generation import default_attention
+    from megatron_mtp.inference.generation import default_attention, default_layer_kernels
 
-    gemv, attention = DECODER_VARIANTS[variant]
-    return gemv, attention or default_attention(torch.device(device))
+    gemv, attention, layer_kernels = DECODER_VARIANTS[variant]
+    device = torch.device(device)
+    return {"gemv": gemv, "attention": attention or default_attention(device),
+            "layer_kernels": layer_kernels or default_layer_kernels(device)}
 
 
 def bandwidth_regime(args, command: str, save=None) -> dict:
@@ -327,7 +336,7 @@ def bandwidth_regime(args, command: str, save=None) -> dict:
         vks = ks if i == 0 else sorted({1, max(ks)})
         try:
             results[variant] = _bandwidth_variant(model, cfg, args, prompts, vks,
-                                                  *decoder_options(variant, args.device), g, full=i == 0)
+                                                  decoder_options(variant, args.device), g, full=i == 0)
         except Exception as exc:  # a later variant's failure must not lose the first one's numbers
             if i == 0:
                 raise
@@ -357,7 +366,7 @@ def _bandwidth_result(args, cfg, model, dtype, bw, all_bytes, plain_bytes, ks, v
         "plain_decode_tokens_per_s": first["plain_decode_tokens_per_s"],
         "plain_fraction_of_floor": first["plain_fraction_of_floor"],
         "variant": variants[0], "compiled": first["compiled"], "compile_error": first["compile_error"],
-        "gemv": first["gemv"], "attention": first["attention"],
+        "gemv": first["gemv"], "attention": first["attention"], "layer_kernels": first["layer_kernels"],
         "settings": {"prompt_tokens": args.prompt_tokens, "max_new_tokens": args.max_new_tokens, "ks": ks,
                      "variants": variants},
         "rows": first["rows"], "profiles": first["profiles"],
@@ -366,7 +375,7 @@ def _bandwidth_result(args, cfg, model, dtype, bw, all_bytes, plain_bytes, ks, v
     }
 
 
-def _bandwidth_variant(model, cfg, args, prompts, ks, gemv: bool, attention: str, g, full: bool) -> dict:
+def _bandwidth_variant(model, cfg, args, prompts, ks, options: dict, g, full: bool) -> dict:
     """One decoder configuration of the bandwidth regime: generate rows for ``ks``, forward times over
     1..max(ks) tokens (only 1 and max(ks) unless ``full``), the speculative steps, the kernel profiles (of the
     ``full`` variant)."""
@@ -377,7 +386,7 @@ def _bandwidth_variant(model, cfg, args, prompts, ks, gemv: bool, attention: str
 
     n = cfg.mtp.n_heads
     rows = []
-    dec = decoder_for(model, gemv=gemv, attention=attention)
+    dec = decoder_for(model, **options)
     # Plain and speculative decoding end to end (random weights: acceptance is near zero, so this times
     # the machinery, not the heads): warm, then timed.
     for k in ks:
@@ -429,8 +438,8 @@ def _bandwidth_variant(model, cfg, args, prompts, ks, gemv: bool, attention: str
                             prof = kernel_profile(lambda s=s: dec.step(st, s, SamplingParams(), None), args.device)
                             prof["source"] = "the step run uncaptured (graph kernels were not traced)"
                         profiles[f"step_k{s}"] = prof
-                        print(format_profile(f"{attention} attention, gemv {gemv}: step k={s} ({prof['source']})",
-                                             prof), flush=True)
+                        print(format_profile(f"{dec.attention} attention, {dec.layer_kernels} layers, gemv "
+                                             f"{dec.gemv}: step k={s} ({prof['source']})", prof), flush=True)
                     except Exception as exc:  # the profile explains; it must not cost the measurements
                         profiles[f"step_k{s}"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
                         print(f"warning: profile failed: {exc}", file=sys.stderr)
@@ -440,7 +449,7 @@ def _bandwidth_variant(model, cfg, args, prompts, ks, gemv: bool, attention: str
         if r.get("kind") == "forward":
             r["x_one_token"] = r["ms"] / one
     return {"rows": rows, "profiles": profiles, "gemv": dec.gemv, "attention": dec.attention,
-            "compiled": dec.compile and dec.compile_error is None, "compile_error": dec.compile_error}
+            "layer_kernels": dec.layer_kernels, "compiled": dec.compile and dec.compile_error is None, "compile_error": dec.compile_error}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -585,13 +594,17 @@ def main(argv=None) -> int:
                    help="--load: the decode attention (default: flash_decoding on CUDA where Triton is, else sdpa; "
                         "fused: compiled products and sums; flex: FlexAttention's flash-decoding kernel; see "
                         "docs/inference.md)")
+    p.add_argument("--layer-kernels", choices=LAYER_KERNELS, default=None,
+                   help="--load: the decode step's layer programs (default: triton, the GEMV kernels, on CUDA where "
+                        "Triton is, else torch)")
     p.add_argument("--no-plot", action="store_true", help="write the JSON only (no PNG)")
     p.add_argument("--profile", action="store_true", help="--bandwidth on CUDA: a kernel profile of the steps")
     p.add_argument("--variants", default=None, metavar="LIST",
                    help="--bandwidth: decoder configurations to measure one after the other, of default (the "
-                        "device's default attention), sdpa, flash_decoding, gemv, flash_gemv, fused (compiled products-and-sums "
-                        "attention), fused_gemv and flex (FlexAttention) (default: default, or gemv with --gemv); the "
-                        "first gets every row and the profiles")
+                        "device's defaults), sdpa, flash_decoding (torch's layer programs), triton_layers (split-KV "
+                        "attention and the GEMV layer kernels), sdpa_triton, gemv, flash_gemv, fused (compiled "
+                        "products-and-sums attention), fused_gemv and flex (FlexAttention) (default: default, or gemv "
+                        "with --gemv); the first gets every row and the profiles")
     p.add_argument("--lookup-tokens", type=int, default=4, help="prompt_lookup_num_tokens of the lookup row")
     p.add_argument("--stop-at-eod", action="store_true", help="stop sequences at EOD (default: fixed budget)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -697,7 +710,8 @@ def main(argv=None) -> int:
     # ---- ours -----------------------------------------------------------------------------------------
     from megatron_mtp.inference.generation import decoder_for
 
-    decoder_for(model, gemv=args.gemv, attention=args.attention)  # generate keeps this decoder's settings
+    # generate keeps this decoder's settings
+    decoder_for(model, gemv=args.gemv, attention=args.attention, layer_kernels=args.layer_kernels)
     outputs, plain_rate = {}, {}
     for bs in batch_sizes:
         for k in ks:
@@ -721,7 +735,8 @@ def main(argv=None) -> int:
             save()
     dec = decoder_for(model)
     result["ours"] = {"cuda_graphs": dec.graphs, "compiled": dec.compile and dec.compile_error is None,
-                      "gemv": dec.gemv, "attention": dec.attention, "compile_error": dec.compile_error}
+                      "gemv": dec.gemv, "attention": dec.attention, "layer_kernels": dec.layer_kernels,
+                      "compile_error": dec.compile_error}
 
     # ---- peers: transformers on the HF export, batch 1 --------------------------------------------------
     if peers:

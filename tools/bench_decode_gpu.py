@@ -10,8 +10,8 @@ work; the GPU runs the trainings), and the benchmarks after the training only ca
 
   0 s         the two trainings start (configs/code_100m.yaml n = 4, configs/code_100m_n8.yaml n = 8; SIGTERM at
               TRAIN_S makes each checkpoint and stop), and the short CUDA correctness test (fp32: the graph and
-              compiled paths give the eager path's tokens: the default split-KV attention first, then SDPA, the
-              fused and the flex attention);
+              compiled paths give the eager path's tokens: the default GEMV layer kernels and split-KV attention
+              first, then the split-KV attention alone, SDPA, the fused and the flex attention);
   meanwhile   compile warm-up in this process: the 1.1B shape (VARIANTS_1B) and the two code
               shapes at batch 1 and 16, k = 1..n, bf16 — the compilations counted and timed per shape;
   TRAIN_S     1. the n = 4 model: ours k = 1..4 at batch 1 and 16, then transformers' default, prompt-lookup and
@@ -19,11 +19,12 @@ work; the GPU runs the trainings), and the benchmarks after the training only ca
               2. the n = 8 byte model at batch 1 on 16 held-out prompts, k = 1..8 -> decode_<tag>_n8.json
               3. the 1.1B shape, random weights: forward time over 1..4 tokens, the speculative steps, plain
                  tokens/s against the HBM floor, kernel profiles; the decoder variants VARIANTS_1B names
-                 (default: the default attention, SDPA, the fused attention) -> decode_<tag>_1b.json
-              4. the n = 4 model at batch 1 with each attention ATTENTIONS_N4 names (default: SDPA, fused)
-                 -> decode_<tag>_<attention>.json
-              5. the code model's shape, random weights, as 3. with the default attention and SDPA (where a
-                 k-token step's time goes, kernel by kernel) -> decode_<tag>_100m.json
+                 (default: the defaults, the split-KV attention with torch's layer programs, SDPA)
+                 -> decode_<tag>_1b.json
+              4. the n = 4 model at batch 1 with each decoder variant VARIANTS_N4 names (default: the split-KV
+                 attention with torch's layer programs, SDPA) -> decode_<tag>_<variant>.json
+              5. the code model's shape, random weights, as 3. with the defaults and torch's layer programs
+                 (where a k-token step's time goes, kernel by kernel) -> decode_<tag>_100m.json
   the run's own record (phases, compile counts and times, test result) -> decode_<tag>_run.json; log.txt.
 
 Each phase gets a cap from what is left of DEADLINE_S (SIGALRM ends a phase that overruns it, and the next one
@@ -52,7 +53,7 @@ ENV = os.environ
 OUT = ENV.get("OUT", os.path.join(REPO, "benchmarks"))
 DEVICE = ENV.get("DEVICE", "cuda")
 QUICK = ENV.get("QUICK", "0") == "1"
-TAG = ENV.get("TAG", "cuda_v5" if DEVICE == "cuda" else "dry")  # v1-v4 are checked in
+TAG = ENV.get("TAG", "cuda_v6" if DEVICE == "cuda" else "dry")  # v1-v5 are checked in
 DEADLINE_S = float(ENV.get("DEADLINE_S", "400"))
 TRAIN_S = int(ENV.get("TRAIN_S", "200"))
 TESTS_S = int(ENV.get("TESTS_S", str(TRAIN_S - 5)))  # in parallel with the trainings: free
@@ -61,11 +62,11 @@ ITERS8 = ENV.get("ITERS8", "1600")
 # A subset of the run (the rest is skipped, the n = 4 training included when no part needs it):
 #   n4 (the n = 4 model against transformers), n8 (the byte model, k = 1..8), 1b (the bandwidth regime, in the
 #   decoder configurations VARIANTS_1B names, bench_decode.DECODER_VARIANTS), n4_attention (the n = 4 model with
-#   the flex and fused attentions), 100m (the code shape's step profiles).
+#   the decoder variants VARIANTS_N4 names), 100m (the code shape's step profiles).
 ALL_PARTS = ("n4", "n8", "1b", "n4_attention", "100m")
 PARTS = set(ENV.get("PARTS", ",".join(ALL_PARTS)).split(","))
-VARIANTS_1B = ENV.get("VARIANTS_1B", "default,sdpa,fused")
-ATTENTIONS_N4 = [a for a in ENV.get("ATTENTIONS_N4", "sdpa,fused").split(",") if a]  # the n4_attention part
+VARIANTS_1B = ENV.get("VARIANTS_1B", "default,flash_decoding,sdpa")
+VARIANTS_N4 = [a for a in ENV.get("VARIANTS_N4", "flash_decoding,sdpa").split(",") if a]  # the n4_attention part
 T0 = time.monotonic()
 
 # A dry run: tiny models (the trainings' overrides also shape the warm-up models), short prompts.
@@ -182,8 +183,7 @@ def warm_up(config: str, overrides: list, batch_sizes: list, variants: list, lab
     n = cfg.mtp.n_heads
     try:
         for variant in variants:
-            gemv, attention = bench_decode.decoder_options(variant, DEVICE)
-            decoder_for(model, gemv=gemv, attention=attention)
+            decoder_for(model, **bench_decode.decoder_options(variant, DEVICE))
             for b in batch_sizes:
                 for k in range(1, n + 1):
                     before, t = decode_compile_report.compiled_graphs(), time.perf_counter()
@@ -220,22 +220,27 @@ def bench(argv: list) -> None:
         raise RuntimeError(f"bench_decode exited with {rc}")
 
 
+def bench_decode_variant(variant: str) -> tuple:
+    """(gemv, attention, layer_kernels) of a decoder variant, the defaults resolved on DEVICE."""
+    import bench_decode
+
+    options = bench_decode.decoder_options(variant, DEVICE)
+    return options["gemv"], options["attention"], options["layer_kernels"]
+
+
 def check_selection() -> None:
-    """Unknown PARTS or VARIANTS_1B names end the run before anything starts (a typo would otherwise skip a
+    """Unknown PARTS, VARIANTS_1B or VARIANTS_N4 names end the run before anything starts (a typo would otherwise skip a
     part silently, or fail it after minutes of training)."""
     import bench_decode
 
     unknown = sorted(PARTS - set(ALL_PARTS))
     if unknown:
         raise SystemExit(f"error: unknown PARTS entry {unknown[0]!r}; choose from {', '.join(ALL_PARTS)}.")
-    unknown = [v for v in VARIANTS_1B.split(",") if v not in bench_decode.DECODER_VARIANTS]
-    if unknown:
-        raise SystemExit(f"error: unknown VARIANTS_1B entry {unknown[0]!r}; choose from "
-                         f"{', '.join(bench_decode.DECODER_VARIANTS)}.")
-    unknown = [a for a in ATTENTIONS_N4 if a not in bench_decode.ATTENTIONS]
-    if unknown:
-        raise SystemExit(f"error: unknown ATTENTIONS_N4 entry {unknown[0]!r}; choose from "
-                         f"{', '.join(bench_decode.ATTENTIONS)}.")
+    for name, chosen in (("VARIANTS_1B", VARIANTS_1B.split(",")), ("VARIANTS_N4", VARIANTS_N4)):
+        unknown = [v for v in chosen if v not in bench_decode.DECODER_VARIANTS]
+        if unknown:
+            raise SystemExit(f"error: unknown {name} entry {unknown[0]!r}; choose from "
+                             f"{', '.join(bench_decode.DECODER_VARIANTS)}.")
 
 
 def main() -> int:
@@ -249,7 +254,7 @@ def main() -> int:
     RECORD["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     RECORD["command"] = "OUT=$OUT " + " ".join(f"{k}={ENV[k]}" for k in ("DEADLINE_S", "TRAIN_S", "ITERS4", "ITERS8",
                                                                         "TESTS_S", "QUICK", "DEVICE", "PARTS",
-                                                                        "VARIANTS_1B", "ATTENTIONS_N4", "TAG",
+                                                                        "VARIANTS_1B", "VARIANTS_N4", "TAG",
                                                                         "RUNS_DIR")
                                                  if k in ENV) \
         + " bash tools/bench_decode_gpu.sh"
@@ -272,7 +277,8 @@ def main() -> int:
         # kernels' own layout tests run on the CPU, through Triton's interpreter: tests/test_decode_attention.py.)
         cuda_test = "tests/test_generation.py::test_cuda_graph_path_gives_the_eager_tokens"
         tests = spawn([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                       *(f"{cuda_test}[{case}]" for case in ("graphs+compile+flash_decoding", "graphs+flash_decoding",
+                       *(f"{cuda_test}[{case}]" for case in ("graphs+compile+triton_layers", "graphs+triton_layers",
+                                                             "graphs+compile+flash_decoding", "graphs+flash_decoding",
                                                              "graphs+compile", "graphs+compile+fused",
                                                              "graphs+compile+flex"))],
                       os.path.join(work, "tests.txt"), TESTS_S, "KILL")
@@ -291,9 +297,8 @@ def main() -> int:
     say(f"torch {torch.__version__} {RECORD.get('device_name', '')}")
 
     # Compile warm-up while the trainings run, in the order of what the benchmarks need most: the 1.1B shape
-    # with the default attention first (its kernels' autotuning matters most; its graphs serve the code shapes
-    # too), the code shapes (n = 8 covers k up to 8; n = 4 is decoded at batch 16 too), then the fused and
-    # flex attentions.
+    # with the defaults first (its kernels' autotuning matters most; its graphs serve the code shapes too), the
+    # code shapes (n = 8 covers k up to 8; n = 4 is decoded at batch 16 too), then the other variants.
     code_over = TRAIN_EXTRA[:6] if QUICK else []
     t_warm = time.monotonic()
     variants_1b = VARIANTS_1B.split(",")
@@ -302,7 +307,7 @@ def main() -> int:
             ("code_n4", "configs/code_100m.yaml", code_over, [1, 16], ["default"], "n4"),
             ("code_n8", "configs/code_100m_n8.yaml", code_over, [1], ["default"], "n8"),
             ("1b", BANDWIDTH_CONFIG, [], [1], variants_1b[1:], "1b"),
-            ("code_n4", "configs/code_100m.yaml", code_over, [1], ATTENTIONS_N4, "n4_attention")):
+            ("code_n4", "configs/code_100m.yaml", code_over, [1], VARIANTS_N4, "n4_attention")):
         if part in PARTS and variants:
             phase(f"warm-up {label} {','.join(variants)}", TRAIN_S - elapsed() - 3,  # none past the training
                   lambda: warm_up(config, over, batches, variants, label))
@@ -338,14 +343,15 @@ def main() -> int:
         phase(f"bandwidth 1.1B {VARIANTS_1B}", max(0.7 * left(), left() - 28),
               lambda: bench(["--bandwidth", BANDWIDTH_CONFIG, "--tag", f"{TAG}_1b", "--profile",
                              "--variants", VARIANTS_1B]))
-    for attention in ATTENTIONS_N4 if "n4_attention" in PARTS else ():
-        phase(f"bench n=4 {attention} attention, batch 1", left() - 12,
-              lambda: bench(["--load", RUN4, "--tag", f"{TAG}_{attention}", "--batch-sizes", "1", "--peers", "none",
-                             "--attention", attention]))
+    for variant in VARIANTS_N4 if "n4_attention" in PARTS else ():
+        gemv, attention, layers = bench_decode_variant(variant)
+        phase(f"bench n=4 decoder {variant}, batch 1", left() - 12,
+              lambda: bench(["--load", RUN4, "--tag", f"{TAG}_{variant}", "--batch-sizes", "1", "--peers", "none",
+                             "--attention", attention, "--layer-kernels", layers] + (["--gemv"] if gemv else [])))
     if "100m" in PARTS:
         phase("bandwidth code n=4 shape (step profiles)", left() - 2,
               lambda: bench(["--bandwidth", CODE_CONFIG, "--tag", f"{TAG}_100m", "--profile",
-                             "--variants", "default,sdpa"]))
+                             "--variants", "default,flash_decoding"]))
     say("done")
     save_record()
     return 0

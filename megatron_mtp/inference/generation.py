@@ -44,6 +44,7 @@ from torch.nn.attention.flex_attention import flex_attention
 
 from megatron_mtp.errors import InputError
 from megatron_mtp.ops import decode_attention as flash_decoding_kernels
+from megatron_mtp.ops import decode_gemv as gemv_kernels
 from megatron_mtp.inference.kv_cache import KVCache, decode_bias, decode_positions
 from megatron_mtp.model.transformer import (decode_attention, decode_attention_fused, decode_layers, decode_mlp,
                                             decode_qkv, rms_norm, stacked_alias, unfold_heads)
@@ -199,6 +200,20 @@ def decode_attention_flash(q, k_all, v_all, mask, s: int) -> torch.Tensor:
     return flash_decoding_kernels.flash_decoding(q, k_all, v_all, mask, s)
 
 
+class _ByRows:
+    """A layer program for ``layer_kernels="triton"``: a step of at most ``ops.decode_gemv.MAX_ROWS`` token rows
+    (batch x new tokens) through the GEMV kernels, a larger one (a prefill) through ``large`` (the torch
+    program, compiled or not), whose GEMMs have rows enough to read the weights at full speed. Both programs
+    take the residual stream x [.., b, s, hidden] first."""
+
+    def __init__(self, small: Callable, large: Callable):
+        self.small, self.large = small, large
+
+    def __call__(self, x, *args):
+        small = x.size(-3) * x.size(-2) <= gemv_kernels.MAX_ROWS
+        return (self.small if small else self.large)(x, *args)
+
+
 def _drafts_of(inputs) -> torch.Tensor:
     """The drafts among a step's inputs [b, k]: all but the first column. narrow, not ``inputs[:, 1:]``: torch
     2.11's inductor cannot lower an open-ended slice of a size-obliviously traced size (the compiled step then
@@ -308,6 +323,9 @@ class _Programs:
     ATTENTIONS = dict(sdpa=decode_attention, flash_decoding=decode_attention_flash,
                       fused=decode_attention_fused, flex=decode_attention_flex)
     UNCOMPILED = ("sdpa", "flash_decoding")
+    # The layer programs by name: torch's (decode_qkv / decode_mlp: cuBLAS GEMMs, compiled or not) or the
+    # Triton GEMV kernels that carry the norm, RoPE, cache write, SwiGLU and residual (``ops.decode_gemv``).
+    LAYER_KERNELS = ("torch", "triton")
 
     @classmethod
     def attention_for(cls, attention: str, compile: bool) -> str:
@@ -315,7 +333,7 @@ class _Programs:
         the decoder does not compile."""
         return attention if compile or attention in cls.UNCOMPILED else "sdpa"
 
-    def __init__(self, compile: bool, gemv: bool = False, attention: str = "sdpa"):
+    def __init__(self, compile: bool, gemv: bool = False, attention: str = "sdpa", layer_kernels: str = "torch"):
         self.compiled = compile
         fns = dict(self.EAGER)
         self.attention = self.ATTENTIONS[attention if attention in self.UNCOMPILED else "sdpa"]
@@ -335,6 +353,8 @@ class _Programs:
             self.attention = fns.pop("attention", self.attention)
         self.qkv, self.mlp, self.inputs, self.tail, self.commit = (fns[n] for n in ("qkv", "mlp", "inputs", "tail",
                                                                                     "commit"))
+        if layer_kernels == "triton":
+            self.qkv, self.mlp = _ByRows(gemv_kernels.qkv, self.qkv), _ByRows(gemv_kernels.mlp, self.mlp)
 
     @property
     def kernels(self) -> tuple:
@@ -409,7 +429,7 @@ class Decoder:
     MAX_STATES = 4  # (batch, capacity) buckets kept at once
 
     def __init__(self, model, graphs: Optional[bool] = None, compile: Optional[bool] = None, gemv: bool = False,
-                 attention: Optional[str] = None):
+                 attention: Optional[str] = None, layer_kernels: Optional[str] = None):
         self.model = model
         self.device = model.embedding.weight.device
         self.dtype = model.embedding.weight.dtype
@@ -427,7 +447,14 @@ class Decoder:
             raise ValueError("attention='flash_decoding' needs Triton and a CUDA device (or Triton's interpreter, "
                              "TRITON_INTERPRET=1); use attention='sdpa'.")
         self.attention = _Programs.attention_for(attention, self.compile)
-        self.programs = _Programs(self.compile, self.gemv, self.attention)
+        layer_kernels = default_layer_kernels(self.device) if layer_kernels is None else layer_kernels
+        if layer_kernels not in _Programs.LAYER_KERNELS:
+            raise ValueError(f"layer_kernels must be 'torch' or 'triton', got {layer_kernels!r}.")
+        if layer_kernels == "triton" and not gemv_kernels.available(self.device):
+            raise ValueError("layer_kernels='triton' needs Triton and a CUDA device (or Triton's interpreter, "
+                             "TRITON_INTERPRET=1); use layer_kernels='torch'.")
+        self.layer_kernels = layer_kernels
+        self.programs = _Programs(self.compile, self.gemv, self.attention, layer_kernels)
         self.compile_error = None
         cfg = model.cfg
         self.group = cfg.num_attention_heads // cfg.kv_heads
@@ -591,7 +618,9 @@ class Decoder:
             self.compile_error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
             print(f"warning: torch.compile of the decode step failed ({self.compile_error}); decoding with "
                   f"the uncompiled step.", file=sys.stderr)
-            self.programs = _Programs(compile=False)
+            # (The attention and layer kernels that run uncompiled stay: only inductor's programs go.)
+            self.programs = _Programs(compile=False, attention=_Programs.attention_for(self.attention, False),
+                                      layer_kernels=self.layer_kernels)
             for st in self._states.values():
                 st.cache.kernels = self.programs.kernels
             self._graphs.clear()
@@ -759,10 +788,20 @@ def default_attention(device: torch.device) -> str:
     return "sdpa"
 
 
+def default_layer_kernels(device: torch.device) -> str:
+    """The layer programs a decoder gets unless told: the Triton GEMV kernels on CUDA where Triton is (a batch-1
+    step through cuBLAS spends more time between its GEMMs than in them), else torch's."""
+    if torch.device(device).type == "cuda" and gemv_kernels.available(device):
+        return "triton"
+    return "torch"
+
+
 def decoder_for(model, graphs: Optional[bool] = None, compile: Optional[bool] = None,
-                gemv: Optional[bool] = None, attention: Optional[str] = None) -> Decoder:
+                gemv: Optional[bool] = None, attention: Optional[str] = None,
+                layer_kernels: Optional[str] = None) -> Decoder:
     """The model's decoder (kept across calls, so graphs are captured once), rebuilt if the model's
-    weights moved or the options changed (``gemv`` / ``attention`` None keep the current decoder's)."""
+    weights moved or the options changed (``gemv`` / ``attention`` / ``layer_kernels`` None keep the current
+    decoder's)."""
     dec = _DECODERS.get(model)
     want_graphs = model.embedding.weight.device.type == "cuda" if graphs is None else graphs
     want_compile = want_graphs if compile is None else compile
@@ -770,10 +809,13 @@ def decoder_for(model, graphs: Optional[bool] = None, compile: Optional[bool] = 
     if attention is None:
         attention = dec.attention if dec is not None else default_attention(model.embedding.weight.device)
     want_attention = _Programs.attention_for(attention, want_compile)
+    if layer_kernels is None:
+        layer_kernels = dec.layer_kernels if dec is not None else default_layer_kernels(model.embedding.weight.device)
     if (dec is None or dec.signature != Decoder._signature(model) or dec.graphs != want_graphs
-            or dec.compile != want_compile or dec.gemv != want_gemv or dec.attention != want_attention):
+            or dec.compile != want_compile or dec.gemv != want_gemv or dec.attention != want_attention
+            or dec.layer_kernels != layer_kernels):
         dec = _DECODERS[model] = Decoder(model, graphs=want_graphs, compile=want_compile, gemv=want_gemv,
-                                         attention=want_attention)
+                                         attention=want_attention, layer_kernels=layer_kernels)
     return dec
 
 
@@ -815,6 +857,7 @@ def generate(
     compile: Optional[bool] = None,
     gemv: Optional[bool] = None,
     attention: Optional[str] = None,
+    layer_kernels: Optional[str] = None,
 ) -> GenerationOutput:
     """Generate up to ``max_new_tokens`` for each prompt (lists of token ids, any lengths).
 
@@ -826,7 +869,9 @@ def generate(
     off; kept once set) compiles one-row matmuls as fused Triton reductions (see ``_Programs``); ``attention``
     picks the decode attention (default: kept once set, else ``default_attention``): ``"flash_decoding"``
     (split-KV Triton kernels, ``ops.decode_attention``), ``"sdpa"``, or for a compiled decoder ``"fused"`` or
-    ``"flex"`` (``Decoder``).
+    ``"flex"`` (``Decoder``); ``layer_kernels`` the layer programs of a decode step (default: kept once set,
+    else ``default_layer_kernels``): ``"triton"`` (four GEMV kernels a layer carrying the norm, RoPE, cache write,
+    SwiGLU and residual, ``ops.decode_gemv``; a prefill keeps torch's) or ``"torch"``.
     The model runs in eval mode (no dropout) and gets its previous mode back afterwards.
     """
     sampling = sampling or SamplingParams()
@@ -835,7 +880,7 @@ def generate(
     model.eval()
     try:
         with attention_backends(model.embedding.weight.device):
-            dec = decoder_for(model, graphs, compile, gemv, attention)
+            dec = decoder_for(model, graphs, compile, gemv, attention, layer_kernels)
             return dec.generate(prompts, max_new_tokens, sampling, heads, eod, pad_id, generator, progress,
                                 callback)
     finally:
