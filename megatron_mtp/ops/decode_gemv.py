@@ -13,11 +13,14 @@ its neighbours in its prologue and epilogue, so a layer is four kernels besides 
 4. ``linear_residual`` for the down projection: x + a W_down^T.
 
 Each program streams a block of weight rows once and keeps every token row of the step (up to ``MAX_ROWS``:
-batch x new tokens) in registers, so the weights are read once whatever the rows. The RMSNorm is recomputed by
-every program from the activations (a few KiB, served by L2), which is what lets it live in the prologue
-instead of a kernel of its own. The arithmetic rounds where the eager decode path rounds (each GEMM's output,
-each product of RoPE, SiLU and the gating, the residual add, in the weights' dtype; sums and the norm in fp32),
-so tokens match it in fp32 and stay within bf16's last bit elsewhere.
+batch x new tokens) in registers, so the weights are read once whatever the rows. Every program computes the
+RMSNorm of the rows it needs itself (a few KiB of activations, served by L2), which is what lets the norm live
+in the GEMV instead of a kernel of its own: sum_k (x_k w_k / rms) W_nk = (sum_k x_k w_k W_nk) / rms, so the
+sums of squares accumulate beside the dot products and the 1 / RMS scales the finished sums. The arithmetic
+otherwise rounds where the eager decode path rounds (each GEMM's output, each product of RoPE, SiLU and the
+gating, the residual add, in the weights' dtype; sums in fp32). The one difference: the eager path rounds the
+normed activations to the weights' dtype before the GEMM, the kernels keep them in fp32 — in fp32 the two agree
+to rounding (the tests compare tokens exactly), in bf16 the kernels' products are the more exact.
 
 Same contracts as ``model.transformer.decode_qkv`` and ``decode_mlp`` (m layers side by side: one trunk layer,
 or the k - 1 stacked draft heads); the decoder routes larger row counts (a prefill) to those.
@@ -59,24 +62,13 @@ def _interpreting() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _rstd(X, sx_r, r, r_ok, eps, K: tl.constexpr, R_PAD: tl.constexpr, BK: tl.constexpr):
-        """1 / RMS of each token row of X (fp32 sums, as ``rms_norm``)."""
-        ss = tl.zeros([R_PAD], tl.float32)
-        for k0 in range(0, K, BK):
-            k = k0 + tl.arange(0, BK)
-            x = tl.load(X + r[:, None] * sx_r + k[None, :], mask=r_ok[:, None] & (k < K)[None, :],
-                        other=0.0).to(tl.float32)
-            ss += tl.sum(x * x, 1)
-        return tl.rsqrt(ss / K + eps)
-
-    @triton.jit
-    def _normed(X, NW, sx_r, r, r_ok, k, k_ok, rstd):
-        """A K block of the normed rows (0 outside the rows and K), rounded where ``rms_norm`` rounds:
-        (x * rstd) in x's dtype, times the weight in that dtype."""
-        x = tl.load(X + r[:, None] * sx_r + k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-        xn = (x.to(tl.float32) * rstd[:, None]).to(x.dtype)
-        w = tl.load(NW + k, mask=k_ok, other=0.0)
-        return (xn.to(tl.float32) * w.to(tl.float32)[None, :]).to(x.dtype).to(tl.float32)
+    def _norm_block(X, NW, sx_r, r, r_ok, k, k_ok, ss):
+        """A K block of the token rows times the norm weight (fp32, 0 outside the rows and K), and the rows'
+        running squares [rows, BK] (summed over K after the loop). The norm's 1 / RMS is a per-row factor, so it is applied to the finished dot
+        products instead: the weights stream from the first iteration, with no pass over the rows before it."""
+        x = tl.load(X + r[:, None] * sx_r + k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        w = tl.load(NW + k, mask=k_ok, other=0.0).to(tl.float32)
+        return x * w[None, :], ss + x * x
 
     @triton.jit
     def _qkv_kernel(X, NW, W, Cos, Sin, Q, KB, VB, Lengths, rows, s_new, b, capacity, eps,
@@ -96,23 +88,25 @@ if triton is not None:
         p_ok = p < half
         r = tl.arange(0, R_PAD)
         r_ok = r < rows
-        Xm = X + mi * sx_m
-        rstd = _rstd(Xm, sx_r, r, r_ok, eps, K, R_PAD, BK)
         w_lo = W + mi * sw_m + (head * HEAD_DIM + p)[:, None] * sw_n
         w_hi = w_lo + half * sw_n
-        lo = tl.zeros([R_PAD, BP], tl.float32)
-        hi = tl.zeros([R_PAD, BP], tl.float32)
+        # Products accumulate elementwise and are summed over K once, after the loop: a reduction across the
+        # threads in every iteration would stall the weight stream.
+        lo = tl.zeros([R_PAD, BP, BK], tl.float32)
+        hi = tl.zeros([R_PAD, BP, BK], tl.float32)
+        ss = tl.zeros([R_PAD, BK], tl.float32)
         for k0 in range(0, K, BK):
             k = k0 + tl.arange(0, BK)
             k_ok = k < K
-            xn = _normed(Xm, NW + mi * sn_m, sx_r, r, r_ok, k, k_ok, rstd)
+            xw, ss = _norm_block(X + mi * sx_m, NW + mi * sn_m, sx_r, r, r_ok, k, k_ok, ss)
             wl = tl.load(w_lo + k[None, :], mask=p_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
             wh = tl.load(w_hi + k[None, :], mask=p_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            lo += tl.sum(xn[:, None, :] * wl[None, :, :], 2)
-            hi += tl.sum(xn[:, None, :] * wh[None, :, :], 2)
+            lo += xw[:, None, :] * wl[None, :, :]
+            hi += xw[:, None, :] * wh[None, :, :]
+        rstd = tl.rsqrt(tl.sum(ss, 1) / K + eps)[:, None]
         dt = Q.dtype.element_ty
-        lo = lo.to(dt).to(tl.float32)
-        hi = hi.to(dt).to(tl.float32)
+        lo = (tl.sum(lo, 2) * rstd).to(dt).to(tl.float32)
+        hi = (tl.sum(hi, 2) * rstd).to(dt).to(tl.float32)
         bi = r // s_new
         i = r % s_new
         ok = r_ok[:, None] & p_ok[None, :]
@@ -150,7 +144,7 @@ if triton is not None:
         n_ok = n < N
         r = tl.arange(0, R_PAD)
         r_ok = r < rows
-        acc = tl.zeros([R_PAD, BN], tl.float32)
+        acc = tl.zeros([R_PAD, BN, BK], tl.float32)  # summed over K after the loop (see _qkv_kernel)
         for k0 in range(0, K, BK):
             k = k0 + tl.arange(0, BK)
             k_ok = k < K
@@ -158,7 +152,8 @@ if triton is not None:
                         other=0.0).to(tl.float32)
             w = tl.load(W + mi * sw_m + n[:, None] * sw_n + k[None, :], mask=n_ok[:, None] & k_ok[None, :],
                         other=0.0).to(tl.float32)
-            acc += tl.sum(x[:, None, :] * w[None, :, :], 2)
+            acc += x[:, None, :] * w[None, :, :]
+        acc = tl.sum(acc, 2)
         dt = Out.dtype.element_ty
         ok = r_ok[:, None] & n_ok[None, :]
         res = tl.load(Res + mi * sr_m + r[:, None] * sr_r + n[None, :], mask=ok, other=0.0).to(tl.float32)
@@ -175,23 +170,23 @@ if triton is not None:
         n_ok = n < F
         r = tl.arange(0, R_PAD)
         r_ok = r < rows
-        Xm = X + mi * sx_m
-        rstd = _rstd(Xm, sx_r, r, r_ok, eps, K, R_PAD, BK)
         w_g = W + mi * sw_m + n[:, None] * sw_n
         w_u = w_g + F * sw_n
-        g = tl.zeros([R_PAD, BN], tl.float32)
-        u = tl.zeros([R_PAD, BN], tl.float32)
+        g = tl.zeros([R_PAD, BN, BK], tl.float32)  # summed over K after the loop (see _qkv_kernel)
+        u = tl.zeros([R_PAD, BN, BK], tl.float32)
+        ss = tl.zeros([R_PAD, BK], tl.float32)
         for k0 in range(0, K, BK):
             k = k0 + tl.arange(0, BK)
             k_ok = k < K
-            xn = _normed(Xm, NW + mi * sn_m, sx_r, r, r_ok, k, k_ok, rstd)
+            xw, ss = _norm_block(X + mi * sx_m, NW + mi * sn_m, sx_r, r, r_ok, k, k_ok, ss)
             wg = tl.load(w_g + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
             wu = tl.load(w_u + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            g += tl.sum(xn[:, None, :] * wg[None, :, :], 2)
-            u += tl.sum(xn[:, None, :] * wu[None, :, :], 2)
+            g += xw[:, None, :] * wg[None, :, :]
+            u += xw[:, None, :] * wu[None, :, :]
+        rstd = tl.rsqrt(tl.sum(ss, 1) / K + eps)[:, None]
         dt = Out.dtype.element_ty
-        g = g.to(dt).to(tl.float32)
-        u = u.to(dt).to(tl.float32)
+        g = (tl.sum(g, 2) * rstd).to(dt).to(tl.float32)
+        u = (tl.sum(u, 2) * rstd).to(dt).to(tl.float32)
         a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32) * u
         tl.store(Out + mi * so_m + r[:, None] * so_r + n[None, :], a.to(dt), mask=r_ok[:, None] & n_ok[None, :])
 
@@ -209,6 +204,12 @@ def _configs(r_pad: int, two_tiles: bool) -> list:
     return out
 
 
+def _warps(r_pad: int, rows_w: int, bk: int, two_tiles: bool) -> int:
+    """Warps for a tile: the accumulators hold the whole product tile, ~32 fp32 registers a thread at most."""
+    elements = r_pad * rows_w * bk * (2 if two_tiles else 1)
+    return max(4, min(8, elements // 1024))
+
+
 _TUNED: dict = {}
 
 
@@ -223,7 +224,8 @@ def _launch(kernel, grid, args: tuple, constants: dict, r_pad: int, block: str, 
     tuned = _TUNED.get(full_key)
     if tuned is None:
         tuned = _TUNED[full_key] = triton.autotune(
-            configs=[triton.Config(c, num_warps=4, num_stages=3) for c in configs], key=[])(kernel)
+            configs=[triton.Config(c, num_warps=_warps(r_pad, c[block], c["BK"], two_tiles), num_stages=3)
+                     for c in configs], key=[])(kernel)
     tuned[grid](*args, **constants, R_PAD=r_pad)
 
 
