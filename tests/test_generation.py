@@ -336,6 +336,41 @@ def test_cuda_graph_path_gives_the_eager_tokens(compile_layers, gemv, attention,
     assert dec.layer_kernels == layers
 
 
+def test_a_failing_step_is_captured_again_with_plainer_programs(monkeypatch, capsys):
+    """A step whose capture fails (a compiler or Triton kernel error) is captured again without inductor (the
+    Triton attention and layer kernels kept), then with SDPA and torch's layer programs, warning each time;
+    with nothing plainer left the error surfaces."""
+    from megatron_mtp.inference.generation import Decoder
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # a CPU decoder may then take the Triton kernels (none runs here)
+    model = tiny_model(n_heads=2, layers=1, dtype=torch.float32)
+    dec = Decoder(model, graphs=False, compile=True, attention="flash_decoding", layer_kernels="triton")
+    tried = []
+
+    def capture(self, fn, sampled):
+        tried.append((self.programs.compiled, self.programs.names))
+        if self.programs.names != ("sdpa", "torch"):
+            raise RuntimeError("out of resources: shared memory")
+        return "graph"
+
+    monkeypatch.setattr(Decoder, "_capture", capture)
+    assert dec._graph(("step", 1), lambda: None, False) == "graph"
+    assert tried == [(True, ("flash_decoding", "triton")), (False, ("flash_decoding", "triton")),
+                     (False, ("sdpa", "torch"))]
+    assert "out of resources" in dec.compile_error and dec._graph(("step", 1), lambda: None, False) == "graph"
+    err = capsys.readouterr().err
+    assert "decoding with the uncompiled step" in err and "decoding with SDPA and torch's layer programs" in err
+
+    plain = Decoder(model, graphs=False, compile=False, attention="sdpa", layer_kernels="torch")
+
+    def fail(self, fn, sampled):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(Decoder, "_capture", fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        plain._graph(("step", 1), lambda: None, False)
+
+
 def test_decoder_reuses_and_bounds_its_buffers():
     """Prompts of many lengths reuse a bucket of up to twice the needed capacity and keep at most
     MAX_STATES buckets alive; the tokens stay those of recomputation."""

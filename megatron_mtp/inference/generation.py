@@ -335,6 +335,7 @@ class _Programs:
 
     def __init__(self, compile: bool, gemv: bool = False, attention: str = "sdpa", layer_kernels: str = "torch"):
         self.compiled = compile
+        self.names = (attention, layer_kernels)
         fns = dict(self.EAGER)
         self.attention = self.ATTENTIONS[attention if attention in self.UNCOMPILED else "sdpa"]
         if compile:
@@ -612,21 +613,36 @@ class Decoder:
             return graph
         try:
             graph = self._capture(fn, sampled)
-        except Exception as exc:  # a compiler failure must cost speed, not correctness
-            if not self.programs.compiled:
-                raise
-            self.compile_error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-            print(f"warning: torch.compile of the decode step failed ({self.compile_error}); decoding with "
-                  f"the uncompiled step.", file=sys.stderr)
-            # (The attention and layer kernels that run uncompiled stay: only inductor's programs go.)
-            self.programs = _Programs(compile=False, attention=_Programs.attention_for(self.attention, False),
-                                      layer_kernels=self.layer_kernels)
-            for st in self._states.values():
-                st.cache.kernels = self.programs.kernels
-            self._graphs.clear()
-            graph = self._capture(fn, sampled)
+        except Exception as exc:  # a compiler or kernel failure must cost speed, not correctness
+            graph = self._capture_plainer(fn, sampled, exc)
         self._graphs[key] = graph
         return graph
+
+    def _capture_plainer(self, fn, sampled: bool, exc: Exception):
+        """Capture ``fn`` again after ``exc`` with plainer programs, warning once each: first without
+        inductor (the Triton attention and layer kernels kept), then torch's layer programs and SDPA alone;
+        ``exc`` (or the last failure) is raised when nothing plainer is left."""
+        fallbacks = []
+        if self.programs.compiled:
+            fallbacks.append(("the uncompiled step", _Programs(
+                compile=False, attention=_Programs.attention_for(self.attention, False),
+                layer_kernels=self.layer_kernels)))
+        if (self.attention, self.layer_kernels) != ("sdpa", "torch"):
+            fallbacks.append(("SDPA and torch's layer programs, uncompiled", _Programs(compile=False)))
+        for what, programs in fallbacks:
+            if self.programs.compiled == programs.compiled and self.programs.names == programs.names:
+                continue  # (already these: the uncompiled step kept sdpa and torch)
+            self.compile_error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            print(f"warning: the decode step failed ({self.compile_error}); decoding with {what}.", file=sys.stderr)
+            self.programs = programs
+            for st in self._states.values():
+                st.cache.kernels = programs.kernels
+            self._graphs.clear()
+            try:
+                return self._capture(fn, sampled)
+            except Exception as again:
+                exc = again
+        raise exc
 
     def _capture(self, fn, sampled: bool):
         # Warm up on a side stream (kernel selection, compilation, lazy buffers), as torch.cuda.graphs says.
