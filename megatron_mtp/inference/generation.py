@@ -805,10 +805,10 @@ def default_attention(device: torch.device) -> str:
 
 
 def default_layer_kernels(device: torch.device) -> str:
-    """The layer programs a decoder gets unless told: the Triton GEMV kernels on CUDA where Triton is (a batch-1
-    step through cuBLAS spends more time between its GEMMs than in them), else torch's."""
-    if torch.device(device).type == "cuda" and gemv_kernels.available(device):
-        return "triton"
+    """The layer programs a decoder gets unless told: torch's, on every device for now. The Triton GEMV kernels
+    (``layer_kernels="triton"``) are to become the CUDA default once a GPU run has timed them against torch's
+    programs: they are checked on the CPU through Triton's interpreter and compile for sm_90 without register
+    spills, but have not yet run on a GPU (docs/inference.md)."""
     return "torch"
 
 
