@@ -124,3 +124,61 @@ def test_tile_configurations_fit_the_register_budget():
             assert configs, (rows, two)
             for rows_w, bk in configs:
                 assert r_pad * rows_w * bk * (2 if two else 1) <= kernels._TILE_BUDGET and bk >= 32
+
+
+@needs_triton
+def test_gemv_kernels_compile_for_hopper_without_spills():
+    """With no GPU at hand, Triton still compiles for one: every tile configuration of one and four token rows,
+    at the 1.1B shape, builds for sm_90 with vector weight loads (64 or 128 bits) and no local-memory spills (what a GPU run's
+    autotuning then chooses among)."""
+    import os
+    import re
+    import subprocess
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    if not os.path.exists(os.path.join(tools, "cuobjdump")):
+        pytest.skip("this Triton build ships no NVIDIA tools")
+    # (Integer arguments that are multiples of 16 are marked so, as Triton's launcher marks them at run time:
+    # that is what lets it vectorise the weight loads.)
+    kernels_ = {"qkv": (kernels._qkv_kernel, True, dict(K=2048, HEAD_DIM=64, GROUP=8), "BP"),
+                "gate_up": (kernels._gate_up_kernel, True, dict(F=5632, K=2048), "BN"),
+                "linear": (kernels._linear_residual_kernel, False, dict(N=2048, K=5632), "BN")}
+    report = {}
+    for name, (fn, two, shape, block) in kernels_.items():
+        for r_pad in (1, 4):
+            for rows_w, bk in kernels._configs(r_pad, two):
+                consts = dict(shape, R_PAD=r_pad, BK=bk, **{block: rows_w})
+                sig, attrs = {}, {}
+                for i, arg in enumerate(fn.arg_names):
+                    if arg in consts:
+                        sig[arg] = "constexpr"
+                    elif arg == "eps":
+                        sig[arg] = "fp32"
+                    elif arg[0].isupper():
+                        sig[arg] = "*i64" if arg == "Lengths" else "*bf16"
+                        attrs[(i,)] = [["tt.divisibility", 16]]
+                    else:
+                        sig[arg] = "i32"
+                        if arg.startswith("s"):  # strides
+                            attrs[(i,)] = [["tt.divisibility", 16]]
+                compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                                          target=GPUTarget("cuda", 90, 32),
+                                          options={"num_warps": kernels._warps(r_pad, rows_w, bk, two),
+                                                   "num_stages": 3})
+                path = f"/tmp/decode_gemv_{os.getpid()}.cubin"
+                with open(path, "wb") as f:
+                    f.write(compiled.asm["cubin"])
+                usage = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", path],
+                                       capture_output=True, text=True).stdout
+                sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", path], capture_output=True,
+                                      text=True).stdout
+                os.remove(path)
+                regs = int(re.search(r"REG:(\d+)", usage).group(1))
+                local = int(re.search(r"LOCAL:(\d+)", usage).group(1))
+                report[f"{name} rows{r_pad} {rows_w}x{bk}"] = (regs, local, bool(re.search(r"LDG\.E\.(128|64)", sass)))
+    for key, (regs, local, wide) in report.items():
+        assert local == 0 and regs <= 128 and wide, (key, regs, local, wide)
