@@ -278,7 +278,8 @@ def test_sampling_temperature_must_be_positive_and_finite(temperature):
         SamplingParams(greedy=False, top_p=float("nan"))
 
 
-def test_generate_cli_rejects_bad_arguments(tmp_path, capsys):
+def test_generate_cli_rejects_bad_arguments(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # (the Triton kernels then need a GPU)
     run_dir, _ = _save_run(tmp_path)
     sys.path.insert(0, os.path.join(REPO, "tools"))
     try:
@@ -292,6 +293,8 @@ def test_generate_cli_rejects_bad_arguments(tmp_path, capsys):
         "--temperature -1": (["--temperature", "-1"], "temperature must be a positive finite"),
         "--batch-size": (["--batch-size", "0"], "--batch-size must be at least 1"),
         "too long": (["--max-new-tokens", "4090"], "exceeds the model's max_seq_length"),
+        "--layer-kernels": (["--layer-kernels", "triton"], "layer_kernels='triton' needs Triton and a CUDA device"),
+        "--attention": (["--attention", "flash_decoding"], "attention='flash_decoding' needs Triton and a CUDA"),
     }
     for name, (extra, message) in cases.items():
         assert generate_tool.main(base + extra) == 2, name

@@ -23,6 +23,7 @@ import torch
 
 from megatron_mtp.errors import InputError, UserError, report
 from megatron_mtp.inference import SamplingParams, default_dtype, generate, load_model
+from megatron_mtp.inference.generation import decoder_for
 
 
 def read_prompts(args) -> list:
@@ -73,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compile", action="store_true",
                    help="on a GPU, capture CUDA graphs of the uncompiled step: no compile wait per new batch size "
                         "or --heads (tens of seconds), slower steps; for a few short generations")
+    p.add_argument("--attention", choices=["sdpa", "flash_decoding", "fused", "flex"], default=None,
+                   help="the decode attention (default: flash_decoding on a GPU where Triton is, else sdpa; "
+                        "docs/inference.md, The decoder)")
+    p.add_argument("--layer-kernels", choices=["torch", "triton"], default=None,
+                   help="a decode step's layer programs: torch (cuBLAS GEMMs, the default) or triton (four GEMV "
+                        "kernels a layer, opt-in until timed on a GPU)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -101,6 +108,11 @@ def run(args) -> int:
             raise InputError(f"--heads must lie in 1..{n} (this model has {n} heads), got {heads}.")
     elif args.heads is not None:
         raise InputError("--heads needs --speculative.")
+    try:  # the decoder options checked once, before any decoding: one sentence if this machine lacks them
+        decoder_for(model, compile=False if args.no_compile else None, attention=args.attention,
+                    layer_kernels=args.layer_kernels)
+    except ValueError as exc:
+        raise InputError(f"{exc}") from None
     eod = None if args.no_stop_at_eod else tokenizer.eod
     pad = tokenizer.pad if getattr(tokenizer, "pad", None) is not None else 0
     encoded = [tokenizer.encode(p) or [tokenizer.eod] for p in prompts]
