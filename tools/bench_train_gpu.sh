@@ -11,6 +11,8 @@
 #      process), then transformers + Liger (ROWS_B) -> train_fp8_1b_v2.json;
 #   C. ours bf16 / FP8 at the 7B layer shape -> train_7b_ours_v2.json, merged with A2's rows into
 #      train_fp8_7b_layer_v2.json (bench_train.py --merge: the ratios over both);
+#   B2. with CSTEP=1: ours bf16 at 1.1B again (ROWS_CSTEP, default fast:1,fast:4) with the compiled optimizer
+#      step -> train_cstep_1b_v2.json, to set against B's rows (torch's fused AdamW, same machine);
 #   D. with LOSS=1 and time left: the ~100M code model trained LOSS_ITERS steps bf16 and, beside it, with
 #      train.fp8, then both final checkpoints evaluated with bf16 GEMMs -> train_fp8_loss_v2.json.
 # Every part is time-boxed from what is left; a part that fails is logged and the next one runs.
@@ -22,6 +24,7 @@ OUT=${OUT:-benchmarks}
 DEADLINE_S=${DEADLINE_S:-375}
 LOSS=${LOSS:-0}
 LOSS_ITERS=${LOSS_ITERS:-300}
+CSTEP=${CSTEP:-0}
 QUICK=${QUICK:-0}
 DEVICE=${DEVICE:-cuda}
 TAG=${TAG:-_v2}
@@ -45,12 +48,14 @@ for m in ('liger_kernel', 'torchao'):
 if [ "$QUICK" = 1 ]; then
   SHAPE_B=tiny-gqa; SHAPE_C=tiny-mha
   ROWS_A=${ROWS_A:-hf:1}; ROWS_B=${ROWS_B:-fast:1,fast-fp8:1,hf:1}; ROWS_C=${ROWS_C:-fast:1,fast-fp8:1}
+  ROWS_CSTEP=${ROWS_CSTEP:-fast:1}
   BENCH=(--tiny --warmup 1 --steps 1 --ce-backend torch)
 else
   SHAPE_B=1.1b; SHAPE_C=7b-layer
   ROWS_A=${ROWS_A:-hf-fp8:1,hf-compile:1}
   ROWS_B=${ROWS_B:-fast:1,fast:4,fast-fp8:1,fast-fp8:4,hf-liger:1}
   ROWS_C=${ROWS_C:-fast:1,fast-fp8:1}
+  ROWS_CSTEP=${ROWS_CSTEP:-fast:1,fast:4}
   BENCH=(--warmup 3 --steps 6)
 fi
 bench() {  # name budget_s output shape rows extra...
@@ -88,6 +93,12 @@ say "phase A done"
 # ---- B: 1.1B, ours (one process) then Liger (its own)
 RES_C=$([ "$QUICK" = 1 ] && echo 20 || echo 60)
 bench B $(( $(left) - RES_C )) "$OUT/train_fp8_1b$TAG.json" "$SHAPE_B" "$ROWS_B" --profile fast:1,fast-fp8:1
+# ---- B2 (CSTEP=1): the same machine's bf16 rows again with the compiled optimizer step (optimizer.compiled_step),
+# beside B's, which ran torch's fused AdamW
+if [ "$CSTEP" = 1 ]; then
+  bench B2 $(( $(left) - RES_C )) "$OUT/train_cstep_1b$TAG.json" "$SHAPE_B" "$ROWS_CSTEP" --profile fast:1 \
+    --compiled-optimizer-step
+fi
 # ---- C: ours at the 7B layer shape
 bench C $(( $(left) - 15 )) "$OUT/train_7b_ours$TAG.json" "$SHAPE_C" "$ROWS_C" --profile none
 python3 tools/bench_train.py --merge "$OUT/train_7b_ours$TAG.json" "$OUT/train_7b_peers$TAG.json" \
