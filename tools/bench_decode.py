@@ -273,8 +273,8 @@ def random_model(cfg, device: str, dtype, seed: int = 0):
 
 
 # The decoder configurations --variants names: name -> (gemv, attention, layer_kernels); None is the decoder's
-# default on the device (``generation.default_attention`` / ``default_layer_kernels``: on CUDA with Triton the
-# split-KV attention and the GEMV layer kernels, else sdpa and torch's programs). "default" is what users get.
+# default on the device (``generation.default_attention`` / ``default_layer_kernels``: the split-KV attention on
+# CUDA with Triton, else sdpa; torch's layer programs). "default" is what users get.
 DECODER_VARIANTS = {"default": (False, None, None), "sdpa": (False, "sdpa", "torch"),
                     "flash_decoding": (False, "flash_decoding", "torch"),
                     "triton_layers": (False, "flash_decoding", "triton"), "sdpa_triton": (False, "sdpa", "triton"),
@@ -595,8 +595,8 @@ def main(argv=None) -> int:
                         "fused: compiled products and sums; flex: FlexAttention's flash-decoding kernel; see "
                         "docs/inference.md)")
     p.add_argument("--layer-kernels", choices=LAYER_KERNELS, default=None,
-                   help="--load: the decode step's layer programs (default: triton, the GEMV kernels, on CUDA where "
-                        "Triton is, else torch)")
+                   help="--load: the decode step's layer programs (default: torch; triton: the GEMV kernels, "
+                        "opt-in until timed on a GPU)")
     p.add_argument("--no-plot", action="store_true", help="write the JSON only (no PNG)")
     p.add_argument("--profile", action="store_true", help="--bandwidth on CUDA: a kernel profile of the steps")
     p.add_argument("--variants", default=None, metavar="LIST",

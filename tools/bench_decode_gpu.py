@@ -10,7 +10,7 @@ work; the GPU runs the trainings), and the benchmarks after the training only ca
 
   0 s         the two trainings start (configs/code_100m.yaml n = 4, configs/code_100m_n8.yaml n = 8; SIGTERM at
               TRAIN_S makes each checkpoint and stop), and the short CUDA correctness test (fp32: the graph and
-              compiled paths give the eager path's tokens: the default GEMV layer kernels and split-KV attention
+              compiled paths give the eager path's tokens: the GEMV layer kernels with the split-KV attention
               first, then the split-KV attention alone, SDPA, the fused and the flex attention);
   meanwhile   compile warm-up in this process: the 1.1B shape (VARIANTS_1B) and the two code
               shapes at batch 1 and 16, k = 1..n, bf16 — the compilations counted and timed per shape;
@@ -220,14 +220,6 @@ def bench(argv: list) -> None:
         raise RuntimeError(f"bench_decode exited with {rc}")
 
 
-def bench_decode_variant(variant: str) -> tuple:
-    """(gemv, attention, layer_kernels) of a decoder variant, the defaults resolved on DEVICE."""
-    import bench_decode
-
-    options = bench_decode.decoder_options(variant, DEVICE)
-    return options["gemv"], options["attention"], options["layer_kernels"]
-
-
 def check_selection() -> None:
     """Unknown PARTS, VARIANTS_1B or VARIANTS_N4 names end the run before anything starts (a typo would otherwise skip a
     part silently, or fail it after minutes of training)."""
@@ -343,11 +335,14 @@ def main() -> int:
         phase(f"bandwidth 1.1B {VARIANTS_1B}", max(0.7 * left(), left() - 28),
               lambda: bench(["--bandwidth", BANDWIDTH_CONFIG, "--tag", f"{TAG}_1b", "--profile",
                              "--variants", VARIANTS_1B]))
+    import bench_decode
+
     for variant in VARIANTS_N4 if "n4_attention" in PARTS else ():
-        gemv, attention, layers = bench_decode_variant(variant)
+        options = bench_decode.decoder_options(variant, DEVICE)
         phase(f"bench n=4 decoder {variant}, batch 1", left() - 12,
               lambda: bench(["--load", RUN4, "--tag", f"{TAG}_{variant}", "--batch-sizes", "1", "--peers", "none",
-                             "--attention", attention, "--layer-kernels", layers] + (["--gemv"] if gemv else [])))
+                             "--attention", options["attention"], "--layer-kernels", options["layer_kernels"]]
+                            + (["--gemv"] if options["gemv"] else [])))
     if "100m" in PARTS:
         phase("bandwidth code n=4 shape (step profiles)", left() - 2,
               lambda: bench(["--bandwidth", CODE_CONFIG, "--tag", f"{TAG}_100m", "--profile",

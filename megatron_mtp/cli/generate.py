@@ -23,7 +23,7 @@ import torch
 
 from megatron_mtp.errors import InputError, UserError, report
 from megatron_mtp.inference import SamplingParams, default_dtype, generate, load_model
-from megatron_mtp.inference.generation import decoder_for
+from megatron_mtp.inference.generation import _Programs, decoder_for
 
 
 def read_prompts(args) -> list:
@@ -74,10 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compile", action="store_true",
                    help="on a GPU, capture CUDA graphs of the uncompiled step: no compile wait per new batch size "
                         "or --heads (tens of seconds), slower steps; for a few short generations")
-    p.add_argument("--attention", choices=["sdpa", "flash_decoding", "fused", "flex"], default=None,
+    p.add_argument("--attention", choices=list(_Programs.ATTENTIONS), default=None,
                    help="the decode attention (default: flash_decoding on a GPU where Triton is, else sdpa; "
                         "docs/inference.md, The decoder)")
-    p.add_argument("--layer-kernels", choices=["torch", "triton"], default=None,
+    p.add_argument("--layer-kernels", choices=list(_Programs.LAYER_KERNELS), default=None,
                    help="a decode step's layer programs: torch (cuBLAS GEMMs, the default) or triton (four GEMV "
                         "kernels a layer, opt-in until timed on a GPU)")
     p.add_argument("--no-progress", action="store_true")

@@ -23,6 +23,8 @@ installed.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:
@@ -32,12 +34,15 @@ except ImportError:  # CPU installs: the decoder offers this attention only wher
     triton = None
 
 
-def available(device: torch.device) -> bool:
-    """Whether the kernels can run on ``device``'s tensors: Triton is installed, and the device is a GPU or
-    Triton's interpreter is on (it runs them on the CPU)."""
-    import os
+def interpreting() -> bool:
+    """Whether Triton's interpreter is on (``TRITON_INTERPRET=1``: kernels run on the CPU, as in the tests)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
-    return triton is not None and (torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+def available(device: torch.device) -> bool:
+    """Whether Triton kernels (these and ``ops.decode_gemv``'s) can run on ``device``'s tensors: Triton is
+    installed, and the device is a GPU or Triton's interpreter is on (it runs them on the CPU)."""
+    return triton is not None and (torch.device(device).type == "cuda" or interpreting())
 
 
 # Key slots per inner block, and the number of thread blocks a step should fill (about two per SM of an H100:

@@ -31,9 +31,10 @@ first configuration.
 """
 from __future__ import annotations
 
-import os
-
 import torch
+
+# (one test of where Triton kernels run serves both kernel modules; the decoder asks gemv_kernels.available)
+from megatron_mtp.ops.decode_attention import available, interpreting  # noqa: F401
 
 try:
     import triton
@@ -47,16 +48,6 @@ MAX_ROWS = 8
 # Elements of a block's product tile [rows, weight rows, K block] the configurations keep per launch; with
 # more, registers spill.
 _TILE_BUDGET = 8192
-
-
-def available(device: torch.device) -> bool:
-    """Whether the kernels can run on ``device``'s tensors: Triton is installed, and the device is a GPU or
-    Triton's interpreter is on (it runs them on the CPU)."""
-    return triton is not None and (torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 if triton is not None:
@@ -216,16 +207,17 @@ _TUNED: dict = {}
 def _launch(kernel, grid, args: tuple, constants: dict, r_pad: int, block: str, two_tiles: bool, key: tuple):
     """Launch ``kernel`` over ``grid(meta)`` with the tile shape tuned for (kernel, rows, ``key``): on a GPU
     each configuration is timed on first use (``triton.autotune``); the interpreter takes the first."""
-    configs = [{block: rows_w, "BK": bk} for rows_w, bk in _configs(r_pad, two_tiles)]
-    if _interpreting():
-        kernel[grid(configs[0])](*args, **constants, **configs[0], R_PAD=r_pad)
+    if interpreting():
+        rows_w, bk = _configs(r_pad, two_tiles)[0]
+        meta = {block: rows_w, "BK": bk}
+        kernel[grid(meta)](*args, **constants, **meta, R_PAD=r_pad)
         return
     full_key = (id(kernel), r_pad) + key
     tuned = _TUNED.get(full_key)
-    if tuned is None:
+    if tuned is None:  # (the configurations are built once per key: an uncaptured step launches every layer)
         tuned = _TUNED[full_key] = triton.autotune(
-            configs=[triton.Config(c, num_warps=_warps(r_pad, c[block], c["BK"], two_tiles), num_stages=3)
-                     for c in configs], key=[])(kernel)
+            configs=[triton.Config({block: rows_w, "BK": bk}, num_warps=_warps(r_pad, rows_w, bk, two_tiles),
+                                   num_stages=3) for rows_w, bk in _configs(r_pad, two_tiles)], key=[])(kernel)
     tuned[grid](*args, **constants, R_PAD=r_pad)
 
 
