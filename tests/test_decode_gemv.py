@@ -78,7 +78,7 @@ def test_decoder_with_gemv_layers_gives_the_torch_tokens():
     """The decoder's eager step with the GEMV layer kernels (and either attention) emits exactly the torch
     programs' tokens (fp32, greedy): plain and speculative (k = 2, 3: the stacked draft heads), a batch of mixed
     prompt lengths whose prefill (rows > MAX_ROWS) takes the torch programs, and a batch of 3 whose k = 3 steps
-    (9 rows) do too."""
+    (9 rows) do too; a draft tree's steps through both kernels."""
     out = run_interpreted("""
         import json, sys, torch
         sys.path.insert(0, "tests")
@@ -92,11 +92,18 @@ def test_decoder_with_gemv_layers_gives_the_torch_tokens():
                                              attention=attention, layer_kernels="triton").tokens
                for attention in ("sdpa", "flash_decoding") for k in (1, 2, 3)}
         one = generate(model, prompts[:1], 10, heads=3, graphs=False, compile=False, layer_kernels="triton").tokens
-        print(json.dumps({"ref": ref, "got": got, "one": one}))
+        # A draft tree of 4 nodes: at batch 1 its steps (4 rows, 8 folded query rows) take both kernels with the
+        # tree's mask, depth positions and cache compaction; at batch 3 (12 rows) torch's programs.
+        from megatron_mtp.inference import DraftTree
+        tree = DraftTree.parse("0;1;0,0")
+        trees = {f"tree b{b}": generate(model, prompts[:b], 10, graphs=False, compile=False, attention="flash_decoding",
+                                        layer_kernels="triton", tree=tree).tokens for b in (1, 3)}
+        print(json.dumps({"ref": ref, "got": got, "one": one, "trees": trees}))
     """)
     for key, tokens in out["got"].items():
         assert tokens == out["ref"], key
     assert out["one"] == out["ref"][:1]
+    assert out["trees"] == {"tree b1": out["ref"][:1], "tree b3": out["ref"]}
 
 
 def test_default_layer_kernels_and_a_clear_error_without_triton(monkeypatch):

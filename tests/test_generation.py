@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from megatron_mtp.config import ModelConfig, MTPConfig
-from megatron_mtp.inference import KVCache, SamplingParams, generate, load_model, next_tokens, probabilities, sample
+from megatron_mtp.inference import (DraftTree, KVCache, SamplingParams, generate, load_model, next_tokens,
+                                    probabilities, sample)
 from megatron_mtp.model.mtp_model import MTPModel
 from megatron_mtp.parallel.layers import initialize_parameters
 
@@ -188,6 +189,14 @@ def test_load_checkpoint_and_generate_cli(tmp_path, capsys):
     assert captured.out.count("### prompt") == 2
     assert "tokens/forward" in captured.err and "acceptance head 2" in captured.err and "speedup" in captured.err
     assert "2/2 outputs identical to plain" in captured.err
+    for tree in ("6", "0;1;0,0"):  # a calibrated tree of 6 nodes, explicit paths
+        rc = generate_tool.main(["--load", run_dir, "--prompt", "def f(x):", "--prompt", "import os",
+                                 "--max-new-tokens", "6", "--speculative", "--tree", tree, "--compare", "--no-progress",
+                                 "--no-stop-at-eod"])
+        captured = capsys.readouterr()
+        assert rc == 0 and "2/2 outputs identical to plain" in captured.err
+        assert ("draft tree: 6 nodes" if tree == "6" else "draft tree: 4 nodes") in captured.err
+        assert ("head accuracy by rank" in captured.err) == (tree == "6")
     assert generate_tool.main(["--load", str(tmp_path / "missing"), "--prompt", "x"]) == 2
     assert generate_tool.main(["--load", run_dir, "--prompt", "x", "--speculative", "--heads", "5"]) == 2
     assert "error:" in capsys.readouterr().err
@@ -223,16 +232,24 @@ def test_rollback_after_rejection_leaves_cache_equal_to_fresh_prefill():
     assert 0 < sum(out.stats.accepted) < sum(out.stats.proposed)  # drafts were rejected and rolled back
     dec = decoder_for(model)
     (st,) = dec._states.values()
+    assert_cache_is_a_fresh_prefill(model, st, prompts, heads=3)
+
+
+def assert_cache_is_a_fresh_prefill(model, st, prompts, heads: int) -> None:
+    """Every layer's committed keys and values (trunk and heads 1..``heads``) of every sequence of decoder
+    state ``st`` equal a fresh prefill over that sequence's committed tokens."""
     emitted = st.out.tolist()
     for b, p in enumerate(prompts):
         committed = p + emitted[b][: int(st.out_len[b]) - 1]  # the last emitted token is not yet in the cache
         assert int(st.cache.lengths[b] - st.cache.start[b]) == len(committed)
-        fresh = KVCache(1, 32, "cpu")
         n = len(committed)
+        fresh = KVCache(1, n, "cpu")
         model.logits(torch.tensor([committed]), heads="all", positions=fresh.positions(n), kv_cache=fresh,
                      attn_mask=fresh.attention_mask(n))
         fresh.advance(n)
         for key in fresh._k:
+            if key.startswith("heads.") and int(key.split(".")[1]) >= heads:
+                continue  # heads the decoding did not use did not run
             for got, ref in zip(st.cache.committed(key, b), fresh.committed(key, 0)):
                 torch.testing.assert_close(got, ref)
 
@@ -295,6 +312,10 @@ def test_generate_cli_rejects_bad_arguments(tmp_path, capsys, monkeypatch):
         "too long": (["--max-new-tokens", "4090"], "exceeds the model's max_seq_length"),
         "--layer-kernels": (["--layer-kernels", "triton"], "layer_kernels='triton' needs Triton and a CUDA device"),
         "--attention": (["--attention", "flash_decoding"], "attention='flash_decoding' needs Triton and a CUDA"),
+        "--tree alone": (["--tree", "8"], "--tree needs --speculative"),
+        "--tree bad": (["--speculative", "--tree", "0,1"], "lacks its parent"),
+        "--tree deep": (["--speculative", "--tree", "0;0,0;0,0,0"], "needs 4 heads"),
+        "--tree 1": (["--speculative", "--tree", "1"], "at least 2 nodes"),
     }
     for name, (extra, message) in cases.items():
         assert generate_tool.main(base + extra) == 2, name
@@ -313,7 +334,7 @@ def test_generate_cli_rejects_bad_arguments(tmp_path, capsys, monkeypatch):
                               "graphs+triton_layers", "graphs+compile+triton_layers"])
 def test_cuda_graph_path_gives_the_eager_tokens(compile_layers, gemv, attention, layers):
     """fp32 on the GPU: the captured (and compiled) decoder emits exactly the eager decoder's tokens (SDPA,
-    torch's layer programs), for plain and speculative decoding, batch 1 and a batch of mixed prompt lengths
+    torch's layer programs), for plain, speculative and draft-tree decoding, batch 1 and a batch of mixed prompt lengths
     (with the GEMV layer kernels: steps of 4 and 8 rows through them, of 12 through torch's), with an EOD in
     play; replays of the same graphs on new prompts stay right."""
     # (FlexAttention's GPU kernels take head dims of 16 and more)
@@ -332,6 +353,10 @@ def test_cuda_graph_path_gives_the_eager_tokens(compile_layers, gemv, attention,
                             attention=attention, layer_kernels=layers)
             assert fast.tokens == eager_eod.tokens and fast.finished_by_eod == eager_eod.finished_by_eod
             assert fast.stats.tokens == eager_eod.stats.tokens
+        for tree in (DraftTree.parse("0;1;0,0;1,0"), DraftTree.parse("0;1;2;0,0;0,1;1,0;0,0,0;0,1,0")):
+            fast = generate(model, prompts, 20, eod=eod, graphs=True, compile=compile_layers, gemv=gemv,
+                            attention=attention, layer_kernels=layers, tree=tree)
+            assert fast.tokens == eager_eod.tokens, (lengths, tree)
     from megatron_mtp.inference.generation import decoder_for
 
     dec = decoder_for(model, graphs=True, compile=compile_layers, gemv=gemv, attention=attention, layer_kernels=layers)
@@ -484,6 +509,10 @@ def test_compiled_step_programs_have_no_data_dependent_sizes(monkeypatch):
             generate(model, random_prompts([5, 7][:b], 16, seed=k), 4, heads=k, graphs=False, compile=True)
         generate(model, random_prompts([5], 16), 4, heads=3, graphs=False, compile=True,
                  sampling=SamplingParams(greedy=False, temperature=0.8), generator=torch.Generator().manual_seed(0))
+        generate(model, random_prompts([5, 7], 16), 4, graphs=False, compile=True,
+                 tree=DraftTree.parse("0;1;0,0;1,0;0,0,0"))
+        generate(model, random_prompts([5, 7], 16), 4, graphs=False, compile=True, tree=DraftTree.parse("0;1;0,0"),
+                 sampling=SamplingParams(greedy=False, temperature=0.8), generator=torch.Generator().manual_seed(0))
     torch._dynamo.reset()
     assert not seen, seen[:3]
 
@@ -574,3 +603,29 @@ def test_bench_decode_bandwidth_regime_writes_its_rows(tmp_path):
     assert [r["tokens"] for r in result["rows"] if r["kind"] == "forward"] == [1, 2]
     assert result["plain_decode_tokens_per_s"] > 0 and list(result["variants"]) == ["default"]
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporary file left behind
+
+
+def test_bench_decode_trained_rows_with_draft_trees(tmp_path):
+    """tools/bench_decode.py --load (CPU, no peers): the k rows and, with --trees, a row per calibrated draft
+    tree whose outputs equal plain greedy's, the calibration (per-head, per-rank accuracies) in the JSON."""
+    import json
+
+    run_dir, _ = _save_run(tmp_path)
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    try:
+        import bench_decode
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "out"
+    assert bench_decode.main(["--load", run_dir, "--device", "cpu", "--output-dir", str(out), "--tag", "t",
+                              "--prompt-tokens", "24", "--max-new-tokens", "6", "--batch-sizes", "1",
+                              "--prompts-batch1", "2", "--peers", "none", "--trees", "3,6", "--no-plot"]) == 0
+    result = json.loads((out / "decode_t.json").read_text())
+    rows = {(r["decoder"], r["k"]): r for r in result["rows"]}
+    assert set(rows) == {("ours", 1), ("ours", 2), ("ours", 3), ("ours_tree3", 2), ("ours_tree6", 3)}
+    for name in ("ours_tree3", "ours_tree6"):
+        row = next(r for r in result["rows"] if r["decoder"] == name)
+        assert row["identical_to_plain"] == "2/2" and row["tokens_per_forward"] >= 1.0
+    cal = result["tree_calibration"]
+    assert len(cal["accuracy_per_head_rank"]) == 2 and set(cal["trees"]) == {"3", "6"}
+    assert bench_decode.main(["--load", run_dir, "--trees", "1", "--output-dir", str(out)]) == 2

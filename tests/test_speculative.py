@@ -184,6 +184,44 @@ def test_speculative_sampling_matches_plain_distribution(sampling_model, params,
     monkeypatch.undo()
 
 
+def shared_noise(p, generator):
+    """Wrong: one uniform draw per sequence shared by every node (each node's marginal is right, but the draws
+    along a path are dependent)."""
+    u = torch.rand(p.shape[0], 1, 1, generator=generator, dtype=p.dtype)
+    return (p.cumsum(-1) < u).sum(-1).clamp(max=p.size(-1) - 1)
+
+
+def argmax_below_root(p, generator):
+    """Wrong: draws at the root, then accepts a node when it is head 1's argmax (greedy verification)."""
+    pred = p.argmax(-1)
+    pred[:, 0] = sample(p[:, 0], generator)
+    return pred
+
+
+@pytest.mark.parametrize("params", [SamplingParams(greedy=False),
+                                    SamplingParams(greedy=False, temperature=0.8, top_k=6, top_p=0.9)],
+                         ids=["t1", "t0.8-topk-topp"])
+def test_draft_tree_sampling_matches_plain_distribution(sampling_model, params, monkeypatch):
+    """Sampling over a draft tree (a draw from head 1 at every node, the tree followed while the draws match)
+    is distributed as plain sampling; wrong node-draw rules are rejected."""
+    from megatron_mtp.inference import DraftTree
+
+    tree = DraftTree.parse("0;1;2;0,0;0,1;1,0;2,0")
+    expected = exact_joint(sampling_model, params)
+    count = 4000
+    out = generate(sampling_model, [PROMPT] * count, NEW, params, tree=tree,
+                   generator=torch.Generator().manual_seed(6))
+    assert all(len(t) == NEW for t in out.tokens)
+    assert chi_square_pvalue(out.tokens, expected) > 1e-3
+    assert 0.1 < out.stats.acceptance[0] < 0.95 and out.stats.accepted[1] > 0  # both depths accept and reject
+    for broken in (shared_noise, argmax_below_root):
+        monkeypatch.setattr(gen_mod, "sample_tree_nodes", broken)
+        bad = generate(sampling_model, [PROMPT] * count, NEW, params, tree=tree,
+                       generator=torch.Generator().manual_seed(7))
+        assert chi_square_pvalue(bad.tokens, expected) < 1e-6, broken.__name__
+    monkeypatch.undo()
+
+
 def test_verify_sampled_first_token_is_exactly_p():
     """The rule itself on synthetic distributions: the first emitted token of a forward is ~ p[0]."""
     g = torch.Generator().manual_seed(0)
@@ -204,7 +242,7 @@ def test_verify_sampled_first_token_is_exactly_p():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_speculative_sampling_with_cuda_graphs_matches_plain_distribution(sampling_model):
     """The captured sampling step (its generator registered with the graph, so every replay draws fresh
-    numbers) keeps plain sampling's distribution, plain and speculative."""
+    numbers) keeps plain sampling's distribution, plain, speculative and over a draft tree."""
     import copy
 
     params = SamplingParams(greedy=False, temperature=0.8, top_k=6, top_p=0.9)
@@ -218,3 +256,8 @@ def test_speculative_sampling_with_cuda_graphs_matches_plain_distribution(sampli
         again = generate(model, [PROMPT] * 4000, NEW, params, heads=heads, graphs=True,
                          generator=torch.Generator(device="cuda").manual_seed(seed + 10))
         assert again.tokens != out.tokens  # replays draw new numbers
+    from megatron_mtp.inference import DraftTree
+
+    out = generate(model, [PROMPT] * 4000, NEW, params, tree=DraftTree.parse("0;1;2;0,0;0,1;1,0"), graphs=True,
+                   generator=torch.Generator(device="cuda").manual_seed(6))
+    assert chi_square_pvalue(out.tokens, expected) > 1e-3, "tree"

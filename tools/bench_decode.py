@@ -78,15 +78,32 @@ def heldout_prompts(cfg, tokenizer, count: int, prompt_tokens: int, min_tail: in
 
 
 PROMPT_POOL = 16  # held-out windows drawn per run (see main)
+CALIBRATION_PROMPTS = 8  # further held-out windows whose greedy continuations choose the draft trees
 
 
-def run_config(model, prompts, batch_size, k, max_new_tokens, eod, pad, generator):
+def calibrate_trees(model, prompts, max_new_tokens, eod, pad, nodes: list) -> dict:
+    """Draft trees of ``nodes`` nodes for ``model``: its draft heads' per-rank accuracies measured on the greedy
+    continuations of ``prompts`` (``inference.head_accuracy``), then the most probable paths
+    (``DraftTree.from_accuracy``)."""
+    from megatron_mtp.inference import DraftTree, generate, head_accuracy
+
+    out = generate(model, prompts, max_new_tokens, eod=eod, pad_id=pad)
+    accuracy = head_accuracy(model, [p + t for p, t in zip(prompts, out.tokens)], ranks=TREE_RANKS,
+                             targets_from=[len(p) for p in prompts])
+    return {"accuracy_per_head_rank": accuracy, "calibration_prompts": len(prompts),
+            "trees": {n: DraftTree.from_accuracy(accuracy, n) for n in nodes}}
+
+
+TREE_RANKS = 8  # candidates per draft head a calibrated tree may take
+
+
+def run_config(model, prompts, batch_size, k, max_new_tokens, eod, pad, generator, tree=None):
     from megatron_mtp.inference import generate
 
     outs, stats = [], []
     for start in range(0, len(prompts), batch_size):
         out = generate(model, prompts[start: start + batch_size], max_new_tokens, heads=k, eod=eod, pad_id=pad,
-                       generator=generator)
+                       generator=generator, tree=tree)
         outs += out.tokens
         stats.append(out.stats)
     return outs, stats
@@ -483,7 +500,8 @@ def plot(result: dict, path: str) -> None:
         plt.close(fig)
         return
     rows = [r for r in result["rows"] if r["decoder"] == "ours"]
-    peers = [r for r in result["rows"] if r["decoder"] != "ours"]
+    trees = [r for r in result["rows"] if r["decoder"].startswith("ours_tree")]
+    peers = [r for r in result["rows"] if not r["decoder"].startswith("ours")]
     batch_sizes = sorted({r["batch_size"] for r in rows})
     kmax = max(r["k"] for r in rows)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -493,6 +511,13 @@ def plot(result: dict, path: str) -> None:
         ax2.plot([r["k"] for r in sel], [r["speedup_vs_plain"] for r in sel], "o-", label=f"speedup, batch {bs}")
         ax2.plot([r["k"] for r in sel], [r["tokens_per_forward"] for r in sel], "x:", alpha=0.7,
                  label=f"tokens/forward, batch {bs}")
+        sizes = sorted({r["tree_nodes"] for r in trees})
+        for r in (r for r in trees if r["batch_size"] == bs):  # (one colour per tree size in both panels)
+            color = f"C{(2 + sizes.index(r['tree_nodes'])) % 10}"
+            ax1.plot([r["k"]], [r["tokens_per_s"]], "*", ms=10, color=color,
+                     label=f"draft tree {r['tree_nodes']} nodes, batch {bs}")
+            ax2.plot([r["k"]], [r["tokens_per_forward"]], "*", ms=10, color=color,
+                     label=f"tree {r['tree_nodes']}: tokens/forward, batch {bs}")
     for i, r in enumerate(peers):
         ax1.axhline(r["tokens_per_s"], ls="--", lw=1, color=f"C{i + len(batch_sizes)}",
                     label=f"{r['decoder']} (batch 1)")
@@ -605,6 +630,10 @@ def main(argv=None) -> int:
                         "attention and the GEMV layer kernels), sdpa_triton, gemv, flash_gemv, fused (compiled "
                         "products-and-sums attention), fused_gemv and flex (FlexAttention) (default: default, or gemv "
                         "with --gemv); the first gets every row and the profiles")
+    p.add_argument("--trees", default="", metavar="NODES",
+                   help="also decode with draft trees of these node counts (comma-separated, e.g. 16,32,64), each "
+                        "the most probable paths of the heads' per-rank accuracies measured on the greedy "
+                        "continuations of 8 other held-out windows (docs/inference.md, draft trees)")
     p.add_argument("--lookup-tokens", type=int, default=4, help="prompt_lookup_num_tokens of the lookup row")
     p.add_argument("--stop-at-eod", action="store_true", help="stop sequences at EOD (default: fixed budget)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -674,6 +703,16 @@ def main(argv=None) -> int:
         print(f"error: --ks must lie in 1..{n}.", file=sys.stderr)
         return 2
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    try:
+        tree_nodes = [int(x) for x in args.trees.split(",") if x.strip()]
+    except ValueError:
+        tree_nodes = [0]
+    if any(x < 2 for x in tree_nodes):
+        print(f"error: --trees takes node counts of at least 2, like 16,32,64; got {args.trees!r}.", file=sys.stderr)
+        return 2
+    if tree_nodes and n < 2:
+        print("error: --trees needs a model with at least 2 heads.", file=sys.stderr)
+        return 2
     peers = args.peers if args.peers is not None else (
         "hf_default,hf_prompt_lookup,hf_static_compiled" if cuda else "hf_default,hf_prompt_lookup")
     peers = [] if peers == "none" else peers.split(",")
@@ -687,6 +726,10 @@ def main(argv=None) -> int:
     # windows over each file by how many it draws, so a batch-1-only run would otherwise decode other prompts.
     all_prompts = heldout_prompts(cfg, tokenizer, max(batch_sizes + [args.prompts_batch1, PROMPT_POOL]),
                                   args.prompt_tokens, args.max_new_tokens)
+    if tree_nodes:  # windows of a larger draw that no timed row decodes
+        more = heldout_prompts(cfg, tokenizer, len(all_prompts) + 2 * CALIBRATION_PROMPTS, args.prompt_tokens,
+                               args.max_new_tokens)
+        calibration = [w for w in more if w not in all_prompts][-CALIBRATION_PROMPTS:]
     prompt_sets = {bs: all_prompts[: args.prompts_batch1 if bs == 1 else bs] for bs in batch_sizes}
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     n_params = sum(p.numel() for p in model.parameters())
@@ -733,6 +776,33 @@ def main(argv=None) -> int:
             print(f"ours batch {bs} k {k}: {agg['tokens_per_s']:.1f} tokens/s, {agg['tokens_per_forward']:.2f} "
                   f"tokens/forward", file=sys.stderr, flush=True)
             save()
+    if tree_nodes:
+        t0 = time.perf_counter()
+        cal = calibrate_trees(model, calibration, args.max_new_tokens, eod, pad, tree_nodes)
+        result["tree_calibration"] = {"accuracy_per_head_rank": cal["accuracy_per_head_rank"],
+                                      "prompts": cal["calibration_prompts"], "seconds": time.perf_counter() - t0,
+                                      "trees": {str(m): t.spec() for m, t in cal["trees"].items()},
+                                      "expected_tokens_per_forward": {
+                                          str(m): t.expected_tokens(cal["accuracy_per_head_rank"])
+                                          for m, t in cal["trees"].items()}}
+        for bs in batch_sizes:
+            for m, tree in cal["trees"].items():
+                run_config(model, prompt_sets[bs], bs, 1, args.max_new_tokens, eod, pad, gen, tree)  # warm-up
+                stats = []
+                for _ in range(args.repeats):
+                    synchronize(args.device)
+                    outs, s = run_config(model, prompt_sets[bs], bs, 1, args.max_new_tokens, eod, pad, gen, tree)
+                    stats += s
+                agg = aggregate(stats, tree.heads)
+                speedup = agg["tokens_per_s"] / plain_rate[bs]
+                result["rows"].append({"decoder": f"ours_tree{m}", "batch_size": bs, "k": tree.heads,
+                                       "tree_nodes": tree.nodes, "tree": tree.describe(),
+                                       "prompts": len(prompt_sets[bs]), **agg, "speedup_vs_plain": speedup,
+                                       "speedup_per_token_per_forward": speedup / agg["tokens_per_forward"],
+                                       **common_prefix(outs, outputs[(bs, 1)])})
+                print(f"ours batch {bs} tree of {tree.nodes} nodes (depth {tree.depth}): {agg['tokens_per_s']:.1f} "
+                      f"tokens/s, {agg['tokens_per_forward']:.2f} tokens/forward", file=sys.stderr, flush=True)
+                save()
     dec = decoder_for(model)
     result["ours"] = {"cuda_graphs": dec.graphs, "compiled": dec.compile and dec.compile_error is None,
                       "gemv": dec.gemv, "attention": dec.attention, "layer_kernels": dec.layer_kernels,
@@ -791,6 +861,8 @@ def main(argv=None) -> int:
                 ratios[f"ours_plain_over_{name}"] = rate["ours_k1"] / rate[name]
                 for k in ks[1:]:
                     ratios[f"ours_k{k}_over_{name}"] = rate[f"ours_k{k}"] / rate[name]
+                for m in tree_nodes:
+                    ratios[f"ours_tree{m}_over_{name}"] = rate[f"ours_tree{m}"] / rate[name]
     result["ratios_batch1"] = ratios
     json_path = save()
     png_path = None if args.no_plot else json_path[:-5] + ".png"

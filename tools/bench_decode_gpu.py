@@ -10,13 +10,16 @@ work; the GPU runs the trainings), and the benchmarks after the training only ca
 
   0 s         the two trainings start (configs/code_100m.yaml n = 4, configs/code_100m_n8.yaml n = 8; SIGTERM at
               TRAIN_S makes each checkpoint and stop), and the short CUDA correctness test (fp32: the graph and
-              compiled paths give the eager path's tokens: the GEMV layer kernels with the split-KV attention
-              first, then the split-KV attention alone, SDPA, the fused and the flex attention);
+              compiled paths give the eager path's tokens, draft trees included: the GEMV layer kernels with the
+              split-KV attention first, then the split-KV attention alone, SDPA, the fused and the flex
+              attention; then sampling through the captured step, linear and over a draft tree, by chi-square);
   meanwhile   compile warm-up in this process: the 1.1B shape (VARIANTS_1B) and the two code
               shapes at batch 1 and 16, k = 1..n, bf16 — the compilations counted and timed per shape;
   TRAIN_S     1. the n = 4 model: ours k = 1..4 at batch 1 and 16, then transformers' default, prompt-lookup and
                  static-cache compiled generate on its HF export -> decode_<tag>.json
-              2. the n = 8 byte model at batch 1 on 16 held-out prompts, k = 1..8 -> decode_<tag>_n8.json
+                 and draft trees of TREES nodes
+              2. the n = 8 byte model at batch 1 on 16 held-out prompts, k = 1..8 and draft trees of TREES nodes
+                 -> decode_<tag>_n8.json
               3. the 1.1B shape, random weights: forward time over 1..4 tokens, the speculative steps, plain
                  tokens/s against the HBM floor, kernel profiles; the decoder variants VARIANTS_1B names
                  (default: the defaults, the split-KV attention with torch's layer programs, SDPA)
@@ -67,6 +70,8 @@ ALL_PARTS = ("n4", "n8", "1b", "n4_attention", "100m")
 PARTS = set(ENV.get("PARTS", ",".join(ALL_PARTS)).split(","))
 VARIANTS_1B = ENV.get("VARIANTS_1B", "default,flash_decoding,sdpa")
 VARIANTS_N4 = [a for a in ENV.get("VARIANTS_N4", "flash_decoding,sdpa").split(",") if a]  # the n4_attention part
+# Draft trees (node counts) decoded beside the k rows of the two trained models (bench_decode.py --trees); "" none.
+TREES = ENV.get("TREES", "16,32,64")
 T0 = time.monotonic()
 
 # A dry run: tiny models (the trainings' overrides also shape the warm-up models), short prompts.
@@ -94,7 +99,7 @@ def say(msg: str) -> None:
 
 
 RECORD = {"tag": TAG, "device": DEVICE, "quick": QUICK, "deadline_s": DEADLINE_S, "train_s": TRAIN_S,
-          "iters": {"n4": ITERS4, "n8": ITERS8}, "parts": sorted(PARTS), "variants_1b": VARIANTS_1B,
+          "iters": {"n4": ITERS4, "n8": ITERS8}, "parts": sorted(PARTS), "variants_1b": VARIANTS_1B, "trees": TREES,
           "phases": [], "warm_up": []}
 
 
@@ -171,7 +176,7 @@ def warm_up(config: str, overrides: list, batch_sizes: list, variants: list, lab
     import bench_decode
     import decode_compile_report
     from megatron_mtp.config import load_config
-    from megatron_mtp.inference import generate
+    from megatron_mtp.inference import DraftTree, generate
     from megatron_mtp.inference.generation import attention_backends, decoder_for
 
     cfg = load_config(os.path.join(REPO, config), overrides)
@@ -199,6 +204,17 @@ def warm_up(config: str, overrides: list, batch_sizes: list, variants: list, lab
                     RECORD["warm_up"].append(row)
                     if new or row["first_call_s"] > 2:
                         say(f"warm-up {label} {variant} b={b} k={k}: {row['first_call_s']:.1f}s compiled {new or '-'}")
+            # Draft trees: a tree of each size, shaped by a made-up decaying accuracy profile (the benchmark
+            # calibrates its own trees; the compiled programs depend on the sizes' classes, not the shape).
+            prior = [[0.6 * 0.8 ** d * 0.4 ** r for r in range(bench_decode.TREE_RANKS)] for d in range(n - 1)]
+            for nodes in [int(x) for x in TREES.split(",") if x] if n > 1 else []:
+                for b in batch_sizes:
+                    t = time.perf_counter()
+                    with attention_backends(torch.device(DEVICE)):
+                        generate(model, prompts[:b], NEW_TOKENS, tree=DraftTree.from_accuracy(prior, nodes))
+                    RECORD["warm_up"].append({"model": label, "variant": variant, "batch": b, "tree_nodes": nodes,
+                                              "first_call_s": round(time.perf_counter() - t, 2),
+                                              "compile_error": decoder_for(model).compile_error})
             save_record()
     finally:
         RECORD["graphs_per_program"] = decode_compile_report.compiled_graphs()
@@ -233,6 +249,8 @@ def check_selection() -> None:
         if unknown:
             raise SystemExit(f"error: unknown {name} entry {unknown[0]!r}; choose from "
                              f"{', '.join(bench_decode.DECODER_VARIANTS)}.")
+    if TREES and not all(x.strip().isdigit() and int(x) >= 2 for x in TREES.split(",")):
+        raise SystemExit(f"error: TREES takes node counts of at least 2 like 16,32,64 (or nothing), got {TREES!r}.")
 
 
 def main() -> int:
@@ -246,7 +264,7 @@ def main() -> int:
     RECORD["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     RECORD["command"] = "OUT=$OUT " + " ".join(f"{k}={ENV[k]}" for k in ("DEADLINE_S", "TRAIN_S", "ITERS4", "ITERS8",
                                                                         "TESTS_S", "QUICK", "DEVICE", "PARTS",
-                                                                        "VARIANTS_1B", "VARIANTS_N4", "TAG",
+                                                                        "VARIANTS_1B", "VARIANTS_N4", "TREES", "TAG",
                                                                         "RUNS_DIR")
                                                  if k in ENV) \
         + " bash tools/bench_decode_gpu.sh"
@@ -272,7 +290,8 @@ def main() -> int:
                        *(f"{cuda_test}[{case}]" for case in ("graphs+compile+triton_layers", "graphs+triton_layers",
                                                              "graphs+compile+flash_decoding", "graphs+flash_decoding",
                                                              "graphs+compile", "graphs+compile+fused",
-                                                             "graphs+compile+flex"))],
+                                                             "graphs+compile+flex")),
+                       "tests/test_speculative.py::test_speculative_sampling_with_cuda_graphs_matches_plain_distribution"],
                       os.path.join(work, "tests.txt"), TESTS_S, "KILL")
 
     import torch
@@ -324,13 +343,13 @@ def main() -> int:
     # (Reserves as shares of what is left, so a shortened run keeps the same order of sacrifice.)
     if "n4" in PARTS:
         phase("bench n=4 ours + transformers", max(0.6 * left(), left() - 75),
-              lambda: bench(["--load", RUN4, "--tag", TAG]))
+              lambda: bench(["--load", RUN4, "--tag", TAG] + (["--trees", TREES] if TREES else [])))
     if "n8" in PARTS:
         phase("bench n=8 k=1..8", max(0.3 * left(), left() - 50),
               # 16 prompts, not 4: bytes per forward is the target here, and over 4 x 128 bytes it moved by
               # +-0.2 between runs of similar models
               lambda: bench(["--load", RUN8, "--tag", f"{TAG}_n8", "--batch-sizes", "1", "--peers", "none",
-                             "--prompts-batch1", "4" if QUICK else "16"]))
+                             "--prompts-batch1", "4" if QUICK else "16"] + (["--trees", TREES] if TREES else [])))
     if "1b" in PARTS:
         phase(f"bandwidth 1.1B {VARIANTS_1B}", max(0.7 * left(), left() - 28),
               lambda: bench(["--bandwidth", BANDWIDTH_CONFIG, "--tag", f"{TAG}_1b", "--profile",

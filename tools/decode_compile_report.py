@@ -38,7 +38,8 @@ SHAPES = [(1, 1, True), (1, 2, True), (1, 3, True), (1, 4, True), (16, 1, True),
           (1, 1, False), (1, 4, False), (16, 4, False), (4, 2, True), (4, 3, False)]
 
 PROGRAMS = {"qkv": transformer.decode_qkv, "mlp": transformer.decode_mlp, "inputs": generation.step_inputs,
-            "tail": generation.greedy_tail, "commit": generation.commit,
+            "tail": generation.greedy_tail, "commit": generation.commit, "tree_inputs": generation.tree_inputs,
+            "tree_verify": generation.tree_verify, "compact": generation.compact_slots,
             "attention": transformer.decode_attention_fused, "attention_flex": generation.decode_attention_flex}
 
 

@@ -3,10 +3,14 @@
     mtp-generate --load runs/tiny --prompt "def fibonacci(n):" --max-new-tokens 128 --greedy
     mtp-generate --load runs/tiny --prompt-file prompts.jsonl --max-new-tokens 64 \\
         --temperature 0.8 --top-p 0.95 --speculative --heads 4 --device cuda
+    mtp-generate --load runs/code_100m_n8 --prompt "def parse(" --speculative --tree 32 --device cuda
 
 The generated text goes to stdout (one block per prompt, headed ``### prompt i`` when there are several);
 statistics — tokens per forward, per-head acceptance, tokens/s — go to stderr, with a tqdm progress bar.
 ``--compare`` also runs plain decoding (head 1 only) on the same prompts and reports the speedup.
+``--tree`` verifies a draft tree of the heads' top candidates instead of one draft per head: a node
+count (the tree is chosen from the heads' per-rank accuracies, measured on a plain greedy continuation of the
+prompts) or explicit paths of ranks (``"0;1;0,0;1,0"``; docs/inference.md, draft trees).
 
 ``--load`` takes a training run directory, one of its ``step_*`` checkpoints (any TP/PP layout) or an
 exported HuggingFace directory. ``--prompt-file``: a ``.jsonl`` file gives one prompt per line (field
@@ -22,7 +26,7 @@ import sys
 import torch
 
 from megatron_mtp.errors import InputError, UserError, report
-from megatron_mtp.inference import SamplingParams, default_dtype, generate, load_model
+from megatron_mtp.inference import DraftTree, SamplingParams, default_dtype, generate, head_accuracy, load_model
 from megatron_mtp.inference.generation import _Programs, decoder_for
 
 
@@ -64,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--speculative", action="store_true", help="self-speculative decoding with the MTP heads")
     p.add_argument("--heads", type=int, default=None, help="heads used by --speculative (default: all n)")
+    p.add_argument("--tree", default=None, metavar="NODES|PATHS",
+                   help="with --speculative: verify a draft tree of NODES nodes, chosen from the heads' "
+                        "accuracies on a plain greedy continuation of the prompts, or the tree of explicit PATHS "
+                        "like '0;1;0,0;1,0' (ranks of heads 2, 3, ..)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float64"], default=None,
                    help="weights dtype (default: bfloat16 on cuda, float32 on cpu)")
@@ -108,6 +116,13 @@ def run(args) -> int:
             raise InputError(f"--heads must lie in 1..{n} (this model has {n} heads), got {heads}.")
     elif args.heads is not None:
         raise InputError("--heads needs --speculative.")
+    if args.tree is not None:
+        if not args.speculative:
+            raise InputError("--tree needs --speculative.")
+        if heads < 2:
+            raise InputError("--tree needs at least 2 heads (--heads).")
+        if not args.tree.strip().isdigit():
+            DraftTree.parse(args.tree)  # a malformed tree is reported before any decoding
     try:  # the decoder options checked once, before any decoding: one sentence if this machine lacks them
         decoder_for(model, compile=False if args.no_compile else None, attention=args.attention,
                     layer_kernels=args.layer_kernels)
@@ -120,23 +135,27 @@ def run(args) -> int:
           f"parameters, {dtype} on {args.device}; {sampling.describe()}; "
           f"{'speculative with %d heads' % heads if heads > 1 else 'plain decoding'}", file=sys.stderr)
 
-    def decode_all(k: int, seed: int, progress: bool = not args.no_progress):
+    def decode_all(k: int, seed: int, progress: bool = not args.no_progress, tree=None):
         gen = torch.Generator(device=args.device).manual_seed(seed)
         texts, stats = [], []
         for start in range(0, len(encoded), args.batch_size):
             out = generate(model, encoded[start: start + args.batch_size], args.max_new_tokens, sampling,
-                           heads=k, eod=eod, pad_id=pad, generator=gen, progress=progress,
-                           compile=False if args.no_compile else None)
+                           heads=1 if tree else k, eod=eod, pad_id=pad, generator=gen, progress=progress,
+                           compile=False if args.no_compile else None, tree=tree)
             texts += [tokenizer.decode(t) for t in out.tokens]
             stats.append(out.stats)
         return texts, stats
 
+    tree = None
+    if args.tree is not None:
+        tree = choose_tree(model, args.tree, heads, encoded[: args.batch_size], args, eod, pad)
+        print(f"draft tree: {tree.describe()}; paths {tree.spec()}", file=sys.stderr)
     if args.compare:
         # Time warm decoders: the first call of each captures its CUDA graphs (and compiles) and fills
         # allocator caches; without this the speedup would compare a cold run against a warm one.
-        for k in sorted({1, heads}):
-            decode_all(k, args.seed, progress=False)
-    texts, stats = decode_all(heads, args.seed)
+        decode_all(1, args.seed, progress=False)
+        decode_all(heads, args.seed, progress=False, tree=tree)
+    texts, stats = decode_all(heads, args.seed, tree=tree)
     for i, text in enumerate(texts):
         if len(texts) > 1:
             sys.stdout.write(f"### prompt {i}\n")
@@ -149,11 +168,29 @@ def run(args) -> int:
         spec_rate = sum(s.tokens for s in stats) / sum(s.wall_s for s in stats)
         plain_rate = sum(s.tokens for s in plain_stats) / sum(s.wall_s for s in plain_stats)
         same = sum(a == b for a, b in zip(texts, plain_texts))
-        print(f"plain decoding: {plain_rate:.1f} tokens/s; speculative ({heads} heads): {spec_rate:.1f} tokens/s; "
+        what = f"draft tree of {tree.nodes} nodes" if tree else f"{heads} heads"
+        print(f"plain decoding: {plain_rate:.1f} tokens/s; speculative ({what}): {spec_rate:.1f} tokens/s; "
               f"speedup {spec_rate / plain_rate:.2f}x; {same}/{len(texts)} outputs identical to plain"
               f"{'' if sampling.greedy else ' (sampling: equal in distribution, not sample by sample)'}",
               file=sys.stderr)
     return 0
+
+
+def choose_tree(model, spec: str, heads: int, prompts: list, args, eod, pad) -> DraftTree:
+    """``--tree``: explicit paths as given, or a node count: the most probable tree of that many nodes under the
+    heads' per-rank accuracies on a plain greedy continuation of ``prompts`` (at most 64 new tokens each)."""
+    if not spec.strip().isdigit():
+        return DraftTree.parse(spec)
+    nodes = int(spec)
+    if nodes < 2:
+        raise InputError(f"--tree needs at least 2 nodes (the root and one draft), got {nodes}.")
+    budget = min(args.max_new_tokens, 64)
+    plain = generate(model, prompts, budget, eod=eod, pad_id=pad, compile=False if args.no_compile else None)
+    sequences = [p + t for p, t in zip(prompts, plain.tokens)]
+    accuracy = head_accuracy(model, sequences, ranks=8, heads=heads, targets_from=[len(p) for p in prompts])
+    print("head accuracy by rank (calibration): " + "; ".join(
+        f"head {d + 2} " + " ".join(f"{a:.2f}" for a in row[:4]) for d, row in enumerate(accuracy)), file=sys.stderr)
+    return DraftTree.from_accuracy(accuracy, nodes)
 
 
 def main(argv=None) -> int:

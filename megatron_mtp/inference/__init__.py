@@ -11,6 +11,7 @@ from megatron_mtp.inference.generation import DecodeStats, GenerationOutput, gen
 from megatron_mtp.inference.kv_cache import KVCache
 from megatron_mtp.inference.loading import ModelLoadError, default_dtype, load_model
 from megatron_mtp.inference.sampling import SamplingParams, next_tokens, probabilities, sample
+from megatron_mtp.inference.tree import DraftTree, head_accuracy
 
-__all__ = ["DecodeStats", "GenerationOutput", "KVCache", "ModelLoadError", "SamplingParams", "default_dtype",
-           "generate", "load_model", "next_tokens", "probabilities", "sample", "verify_greedy", "verify_sampled"]
+__all__ = ["DecodeStats", "DraftTree", "GenerationOutput", "KVCache", "ModelLoadError", "SamplingParams", "default_dtype",
+           "generate", "head_accuracy", "load_model", "next_tokens", "probabilities", "sample", "verify_greedy", "verify_sampled"]

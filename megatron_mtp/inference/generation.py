@@ -13,7 +13,8 @@ Self-speculative decoding with ``k`` heads (2 <= k <= n; paper section 3.4, bloc
   input a, the last accepted position: their predictions are the next forward's drafts;
 * the cache commits a + 1 slots of the k written (y and the accepted drafts); the rest are rolled back.
 
-So every forward emits a + 1 tokens per sequence and sequences move on at their own pace.
+So every forward emits a + 1 tokens per sequence and sequences move on at their own pace. A draft tree
+(``inference.tree``) verifies each head's top candidates in one forward instead of one draft per head.
 
 Greedy verification accepts the longest prefix of drafts equal to head 1's argmax, which makes the output
 identical to plain greedy decoding. Sampling uses speculative sampling with rejection (Leviathan et al.
@@ -45,10 +46,11 @@ from torch.nn.attention.flex_attention import flex_attention
 from megatron_mtp.errors import InputError
 from megatron_mtp.ops import decode_attention as flash_decoding_kernels
 from megatron_mtp.ops import decode_gemv as gemv_kernels
-from megatron_mtp.inference.kv_cache import KVCache, decode_bias, decode_positions
+from megatron_mtp.inference.kv_cache import KVCache, compact_slots, decode_bias, decode_positions, tree_bias
 from megatron_mtp.model.transformer import (decode_attention, decode_attention_fused, decode_layers, decode_mlp,
                                             decode_qkv, rms_norm, stacked_alias, unfold_heads)
 from megatron_mtp.inference.sampling import SamplingParams, next_tokens, probabilities, sample
+from megatron_mtp.inference.tree import DraftTree
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -245,8 +247,10 @@ def all_logits(h1, hd, norm_weight, eps: float, unembedding, vocab: int) -> tupl
 def commit(inputs, accepted, y, drafts, out, out_len, done, all_done, budget, eod, forwards, seq_forwards,
            proposed, accepted_count, lengths) -> None:
     """The bookkeeping of a step, in place: emit the accepted drafts then y (a + 1 tokens per live sequence),
-    stop conditions, statistics, the next inputs [y, drafts], and the cache commit (a + 1 of the k slots
-    written; the rest are rolled back by not counting them). Finished sequences ride along unchanged."""
+    stop conditions, statistics, the next inputs [y, drafts] (written into ``inputs``; a draft tree's step
+    passes its accepted path as ``inputs`` and no drafts, and writes its next inputs itself), and the cache
+    commit (a + 1 of the k slots written; the rest are rolled back by not counting them). Finished sequences
+    ride along unchanged."""
     b, k = inputs.shape
     active = ~done
     # All k columns are written (the ones past a are overwritten by the next step); only a + 1 count.
@@ -268,10 +272,10 @@ def commit(inputs, accepted, y, drafts, out, out_len, done, all_done, budget, eo
         live = (i < k - 1) & active[:, None]
         proposed.add_(((i <= accepted[:, None]) & live).sum(0))
         accepted_count.add_(((i < accepted[:, None]) & live).sum(0))
-        y = torch.cat([y[:, None], drafts], 1)
-    # One copy of the whole buffer, the source viewed in its shape: a copy into column slices, or one that
-    # broadcasts, would make a compiler specialise on batch 1 or k = 2.
-    inputs.copy_(y.view(b, k))
+    if k == 1 or drafts is not None:
+        # One copy of the whole buffer, the source viewed in its shape: a copy into column slices, or one that
+        # broadcasts, would make a compiler specialise on batch 1 or k = 2.
+        inputs.copy_((y[:, None] if drafts is None else torch.cat([y[:, None], drafts], 1)).view(b, k))
     lengths.add_(gained)
 
 
@@ -288,6 +292,51 @@ def greedy_tail(h1, hd, norm_weight, eps: float, unembedding, vocab: int, inputs
         drafts = select_rows(draft_logits, accepted).argmax(-1)
     commit(inputs, accepted, y, drafts, out, out_len, done, all_done, budget, eod, forwards, seq_forwards,
            proposed, accepted_count, lengths)
+
+
+def tree_inputs(lengths, start, cos_table, sin_table, ancestors, depth, capacity: int, group: int) -> tuple:
+    """``step_inputs`` of a forward over a draft tree: the tree's mask (``kv_cache.tree_bias``) and RoPE at
+    each node's depth past the committed length."""
+    bias = tree_bias(lengths, start, ancestors, capacity, group, cos_table.dtype)
+    pos = (lengths - start)[:, None] + depth[None]
+    return bias, cos_table[pos], sin_table[pos]
+
+
+def tree_verify(h1, hd, norm_weight, eps: float, unembedding, vocab: int, inputs, parent, ancestors, depth, path,
+                head, rank, ranks: int, pred=None) -> tuple:
+    """Verification of a draft tree (``inference.tree``): ``inputs`` [b, N] (the root y and the drafts), head 1's
+    outputs ``h1`` [b, N, hidden] and the draft heads' ``hd`` [depth, b, N, hidden] at every node; ``pred``
+    [b, N] head 1's token at every node — its argmax when None (greedy), else drawn by the caller
+    (``sample_tree_nodes``). A node is accepted when its token is ``pred`` at its parent and its parent is
+    accepted; the deepest accepted node (one per depth at most: a head's candidates differ) ends the path.
+    Returns
+    (accepted a [b], the next token y [b] — head 1's argmax there —, the path's nodes [b, depth + 1] and
+    tokens [b, depth + 1] (the root first; nodes past a repeat the last), the next inputs [b, N]: y and the
+    draft heads' top-``ranks`` candidates at the last accepted node, placed by the tree's (head, rank))."""
+    b, n = inputs.shape
+    if pred is None:
+        pred = head_logits(h1, norm_weight, eps, unembedding, vocab).argmax(-1)  # [b, N]
+    ok = (inputs == pred.gather(1, parent[None].expand(b, n))) | (torch.arange(n, device=inputs.device) == 0)
+    reached = (ok[:, None, :] | ~ancestors[None]).all(-1)  # [b, N]: the node and all its ancestors match
+    best = (reached.long() * (depth + 1)[None]).argmax(1)  # [b]
+    accepted = depth[best]
+    y = pred.gather(1, best[:, None]).view(b)
+    nodes = path[best]  # [b, depth + 1]
+    tokens = inputs.gather(1, nodes)
+    draft_logits = head_logits(select_rows(hd, best), norm_weight, eps, unembedding, vocab)  # [b, depth, V]
+    candidates = draft_logits.topk(ranks, dim=-1).indices  # [b, depth, ranks]
+    following = candidates[:, head, rank]  # [b, N - 1]
+    return accepted, y, nodes, tokens, torch.cat([y[:, None], following], 1)
+
+
+def sample_tree_nodes(p: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Sampling over a draft tree: one token per node [b, N], each drawn independently from head 1's
+    (filtered) distribution ``p`` [b, N, V] there. The tree is then followed while a node's token is the one
+    drawn at its parent, and the tokens emitted are the draws along that path: each is drawn from head 1 given
+    exactly its prefix, so the output is distributed as plain sampling (the candidates are fixed in advance,
+    so a candidate x is taken with probability p(x): speculative sampling's rule for a draft distribution that
+    is a point mass on x). Draws at nodes off the path are never used."""
+    return sample(p, generator)
 
 
 class _SizeOblivious:
@@ -316,7 +365,8 @@ class _Programs:
     under which a one-row matmul (batch 1, one token) becomes a Triton reduction that the norm before it
     and the residual add after it fuse into (gpt-fast's configuration)."""
 
-    EAGER = dict(qkv=decode_qkv, mlp=decode_mlp, inputs=step_inputs, tail=greedy_tail, commit=commit)
+    EAGER = dict(qkv=decode_qkv, mlp=decode_mlp, inputs=step_inputs, tail=greedy_tail, commit=commit,
+                 tree_inputs=tree_inputs, tree_verify=tree_verify, compact=compact_slots)
     # The decode attentions by name. sdpa (a library kernel) and flash_decoding (Triton kernels launched from
     # Python, captured by the step's graph like any kernel) run as they are, compiled decoder or not; fused and
     # flex exist only compiled.
@@ -354,6 +404,7 @@ class _Programs:
             self.attention = fns.pop("attention", self.attention)
         self.qkv, self.mlp, self.inputs, self.tail, self.commit = (fns[n] for n in ("qkv", "mlp", "inputs", "tail",
                                                                                     "commit"))
+        self.tree_inputs, self.tree_verify, self.compact = fns["tree_inputs"], fns["tree_verify"], fns["compact"]
         if layer_kernels == "triton":
             self.qkv, self.mlp = _ByRows(gemv_kernels.qkv, self.qkv), _ByRows(gemv_kernels.mlp, self.mlp)
 
@@ -381,6 +432,7 @@ class _State:
         self.proposed = torch.zeros(max(1, n_heads - 1), **z)
         self.accepted = torch.zeros(max(1, n_heads - 1), **z)
         self.inputs = {k: torch.zeros(b, k, **z) for k in range(1, n_heads + 1)}  # [y, drafts of heads 2..k]
+        self.trees = {}  # DraftTree -> [b, N]: the root y and the drafts at the tree's nodes
         self.q = {}  # k -> [b, k-1, V] draft distributions (sampling)
         self.prompts = {}  # padded width -> [b, width]
         self.vocab, self.device = vocab, device
@@ -389,6 +441,14 @@ class _State:
         if width not in self.prompts:
             self.prompts[width] = torch.zeros(self.b, width, dtype=torch.long, device=self.device)
         return self.prompts[width]
+
+    def step_inputs(self, k: int, tree: Optional[DraftTree]) -> torch.Tensor:
+        """The inputs of a k-token step [b, k], or of a draft tree's [b, N]."""
+        if tree is None:
+            return self.inputs[k]
+        if tree not in self.trees:
+            self.trees[tree] = torch.zeros(self.b, tree.nodes, dtype=torch.long, device=self.device)
+        return self.trees[tree]
 
     def q_buffer(self, k: int) -> torch.Tensor:
         if k not in self.q:
@@ -469,6 +529,7 @@ class Decoder:
         if self.batched_drafts:
             self.sync_draft_weights()
         self._states: dict = {}
+        self._trees: dict = {}  # DraftTree -> its index tensors on the device (``DraftTree.tensors``)
         self._graphs: dict = {}
         self._pool = None
         self._generator = torch.Generator(device=self.device) if self.graphs else None
@@ -518,13 +579,24 @@ class Decoder:
 
     # ---- the two programs -----------------------------------------------------------------------------
 
-    def _forward(self, st: _State, tokens: torch.Tensor, k: int) -> tuple:
+    def tree_tensors(self, tree: DraftTree) -> dict:
+        if tree not in self._trees:
+            self._trees[tree] = tree.tensors(self.device)
+        return self._trees[tree]
+
+    def _forward(self, st: _State, tokens: torch.Tensor, k: int, tree: Optional[DraftTree] = None) -> tuple:
         """Trunk, head 1 and the draft heads 2..k over ``tokens`` [b, s] -> (head 1's outputs [b, s, hidden],
         the draft heads' [k-1, b, s, hidden] or None). Every head runs over every input: its KV cache needs
-        them all. With graphs the draft heads run on a side stream beside head 1 and the verification."""
+        them all. With graphs the draft heads run on a side stream beside head 1 and the verification.
+        ``tree``: the tokens are a draft tree's nodes (its mask and positions instead of a causal chain's)."""
         model, cache, s = self.model, st.cache, tokens.size(1)
-        mask, cos, sin = self.programs.inputs(cache.lengths, cache.start, self.cos_table, self.sin_table, s,
-                                              cache.capacity, self.group)
+        if tree is None:
+            mask, cos, sin = self.programs.inputs(cache.lengths, cache.start, self.cos_table, self.sin_table, s,
+                                                  cache.capacity, self.group)
+        else:
+            t = self.tree_tensors(tree)
+            mask, cos, sin = self.programs.tree_inputs(cache.lengths, cache.start, self.cos_table, self.sin_table,
+                                                       t["ancestors"], t["depth"], cache.capacity, self.group)
         z = model.trunk_forward(tokens, cos, sin, cache, mask)
         if k == 1:
             return model.output.heads[0](z, cos, sin, cache, mask), None
@@ -554,9 +626,11 @@ class Decoder:
         out = self.model.output
         return out.final_norm.weight, out.final_norm.eps, out._unembedding(self.model.tied_weight)
 
-    def prefill(self, st: _State, width: int, k: int, sampling: SamplingParams, generator) -> None:
+    def prefill(self, st: _State, width: int, k: int, sampling: SamplingParams, generator,
+                tree: Optional[DraftTree] = None) -> None:
         """The left-padded prompts (``st.prompts[width]``, ``st.cache.start``) in one forward; the first
-        token, the first drafts and fresh counters. ``st.budget`` and ``st.eod`` are set by the caller."""
+        token, the first drafts (a draft tree's: each head's top candidates) and fresh counters.
+        ``st.budget`` and ``st.eod`` are set by the caller."""
         cache = st.cache
         cache.lengths.zero_()
         h1, hd = self._forward(st, st.prompts[width], k)
@@ -573,9 +647,13 @@ class Decoder:
         st.seq_forwards.fill_(st.b)
         st.proposed.zero_()
         st.accepted.zero_()
-        inputs = st.inputs[k]
+        inputs = st.step_inputs(k, tree)
         inputs[:, 0] = y
-        if hd is not None:
+        if tree is not None:
+            t = self.tree_tensors(tree)
+            logits = head_logits(select_rows(hd, last), norm_w, eps, unembedding, vocab)
+            inputs[:, 1:] = logits.topk(tree.ranks, dim=-1).indices[:, t["head"], t["rank"]]
+        elif hd is not None:
             drafts, q = next_tokens(head_logits(select_rows(hd, last), norm_w, eps, unembedding, vocab), sampling,
                                     generator)
             inputs[:, 1:] = drafts
@@ -604,6 +682,26 @@ class Decoder:
             st.q[k].copy_(q)
         self.programs.commit(inputs, accepted, y, drafts, *st.counters())
 
+
+    def tree_step(self, st: _State, tree: DraftTree, sampling: SamplingParams, generator) -> None:
+        """One forward over a draft tree's nodes per sequence: verify (greedily, or with a draw from head 1 at
+        every node: ``sample_tree_nodes``), move the accepted path's keys and values to consecutive slots, emit
+        a + 1 tokens, draft the next tree — all on the device."""
+        inputs = st.step_inputs(tree.heads, tree)
+        h1, hd = self._forward(st, inputs, tree.heads, tree)
+        norm_w, eps, unembedding = self._unembedding()
+        vocab = self.model.cfg.vocab_size
+        t = self.tree_tensors(tree)
+        pred = None
+        if not sampling.greedy:  # (drawn eagerly: the compiler does not trace generators)
+            pred = sample_tree_nodes(probabilities(head_logits(h1, norm_w, eps, unembedding, vocab), sampling),
+                                     generator)
+        accepted, y, nodes, tokens, following = self.programs.tree_verify(
+            h1, hd, norm_w, eps, unembedding, vocab, inputs, t["parent"], t["ancestors"], t["depth"], t["path"],
+            t["head"], t["rank"], tree.ranks, pred)
+        st.cache.compact(nodes, self.programs.compact)
+        self.programs.commit(tokens, accepted, y, None, *st.counters())
+        inputs.copy_(following)
 
     # ---- CUDA graphs ----------------------------------------------------------------------------------
 
@@ -664,13 +762,15 @@ class Decoder:
     # ---- one generate call ----------------------------------------------------------------------------
 
     def generate(self, prompts, max_new_tokens, sampling, heads, eod, pad_id, generator, progress,
-                 callback) -> GenerationOutput:
+                 callback, tree: Optional[DraftTree] = None) -> GenerationOutput:
         model = self.model
-        k, b = heads, len(prompts)
+        k, b = (heads if tree is None else tree.heads), len(prompts)
         n_heads = model.mtp.n_heads
         lengths = [len(p) for p in prompts]
         width = _round_up(max(lengths), self.WIDTH_BUCKET) if self.graphs else max(lengths)
-        capacity = _round_up(width + max_new_tokens + 2 * n_heads, self.CAPACITY_BUCKET)
+        # (a step writes up to k slots, a draft tree's N, past the committed length)
+        written = max(n_heads, 0 if tree is None else tree.nodes)
+        capacity = _round_up(width + max_new_tokens + 2 * written, self.CAPACITY_BUCKET)
         stats = DecodeStats(heads=k, batch_size=b, prompt_tokens=sum(lengths))
         t0 = time.perf_counter()
         if self.batched_drafts and k > 1:
@@ -682,21 +782,23 @@ class Decoder:
         st.cache.reset([width - n for n in lengths])
         st.budget.fill_(max_new_tokens)
         st.eod.fill_(-1 if eod is None else eod)
-        skey = (sampling.greedy, sampling.temperature, sampling.top_k, sampling.top_p)
+        skey = (sampling.greedy, sampling.temperature, sampling.top_k, sampling.top_p, tree)
         sampled = not sampling.greedy
         if self.graphs:
             gen = self._generator
             g_prefill = self._graph(("prefill", b, capacity, width, k, skey),
-                                    lambda: self.prefill(st, width, k, sampling, gen), sampled)
-            g_step = self._graph(("step", b, capacity, k, skey), lambda: self.step(st, k, sampling, gen), sampled)
+                                    lambda: self.prefill(st, width, k, sampling, gen, tree), sampled)
+            g_step = self._graph(("step", b, capacity, k, skey), (lambda: self.tree_step(st, tree, sampling, gen))
+                                 if tree else (lambda: self.step(st, k, sampling, gen)), sampled)
             if sampled:  # the caller's generator decides the stream (one draw from it per call)
                 seed = torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device
                                      if generator is not None else "cpu")
                 gen.manual_seed(int(seed))
             run_prefill, run_step = g_prefill.replay, g_step.replay
         else:
-            run_prefill = lambda: self.prefill(st, width, k, sampling, generator)  # noqa: E731
-            run_step = lambda: self.step(st, k, sampling, generator)  # noqa: E731
+            run_prefill = lambda: self.prefill(st, width, k, sampling, generator, tree)  # noqa: E731
+            run_step = ((lambda: self.tree_step(st, tree, sampling, generator)) if tree else  # noqa: E731
+                        (lambda: self.step(st, k, sampling, generator)))
 
         from tqdm import tqdm
 
@@ -835,9 +937,22 @@ def decoder_for(model, graphs: Optional[bool] = None, compile: Optional[bool] = 
     return dec
 
 
-def check_request(model, prompts, max_new_tokens: int, heads: int, sampling: SamplingParams) -> None:
+def check_request(model, prompts, max_new_tokens: int, heads: int, sampling: SamplingParams,
+                  tree: Optional[DraftTree] = None) -> None:
     """Every generation argument range-checked, one sentence each."""
     n_heads = model.mtp.n_heads
+    if tree is not None:
+        if not isinstance(tree, DraftTree):
+            raise InputError(f"tree must be a DraftTree (megatron_mtp.inference.tree), got {type(tree).__name__}.")
+        if tree.heads > n_heads:
+            raise InputError(f"the draft tree is {tree.depth} deep, which needs {tree.heads} heads; the model has "
+                             f"{n_heads} (mtp.n_heads): use a tree of depth at most {n_heads - 1}.")
+        if heads not in (1, tree.heads):
+            raise InputError(f"heads={heads} disagrees with the draft tree, which uses {tree.heads} heads: leave "
+                             f"heads out when giving a tree.")
+        if tree.ranks > model.cfg.vocab_size:
+            raise InputError(f"the draft tree takes {tree.ranks} candidates per head, more than the vocabulary's "
+                             f"{model.cfg.vocab_size} tokens.")
     if isinstance(heads, bool) or not isinstance(heads, int) or not 1 <= heads <= n_heads:
         raise InputError(f"speculative heads must lie in 1..{n_heads} (the model's mtp.n_heads), got {heads}.")
     if not prompts:
@@ -874,6 +989,7 @@ def generate(
     gemv: Optional[bool] = None,
     attention: Optional[str] = None,
     layer_kernels: Optional[str] = None,
+    tree: Optional[DraftTree] = None,
 ) -> GenerationOutput:
     """Generate up to ``max_new_tokens`` for each prompt (lists of token ids, any lengths).
 
@@ -887,18 +1003,20 @@ def generate(
     (split-KV Triton kernels, ``ops.decode_attention``), ``"sdpa"``, or for a compiled decoder ``"fused"`` or
     ``"flex"`` (``Decoder``); ``layer_kernels`` the layer programs of a decode step (default: kept once set,
     else ``default_layer_kernels``): ``"triton"`` (four GEMV kernels a layer carrying the norm, RoPE, cache write,
-    SwiGLU and residual, ``ops.decode_gemv``; a prefill keeps torch's) or ``"torch"``.
+    SwiGLU and residual, ``ops.decode_gemv``; a prefill keeps torch's) or ``"torch"``. ``tree`` verifies a draft
+    tree of each head's top candidates instead of one draft per head (``inference.tree``; the output stays
+    plain greedy's, or distributed as plain sampling; ``heads`` is then the tree's).
     The model runs in eval mode (no dropout) and gets its previous mode back afterwards.
     """
     sampling = sampling or SamplingParams()
-    check_request(model, prompts, max_new_tokens, heads, sampling)
+    check_request(model, prompts, max_new_tokens, heads, sampling, tree)
     was_training = model.training
     model.eval()
     try:
         with attention_backends(model.embedding.weight.device):
             dec = decoder_for(model, graphs, compile, gemv, attention, layer_kernels)
             return dec.generate(prompts, max_new_tokens, sampling, heads, eod, pad_id, generator, progress,
-                                callback)
+                                callback, tree)
     finally:
         model.train(was_training)
 

@@ -59,6 +59,37 @@ def decode_bias(lengths: torch.Tensor, start: torch.Tensor, s_new: int, capacity
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))[:, None]
 
 
+def tree_bias(lengths: torch.Tensor, start: torch.Tensor, ancestors: torch.Tensor, capacity: int, group: int,
+              dtype: torch.dtype) -> torch.Tensor:
+    """``decode_bias`` of a forward over a draft tree (``inference.tree``): node i of sequence b, written at slot
+    lengths[b] + i, sees the committed slots start[b] .. lengths[b] - 1 and the slots of its ancestors and
+    itself (``ancestors`` bool [N, N]) — a linear chain's ancestors are the lower triangle, which is
+    ``decode_bias``. Rows in the folded order of ``decode_bias`` [b, 1, group * N, capacity]."""
+    n = ancestors.size(0)
+    slot = torch.arange(capacity, device=lengths.device)[None, None, :]  # [1, 1, capacity]
+    rel = slot - lengths[:, None, None]  # [b, 1, capacity]: the node a new slot holds
+    node = (torch.arange(group * n, device=lengths.device) % n)[None, :, None]  # [1, rows, 1]
+    mine = ancestors[node, rel.clamp(min=0, max=n - 1)] & (rel >= 0) & (rel < n)
+    visible = ((slot >= start[:, None, None]) & (rel < 0)) | mine
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, float("-inf"))[:, None]
+
+
+def compact_slots(k_all: torch.Tensor, v_all: torch.Tensor, lengths: torch.Tensor, nodes: torch.Tensor) -> None:
+    """Move the keys and values of each sequence's accepted draft-tree path to consecutive slots, in place:
+    slot lengths[b] + nodes[b, d] -> lengths[b] + d (``nodes`` [b, depth + 1], node 0 the root). ``k_all``
+    / ``v_all`` [m * b, n_kv, capacity, head_dim] hold m layers side by side. The whole path is read before
+    any slot is written (nodes[b, d] >= d, so an in-order copy could overwrite a source)."""
+    b, width = nodes.shape
+    m, capacity = k_all.size(0) // b, k_all.size(2)
+    src = (lengths[:, None] + nodes).clamp(max=capacity - 1).repeat(m, 1)  # [m * b, width]
+    dst = (lengths[:, None] + torch.arange(width, device=nodes.device)[None]).clamp(max=capacity - 1).repeat(m, 1)
+    rows = torch.arange(m * b, device=nodes.device)[:, None, None]
+    heads = torch.arange(k_all.size(1), device=nodes.device)[None, :, None]
+    for buf in (k_all, v_all):
+        moved = buf[rows, heads, src[:, None, :]]  # [m * b, n_kv, width, head_dim]
+        buf.index_put_((rows, heads, dst[:, None, :]), moved)
+
+
 class KVCache:
     # The per-layer math of a decode step (pure functions of tensors). The decoder swaps in compiled
     # versions on CUDA; the model itself makes no compile decisions.
@@ -106,6 +137,13 @@ class KVCache:
             if not first <= new <= old:
                 raise ValueError(f"cannot roll sequence {b} back to {new}: it holds slots {first}..{old}.")
         self.lengths.copy_(torch.tensor(lengths, dtype=torch.long))
+
+    def compact(self, nodes: torch.Tensor, program=compact_slots) -> None:
+        """After a draft-tree forward: every layer's accepted path (``nodes`` [b, depth + 1], offsets of the
+        slots written at ``lengths``) moved to consecutive slots (``compact_slots``, or a compiled
+        ``program``), before :meth:`advance` commits them."""
+        for k_all, v_all in self._stacks.values():
+            program(k_all, v_all, self.lengths, nodes)
 
     def positions(self, s_new: int) -> torch.Tensor:
         """RoPE positions [b, s_new] of the next ``s_new`` tokens (see ``decode_positions``)."""
