@@ -22,11 +22,12 @@ work; the GPU runs the trainings), and the benchmarks after the training only ca
                  -> decode_<tag>_n8.json
               3. the 1.1B shape, random weights: forward time over 1..4 tokens, the speculative steps, plain
                  tokens/s against the HBM floor, kernel profiles; the decoder variants VARIANTS_1B names
-                 (default: the defaults, the split-KV attention with torch's layer programs, SDPA)
+                 (default: the GEMV layer kernels with the split-KV attention — first, so theirs are the profiles —,
+                 the split-KV attention with torch's layer programs (the current default), SDPA)
                  -> decode_<tag>_1b.json
-              4. the n = 4 model at batch 1 with each decoder variant VARIANTS_N4 names (default: the split-KV
-                 attention with torch's layer programs, SDPA) -> decode_<tag>_<variant>.json
-              5. the code model's shape, random weights, as 3. with the defaults and torch's layer programs
+              4. the n = 4 model at batch 1 with each decoder variant VARIANTS_N4 names (default: the GEMV layer
+                 kernels with the split-KV attention, SDPA) -> decode_<tag>_<variant>.json
+              5. the code model's shape, random weights, as 3. with the GEMV layer kernels and torch's programs
                  (where a k-token step's time goes, kernel by kernel) -> decode_<tag>_100m.json
   the run's own record (phases, compile counts and times, test result) -> decode_<tag>_run.json; log.txt.
 
@@ -68,8 +69,8 @@ ITERS8 = ENV.get("ITERS8", "1600")
 #   the decoder variants VARIANTS_N4 names), 100m (the code shape's step profiles).
 ALL_PARTS = ("n4", "n8", "1b", "n4_attention", "100m")
 PARTS = set(ENV.get("PARTS", ",".join(ALL_PARTS)).split(","))
-VARIANTS_1B = ENV.get("VARIANTS_1B", "default,flash_decoding,sdpa")
-VARIANTS_N4 = [a for a in ENV.get("VARIANTS_N4", "flash_decoding,sdpa").split(",") if a]  # the n4_attention part
+VARIANTS_1B = ENV.get("VARIANTS_1B", "triton_layers,flash_decoding,sdpa")
+VARIANTS_N4 = [a for a in ENV.get("VARIANTS_N4", "triton_layers,sdpa").split(",") if a]  # the n4_attention part
 # Draft trees (node counts) decoded beside the k rows of the two trained models (bench_decode.py --trees); "" none.
 TREES = ENV.get("TREES", "16,32,64")
 T0 = time.monotonic()
@@ -365,7 +366,7 @@ def main() -> int:
     if "100m" in PARTS:
         phase("bandwidth code n=4 shape (step profiles)", left() - 2,
               lambda: bench(["--bandwidth", CODE_CONFIG, "--tag", f"{TAG}_100m", "--profile",
-                             "--variants", "default,flash_decoding"]))
+                             "--variants", "triton_layers,flash_decoding"]))
     say("done")
     save_record()
     return 0
