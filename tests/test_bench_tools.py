@@ -275,7 +275,7 @@ def test_bench_decode_gpu_runs_only_the_parts_asked_for(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "QUICK": "1", "DEVICE": "cpu", "PARTS": "n8", "TRAIN_S": "60", "ITERS8": "3",
            "DEADLINE_S": "150", "OUT": str(out), "RUNS_DIR": str(tmp_path / "runs"), "OMP_NUM_THREADS": "1",
-           "TREES": "6"}
+           "TREES": "6", "DYNAMIC_TREES": "5"}
     proc = subprocess.run([sys.executable, "tools/bench_decode_gpu.py"], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -287,14 +287,15 @@ def test_bench_decode_gpu_runs_only_the_parts_asked_for(tmp_path):
     assert os.listdir(tmp_path / "runs") == ["code_100m_n8"]
     n8 = json.loads((out / "decode_dry_n8.json").read_text())
     assert [r["k"] for r in n8["rows"] if r["decoder"] == "ours"] == list(range(1, 9)) and n8["model"]["n_heads"] == 8
-    assert [r["tree_nodes"] for r in n8["rows"] if r["decoder"] == "ours_tree6"] == [6]
-    assert [w["tree_nodes"] for w in record["warm_up"] if "tree_nodes" in w] == [6]
+    assert [r["tree_nodes"] for r in n8["rows"] if r["decoder"] in ("ours_tree6", "ours_dtree5")] == [6, 5]
+    assert [w["tree_nodes"] for w in record["warm_up"] if "tree_nodes" in w] == [6, 5]
 
 
 @pytest.mark.parametrize("env, entry", [({"PARTS": "n8,1B"}, "unknown PARTS entry '1B'"),
                                         ({"VARIANTS_1B": "fused,gemv_fused"}, "unknown VARIANTS_1B entry 'gemv_fused'"),
                                         ({"VARIANTS_N4": "sdpa,flash"}, "unknown VARIANTS_N4 entry 'flash'"),
-                                        ({"TREES": "16,x"}, "TREES takes node counts")])
+                                        ({"TREES": "16,x"}, "TREES takes node counts"),
+                                        ({"DYNAMIC_TREES": "1"}, "DYNAMIC_TREES takes node counts")])
 def test_bench_decode_gpu_refuses_unknown_selection_before_starting(tmp_path, env, entry):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "tools/bench_decode_gpu.py"], cwd=ROOT, capture_output=True, text=True,

@@ -53,6 +53,10 @@ def test_from_accuracy_keeps_the_most_probable_paths():
     assert DraftTree.from_accuracy([[0.9], [0.8], [0.7]], 4).paths == DraftTree.chain(4).paths
     assert DraftTree.chain(4).expected_tokens([[0.9], [0.8], [0.7]]) == pytest.approx(1 + 0.9 + 0.72 + 0.504)
     assert DraftTree.from_accuracy([[0.5]], 10).nodes == 2  # no more paths than the table allows
+    dynamic = DraftTree.from_accuracy(acc, 5, dynamic=True)
+    assert (dynamic.select, dynamic.candidates, dynamic.nodes) == (5, 20, 5)
+    assert set(dynamic.paths) == set(DraftTree.from_accuracy(acc, 20).paths)
+    assert DraftTree.from_accuracy([[0.5, 0.3]], 3, dynamic=True) == DraftTree.parse("0;1")  # 3 candidates only
     with pytest.raises(InputError, match="at least 2 nodes"):
         DraftTree.from_accuracy(acc, 1)
 
@@ -69,7 +73,8 @@ def test_a_forward_over_a_tree_equals_each_path_decoded_alone():
     cache.advance(6)
     t = TREE.tensors("cpu")
     nodes = torch.randint(0, 16, (2, TREE.nodes), generator=torch.Generator().manual_seed(1))
-    bias = tree_bias(cache.lengths, cache.start, t["ancestors"], cache.capacity, 1, torch.float64)
+    bias = tree_bias(cache.lengths, cache.start, t["ancestors"][None].expand(2, -1, -1), cache.capacity, 1,
+                     torch.float64)
     positions = (cache.lengths - cache.start)[:, None] + t["depth"][None]
     out = model.logits(nodes, heads="all", positions=positions, kv_cache=cache, attn_mask=bias)
     for b, p in enumerate(prompts):
@@ -79,8 +84,8 @@ def test_a_forward_over_a_tree_equals_each_path_decoded_alone():
                 torch.testing.assert_close(out[h][b, i], ref)
 
 
-@pytest.mark.parametrize("tree", [TREE, DraftTree.chain(3), DraftTree.parse("0;1;2;3;4;5")],
-                         ids=["tree", "chain", "one_level_wide"])
+@pytest.mark.parametrize("tree", [TREE, DraftTree.chain(3), DraftTree.parse("0;1;2;3;4;5"), TREE.dynamic(5)],
+                         ids=["tree", "chain", "one_level_wide", "dynamic"])
 def test_tree_decoding_equals_plain_greedy_and_leaves_the_cache_a_fresh_prefill(tree):
     """Greedy tokens of tree decoding equal recomputation for a batch of mixed prompt lengths (sequences
     accept different paths), with an EOD in play; afterwards every layer's committed keys and values equal a
@@ -100,6 +105,32 @@ def test_tree_decoding_equals_plain_greedy_and_leaves_the_cache_a_fresh_prefill(
     eod = ref[0][4]
     with_eod = generate(model, prompts, 14, tree=tree, eod=eod)
     assert with_eod.tokens == [recompute_greedy(model, p, 14, eod=eod) for p in prompts]
+
+
+def test_dynamic_selection_keeps_each_steps_most_probable_paths():
+    """Per sequence, the selected nodes are the candidates' n - 1 most probable paths under that sequence's
+    draft log-probabilities (brute force), and the returned tree (rows, parents, ancestors, depths, paths, heads
+    and ranks) is the candidate tree restricted to them."""
+    from megatron_mtp.inference.tree import select_nodes
+
+    cand = DraftTree.from_accuracy([[0.5, 0.2, 0.1], [0.4, 0.2, 0.1], [0.3, 0.2]], 16)
+    t = cand.tensors("cpu")
+    logq = torch.log_softmax(torch.randn(3, 3, 3, generator=torch.Generator().manual_seed(2)) * 2, -1)
+    got = select_nodes(logq, t, 7)
+    for b in range(3):
+        prob = {p: sum(float(logq[b, d, r]) for d, r in enumerate(p)) for p in cand.paths}
+        best = set(sorted(cand.paths, key=prob.get, reverse=True)[:6])
+        rows = [()] + sorted(best, key=lambda p: (len(p), p))  # the candidates' order
+        assert [len(p) for p in rows] == got["depth"][b].tolist()
+        assert [rows.index(p[:-1]) if p else 0 for p in rows] == got["parent"][b].tolist()
+        assert [[rows[j] == p[: len(rows[j])] for j in range(7)] for p in rows] == got["ancestors"][b].tolist()
+        assert [[rows.index(p[:d]) for d in range(len(p) + 1)] for p in rows] == \
+            [row[: len(p) + 1] for row, p in zip(got["path"][b].tolist(), rows)]
+        assert [len(p) - 1 for p in rows[1:]] == got["head"][b].tolist()
+        assert [p[-1] for p in rows[1:]] == got["rank"][b].tolist()
+    certain = torch.zeros(1, 3, 3).log_softmax(-1)  # ties everywhere: parents still come first
+    tied = select_nodes(certain.masked_fill(torch.arange(3) > 0, -50.0), t, 4)
+    assert tied["depth"][0].tolist() == [0, 1, 2, 3]
 
 
 def test_a_tree_accepts_at_least_its_chain_and_sometimes_more():
@@ -170,11 +201,12 @@ def test_compiled_tree_step_gives_the_eager_tokens(monkeypatch):
     model = tiny_model(n_heads=4, layers=5, dtype=torch.float32)
     prompts = random_prompts([3, 9, 1, 6], 16, seed=2)
     eager = generate(model, prompts, 12, graphs=False, compile=False)
-    for tree in (TREE, DraftTree.chain(3)):
+    for tree in (TREE, DraftTree.chain(3), TREE.dynamic(6)):
         assert generate(model, prompts, 12, tree=tree, graphs=False, compile=True).tokens == eager.tokens
     sampled = {}
     for compiled in (False, True):  # the same draws: sampling's lines run eagerly in both
-        sampled[compiled] = generate(model, prompts, 12, SamplingParams(greedy=False, temperature=0.8), tree=TREE,
+        sampled[compiled] = generate(model, prompts, 12, SamplingParams(greedy=False, temperature=0.8),
+                                     tree=TREE.dynamic(6),
                                      graphs=False, compile=compiled, generator=torch.Generator().manual_seed(3)).tokens
     assert sampled[True] == sampled[False]
     torch._dynamo.reset()

@@ -189,14 +189,15 @@ def test_load_checkpoint_and_generate_cli(tmp_path, capsys):
     assert captured.out.count("### prompt") == 2
     assert "tokens/forward" in captured.err and "acceptance head 2" in captured.err and "speedup" in captured.err
     assert "2/2 outputs identical to plain" in captured.err
-    for tree in ("6", "0;1;0,0"):  # a calibrated tree of 6 nodes, explicit paths
+    for tree, want in ((["6"], "draft tree: 6 nodes"), (["0;1;0,0"], "draft tree: 4 nodes"),
+                       (["5", "--dynamic-tree"], "draft tree: dynamic: 5 of 20 candidate nodes")):
         rc = generate_tool.main(["--load", run_dir, "--prompt", "def f(x):", "--prompt", "import os",
-                                 "--max-new-tokens", "6", "--speculative", "--tree", tree, "--compare", "--no-progress",
+                                 "--max-new-tokens", "6", "--speculative", "--tree", *tree, "--compare", "--no-progress",
                                  "--no-stop-at-eod"])
         captured = capsys.readouterr()
         assert rc == 0 and "2/2 outputs identical to plain" in captured.err
-        assert ("draft tree: 6 nodes" if tree == "6" else "draft tree: 4 nodes") in captured.err
-        assert ("head accuracy by rank" in captured.err) == (tree == "6")
+        assert want in captured.err, captured.err
+        assert ("head accuracy by rank" in captured.err) == tree[0].isdigit()
     assert generate_tool.main(["--load", str(tmp_path / "missing"), "--prompt", "x"]) == 2
     assert generate_tool.main(["--load", run_dir, "--prompt", "x", "--speculative", "--heads", "5"]) == 2
     assert "error:" in capsys.readouterr().err
@@ -316,6 +317,8 @@ def test_generate_cli_rejects_bad_arguments(tmp_path, capsys, monkeypatch):
         "--tree bad": (["--speculative", "--tree", "0,1"], "lacks its parent"),
         "--tree deep": (["--speculative", "--tree", "0;0,0;0,0,0"], "needs 4 heads"),
         "--tree 1": (["--speculative", "--tree", "1"], "at least 2 nodes"),
+        "--dynamic-tree alone": (["--speculative", "--dynamic-tree"], "--dynamic-tree needs --tree NODES"),
+        "--dynamic-tree paths": (["--speculative", "--tree", "0;1", "--dynamic-tree"], "takes a node count"),
     }
     for name, (extra, message) in cases.items():
         assert generate_tool.main(base + extra) == 2, name
@@ -353,7 +356,8 @@ def test_cuda_graph_path_gives_the_eager_tokens(compile_layers, gemv, attention,
                             attention=attention, layer_kernels=layers)
             assert fast.tokens == eager_eod.tokens and fast.finished_by_eod == eager_eod.finished_by_eod
             assert fast.stats.tokens == eager_eod.stats.tokens
-        for tree in (DraftTree.parse("0;1;0,0;1,0"), DraftTree.parse("0;1;2;0,0;0,1;1,0;0,0,0;0,1,0")):
+        for tree in (DraftTree.parse("0;1;0,0;1,0"), DraftTree.parse("0;1;2;0,0;0,1;1,0;0,0,0;0,1,0"),
+                     DraftTree.parse("0;1;2;0,0;0,1;1,0;0,0,0;0,1,0").dynamic(5)):
             fast = generate(model, prompts, 20, eod=eod, graphs=True, compile=compile_layers, gemv=gemv,
                             attention=attention, layer_kernels=layers, tree=tree)
             assert fast.tokens == eager_eod.tokens, (lengths, tree)
@@ -606,8 +610,9 @@ def test_bench_decode_bandwidth_regime_writes_its_rows(tmp_path):
 
 
 def test_bench_decode_trained_rows_with_draft_trees(tmp_path):
-    """tools/bench_decode.py --load (CPU, no peers): the k rows and, with --trees, a row per calibrated draft
-    tree whose outputs equal plain greedy's, the calibration (per-head, per-rank accuracies) in the JSON."""
+    """tools/bench_decode.py --load (CPU, no peers): the k rows and, with --trees / --dynamic-trees, a row per
+    calibrated draft tree whose outputs equal plain greedy's, the calibration (per-head, per-rank accuracies)
+    in the JSON."""
     import json
 
     run_dir, _ = _save_run(tmp_path)
@@ -619,13 +624,16 @@ def test_bench_decode_trained_rows_with_draft_trees(tmp_path):
     out = tmp_path / "out"
     assert bench_decode.main(["--load", run_dir, "--device", "cpu", "--output-dir", str(out), "--tag", "t",
                               "--prompt-tokens", "24", "--max-new-tokens", "6", "--batch-sizes", "1",
-                              "--prompts-batch1", "2", "--peers", "none", "--trees", "3,6", "--no-plot"]) == 0
+                              "--prompts-batch1", "2", "--peers", "none", "--trees", "3,6", "--dynamic-trees", "4",
+                              "--no-plot"]) == 0
     result = json.loads((out / "decode_t.json").read_text())
     rows = {(r["decoder"], r["k"]): r for r in result["rows"]}
-    assert set(rows) == {("ours", 1), ("ours", 2), ("ours", 3), ("ours_tree3", 2), ("ours_tree6", 3)}
-    for name in ("ours_tree3", "ours_tree6"):
+    assert {d for d, _ in rows} == {"ours", "ours_tree3", "ours_tree6", "ours_dtree4"}
+    assert [k for d, k in rows if d == "ours"] == [1, 2, 3]
+    for name in ("ours_tree3", "ours_tree6", "ours_dtree4"):
         row = next(r for r in result["rows"] if r["decoder"] == name)
         assert row["identical_to_plain"] == "2/2" and row["tokens_per_forward"] >= 1.0
     cal = result["tree_calibration"]
-    assert len(cal["accuracy_per_head_rank"]) == 2 and set(cal["trees"]) == {"3", "6"}
+    assert len(cal["accuracy_per_head_rank"]) == 2 and set(cal["trees"]) == {"tree3", "tree6", "dtree4"}
+    assert next(r for r in result["rows"] if r["decoder"] == "ours_dtree4")["tree_dynamic"]
     assert bench_decode.main(["--load", run_dir, "--trees", "1", "--output-dir", str(out)]) == 2

@@ -198,15 +198,18 @@ def argmax_below_root(p, generator):
     return pred
 
 
-@pytest.mark.parametrize("params", [SamplingParams(greedy=False),
-                                    SamplingParams(greedy=False, temperature=0.8, top_k=6, top_p=0.9)],
-                         ids=["t1", "t0.8-topk-topp"])
-def test_draft_tree_sampling_matches_plain_distribution(sampling_model, params, monkeypatch):
+@pytest.mark.parametrize("params, dynamic", [(SamplingParams(greedy=False), False),
+                                             (SamplingParams(greedy=False, temperature=0.8, top_k=6, top_p=0.9), False),
+                                             (SamplingParams(greedy=False, temperature=0.8, top_k=6, top_p=0.9), True)],
+                         ids=["t1", "t0.8-topk-topp", "t0.8-topk-topp-dynamic"])
+def test_draft_tree_sampling_matches_plain_distribution(sampling_model, params, dynamic, monkeypatch):
     """Sampling over a draft tree (a draw from head 1 at every node, the tree followed while the draws match)
-    is distributed as plain sampling; wrong node-draw rules are rejected."""
+    is distributed as plain sampling, the tree static or chosen per step from the draft probabilities; wrong
+    node-draw rules are rejected."""
     from megatron_mtp.inference import DraftTree
 
     tree = DraftTree.parse("0;1;2;0,0;0,1;1,0;2,0")
+    tree = tree.dynamic(5) if dynamic else tree
     expected = exact_joint(sampling_model, params)
     count = 4000
     out = generate(sampling_model, [PROMPT] * count, NEW, params, tree=tree,

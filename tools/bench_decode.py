@@ -81,17 +81,19 @@ PROMPT_POOL = 16  # held-out windows drawn per run (see main)
 CALIBRATION_PROMPTS = 8  # further held-out windows whose greedy continuations choose the draft trees
 
 
-def calibrate_trees(model, prompts, max_new_tokens, eod, pad, nodes: list) -> dict:
-    """Draft trees of ``nodes`` nodes for ``model``: its draft heads' per-rank accuracies measured on the greedy
-    continuations of ``prompts`` (``inference.head_accuracy``), then the most probable paths
-    (``DraftTree.from_accuracy``)."""
+def calibrate_trees(model, prompts, max_new_tokens, eod, pad, nodes: list, dynamic: list = ()) -> dict:
+    """Draft trees for ``model``: its draft heads' per-rank accuracies measured on the greedy continuations of
+    ``prompts`` (``inference.head_accuracy``), then for each of ``nodes`` the most probable paths
+    (``DraftTree.from_accuracy``), and for each of ``dynamic`` a dynamic tree of that many nodes selected from
+    ``inference.tree.DYNAMIC_CANDIDATES`` times as many candidates. Keyed by row name (``tree16``, ``dtree16``)."""
     from megatron_mtp.inference import DraftTree, generate, head_accuracy
 
     out = generate(model, prompts, max_new_tokens, eod=eod, pad_id=pad)
     accuracy = head_accuracy(model, [p + t for p, t in zip(prompts, out.tokens)], ranks=TREE_RANKS,
                              targets_from=[len(p) for p in prompts])
     return {"accuracy_per_head_rank": accuracy, "calibration_prompts": len(prompts),
-            "trees": {n: DraftTree.from_accuracy(accuracy, n) for n in nodes}}
+            "trees": {**{f"tree{n}": DraftTree.from_accuracy(accuracy, n) for n in nodes},
+                      **{f"dtree{n}": DraftTree.from_accuracy(accuracy, n, dynamic=True) for n in dynamic}}}
 
 
 TREE_RANKS = 8  # candidates per draft head a calibrated tree may take
@@ -500,7 +502,7 @@ def plot(result: dict, path: str) -> None:
         plt.close(fig)
         return
     rows = [r for r in result["rows"] if r["decoder"] == "ours"]
-    trees = [r for r in result["rows"] if r["decoder"].startswith("ours_tree")]
+    trees = [r for r in result["rows"] if r["decoder"].startswith(("ours_tree", "ours_dtree"))]
     peers = [r for r in result["rows"] if not r["decoder"].startswith("ours")]
     batch_sizes = sorted({r["batch_size"] for r in rows})
     kmax = max(r["k"] for r in rows)
@@ -511,13 +513,15 @@ def plot(result: dict, path: str) -> None:
         ax2.plot([r["k"] for r in sel], [r["speedup_vs_plain"] for r in sel], "o-", label=f"speedup, batch {bs}")
         ax2.plot([r["k"] for r in sel], [r["tokens_per_forward"] for r in sel], "x:", alpha=0.7,
                  label=f"tokens/forward, batch {bs}")
-        sizes = sorted({r["tree_nodes"] for r in trees})
-        for r in (r for r in trees if r["batch_size"] == bs):  # (one colour per tree size in both panels)
-            color = f"C{(2 + sizes.index(r['tree_nodes'])) % 10}"
-            ax1.plot([r["k"]], [r["tokens_per_s"]], "*", ms=10, color=color,
-                     label=f"draft tree {r['tree_nodes']} nodes, batch {bs}")
-            ax2.plot([r["k"]], [r["tokens_per_forward"]], "*", ms=10, color=color,
-                     label=f"tree {r['tree_nodes']}: tokens/forward, batch {bs}")
+        names = sorted({r["decoder"] for r in trees}, key=lambda d: (d.startswith("ours_d"), len(d), d))
+        for r in (r for r in trees if r["batch_size"] == bs):  # (one colour per tree in both panels)
+            color = f"C{(2 + names.index(r['decoder'])) % 10}"
+            kind = "dynamic tree" if r.get("tree_dynamic") else "tree"
+            marker = "P" if r.get("tree_dynamic") else "*"
+            ax1.plot([r["k"]], [r["tokens_per_s"]], marker, ms=10, color=color,
+                     label=f"{kind} {r['tree_nodes']} nodes, batch {bs}")
+            ax2.plot([r["k"]], [r["tokens_per_forward"]], marker, ms=10, color=color,
+                     label=f"{kind} {r['tree_nodes']}: tokens/forward, batch {bs}")
     for i, r in enumerate(peers):
         ax1.axhline(r["tokens_per_s"], ls="--", lw=1, color=f"C{i + len(batch_sizes)}",
                     label=f"{r['decoder']} (batch 1)")
@@ -634,6 +638,9 @@ def main(argv=None) -> int:
                    help="also decode with draft trees of these node counts (comma-separated, e.g. 16,32,64), each "
                         "the most probable paths of the heads' per-rank accuracies measured on the greedy "
                         "continuations of 8 other held-out windows (docs/inference.md, draft trees)")
+    p.add_argument("--dynamic-trees", default="", metavar="NODES",
+                   help="also decode with dynamic draft trees of these node counts: each step verifies the paths its "
+                        "draft probabilities favour, from 4x as many calibrated candidates")
     p.add_argument("--lookup-tokens", type=int, default=4, help="prompt_lookup_num_tokens of the lookup row")
     p.add_argument("--stop-at-eod", action="store_true", help="stop sequences at EOD (default: fixed budget)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -703,14 +710,17 @@ def main(argv=None) -> int:
         print(f"error: --ks must lie in 1..{n}.", file=sys.stderr)
         return 2
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    try:
-        tree_nodes = [int(x) for x in args.trees.split(",") if x.strip()]
-    except ValueError:
-        tree_nodes = [0]
-    if any(x < 2 for x in tree_nodes):
-        print(f"error: --trees takes node counts of at least 2, like 16,32,64; got {args.trees!r}.", file=sys.stderr)
-        return 2
-    if tree_nodes and n < 2:
+    tree_sizes = {}
+    for flag, text in (("--trees", args.trees), ("--dynamic-trees", args.dynamic_trees)):
+        try:
+            tree_sizes[flag] = [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            tree_sizes[flag] = [0]
+        if any(x < 2 for x in tree_sizes[flag]):
+            print(f"error: {flag} takes node counts of at least 2, like 16,32,64; got {text!r}.", file=sys.stderr)
+            return 2
+    tree_nodes, dynamic_nodes = tree_sizes["--trees"], tree_sizes["--dynamic-trees"]
+    if (tree_nodes or dynamic_nodes) and n < 2:
         print("error: --trees needs a model with at least 2 heads.", file=sys.stderr)
         return 2
     peers = args.peers if args.peers is not None else (
@@ -726,7 +736,7 @@ def main(argv=None) -> int:
     # windows over each file by how many it draws, so a batch-1-only run would otherwise decode other prompts.
     all_prompts = heldout_prompts(cfg, tokenizer, max(batch_sizes + [args.prompts_batch1, PROMPT_POOL]),
                                   args.prompt_tokens, args.max_new_tokens)
-    if tree_nodes:  # windows of a larger draw that no timed row decodes
+    if tree_nodes or dynamic_nodes:  # windows of a larger draw that no timed row decodes
         more = heldout_prompts(cfg, tokenizer, len(all_prompts) + 2 * CALIBRATION_PROMPTS, args.prompt_tokens,
                                args.max_new_tokens)
         calibration = [w for w in more if w not in all_prompts][-CALIBRATION_PROMPTS:]
@@ -776,17 +786,17 @@ def main(argv=None) -> int:
             print(f"ours batch {bs} k {k}: {agg['tokens_per_s']:.1f} tokens/s, {agg['tokens_per_forward']:.2f} "
                   f"tokens/forward", file=sys.stderr, flush=True)
             save()
-    if tree_nodes:
+    if tree_nodes or dynamic_nodes:
         t0 = time.perf_counter()
-        cal = calibrate_trees(model, calibration, args.max_new_tokens, eod, pad, tree_nodes)
+        cal = calibrate_trees(model, calibration, args.max_new_tokens, eod, pad, tree_nodes, dynamic_nodes)
         result["tree_calibration"] = {"accuracy_per_head_rank": cal["accuracy_per_head_rank"],
                                       "prompts": cal["calibration_prompts"], "seconds": time.perf_counter() - t0,
-                                      "trees": {str(m): t.spec() for m, t in cal["trees"].items()},
+                                      "trees": {name: t.spec() for name, t in cal["trees"].items()},
                                       "expected_tokens_per_forward": {
-                                          str(m): t.expected_tokens(cal["accuracy_per_head_rank"])
-                                          for m, t in cal["trees"].items()}}
+                                          name: t.expected_tokens(cal["accuracy_per_head_rank"])
+                                          for name, t in cal["trees"].items() if not t.select}}
         for bs in batch_sizes:
-            for m, tree in cal["trees"].items():
+            for name, tree in cal["trees"].items():
                 run_config(model, prompt_sets[bs], bs, 1, args.max_new_tokens, eod, pad, gen, tree)  # warm-up
                 stats = []
                 for _ in range(args.repeats):
@@ -795,12 +805,13 @@ def main(argv=None) -> int:
                     stats += s
                 agg = aggregate(stats, tree.heads)
                 speedup = agg["tokens_per_s"] / plain_rate[bs]
-                result["rows"].append({"decoder": f"ours_tree{m}", "batch_size": bs, "k": tree.heads,
-                                       "tree_nodes": tree.nodes, "tree": tree.describe(),
+                result["rows"].append({"decoder": f"ours_{name}", "batch_size": bs, "k": tree.heads,
+                                       "tree_nodes": tree.nodes, "tree_dynamic": bool(tree.select),
+                                       "tree": tree.describe(),
                                        "prompts": len(prompt_sets[bs]), **agg, "speedup_vs_plain": speedup,
                                        "speedup_per_token_per_forward": speedup / agg["tokens_per_forward"],
                                        **common_prefix(outs, outputs[(bs, 1)])})
-                print(f"ours batch {bs} tree of {tree.nodes} nodes (depth {tree.depth}): {agg['tokens_per_s']:.1f} "
+                print(f"ours batch {bs} {tree.describe()}: {agg['tokens_per_s']:.1f} "
                       f"tokens/s, {agg['tokens_per_forward']:.2f} tokens/forward", file=sys.stderr, flush=True)
                 save()
     dec = decoder_for(model)
@@ -861,8 +872,10 @@ def main(argv=None) -> int:
                 ratios[f"ours_plain_over_{name}"] = rate["ours_k1"] / rate[name]
                 for k in ks[1:]:
                     ratios[f"ours_k{k}_over_{name}"] = rate[f"ours_k{k}"] / rate[name]
-                for m in tree_nodes:
-                    ratios[f"ours_tree{m}_over_{name}"] = rate[f"ours_tree{m}"] / rate[name]
+                for tree_row in (f"ours_tree{m}" for m in tree_nodes):
+                    ratios[f"{tree_row}_over_{name}"] = rate[tree_row] / rate[name]
+                for tree_row in (f"ours_dtree{m}" for m in dynamic_nodes):
+                    ratios[f"{tree_row}_over_{name}"] = rate[tree_row] / rate[name]
     result["ratios_batch1"] = ratios
     json_path = save()
     png_path = None if args.no_plot else json_path[:-5] + ".png"

@@ -17,8 +17,8 @@ work; the GPU runs the trainings), and the benchmarks after the training only ca
               shapes at batch 1 and 16, k = 1..n, bf16 — the compilations counted and timed per shape;
   TRAIN_S     1. the n = 4 model: ours k = 1..4 at batch 1 and 16, then transformers' default, prompt-lookup and
                  static-cache compiled generate on its HF export -> decode_<tag>.json
-                 and draft trees of TREES nodes
-              2. the n = 8 byte model at batch 1 on 16 held-out prompts, k = 1..8 and draft trees of TREES nodes
+                 and draft trees of TREES nodes, dynamic ones of DYNAMIC_TREES
+              2. the n = 8 byte model at batch 1 on 16 held-out prompts, k = 1..8 and the draft trees
                  -> decode_<tag>_n8.json
               3. the 1.1B shape, random weights: forward time over 1..4 tokens, the speculative steps, plain
                  tokens/s against the HBM floor, kernel profiles; the decoder variants VARIANTS_1B names
@@ -72,7 +72,9 @@ PARTS = set(ENV.get("PARTS", ",".join(ALL_PARTS)).split(","))
 VARIANTS_1B = ENV.get("VARIANTS_1B", "triton_layers,flash_decoding,sdpa")
 VARIANTS_N4 = [a for a in ENV.get("VARIANTS_N4", "triton_layers,sdpa").split(",") if a]  # the n4_attention part
 # Draft trees (node counts) decoded beside the k rows of the two trained models (bench_decode.py --trees); "" none.
-TREES = ENV.get("TREES", "16,32,64")
+TREES = ENV.get("TREES", "32")
+DYNAMIC_TREES = ENV.get("DYNAMIC_TREES", "16,32,64")  # dynamic trees (bench_decode.py --dynamic-trees)
+TREE_ARGS = (["--trees", TREES] if TREES else []) + (["--dynamic-trees", DYNAMIC_TREES] if DYNAMIC_TREES else [])
 T0 = time.monotonic()
 
 # A dry run: tiny models (the trainings' overrides also shape the warm-up models), short prompts.
@@ -101,6 +103,7 @@ def say(msg: str) -> None:
 
 RECORD = {"tag": TAG, "device": DEVICE, "quick": QUICK, "deadline_s": DEADLINE_S, "train_s": TRAIN_S,
           "iters": {"n4": ITERS4, "n8": ITERS8}, "parts": sorted(PARTS), "variants_1b": VARIANTS_1B, "trees": TREES,
+          "dynamic_trees": DYNAMIC_TREES,
           "phases": [], "warm_up": []}
 
 
@@ -208,12 +211,16 @@ def warm_up(config: str, overrides: list, batch_sizes: list, variants: list, lab
             # Draft trees: a tree of each size, shaped by a made-up decaying accuracy profile (the benchmark
             # calibrates its own trees; the compiled programs depend on the sizes' classes, not the shape).
             prior = [[0.6 * 0.8 ** d * 0.4 ** r for r in range(bench_decode.TREE_RANKS)] for d in range(n - 1)]
-            for nodes in [int(x) for x in TREES.split(",") if x] if n > 1 else []:
+            sizes = [(int(x), False) for x in TREES.split(",") if x] + [(int(x), True) for x in DYNAMIC_TREES.split(",")
+                                                                          if x]
+            for nodes, dynamic in sizes if n > 1 else []:
+                tree = DraftTree.from_accuracy(prior, nodes, dynamic=dynamic)
                 for b in batch_sizes:
                     t = time.perf_counter()
                     with attention_backends(torch.device(DEVICE)):
-                        generate(model, prompts[:b], NEW_TOKENS, tree=DraftTree.from_accuracy(prior, nodes))
+                        generate(model, prompts[:b], NEW_TOKENS, tree=tree)
                     RECORD["warm_up"].append({"model": label, "variant": variant, "batch": b, "tree_nodes": nodes,
+                                              "tree_dynamic": dynamic,
                                               "first_call_s": round(time.perf_counter() - t, 2),
                                               "compile_error": decoder_for(model).compile_error})
             save_record()
@@ -250,8 +257,9 @@ def check_selection() -> None:
         if unknown:
             raise SystemExit(f"error: unknown {name} entry {unknown[0]!r}; choose from "
                              f"{', '.join(bench_decode.DECODER_VARIANTS)}.")
-    if TREES and not all(x.strip().isdigit() and int(x) >= 2 for x in TREES.split(",")):
-        raise SystemExit(f"error: TREES takes node counts of at least 2 like 16,32,64 (or nothing), got {TREES!r}.")
+    for name, value in (("TREES", TREES), ("DYNAMIC_TREES", DYNAMIC_TREES)):
+        if value and not all(x.strip().isdigit() and int(x) >= 2 for x in value.split(",")):
+            raise SystemExit(f"error: {name} takes node counts of at least 2 like 16,32,64 (or nothing), got {value!r}.")
 
 
 def main() -> int:
@@ -265,7 +273,8 @@ def main() -> int:
     RECORD["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     RECORD["command"] = "OUT=$OUT " + " ".join(f"{k}={ENV[k]}" for k in ("DEADLINE_S", "TRAIN_S", "ITERS4", "ITERS8",
                                                                         "TESTS_S", "QUICK", "DEVICE", "PARTS",
-                                                                        "VARIANTS_1B", "VARIANTS_N4", "TREES", "TAG",
+                                                                        "VARIANTS_1B", "VARIANTS_N4", "TREES",
+                                                                        "DYNAMIC_TREES", "TAG",
                                                                         "RUNS_DIR")
                                                  if k in ENV) \
         + " bash tools/bench_decode_gpu.sh"
@@ -344,13 +353,13 @@ def main() -> int:
     # (Reserves as shares of what is left, so a shortened run keeps the same order of sacrifice.)
     if "n4" in PARTS:
         phase("bench n=4 ours + transformers", max(0.6 * left(), left() - 75),
-              lambda: bench(["--load", RUN4, "--tag", TAG] + (["--trees", TREES] if TREES else [])))
+              lambda: bench(["--load", RUN4, "--tag", TAG] + TREE_ARGS))
     if "n8" in PARTS:
         phase("bench n=8 k=1..8", max(0.3 * left(), left() - 50),
               # 16 prompts, not 4: bytes per forward is the target here, and over 4 x 128 bytes it moved by
               # +-0.2 between runs of similar models
               lambda: bench(["--load", RUN8, "--tag", f"{TAG}_n8", "--batch-sizes", "1", "--peers", "none",
-                             "--prompts-batch1", "4" if QUICK else "16"] + (["--trees", TREES] if TREES else [])))
+                             "--prompts-batch1", "4" if QUICK else "16"] + TREE_ARGS))
     if "1b" in PARTS:
         phase(f"bandwidth 1.1B {VARIANTS_1B}", max(0.7 * left(), left() - 28),
               lambda: bench(["--bandwidth", BANDWIDTH_CONFIG, "--tag", f"{TAG}_1b", "--profile",

@@ -50,7 +50,7 @@ from megatron_mtp.inference.kv_cache import KVCache, compact_slots, decode_bias,
 from megatron_mtp.model.transformer import (decode_attention, decode_attention_fused, decode_layers, decode_mlp,
                                             decode_qkv, rms_norm, stacked_alias, unfold_heads)
 from megatron_mtp.inference.sampling import SamplingParams, next_tokens, probabilities, sample
-from megatron_mtp.inference.tree import DraftTree
+from megatron_mtp.inference.tree import DraftTree, select_nodes
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -295,38 +295,53 @@ def greedy_tail(h1, hd, norm_weight, eps: float, unembedding, vocab: int, inputs
 
 
 def tree_inputs(lengths, start, cos_table, sin_table, ancestors, depth, capacity: int, group: int) -> tuple:
-    """``step_inputs`` of a forward over a draft tree: the tree's mask (``kv_cache.tree_bias``) and RoPE at
-    each node's depth past the committed length."""
+    """``step_inputs`` of a forward over a draft tree (per sequence: ``ancestors`` [b, N, N], ``depth`` [b, N]):
+    the tree's mask (``kv_cache.tree_bias``) and RoPE at each node's depth past the committed length."""
     bias = tree_bias(lengths, start, ancestors, capacity, group, cos_table.dtype)
-    pos = (lengths - start)[:, None] + depth[None]
+    pos = (lengths - start)[:, None] + depth
     return bias, cos_table[pos], sin_table[pos]
 
 
 def tree_verify(h1, hd, norm_weight, eps: float, unembedding, vocab: int, inputs, parent, ancestors, depth, path,
-                head, rank, ranks: int, pred=None) -> tuple:
-    """Verification of a draft tree (``inference.tree``): ``inputs`` [b, N] (the root y and the drafts), head 1's
-    outputs ``h1`` [b, N, hidden] and the draft heads' ``hd`` [depth, b, N, hidden] at every node; ``pred``
-    [b, N] head 1's token at every node — its argmax when None (greedy), else drawn by the caller
-    (``sample_tree_nodes``). A node is accepted when its token is ``pred`` at its parent and its parent is
-    accepted; the deepest accepted node (one per depth at most: a head's candidates differ) ends the path.
-    Returns
-    (accepted a [b], the next token y [b] — head 1's argmax there —, the path's nodes [b, depth + 1] and
-    tokens [b, depth + 1] (the root first; nodes past a repeat the last), the next inputs [b, N]: y and the
-    draft heads' top-``ranks`` candidates at the last accepted node, placed by the tree's (head, rank))."""
+                ranks: int, pred=None) -> tuple:
+    """Verification of a draft tree (``inference.tree``), per sequence: ``inputs`` [b, N] (the root y and the
+    drafts), its tree as ``parent`` [b, N], ``ancestors`` [b, N, N], ``depth`` [b, N], ``path`` [b, N, D + 1]
+    (``DraftTree.tensors`` with a batch dim), head 1's outputs ``h1`` [b, N, hidden] and the draft heads'
+    ``hd`` [D, b, N, hidden] at every node; ``pred`` [b, N] head 1's token at every node — its argmax when None
+    (greedy), else drawn by the caller (``sample_tree_nodes``). A node is accepted when its token is ``pred``
+    at its parent and its parent is accepted; the deepest accepted node (one per depth at most: a head's
+    candidates differ) ends the path. Returns (accepted a [b], the next token y [b] — ``pred`` there —, the
+    path's nodes [b, D + 1] and tokens [b, D + 1] (the root first; past a, the last node repeated), and the
+    draft heads' top-``ranks`` candidates at the last accepted node [b, D, ranks] with their log-probabilities
+    (a dynamic tree's next selection weighs them))."""
     b, n = inputs.shape
     if pred is None:
         pred = head_logits(h1, norm_weight, eps, unembedding, vocab).argmax(-1)  # [b, N]
-    ok = (inputs == pred.gather(1, parent[None].expand(b, n))) | (torch.arange(n, device=inputs.device) == 0)
-    reached = (ok[:, None, :] | ~ancestors[None]).all(-1)  # [b, N]: the node and all its ancestors match
-    best = (reached.long() * (depth + 1)[None]).argmax(1)  # [b]
-    accepted = depth[best]
+    ok = (inputs == pred.gather(1, parent)) | (torch.arange(n, device=inputs.device) == 0)
+    reached = (ok[:, None, :] | ~ancestors).all(-1)  # [b, N]: the node and all its ancestors match
+    best = (reached.long() * (depth + 1)).argmax(1)  # [b]
+    accepted = depth.gather(1, best[:, None]).view(b)
     y = pred.gather(1, best[:, None]).view(b)
-    nodes = path[best]  # [b, depth + 1]
+    nodes = path.gather(1, best.view(b, 1, 1).expand(b, 1, path.size(2))).view(b, path.size(2))
     tokens = inputs.gather(1, nodes)
-    draft_logits = head_logits(select_rows(hd, best), norm_weight, eps, unembedding, vocab)  # [b, depth, V]
-    candidates = draft_logits.topk(ranks, dim=-1).indices  # [b, depth, ranks]
-    following = candidates[:, head, rank]  # [b, N - 1]
-    return accepted, y, nodes, tokens, torch.cat([y[:, None], following], 1)
+    candidates, logq = draft_candidates(head_logits(select_rows(hd, best), norm_weight, eps, unembedding, vocab),
+                                        ranks)
+    return accepted, y, nodes, tokens, candidates, logq
+
+
+def draft_candidates(draft_logits, ranks: int) -> tuple:
+    """Each draft head's top-``ranks`` tokens [b, D, ranks] and their log-probabilities, from its logits at the
+    last accepted position [b, D, V]."""
+    top = draft_logits.float().topk(ranks, dim=-1)
+    return top.indices, top.values - draft_logits.float().logsumexp(-1, keepdim=True)
+
+
+def tree_following(y, candidates, head, rank) -> torch.Tensor:
+    """The next forward's inputs [b, N]: y, then each node's candidate (``head`` / ``rank`` [b, N - 1], which draft
+    head and which of its ``candidates`` [b, D, ranks])."""
+    b = y.size(0)
+    rows = torch.arange(b, device=y.device)[:, None]
+    return torch.cat([y[:, None], candidates[rows, head, rank]], 1)
 
 
 def sample_tree_nodes(p: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
@@ -366,7 +381,7 @@ class _Programs:
     and the residual add after it fuse into (gpt-fast's configuration)."""
 
     EAGER = dict(qkv=decode_qkv, mlp=decode_mlp, inputs=step_inputs, tail=greedy_tail, commit=commit,
-                 tree_inputs=tree_inputs, tree_verify=tree_verify, compact=compact_slots)
+                 tree_inputs=tree_inputs, tree_verify=tree_verify, compact=compact_slots, select=select_nodes)
     # The decode attentions by name. sdpa (a library kernel) and flash_decoding (Triton kernels launched from
     # Python, captured by the step's graph like any kernel) run as they are, compiled decoder or not; fused and
     # flex exist only compiled.
@@ -404,7 +419,8 @@ class _Programs:
             self.attention = fns.pop("attention", self.attention)
         self.qkv, self.mlp, self.inputs, self.tail, self.commit = (fns[n] for n in ("qkv", "mlp", "inputs", "tail",
                                                                                     "commit"))
-        self.tree_inputs, self.tree_verify, self.compact = fns["tree_inputs"], fns["tree_verify"], fns["compact"]
+        self.tree_inputs, self.tree_verify, self.compact, self.select = (
+            fns[n] for n in ("tree_inputs", "tree_verify", "compact", "select"))
         if layer_kernels == "triton":
             self.qkv, self.mlp = _ByRows(gemv_kernels.qkv, self.qkv), _ByRows(gemv_kernels.mlp, self.mlp)
 
@@ -444,10 +460,17 @@ class _State:
 
     def step_inputs(self, k: int, tree: Optional[DraftTree]) -> torch.Tensor:
         """The inputs of a k-token step [b, k], or of a draft tree's [b, N]."""
-        if tree is None:
-            return self.inputs[k]
+        return self.inputs[k] if tree is None else self.tree_buffers(tree)["inputs"]
+
+    def tree_buffers(self, tree: DraftTree) -> dict:
+        """A draft tree's per-sequence buffers: its inputs [b, N] and its current tree in ``DraftTree.tensors``'
+        form with a batch dim (a dynamic tree's changes every step; a static one's is the same for all)."""
         if tree not in self.trees:
-            self.trees[tree] = torch.zeros(self.b, tree.nodes, dtype=torch.long, device=self.device)
+            b, n, z = self.b, tree.nodes, dict(dtype=torch.long, device=self.device)
+            self.trees[tree] = {"inputs": torch.zeros(b, n, **z), "depth": torch.zeros(b, n, **z),
+                                "parent": torch.zeros(b, n, **z), "path": torch.zeros(b, n, tree.depth + 1, **z),
+                                "head": torch.zeros(b, n - 1, **z), "rank": torch.zeros(b, n - 1, **z),
+                                "ancestors": torch.zeros(b, n, n, dtype=torch.bool, device=self.device)}
         return self.trees[tree]
 
     def q_buffer(self, k: int) -> torch.Tensor:
@@ -594,7 +617,7 @@ class Decoder:
             mask, cos, sin = self.programs.inputs(cache.lengths, cache.start, self.cos_table, self.sin_table, s,
                                                   cache.capacity, self.group)
         else:
-            t = self.tree_tensors(tree)
+            t = st.tree_buffers(tree)
             mask, cos, sin = self.programs.tree_inputs(cache.lengths, cache.start, self.cos_table, self.sin_table,
                                                        t["ancestors"], t["depth"], cache.capacity, self.group)
         z = model.trunk_forward(tokens, cos, sin, cache, mask)
@@ -650,9 +673,13 @@ class Decoder:
         inputs = st.step_inputs(k, tree)
         inputs[:, 0] = y
         if tree is not None:
-            t = self.tree_tensors(tree)
-            logits = head_logits(select_rows(hd, last), norm_w, eps, unembedding, vocab)
-            inputs[:, 1:] = logits.topk(tree.ranks, dim=-1).indices[:, t["head"], t["rank"]]
+            buffers = st.tree_buffers(tree)
+            if not tree.select:  # a static tree: the same for every sequence and step
+                for name, value in self.tree_tensors(tree).items():
+                    buffers[name].copy_(value.expand(buffers[name].shape))
+            candidates, logq = draft_candidates(head_logits(select_rows(hd, last), norm_w, eps, unembedding, vocab),
+                                                tree.ranks)
+            self._next_tree(st, tree, y, candidates, logq)
         elif hd is not None:
             drafts, q = next_tokens(head_logits(select_rows(hd, last), norm_w, eps, unembedding, vocab), sampling,
                                     generator)
@@ -687,21 +714,30 @@ class Decoder:
         """One forward over a draft tree's nodes per sequence: verify (greedily, or with a draw from head 1 at
         every node: ``sample_tree_nodes``), move the accepted path's keys and values to consecutive slots, emit
         a + 1 tokens, draft the next tree — all on the device."""
-        inputs = st.step_inputs(tree.heads, tree)
+        t = st.tree_buffers(tree)
+        inputs = t["inputs"]
         h1, hd = self._forward(st, inputs, tree.heads, tree)
         norm_w, eps, unembedding = self._unembedding()
         vocab = self.model.cfg.vocab_size
-        t = self.tree_tensors(tree)
         pred = None
         if not sampling.greedy:  # (drawn eagerly: the compiler does not trace generators)
             pred = sample_tree_nodes(probabilities(head_logits(h1, norm_w, eps, unembedding, vocab), sampling),
                                      generator)
-        accepted, y, nodes, tokens, following = self.programs.tree_verify(
+        accepted, y, nodes, tokens, candidates, logq = self.programs.tree_verify(
             h1, hd, norm_w, eps, unembedding, vocab, inputs, t["parent"], t["ancestors"], t["depth"], t["path"],
-            t["head"], t["rank"], tree.ranks, pred)
+            tree.ranks, pred)
         st.cache.compact(nodes, self.programs.compact)
         self.programs.commit(tokens, accepted, y, None, *st.counters())
-        inputs.copy_(following)
+        self._next_tree(st, tree, y, candidates, logq)
+
+    def _next_tree(self, st: _State, tree: DraftTree, y, candidates, logq) -> None:
+        """The next forward's tree and inputs, in place: a dynamic tree selects its nodes for each sequence
+        from the draft heads' probabilities (``inference.tree.select_nodes``); a static one keeps its own."""
+        t = st.tree_buffers(tree)
+        if tree.select:
+            for name, value in self.programs.select(logq, self.tree_tensors(tree), tree.select).items():
+                t[name].copy_(value)
+        t["inputs"].copy_(tree_following(y, candidates, t["head"], t["rank"]))
 
     # ---- CUDA graphs ----------------------------------------------------------------------------------
 

@@ -61,15 +61,16 @@ def decode_bias(lengths: torch.Tensor, start: torch.Tensor, s_new: int, capacity
 
 def tree_bias(lengths: torch.Tensor, start: torch.Tensor, ancestors: torch.Tensor, capacity: int, group: int,
               dtype: torch.dtype) -> torch.Tensor:
-    """``decode_bias`` of a forward over a draft tree (``inference.tree``): node i of sequence b, written at slot
-    lengths[b] + i, sees the committed slots start[b] .. lengths[b] - 1 and the slots of its ancestors and
-    itself (``ancestors`` bool [N, N]) — a linear chain's ancestors are the lower triangle, which is
-    ``decode_bias``. Rows in the folded order of ``decode_bias`` [b, 1, group * N, capacity]."""
-    n = ancestors.size(0)
+    """``decode_bias`` of a forward over a draft tree per sequence (``inference.tree``): node i of sequence b,
+    written at slot lengths[b] + i, sees the committed slots start[b] .. lengths[b] - 1 and the slots of its
+    ancestors and itself (``ancestors`` bool [b, N, N]) — a linear chain's ancestors are the lower triangle,
+    which is ``decode_bias``. Rows in the folded order of ``decode_bias`` [b, 1, group * N, capacity]."""
+    b, n = ancestors.size(0), ancestors.size(1)
     slot = torch.arange(capacity, device=lengths.device)[None, None, :]  # [1, 1, capacity]
     rel = slot - lengths[:, None, None]  # [b, 1, capacity]: the node a new slot holds
     node = (torch.arange(group * n, device=lengths.device) % n)[None, :, None]  # [1, rows, 1]
-    mine = ancestors[node, rel.clamp(min=0, max=n - 1)] & (rel >= 0) & (rel < n)
+    seq = torch.arange(b, device=lengths.device)[:, None, None]
+    mine = ancestors[seq, node, rel.clamp(min=0, max=n - 1)] & (rel >= 0) & (rel < n)
     visible = ((slot >= start[:, None, None]) & (rel < 0)) | mine
     return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, float("-inf"))[:, None]
 

@@ -26,7 +26,9 @@ the probability that head h + 2's rank-r candidate is the greedy token (``head_a
 path's probability is taken as the product of its ranks' accuracies (Medusa's independence assumption), the
 expected accepted length is the sum over nodes of their path probabilities, and the best tree of N nodes is
 the N most probable paths (``DraftTree.from_accuracy``; a child is never more probable than its parent, so
-they form a tree).
+they form a tree). A dynamic tree (``select`` = N) applies the same rule at every step and for every sequence
+with that step's own draft probabilities in place of the averages, choosing N of its candidate paths
+(``select_nodes``; EAGLE-2, Li et al. 2024, chooses its trees this way).
 """
 from __future__ import annotations
 
@@ -39,6 +41,11 @@ import torch
 from megatron_mtp.errors import InputError
 
 
+# A dynamic tree of N nodes selects from the N x this most probable paths (on the CPU model of docs/inference.md,
+# 2 gave ~2 % fewer tokens per forward than 4, and 8 the same as 4).
+DYNAMIC_CANDIDATES = 4
+
+
 @dataclass(frozen=True)
 class DraftTree:
     """A draft tree: ``paths`` holds every non-root node as its tuple of candidate ranks, one per depth (depth
@@ -46,6 +53,7 @@ class DraftTree:
     kept in the order (depth, ranks), so a parent always comes before its children."""
 
     paths: tuple
+    select: int = 0  # 0: verify every path; N: a dynamic tree, the N nodes a step's draft probabilities favour
 
     def __post_init__(self):
         paths = [tuple(int(r) for r in p) for p in self.paths]
@@ -62,12 +70,21 @@ class DraftTree:
             raise InputError(f"draft tree path {missing[0]} lacks its parent {missing[0][:-1]}: every prefix of a "
                              f"path must be a path too.")
         object.__setattr__(self, "paths", tuple(sorted(paths, key=lambda p: (len(p), p))))
+        if isinstance(self.select, bool) or not isinstance(self.select, int) or not (
+                self.select == 0 or 2 <= self.select <= 1 + len(paths)):
+            raise InputError(f"a dynamic tree selects 2..{1 + len(paths)} of its {1 + len(paths)} candidate nodes per "
+                             f"step, got {self.select}.")
 
     # ---- shape ------------------------------------------------------------------------------------------
 
     @property
     def nodes(self) -> int:
-        """Input rows of a verifying forward: the root and every path."""
+        """Input rows of a verifying forward: the root and every path, or a dynamic tree's selection."""
+        return self.select or self.candidates
+
+    @property
+    def candidates(self) -> int:
+        """The root and every path: the nodes a dynamic tree selects from."""
         return 1 + len(self.paths)
 
     @property
@@ -86,7 +103,14 @@ class DraftTree:
 
     def describe(self) -> str:
         widths = [sum(len(p) == d for p in self.paths) for d in range(1, self.depth + 1)]
+        if self.select:
+            return (f"dynamic: {self.select} of {self.candidates} candidate nodes per step, depth up to {self.depth}, "
+                    f"candidates per depth {widths}")
         return f"{self.nodes} nodes, depth {self.depth}, nodes per depth {widths}"
+
+    def dynamic(self, nodes: int) -> "DraftTree":
+        """This tree's paths as the candidates of a dynamic tree verifying ``nodes`` of them per step."""
+        return DraftTree(self.paths, select=nodes)
 
     # ---- construction -----------------------------------------------------------------------------------
 
@@ -98,10 +122,15 @@ class DraftTree:
         return cls(tuple((0,) * d for d in range(1, k)))
 
     @classmethod
-    def from_accuracy(cls, accuracy: Sequence[Sequence[float]], nodes: int) -> "DraftTree":
+    def from_accuracy(cls, accuracy: Sequence[Sequence[float]], nodes: int, dynamic: bool = False) -> "DraftTree":
         """The ``nodes``-node tree (root included) of the most probable paths, a path's probability being the
         product of ``accuracy[d][r]`` over its ranks (``accuracy[d]``: draft head d + 2, rank r). Ties keep the
-        shallower, lower-rank path."""
+        shallower, lower-rank path. ``dynamic``: a dynamic tree of ``nodes`` nodes whose candidates are the
+        DYNAMIC_CANDIDATES x ``nodes`` most probable paths (the static tree of them all where the table allows
+        no more than ``nodes``)."""
+        if dynamic:
+            candidates = cls.from_accuracy(accuracy, DYNAMIC_CANDIDATES * nodes)
+            return candidates.dynamic(nodes) if candidates.candidates > nodes else candidates
         if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 2:
             raise InputError(f"a draft tree needs at least 2 nodes (the root and one draft), got {nodes}.")
         acc = [[float(a) for a in row] for row in accuracy]
@@ -125,7 +154,8 @@ class DraftTree:
 
     def expected_tokens(self, accuracy: Sequence[Sequence[float]]) -> float:
         """Tokens a forward is expected to emit under ``accuracy`` (as in ``from_accuracy``): the next token,
-        plus each node's path probability — what the tree is chosen to maximise."""
+        plus each node's path probability — what the tree is chosen to maximise. (For every path: a dynamic
+        tree's selection depends on each step's probabilities.)"""
         total = 1.0
         for p in self.paths:
             prob = 1.0
@@ -145,19 +175,21 @@ class DraftTree:
         return cls(tuple(paths))
 
     def spec(self) -> str:
+        """The paths as ``parse`` reads them (a dynamic tree's selection is not part of it)."""
         return ";".join(",".join(map(str, p)) for p in self.paths)
 
     # ---- the tensors a decoder uses ---------------------------------------------------------------------
 
     def tensors(self, device) -> dict:
-        """Index tensors of the tree (node 0 the root, node i >= 1 ``paths[i - 1]``):
+        """Index tensors of the tree, or of a dynamic tree's candidates (node 0 the root, node i >= 1
+        ``paths[i - 1]``):
 
         ``ancestors`` bool [N, N]: node j is node i's ancestor or i itself; ``depth`` [N];
         ``parent`` [N] (the root its own); ``path`` [N, depth + 1]: node i's ancestor at each depth (i itself
         past its own depth); ``head`` / ``rank`` [N - 1]: which draft head (0 = head 2) and which of its
         candidates each non-root node holds."""
         index = {(): 0, **{p: i + 1 for i, p in enumerate(self.paths)}}
-        nodes, depth = self.nodes, self.depth
+        nodes, depth = self.candidates, self.depth  # (a dynamic tree's: its candidates')
         ancestors = torch.zeros(nodes, nodes, dtype=torch.bool)
         path = torch.zeros(nodes, depth + 1, dtype=torch.long)
         parent = torch.zeros(nodes, dtype=torch.long)
@@ -173,6 +205,32 @@ class DraftTree:
             "head": torch.tensor([len(p) - 1 for p in self.paths], device=device),
             "rank": torch.tensor([p[-1] for p in self.paths], device=device),
         }
+
+
+def select_nodes(logq: torch.Tensor, candidates: dict, n: int) -> dict:
+    """A dynamic tree's nodes for each sequence: the ``n - 1`` candidate paths (``DraftTree.tensors`` of the
+    candidates) of the highest probability under this step's draft distributions, ``logq`` [b, depth, ranks]
+    (log-probabilities of each draft head's top candidates), a path's probability being the product of its
+    nodes' (the same rule as ``DraftTree.from_accuracy``, with each step's own numbers). Returns the per-sequence
+    tree in ``DraftTree.tensors``' form with a leading batch dim ([b, n, n] ancestors, ...), the nodes kept in
+    the candidates' order (parents before children). A pure function of tensors (static shapes)."""
+    b = logq.size(0)
+    depth_c, anc_c = candidates["depth"], candidates["ancestors"]
+    # (a floor, not -inf: the sums below multiply by 0 for non-ancestors; and a child strictly below its parent
+    # even where a head is certain, so a selection never keeps a child without its parent)
+    lq = logq.float().clamp(min=-1e4)[:, candidates["head"], candidates["rank"]]  # [b, M - 1]
+    score = lq @ anc_c[1:, 1:].to(lq.dtype).t() - 1e-3 * depth_c[1:].to(lq.dtype)
+    idx = score.topk(n - 1, dim=1).indices.sort(dim=1).values + 1  # [b, n - 1]: candidate indices, in order
+    sel = torch.cat([torch.zeros_like(idx[:, :1]), idx], 1)  # [b, n], the root first
+    where = torch.zeros(b, anc_c.size(0), dtype=torch.long, device=logq.device)
+    where.scatter_(1, sel, torch.arange(n, device=logq.device).expand(b, n))  # candidate index -> row
+    path_c = candidates["path"][sel]  # [b, n, depth + 1] candidate indices
+    return {
+        "ancestors": anc_c[sel[:, :, None], sel[:, None, :]], "depth": depth_c[sel],
+        "parent": where.gather(1, candidates["parent"][sel]),
+        "path": where.gather(1, path_c.view(b, -1)).view(path_c.shape),
+        "head": candidates["head"][idx - 1], "rank": candidates["rank"][idx - 1],
+    }
 
 
 @torch.no_grad()
