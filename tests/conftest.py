@@ -31,6 +31,20 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def compile_with_eager_backend(monkeypatch):
+    """``torch.compile`` with dynamo's eager backend (tracing, guards and graph breaks as ever, no inductor: fast
+    on a CPU), dynamo's caches reset before and after."""
+    import torch
+    import torch._dynamo
+
+    original = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: original(fn, **{**kw, "backend": "eager", "options": None}))
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
     """A Megatron ``.bin/.idx`` of 200 random documents over ``TINY_VOCAB`` token ids, and a cache dir for

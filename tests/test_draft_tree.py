@@ -189,15 +189,9 @@ def test_tree_arguments_are_checked(kwargs, match):
         generate(model, [[1, 2, 3]], 4, **kwargs)
 
 
-def test_compiled_tree_step_gives_the_eager_tokens(monkeypatch):
-    """The tree's programs (mask, verification, cache compaction) as torch.compile traces them (fullgraph,
-    dynamo's eager backend on a CPU) emit the eager tokens, greedy and sampled."""
-    import torch._dynamo
-
-    original = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: original(fn, **{**kw, "backend": "eager",
-                                                                            "options": None}))
-    torch._dynamo.reset()
+def test_compiled_tree_step_gives_the_eager_tokens(compile_with_eager_backend):
+    """The tree's programs (mask, verification, cache compaction, dynamic selection) as torch.compile traces
+    them (fullgraph, dynamo's eager backend on a CPU) emit the eager tokens, greedy and sampled."""
     model = tiny_model(n_heads=4, layers=5, dtype=torch.float32)
     prompts = random_prompts([3, 9, 1, 6], 16, seed=2)
     eager = generate(model, prompts, 12, graphs=False, compile=False)
@@ -209,4 +203,24 @@ def test_compiled_tree_step_gives_the_eager_tokens(monkeypatch):
                                      tree=TREE.dynamic(6),
                                      graphs=False, compile=compiled, generator=torch.Generator().manual_seed(3)).tokens
     assert sampled[True] == sampled[False]
-    torch._dynamo.reset()
+
+
+def test_tree_programs_compile_once_for_every_tree_and_batch(compile_with_eager_backend):
+    """The tree's compiled programs are traced once for the first tree and batch and serve trees of other sizes
+    and depths, static or dynamic, and other batch sizes (a new tree would otherwise cost a compilation)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from megatron_mtp.inference import generation
+    from megatron_mtp.inference.tree import select_nodes
+
+    programs = {"tree_inputs": generation.tree_inputs, "tree_verify": generation.tree_verify,
+                "compact": generation.compact_slots, "select": select_nodes}
+
+    def graphs():
+        return {name: len(_debug_get_cache_entry_list(fn.__code__)) for name, fn in programs.items()}
+
+    model = tiny_model(n_heads=4, layers=2, dtype=torch.float32)
+    generate(model, random_prompts([4], 16), 5, tree=TREE.dynamic(5), graphs=False, compile=True)
+    first = graphs()
+    for b, tree in ((1, TREE), (3, TREE.dynamic(7)), (2, DraftTree.parse("0;1;2;3")), (3, DraftTree.chain(4))):
+        generate(model, random_prompts([4, 6, 3][:b], 16, seed=b), 5, tree=tree, graphs=False, compile=True)
+        assert graphs() == first, (b, tree.describe())

@@ -418,17 +418,11 @@ def test_decoder_reuses_and_bounds_its_buffers():
     assert sorted(c for _, c in dec._states) == [384, 512, 640, 768]
 
 
-def test_compiled_step_programs_give_the_eager_tokens(monkeypatch):
+def test_compiled_step_programs_give_the_eager_tokens(compile_with_eager_backend):
     """The step's programs as torch.compile traces them (whole-graph capture of the fused cache write, the
     batched draft heads, the verification and the in-place bookkeeping, fullgraph: no graph break; dynamo's
     eager backend keeps it fast on a CPU — the GPU tests run inductor) emit exactly the eager tokens, plain
     and speculative, for a batch of mixed prompt lengths."""
-    import torch._dynamo
-
-    original = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: original(fn, **{**kw, "backend": "eager",
-                                                                            "options": None}))
-    torch._dynamo.reset()
     model = tiny_model(n_heads=3, layers=5, dtype=torch.float32)
     prompts = random_prompts([3, 9, 1, 6], 16, seed=2)
     eager = generate(model, prompts, 12, graphs=False, compile=False)
@@ -439,24 +433,19 @@ def test_compiled_step_programs_give_the_eager_tokens(monkeypatch):
     for attention in ("fused", "flex"):
         assert decoder_for(model, graphs=False, compile=True, attention=attention).attention == attention
         assert generate(model, prompts, 12, heads=3, graphs=False, compile=True).tokens == eager.tokens, attention
-    torch._dynamo.reset()
 
 
-def test_compiled_decoder_compiles_once_per_shape_class(monkeypatch):
+def test_compiled_decoder_compiles_once_per_shape_class(compile_with_eager_backend):
     """A compiled decoder compiles each step program once per shape class that truly differs — one layer or
     a stack (the trunk vs k >= 3 draft heads), k = 1 or k >= 2 (the tail and the bookkeeping) — and never for
     a new batch size, prompt width or k: dynamo would otherwise specialise the sizes first seen as 1 (batch 1,
     one token, one draft head), and every new (batch, k) cost a compilation (tens of seconds on a GPU). The
     guards are dynamo's whatever the backend, so the eager backend keeps this fast (inductor's lowering can
     add a few of its own: ``tools/decode_compile_report.py`` counts them with inductor)."""
-    import torch._dynamo
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
     from megatron_mtp.inference.generation import commit, greedy_tail, step_inputs
     from megatron_mtp.model.transformer import decode_mlp, decode_qkv
 
-    original = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: original(fn, **{**kw, "backend": "eager",
-                                                                            "options": None}))
     programs = {"qkv": decode_qkv, "mlp": decode_mlp, "inputs": step_inputs, "tail": greedy_tail,
                 "commit": commit}
 
@@ -469,7 +458,6 @@ def test_compiled_decoder_compiles_once_per_shape_class(monkeypatch):
         return generate(model, prompts, 5, sampling=sampling, heads=k, graphs=False, compile=True,
                         generator=torch.Generator().manual_seed(0)).tokens
 
-    torch._dynamo.reset()
     model = tiny_model(n_heads=4, layers=2, dtype=torch.float32)
     for k in (1, 3):  # batch 1: every shape class once, greedy and sampling
         decode(1, k)
@@ -481,7 +469,6 @@ def test_compiled_decoder_compiles_once_per_shape_class(monkeypatch):
         assert graphs() == {"qkv": 2, "mlp": 2, "inputs": 1, "tail": 2, "commit": 2}, (b, k)
     prompts = random_prompts([2 + (3 * i) % 7 for i in range(3)], 16, seed=6)
     assert compiled == generate(model, prompts, 5, graphs=False, compile=False).tokens
-    torch._dynamo.reset()
 
 
 def test_compiled_step_programs_have_no_data_dependent_sizes(monkeypatch):

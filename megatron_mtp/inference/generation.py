@@ -324,8 +324,11 @@ def tree_verify(h1, hd, norm_weight, eps: float, unembedding, vocab: int, inputs
     y = pred.gather(1, best[:, None]).view(b)
     nodes = path.gather(1, best.view(b, 1, 1).expand(b, 1, path.size(2))).view(b, path.size(2))
     tokens = inputs.gather(1, nodes)
-    candidates, logq = draft_candidates(head_logits(select_rows(hd, best), norm_weight, eps, unembedding, vocab),
-                                        ranks)
+    # The draft heads' rows at the accepted node, gathered head-major [D, b, hidden] (contiguous: the unembedding
+    # of select_rows' transposed [b, D, hidden] would make the compiler specialise on batch 1).
+    picked = hd.gather(2, best.view(1, b, 1, 1).expand(hd.size(0), b, 1, hd.size(3))).view(hd.size(0), b, hd.size(3))
+    draft_logits = head_logits(picked, norm_weight, eps, unembedding, vocab).transpose(0, 1)  # [b, D, V]
+    candidates, logq = draft_candidates(draft_logits, ranks)
     return accepted, y, nodes, tokens, candidates, logq
 
 
