@@ -441,7 +441,7 @@ def _bandwidth_variant(model, cfg, args, prompts, ks, options: dict, g, full: bo
             fn = dec._capture(forward, False).replay if cuda else forward
             row = {"kind": "forward", "tokens": s, "ms": 1e3 * time_call(fn, args.device, iters=50 if cuda else 5)}
             if s <= n and s in ks:
-                step = dec._graphs.get(("step", 1, st.capacity, s, (True, 1.0, 0, 1.0)))
+                step = dec._graphs.get(("step",) + dec.step_key(1, st.capacity, s, SamplingParams()))
                 step = step.replay if step is not None else (lambda s=s: dec.step(st, s, SamplingParams(), None))
                 cache.lengths.fill_(args.prompt_tokens)
                 st.done.zero_()

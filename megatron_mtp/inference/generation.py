@@ -798,6 +798,12 @@ class Decoder:
             self._pool = graph.pool()  # all graphs of this decoder share one pool: they never run at once
         return graph
 
+    @staticmethod
+    def step_key(b: int, capacity: int, k: int, sampling: SamplingParams, tree: Optional[DraftTree] = None) -> tuple:
+        """What a captured step graph is kept under, after its kind: batch and capacity first (``state`` drops a
+        bucket's graphs by them), then the step's shape and sampling."""
+        return (b, capacity, k, (sampling.greedy, sampling.temperature, sampling.top_k, sampling.top_p), tree)
+
     # ---- one generate call ----------------------------------------------------------------------------
 
     def generate(self, prompts, max_new_tokens, sampling, heads, eod, pad_id, generator, progress,
@@ -821,13 +827,13 @@ class Decoder:
         st.cache.reset([width - n for n in lengths])
         st.budget.fill_(max_new_tokens)
         st.eod.fill_(-1 if eod is None else eod)
-        skey = (sampling.greedy, sampling.temperature, sampling.top_k, sampling.top_p, tree)
         sampled = not sampling.greedy
         if self.graphs:
             gen = self._generator
-            g_prefill = self._graph(("prefill", b, capacity, width, k, skey),
+            g_prefill = self._graph(("prefill",) + self.step_key(b, capacity, k, sampling, tree) + (width,),
                                     lambda: self.prefill(st, width, k, sampling, gen, tree), sampled)
-            g_step = self._graph(("step", b, capacity, k, skey), (lambda: self.tree_step(st, tree, sampling, gen))
+            g_step = self._graph(("step",) + self.step_key(b, capacity, k, sampling, tree),
+                                 (lambda: self.tree_step(st, tree, sampling, gen))
                                  if tree else (lambda: self.step(st, k, sampling, gen)), sampled)
             if sampled:  # the caller's generator decides the stream (one draw from it per call)
                 seed = torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device
