@@ -51,6 +51,10 @@ def test_report_says_config_errors_once():
     ("generate", ["--load", "{tmp}/none", "--prompt", "x"], "checkpoint", "none"),
     ("eval_perplexity", ["--load", "{tmp}/none"], "checkpoint", "none"),
     ("eval_humaneval", ["--load", "{tmp}", "--k", "1,a", "--allow-unsandboxed"], "input", "--k takes comma-separated integers"),
+    ("eval_humaneval", ["--load", "{tmp}", "--tree", "8", "--allow-unsandboxed"], "input", "--tree needs --speculative"),
+    ("eval_humaneval", ["--load", "{tmp}", "--speculative", "--tree", "0,1", "--allow-unsandboxed"], "input",
+     "lacks its parent"),
+    ("eval_humaneval", ["--load", "{tmp}", "--dynamic-tree", "--allow-unsandboxed"], "input", "needs --tree NODES"),
 ])
 def test_every_tool_reports_a_user_error_in_one_line(tool, argv, kind, words, tmp_path, capsys):
     """Each command-line tool says ``<kind> error: <sentence>`` through errors.report and exits 2."""

@@ -130,3 +130,25 @@ def test_perplexity_per_head(tmp_path):
         assert h["perplexity"] == pytest.approx(math.exp(ref), rel=1e-9)
     again = evaluate_perplexity(model, data, batch_size=5)
     assert [h["loss"] for h in again["heads"]] == pytest.approx([h["loss"] for h in res["heads"]], rel=1e-12)
+
+
+def test_humaneval_completions_with_heads_or_a_draft_tree_equal_plain_greedy(tmp_path):
+    """generate_completions decodes the problems' prompts plainly, with heads, or with a draft tree chosen by
+    the command line's calibration (tree_for); greedy, all three give the same completions."""
+    from megatron_mtp.eval.humaneval import generate_completions, load_problems
+    from megatron_mtp.inference import SamplingParams, load_model
+    from megatron_mtp.inference.tree import tree_for
+    from test_generation import _save_run
+
+    run_dir, _ = _save_run(tmp_path)
+    _, model, tokenizer = load_model(run_dir)
+    problems = load_problems(2, None)
+    kwargs = dict(max_new_tokens=12, batch_size=2, progress=False)
+    plain, _ = generate_completions(model, tokenizer, problems, 1, SamplingParams(), **kwargs)
+    spec, _ = generate_completions(model, tokenizer, problems, 1, SamplingParams(), heads=3, **kwargs)
+    prompts = [tokenizer.encode(p["prompt"]) for p in problems]
+    seen = []
+    tree = tree_for(model, "6", prompts, 3, dynamic=True, max_new_tokens=12, report=seen.append, eod=tokenizer.eod)
+    assert tree.select == 6 and len(seen) == 1 and len(seen[0]) == 2
+    treed, stats = generate_completions(model, tokenizer, problems, 1, SamplingParams(), tree=tree, **kwargs)
+    assert plain == spec == treed and stats[0].heads == tree.heads

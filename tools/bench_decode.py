@@ -86,11 +86,9 @@ def calibrate_trees(model, prompts, max_new_tokens, eod, pad, nodes: list, dynam
     ``prompts`` (``inference.head_accuracy``), then for each of ``nodes`` the most probable paths
     (``DraftTree.from_accuracy``), and for each of ``dynamic`` a dynamic tree of that many nodes selected from
     ``inference.tree.DYNAMIC_CANDIDATES`` times as many candidates. Keyed by row name (``tree16``, ``dtree16``)."""
-    from megatron_mtp.inference import DraftTree, generate, head_accuracy
+    from megatron_mtp.inference import DraftTree, continuation_accuracy
 
-    out = generate(model, prompts, max_new_tokens, eod=eod, pad_id=pad)
-    accuracy = head_accuracy(model, [p + t for p, t in zip(prompts, out.tokens)], ranks=TREE_RANKS,
-                             targets_from=[len(p) for p in prompts])
+    accuracy = continuation_accuracy(model, prompts, max_new_tokens, ranks=TREE_RANKS, eod=eod, pad_id=pad)
     return {"accuracy_per_head_rank": accuracy, "calibration_prompts": len(prompts),
             "trees": {**{f"tree{n}": DraftTree.from_accuracy(accuracy, n) for n in nodes},
                       **{f"dtree{n}": DraftTree.from_accuracy(accuracy, n, dynamic=True) for n in dynamic}}}

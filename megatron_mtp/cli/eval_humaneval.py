@@ -2,6 +2,7 @@
 
     mtp-eval-humaneval --load runs/code_100m --n-samples 20 --k 1,10 --temperature 0.8 \\
         --top-p 0.95 --speculative --heads 4 --device cuda --output results/humaneval.jsonl
+    (--speculative --tree 32: decode with a draft tree, docs/inference.md)
 
 Completions are sampled (or decoded greedily with --greedy, n-samples 1), cut at the usual stop sequences,
 and every program runs in the sandbox (megatron_mtp.eval.sandbox, docs/security.md): as a fresh unprivileged
@@ -23,6 +24,7 @@ from megatron_mtp.eval.humaneval import evaluate_completions, generate_completio
 from megatron_mtp.errors import InputError, UserError, report
 from megatron_mtp.eval.sandbox import require_isolation
 from megatron_mtp.inference import SamplingParams, default_dtype, load_model
+from megatron_mtp.inference.tree import describe_accuracy, tree_for, tree_option
 
 
 def main(argv=None) -> int:
@@ -38,6 +40,11 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=384)
     p.add_argument("--speculative", action="store_true", help="decode with self-speculative decoding")
     p.add_argument("--heads", type=int, default=None, help="heads for --speculative (default: all)")
+    p.add_argument("--tree", default=None, metavar="NODES|PATHS",
+                   help="with --speculative: decode with a draft tree of NODES nodes chosen from the heads' accuracies "
+                        "on greedy continuations of the first problems' prompts, or of explicit PATHS like "
+                        "'0;1;0,0' (docs/inference.md, draft trees)")
+    p.add_argument("--dynamic-tree", action="store_true", help="with --tree NODES: a dynamic tree")
     p.add_argument("--limit", type=int, default=None, help="only the first N problems")
     p.add_argument("--task", action="append", help="only this task id (repeatable), e.g. HumanEval/0")
     p.add_argument("--batch-size", type=int, default=16)
@@ -66,24 +73,41 @@ def main(argv=None) -> int:
             raise InputError("--device cuda was asked for but no CUDA device is visible; use --device cpu.")
         sampling = (SamplingParams(greedy=True) if args.greedy else
                     SamplingParams(greedy=False, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p))
+        if args.tree is not None or args.dynamic_tree:  # checked before the model loads
+            if args.tree is None:
+                raise InputError("--dynamic-tree needs --tree NODES.")
+            if not args.speculative:
+                raise InputError("--tree needs --speculative.")
+            tree_option(args.tree, args.dynamic_tree)
         problems = load_problems(args.limit, args.task)
         dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(args.device)
         cfg, model, tokenizer = load_model(args.load, device=args.device, dtype=dtype)
         heads = (args.heads or cfg.mtp.n_heads) if args.speculative else 1
         if not 1 <= heads <= cfg.mtp.n_heads:
             raise InputError(f"--heads must lie in 1..{cfg.mtp.n_heads}, got {heads}.")
+        tree = None
+        if args.tree is not None:
+            if heads < 2:
+                raise InputError("--tree needs at least 2 heads (--heads).")
+            prompts = [tokenizer.encode(p["prompt"]) for p in problems[: args.batch_size]]
+            pad = tokenizer.pad if getattr(tokenizer, "pad", None) is not None else 0
+            tree = tree_for(model, args.tree, prompts, heads, args.dynamic_tree, min(args.max_new_tokens, 64),
+                            lambda acc: print(describe_accuracy(acc), file=sys.stderr), eod=tokenizer.eod,
+                            pad_id=pad)
+            print(f"draft tree: {tree.describe()}", file=sys.stderr)
     except UserError as exc:
         return report(exc)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     completions, stats = generate_completions(model, tokenizer, problems, args.n_samples, sampling, heads=heads,
                                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                                              generator=gen, progress=not args.no_progress)
+                                              generator=gen, progress=not args.no_progress, tree=tree)
     result = evaluate_completions(problems, completions, ks=ks, timeout=args.timeout, memory_mb=args.memory_mb,
                                   workers=args.workers, output_jsonl=args.output,
                                   allow_unsandboxed=args.allow_unsandboxed)
     tokens = sum(s.tokens for s in stats)
     seq_forwards = sum(s.seq_forwards for s in stats)
-    summary = {**result["summary"], "load": args.load, "heads": heads, "sampling": sampling.describe(),
+    summary = {**result["summary"], "load": args.load, "heads": tree.heads if tree else heads,
+               "draft_tree": tree.describe() if tree else None, "sampling": sampling.describe(),
                "tokens_per_forward": tokens / max(1, seq_forwards),
                "generation_tokens_per_s": tokens / max(1e-9, sum(s.wall_s for s in stats)),
                "isolation": isolation.describe(), "output": args.output}

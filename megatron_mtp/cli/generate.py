@@ -26,8 +26,9 @@ import sys
 import torch
 
 from megatron_mtp.errors import InputError, UserError, report
-from megatron_mtp.inference import DraftTree, SamplingParams, default_dtype, generate, head_accuracy, load_model
+from megatron_mtp.inference import SamplingParams, default_dtype, generate, load_model
 from megatron_mtp.inference.generation import _Programs, decoder_for
+from megatron_mtp.inference.tree import describe_accuracy, tree_for, tree_option
 
 
 def read_prompts(args) -> list:
@@ -124,10 +125,7 @@ def run(args) -> int:
             raise InputError("--tree needs --speculative.")
         if heads < 2:
             raise InputError("--tree needs at least 2 heads (--heads).")
-        if not args.tree.strip().isdigit():
-            DraftTree.parse(args.tree)  # a malformed tree is reported before any decoding
-            if args.dynamic_tree:
-                raise InputError("--dynamic-tree takes a node count (--tree 32), not explicit paths.")
+        tree_option(args.tree, args.dynamic_tree)  # a malformed tree is reported before any decoding
     elif args.dynamic_tree:
         raise InputError("--dynamic-tree needs --tree NODES.")
     try:  # the decoder options checked once, before any decoding: one sentence if this machine lacks them
@@ -155,7 +153,9 @@ def run(args) -> int:
 
     tree = None
     if args.tree is not None:
-        tree = choose_tree(model, args.tree, heads, encoded[: args.batch_size], args, eod, pad)
+        tree = tree_for(model, args.tree, encoded[: args.batch_size], heads, args.dynamic_tree,
+                        min(args.max_new_tokens, 64), lambda acc: print(describe_accuracy(acc), file=sys.stderr),
+                        eod=eod, pad_id=pad, compile=False if args.no_compile else None)
         print(f"draft tree: {tree.describe()}; paths {tree.spec()}", file=sys.stderr)
     if args.compare:
         # Time warm decoders: the first call of each captures its CUDA graphs (and compiles) and fills
@@ -181,23 +181,6 @@ def run(args) -> int:
               f"{'' if sampling.greedy else ' (sampling: equal in distribution, not sample by sample)'}",
               file=sys.stderr)
     return 0
-
-
-def choose_tree(model, spec: str, heads: int, prompts: list, args, eod, pad) -> DraftTree:
-    """``--tree``: explicit paths as given, or a node count: the most probable tree of that many nodes under the
-    heads' per-rank accuracies on a plain greedy continuation of ``prompts`` (at most 64 new tokens each)."""
-    if not spec.strip().isdigit():
-        return DraftTree.parse(spec)
-    nodes = int(spec)
-    if nodes < 2:
-        raise InputError(f"--tree needs at least 2 nodes (the root and one draft), got {nodes}.")
-    budget = min(args.max_new_tokens, 64)
-    plain = generate(model, prompts, budget, eod=eod, pad_id=pad, compile=False if args.no_compile else None)
-    sequences = [p + t for p, t in zip(prompts, plain.tokens)]
-    accuracy = head_accuracy(model, sequences, ranks=8, heads=heads, targets_from=[len(p) for p in prompts])
-    print("head accuracy by rank (calibration): " + "; ".join(
-        f"head {d + 2} " + " ".join(f"{a:.2f}" for a in row[:4]) for d, row in enumerate(accuracy)), file=sys.stderr)
-    return DraftTree.from_accuracy(accuracy, nodes, dynamic=args.dynamic_tree)
 
 
 def main(argv=None) -> int:

@@ -92,8 +92,9 @@ def evaluate_completions(problems: Sequence[dict], completions: Sequence[Sequenc
 
 def generate_completions(model, tokenizer, problems: Sequence[dict], n_samples: int, sampling, heads: int = 1,
                          max_new_tokens: int = 384, batch_size: int = 16, generator=None,
-                         progress: bool = True) -> tuple:
-    """n_samples completions per problem (truncated), and the decoding statistics of every batch."""
+                         progress: bool = True, tree=None) -> tuple:
+    """n_samples completions per problem (truncated), and the decoding statistics of every batch; ``tree`` a
+    draft tree to decode with (``inference.tree``) instead of ``heads``."""
     from tqdm import tqdm
 
     from megatron_mtp.inference.generation import generate
@@ -106,8 +107,8 @@ def generate_completions(model, tokenizer, problems: Sequence[dict], n_samples: 
     bar = tqdm(total=len(jobs), desc="humaneval samples", unit="sample", file=sys.stderr, disable=not progress)
     for start in range(0, len(jobs), batch_size):
         batch = jobs[start: start + batch_size]
-        out = generate(model, [encoded[i] for i, _ in batch], max_new_tokens, sampling, heads=heads,
-                       eod=tokenizer.eod, pad_id=pad, generator=generator, progress=False)
+        out = generate(model, [encoded[i] for i, _ in batch], max_new_tokens, sampling, heads=1 if tree else heads,
+                       eod=tokenizer.eod, pad_id=pad, generator=generator, progress=False, tree=tree)
         for (i, _), tokens in zip(batch, out.tokens):
             completions[i].append(truncate_completion(tokenizer.decode(tokens)))
         stats.append(out.stats)

@@ -11,7 +11,7 @@ from megatron_mtp.inference.generation import DecodeStats, GenerationOutput, gen
 from megatron_mtp.inference.kv_cache import KVCache
 from megatron_mtp.inference.loading import ModelLoadError, default_dtype, load_model
 from megatron_mtp.inference.sampling import SamplingParams, next_tokens, probabilities, sample
-from megatron_mtp.inference.tree import DraftTree, head_accuracy
+from megatron_mtp.inference.tree import DraftTree, continuation_accuracy, head_accuracy
 
-__all__ = ["DecodeStats", "DraftTree", "GenerationOutput", "KVCache", "ModelLoadError", "SamplingParams", "default_dtype",
+__all__ = ["DecodeStats", "DraftTree", "GenerationOutput", "continuation_accuracy", "KVCache", "ModelLoadError", "SamplingParams", "default_dtype",
            "generate", "head_accuracy", "load_model", "next_tokens", "probabilities", "sample", "verify_greedy", "verify_sampled"]

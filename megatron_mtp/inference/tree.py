@@ -233,6 +233,52 @@ def select_nodes(logq: torch.Tensor, candidates: dict, n: int) -> dict:
     }
 
 
+def tree_option(spec: str, dynamic: bool = False) -> int:
+    """Check a command line's ``--tree`` (a node count, or explicit paths ``"0;1;0,0"``) and ``--dynamic-tree``
+    before anything runs; returns the node count, or 0 for explicit paths."""
+    if not spec.strip().isdigit():
+        DraftTree.parse(spec)
+        if dynamic:
+            raise InputError("--dynamic-tree takes a node count (--tree 32), not explicit paths.")
+        return 0
+    nodes = int(spec)
+    if nodes < 2:
+        raise InputError(f"--tree needs at least 2 nodes (the root and one draft), got {nodes}.")
+    return nodes
+
+
+def tree_for(model, spec: str, prompts: Sequence[Sequence[int]], heads: int = 0, dynamic: bool = False,
+             max_new_tokens: int = 64, report=None, **generate_kwargs) -> DraftTree:
+    """The tree a command line's ``--tree`` asks for: explicit paths as given, or for a node count the most
+    probable tree (``dynamic``: a dynamic one) under the accuracies of the first ``heads`` heads (0: all) on
+    plain greedy continuations of ``prompts`` (``continuation_accuracy``); ``report(accuracy)`` sees them."""
+    nodes = tree_option(spec, dynamic)
+    if not nodes:
+        return DraftTree.parse(spec)
+    accuracy = continuation_accuracy(model, prompts, max_new_tokens, heads=heads, **generate_kwargs)
+    if report is not None:
+        report(accuracy)
+    return DraftTree.from_accuracy(accuracy, nodes, dynamic=dynamic)
+
+
+def describe_accuracy(accuracy: Sequence[Sequence[float]], ranks: int = 4) -> str:
+    """One line of per-head, per-rank accuracies (the first ``ranks``) for a log."""
+    return "head accuracy by rank (calibration): " + "; ".join(
+        f"head {d + 2} " + " ".join(f"{a:.2f}" for a in row[:ranks]) for d, row in enumerate(accuracy))
+
+
+def continuation_accuracy(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, ranks: int = 8,
+                          heads: int = 0, **generate_kwargs) -> list:
+    """The draft heads' per-rank acceptance rates (``head_accuracy``) on the plain greedy continuations of
+    ``prompts`` (``max_new_tokens`` each; ``generate_kwargs`` go to ``generate``: eod, pad_id, compile, ..):
+    the calibration a tree is chosen from. Raises InputError when the continuations are too short to measure."""
+    from megatron_mtp.inference.generation import generate  # (generation imports this module)
+
+    out = generate(model, prompts, max_new_tokens, **generate_kwargs)
+    sequences = [list(p) + t for p, t in zip(prompts, out.tokens)]
+    return head_accuracy(model, sequences, ranks=ranks, heads=heads, targets_from=[len(p) for p in prompts])
+
+
 @torch.no_grad()
 def head_accuracy(model, sequences: Sequence[Sequence[int]], ranks: int = 4, heads: int = 0,
                   targets_from: Union[int, Sequence[int]] = 0) -> list:
