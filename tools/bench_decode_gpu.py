@@ -69,8 +69,11 @@ ITERS8 = ENV.get("ITERS8", "1600")
 #   the decoder variants VARIANTS_N4 names), 100m (the code shape's step profiles).
 ALL_PARTS = ("n4", "n8", "1b", "n4_attention", "100m")
 PARTS = set(ENV.get("PARTS", ",".join(ALL_PARTS)).split(","))
-VARIANTS_1B = ENV.get("VARIANTS_1B", "triton_layers,flash_decoding,sdpa")
-VARIANTS_N4 = [a for a in ENV.get("VARIANTS_N4", "triton_layers,sdpa").split(",") if a]  # the n4_attention part
+# (A dry run on a CPU has neither Triton kernel: the defaults there are the CPU decoder's.)
+VARIANTS_1B = ENV.get("VARIANTS_1B", "triton_layers,flash_decoding,sdpa" if DEVICE == "cuda" else "default,sdpa")
+VARIANTS_N4 = [a for a in ENV.get("VARIANTS_N4", "triton_layers,sdpa" if DEVICE == "cuda" else "sdpa").split(",")
+               if a]  # the n4_attention part
+VARIANTS_100M = "triton_layers,flash_decoding" if DEVICE == "cuda" else "default"
 # Draft trees (node counts) decoded beside the k rows of the two trained models (bench_decode.py --trees); "" none.
 TREES = ENV.get("TREES", "32")
 DYNAMIC_TREES = ENV.get("DYNAMIC_TREES", "16,32,64")  # dynamic trees (bench_decode.py --dynamic-trees)
@@ -375,7 +378,7 @@ def main() -> int:
     if "100m" in PARTS:
         phase("bandwidth code n=4 shape (step profiles)", left() - 2,
               lambda: bench(["--bandwidth", CODE_CONFIG, "--tag", f"{TAG}_100m", "--profile",
-                             "--variants", "triton_layers,flash_decoding"]))
+                             "--variants", VARIANTS_100M]))
     say("done")
     save_record()
     return 0
