@@ -606,6 +606,7 @@ class Decoder:
     # ---- the two programs -----------------------------------------------------------------------------
 
     def tree_tensors(self, tree: DraftTree) -> dict:
+        """A draft tree's index tensors on the device (a dynamic tree's: its candidates'), made once."""
         if tree not in self._trees:
             self._trees[tree] = tree.tensors(self.device)
         return self._trees[tree]
