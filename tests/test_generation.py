@@ -588,10 +588,11 @@ def test_bench_decode_bandwidth_regime_writes_its_rows(tmp_path):
         sys.path.pop(0)
     assert bench_decode.main(["--bandwidth", os.path.join(REPO, "configs", "tiny.yaml"), "--device", "cpu",
                               "--output-dir", str(tmp_path), "--tag", "t", "--prompt-tokens", "16",
-                              "--max-new-tokens", "4", "--ks", "1,2", "--variants", "default"]) == 0
+                              "--max-new-tokens", "4", "--ks", "1,2", "--variants", "default",
+                              "--forward-tokens", "5"]) == 0
     result = json.loads((tmp_path / "decode_t.json").read_text())
     assert [r["k"] for r in result["rows"] if r["kind"] == "generate"] == [1, 2]
-    assert [r["tokens"] for r in result["rows"] if r["kind"] == "forward"] == [1, 2]
+    assert [r["tokens"] for r in result["rows"] if r["kind"] == "forward"] == [1, 2, 5]
     assert result["plain_decode_tokens_per_s"] > 0 and list(result["variants"]) == ["default"]
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporary file left behind
 

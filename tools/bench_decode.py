@@ -317,6 +317,11 @@ def decoder_options(variant: str, device: str) -> dict:
             "layer_kernels": layer_kernels or default_layer_kernels(device)}
 
 
+def forward_tokens(args) -> list:
+    """--forward-tokens: the extra forward widths of the bandwidth regime."""
+    return [int(x) for x in (args.forward_tokens or "").split(",") if x.strip()]
+
+
 def bandwidth_regime(args, command: str, save=None) -> dict:
     """Random weights of ``args.bandwidth``'s shape: per-forward time over 1..k tokens (trunk + head 1, the
     forward that verifies k tokens), the full speculative step of k heads, and plain decoding's tokens/s
@@ -426,7 +431,8 @@ def _bandwidth_variant(model, cfg, args, prompts, ks, options: dict, g, full: bo
     profiles = {}
     norm_w, eps, unembedding = dec._unembedding()
     kmax = max(k for k in ks if k <= n)
-    sizes = range(1, max(ks) + 1) if full else sorted({1, max(ks)})
+    # (and, for the first variant, the wider forwards a draft tree makes: --forward-tokens)
+    sizes = sorted(set(range(1, max(ks) + 1)) | set(forward_tokens(args))) if full else sorted({1, max(ks)})
     with torch.no_grad(), attention_backends(torch.device(args.device)):
         for s in sizes:
             tokens = torch.randint(0, cfg.model.vocab_size, (1, s), generator=g, device=args.device)
@@ -639,6 +645,9 @@ def main(argv=None) -> int:
     p.add_argument("--dynamic-trees", default="", metavar="NODES",
                    help="also decode with dynamic draft trees of these node counts: each step verifies the paths its "
                         "draft probabilities favour, from 4x as many calibrated candidates")
+    p.add_argument("--forward-tokens", default="", metavar="LIST",
+                   help="--bandwidth: also time one forward over these many tokens (e.g. 8,16,32,64: what a draft "
+                        "tree of that many nodes costs against one token)")
     p.add_argument("--lookup-tokens", type=int, default=4, help="prompt_lookup_num_tokens of the lookup row")
     p.add_argument("--stop-at-eod", action="store_true", help="stop sequences at EOD (default: fixed budget)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -660,6 +669,14 @@ def main(argv=None) -> int:
         return 2
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda was asked for but no CUDA device is visible; use --device cpu.", file=sys.stderr)
+        return 2
+    try:
+        widths = forward_tokens(args)
+    except ValueError:
+        widths = [0]
+    if any(w < 1 for w in widths):
+        print(f"error: --forward-tokens takes token counts like 8,16,32,64; got {args.forward_tokens!r}.",
+              file=sys.stderr)
         return 2
     for name in ("prompts_batch1", "prompt_tokens", "max_new_tokens", "repeats", "lookup_tokens"):
         if getattr(args, name) < 1:

@@ -20,7 +20,8 @@ work; the GPU runs the trainings), and the benchmarks after the training only ca
                  and draft trees of TREES nodes, dynamic ones of DYNAMIC_TREES
               2. the n = 8 byte model at batch 1 on 16 held-out prompts, k = 1..8 and the draft trees
                  -> decode_<tag>_n8.json
-              3. the 1.1B shape, random weights: forward time over 1..4 tokens, the speculative steps, plain
+              3. the 1.1B shape, random weights: forward time over 1..4 tokens (and 8..64: a draft tree's
+                 widths), the speculative steps, plain
                  tokens/s against the HBM floor, kernel profiles; the decoder variants VARIANTS_1B names
                  (default: the GEMV layer kernels with the split-KV attention — first, so theirs are the profiles —,
                  the split-KV attention with torch's layer programs (the current default), SDPA)
@@ -366,7 +367,7 @@ def main() -> int:
     if "1b" in PARTS:
         phase(f"bandwidth 1.1B {VARIANTS_1B}", max(0.7 * left(), left() - 28),
               lambda: bench(["--bandwidth", BANDWIDTH_CONFIG, "--tag", f"{TAG}_1b", "--profile",
-                             "--variants", VARIANTS_1B]))
+                             "--variants", VARIANTS_1B, "--forward-tokens", "8,16,32,64"]))
     import bench_decode
 
     for variant in VARIANTS_N4 if "n4_attention" in PARTS else ():
