@@ -31,7 +31,8 @@ def run_interpreted(code: str) -> dict:
 
 @needs_triton
 def test_flash_decoding_equals_sdpa_on_every_layout():
-    """Folded GQA rows (1, 4 and — a prefill, over MAX_ROWS, served by SDPA — 9 new tokens), padding and per-sequence lengths in the mask, capacities that are
+    """Folded GQA rows (1, 4, 9 new tokens — 72 rows: two row tiles, as a draft tree's step — and a prefill's 320,
+    over MAX_ROWS, served by SDPA), padding and per-sequence lengths in the mask, capacities that are
     and are not a multiple of the block, one split and many (each a different share of the cache), head dims
     below the 16 a Triton product needs, the draft heads' stacked buffers (strided views), a bool mask."""
     out = run_interpreted("""
@@ -45,7 +46,8 @@ def test_flash_decoding_equals_sdpa_on_every_layout():
         errors = {}
         for b, n_kv, group, s, cap, hd, m, target in [(1, 4, 8, 1, 384, 64, 1, 264), (2, 2, 3, 4, 130, 16, 1, 264),
                                                       (2, 1, 2, 2, 200, 8, 3, 2), (3, 2, 1, 3, 64, 32, 1, 264),
-                                                      (1, 2, 4, 2, 1000, 16, 2, 12), (2, 2, 8, 9, 128, 16, 1, 264)]:
+                                                      (1, 2, 4, 2, 1000, 16, 2, 12), (2, 2, 8, 9, 128, 16, 1, 264),
+                                                      (1, 1, 8, 40, 128, 16, 1, 264)]:
             kernels.TARGET_PROGRAMS = target  # few programs -> each split walks several blocks
             cache = KVCache(b, cap, "cpu", start=[0, 5, 2][:b])
             cache.advance(torch.tensor([cap - s - 3, cap // 2, 9][:b]))
@@ -61,14 +63,14 @@ def test_flash_decoding_equals_sdpa_on_every_layout():
                 key = f"b{b} kv{n_kv} g{group} s{s} cap{cap} hd{hd} m{m} {kind} splits{kernels.num_splits(m * b * n_kv, cap)}"
                 errors[key] = [list(got.shape) == list(ref.shape), (got - ref).abs().max().item()]
         try:  # the kernels alone refuse a prefill's rows in one sentence (the decoder routes those to SDPA)
-            kernels.flash_decoding(torch.zeros(1, 1, 72, 16), k_all[:1, :1], v_all[:1, :1],
-                                   torch.zeros(1, 1, 72, k_all.size(2)), 9)
+            kernels.flash_decoding(torch.zeros(1, 1, 320, 16), k_all[:1, :1], v_all[:1, :1],
+                                   torch.zeros(1, 1, 320, k_all.size(2)), 40)
             refused = ""
         except ValueError as exc:
             refused = str(exc)
         print(json.dumps({"errors": errors, "refused": refused}))
     """)
-    assert "serves up to 64 query rows (a decode step), got 72" in out["refused"]
+    assert "serves up to 256 query rows (a decode step, a draft tree's), got 320" in out["refused"]
     out = out["errors"]
     for key, (same_shape, err) in out.items():
         assert same_shape and err < 1e-5, (key, err)
@@ -80,8 +82,8 @@ def test_flash_decoding_equals_sdpa_on_every_layout():
 @needs_triton
 def test_decoder_with_flash_decoding_gives_the_sdpa_tokens():
     """The decoder's eager step with the split-KV attention emits exactly the SDPA decoder's tokens (fp32,
-    greedy): plain and speculative (k = 2, 3, the draft heads' stacked caches), a batch of mixed prompt
-    lengths (left padding), and the speculative output equals plain greedy."""
+    greedy): plain and speculative (k = 2, 3, the draft heads' stacked caches; a draft tree of two row tiles), a
+    batch of mixed prompt lengths (left padding), and the speculative output equals plain greedy."""
     out = run_interpreted("""
         import json, sys, torch
         sys.path.insert(0, "tests")
@@ -93,6 +95,11 @@ def test_decoder_with_flash_decoding_gives_the_sdpa_tokens():
         ref = generate(model, prompts, 10, graphs=False, compile=False, attention="sdpa").tokens
         got = {k: generate(model, prompts, 10, heads=k, graphs=False, compile=False,
                            attention="flash_decoding").tokens for k in (1, 2, 3)}
+        # a dynamic draft tree of 40 nodes: 80 query rows a KV head, two row tiles
+        from megatron_mtp.inference import DraftTree
+        tree = DraftTree.from_accuracy([[0.5, 0.2, 0.1, 0.05] * 2, [0.4, 0.2, 0.1, 0.05] * 2], 40, dynamic=True)
+        got["tree"] = generate(model, prompts, 10, graphs=False, compile=False, attention="flash_decoding",
+                               tree=tree).tokens
         print(json.dumps({"ref": ref, "got": got}))
     """)
     for k, tokens in out["got"].items():

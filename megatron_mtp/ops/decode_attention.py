@@ -11,9 +11,9 @@ output projection reads, so the GQA rows need no unfolding copy.
 Same contract as ``model.transformer.decode_attention``: folded queries q [B, n_kv, rows, head_dim] (rows =
 group * s, row r is query r % s of head r // s of the group), keys and values [B, n_kv, capacity, head_dim]
 (any strides with a unit last one: the decoder's stacked buffers are views), an additive mask [B, 1, rows,
-capacity] (0 or -inf) that hides padding, stale slots and the future. Up to ``MAX_ROWS`` query rows: a prefill
-has group x prompt-width rows, enough to fill the GPU with SDPA's own kernel, and the decoder gives it that
-(``inference.generation.decode_attention_flash``). Scores and the softmax are fp32; the
+capacity] (0 or -inf) that hides padding, stale slots and the future. Up to ``MAX_ROWS`` query rows, in tiles of
+``ROW_TILE`` (a draft tree's step has group x nodes of them): a prefill has group x prompt-width rows, enough to
+fill the GPU with SDPA's own kernel, and the decoder gives it that (``inference.generation.decode_attention_flash``). Scores and the softmax are fp32; the
 probabilities meet V in V's dtype, as flash attention does. fp32 inputs multiply in full fp32 (no TF32), so
 the greedy fp32 tests see the eager path's tokens.
 
@@ -49,9 +49,12 @@ def available(device: torch.device) -> bool:
 # beyond that the merge costs more than the parallelism gains).
 BLOCK_N = 64
 TARGET_PROGRAMS = 264
-# A decode step has group x k query rows (at most 8 x 8 for the shapes we ship); the row tile is sized to them, so
-# many more (a prefill's group x prompt width) would not fit in shared memory.
-MAX_ROWS = 64
+# A decode step has group x k query rows (at most 8 x 8 for the shapes we ship), a draft tree's step group x its
+# nodes; a program takes up to ROW_TILE of them (its tile is sized to them: many more would not fit in shared
+# memory) and further tiles run as further programs. Past MAX_ROWS (a prefill's group x prompt width) SDPA's
+# own kernel has rows enough to fill the GPU.
+ROW_TILE = 64
+MAX_ROWS = 256
 
 
 def num_splits(programs: int, capacity: int) -> tuple:
@@ -71,13 +74,13 @@ if triton is not None:
                         n_kv, rows, capacity, split_len, n_splits, scale,
                         SPLIT_BLOCKS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                         BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-        """One (sequence, KV head, split): online softmax over the split's slots -> unnormalised output
-        Acc [rows, head_dim], running max and sum ML [rows, 2] (fp32)."""
+        """One (sequence, KV head, split, tile of BLOCK_R rows): online softmax over the split's slots ->
+        unnormalised output Acc [rows, head_dim], running max and sum ML [rows, 2] (fp32)."""
         pid = tl.program_id(0)
         split = tl.program_id(1)
         b = pid // n_kv
         h = pid % n_kv
-        r = tl.arange(0, BLOCK_R)
+        r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
         d = tl.arange(0, BLOCK_D)
         r_ok = r < rows
         d_ok = d < HEAD_DIM
@@ -157,21 +160,23 @@ def flash_decoding(q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, ma
     if mask.dtype == torch.bool:
         mask = torch.zeros(mask.shape, dtype=q.dtype, device=mask.device).masked_fill(~mask, float("-inf"))
     if rows > MAX_ROWS:
-        raise ValueError(f"flash_decoding serves up to {MAX_ROWS} query rows (a decode step), got {rows}: give a "
-                         "prefill to SDPA.")
+        raise ValueError(f"flash_decoding serves up to {MAX_ROWS} query rows (a decode step, a draft tree's), got "
+                         f"{rows}: give a prefill to SDPA.")
     programs = B * n_kv
-    n_splits, split_len = num_splits(programs, capacity)
+    block_r = min(ROW_TILE, max(16, triton.next_power_of_2(rows)))
+    tiles = -(-rows // block_r)
+    n_splits, split_len = num_splits(programs * tiles, capacity)
     acc = torch.empty(programs * n_splits * rows * head_dim, dtype=torch.float32, device=q.device)
     ml = torch.empty(programs * n_splits * rows * 2, dtype=torch.float32, device=q.device)
     out = torch.empty(B, s, n_kv * rows // s * head_dim, dtype=q.dtype, device=q.device)
     block_d = max(16, triton.next_power_of_2(head_dim))
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # (bf16/fp16 operands ignore it)
-    _partial_kernel[(programs, n_splits)](
+    _partial_kernel[(programs, n_splits, tiles)](
         q, k_all, v_all, mask, acc, ml,
         q.stride(0), q.stride(1), q.stride(2), k_all.stride(0), k_all.stride(1), k_all.stride(2),
         v_all.stride(0), v_all.stride(1), v_all.stride(2), mask.stride(0), mask.stride(2), mask.stride(3),
         n_kv, rows, capacity, split_len, n_splits, head_dim ** -0.5,
-        SPLIT_BLOCKS=split_len // BLOCK_N, BLOCK_R=max(16, triton.next_power_of_2(rows)), BLOCK_D=block_d, HEAD_DIM=head_dim, BLOCK_N=BLOCK_N,
+        SPLIT_BLOCKS=split_len // BLOCK_N, BLOCK_R=block_r, BLOCK_D=block_d, HEAD_DIM=head_dim, BLOCK_N=BLOCK_N,
         PRECISION=precision)
     _merge_kernel[(programs, rows)](
         acc, ml, out, n_kv, rows, s, n_splits, out.stride(0), out.stride(1),
