@@ -37,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -317,9 +318,13 @@ def decoder_options(variant: str, device: str) -> dict:
             "layer_kernels": layer_kernels or default_layer_kernels(device)}
 
 
-def forward_tokens(args) -> list:
-    """--forward-tokens: the extra forward widths of the bandwidth regime."""
-    return [int(x) for x in (args.forward_tokens or "").split(",") if x.strip()]
+def counts(text: str, least: int) -> Optional[list]:
+    """Comma-separated integers of at least ``least`` ("" -> []), or None where the text is not that."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        return None
+    return values if all(v >= least for v in values) else None
 
 
 def bandwidth_regime(args, command: str, save=None) -> dict:
@@ -432,7 +437,7 @@ def _bandwidth_variant(model, cfg, args, prompts, ks, options: dict, g, full: bo
     norm_w, eps, unembedding = dec._unembedding()
     kmax = max(k for k in ks if k <= n)
     # (and, for the first variant, the wider forwards a draft tree makes: --forward-tokens)
-    sizes = sorted(set(range(1, max(ks) + 1)) | set(forward_tokens(args))) if full else sorted({1, max(ks)})
+    sizes = sorted(set(range(1, max(ks) + 1)) | set(counts(args.forward_tokens, 1))) if full else sorted({1, max(ks)})
     with torch.no_grad(), attention_backends(torch.device(args.device)):
         for s in sizes:
             tokens = torch.randint(0, cfg.model.vocab_size, (1, s), generator=g, device=args.device)
@@ -472,7 +477,8 @@ def _bandwidth_variant(model, cfg, args, prompts, ks, options: dict, g, full: bo
         if r.get("kind") == "forward":
             r["x_one_token"] = r["ms"] / one
     return {"rows": rows, "profiles": profiles, "gemv": dec.gemv, "attention": dec.attention,
-            "layer_kernels": dec.layer_kernels, "compiled": dec.compile and dec.compile_error is None, "compile_error": dec.compile_error}
+            "layer_kernels": dec.layer_kernels, "compiled": dec.compile and dec.compile_error is None,
+            "compile_error": dec.compile_error}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -670,11 +676,7 @@ def main(argv=None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda was asked for but no CUDA device is visible; use --device cpu.", file=sys.stderr)
         return 2
-    try:
-        widths = forward_tokens(args)
-    except ValueError:
-        widths = [0]
-    if any(w < 1 for w in widths):
+    if counts(args.forward_tokens, 1) is None:
         print(f"error: --forward-tokens takes token counts like 8,16,32,64; got {args.forward_tokens!r}.",
               file=sys.stderr)
         return 2
@@ -725,16 +727,12 @@ def main(argv=None) -> int:
         print(f"error: --ks must lie in 1..{n}.", file=sys.stderr)
         return 2
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    tree_sizes = {}
-    for flag, text in (("--trees", args.trees), ("--dynamic-trees", args.dynamic_trees)):
-        try:
-            tree_sizes[flag] = [int(x) for x in text.split(",") if x.strip()]
-        except ValueError:
-            tree_sizes[flag] = [0]
-        if any(x < 2 for x in tree_sizes[flag]):
+    tree_nodes, dynamic_nodes = counts(args.trees, 2), counts(args.dynamic_trees, 2)
+    for flag, text, sizes in (("--trees", args.trees, tree_nodes), ("--dynamic-trees", args.dynamic_trees,
+                                                                    dynamic_nodes)):
+        if sizes is None:
             print(f"error: {flag} takes node counts of at least 2, like 16,32,64; got {text!r}.", file=sys.stderr)
             return 2
-    tree_nodes, dynamic_nodes = tree_sizes["--trees"], tree_sizes["--dynamic-trees"]
     if (tree_nodes or dynamic_nodes) and n < 2:
         print("error: --trees needs a model with at least 2 heads.", file=sys.stderr)
         return 2
@@ -780,27 +778,35 @@ def main(argv=None) -> int:
 
     # generate keeps this decoder's settings
     decoder_for(model, gemv=args.gemv, attention=args.attention, layer_kernels=args.layer_kernels)
-    outputs, plain_rate = {}, {}
+    plain_outputs, plain_rate = {}, {}  # per batch size: the plain row's outputs and tokens/s
+
+    def ours_row(bs: int, k: int, decoder: str = "ours", label: str = "", draft=None, **extra) -> None:
+        """One of our rows at batch ``bs`` (k heads, or a draft tree): the whole row once untimed (graph capture,
+        compilation), then timed; recorded with its speedup over plain (the k = 1 row, measured first) and
+        saved."""
+        run_config(model, prompt_sets[bs], bs, k, args.max_new_tokens, eod, pad, gen, draft)  # warm-up: the whole row
+        stats = []
+        for _ in range(args.repeats):
+            synchronize(args.device)
+            outs, s = run_config(model, prompt_sets[bs], bs, k, args.max_new_tokens, eod, pad, gen, draft)
+            stats += s
+        heads = draft.heads if draft is not None else k
+        agg = aggregate(stats, heads)
+        if decoder == "ours" and k == 1:
+            plain_rate[bs] = agg["tokens_per_s"]
+            plain_outputs[bs] = outs
+        speedup = agg["tokens_per_s"] / plain_rate[bs]
+        result["rows"].append({"decoder": decoder, "batch_size": bs, "k": heads, **extra,
+                               "prompts": len(prompt_sets[bs]), **agg, "speedup_vs_plain": speedup,
+                               "speedup_per_token_per_forward": speedup / agg["tokens_per_forward"],
+                               **common_prefix(outs, plain_outputs[bs])})
+        print(f"ours batch {bs} {label or f'k {k}'}: {agg['tokens_per_s']:.1f} tokens/s, "
+              f"{agg['tokens_per_forward']:.2f} tokens/forward", file=sys.stderr, flush=True)
+        save()
+
     for bs in batch_sizes:
         for k in ks:
-            run_config(model, prompt_sets[bs], bs, k, args.max_new_tokens, eod, pad, gen)  # warm-up: the whole row
-            stats = []
-            for _ in range(args.repeats):
-                synchronize(args.device)
-                outs, s = run_config(model, prompt_sets[bs], bs, k, args.max_new_tokens, eod, pad, gen)
-                stats += s
-            outputs[(bs, k)] = outs
-            agg = aggregate(stats, k)
-            if k == 1:
-                plain_rate[bs] = agg["tokens_per_s"]
-            speedup = agg["tokens_per_s"] / plain_rate[bs]
-            result["rows"].append({"decoder": "ours", "batch_size": bs, "k": k, "prompts": len(prompt_sets[bs]), **agg,
-                                   "speedup_vs_plain": speedup,
-                                   "speedup_per_token_per_forward": speedup / agg["tokens_per_forward"],
-                                   **common_prefix(outs, outputs[(bs, 1)])})
-            print(f"ours batch {bs} k {k}: {agg['tokens_per_s']:.1f} tokens/s, {agg['tokens_per_forward']:.2f} "
-                  f"tokens/forward", file=sys.stderr, flush=True)
-            save()
+            ours_row(bs, k)
     if tree_nodes or dynamic_nodes:
         t0 = time.perf_counter()
         cal = calibrate_trees(model, calibration, args.max_new_tokens, eod, pad, tree_nodes, dynamic_nodes)
@@ -812,23 +818,8 @@ def main(argv=None) -> int:
                                           for name, t in cal["trees"].items() if not t.select}}
         for bs in batch_sizes:
             for name, tree in cal["trees"].items():
-                run_config(model, prompt_sets[bs], bs, 1, args.max_new_tokens, eod, pad, gen, tree)  # warm-up
-                stats = []
-                for _ in range(args.repeats):
-                    synchronize(args.device)
-                    outs, s = run_config(model, prompt_sets[bs], bs, 1, args.max_new_tokens, eod, pad, gen, tree)
-                    stats += s
-                agg = aggregate(stats, tree.heads)
-                speedup = agg["tokens_per_s"] / plain_rate[bs]
-                result["rows"].append({"decoder": f"ours_{name}", "batch_size": bs, "k": tree.heads,
-                                       "tree_nodes": tree.nodes, "tree_dynamic": bool(tree.select),
-                                       "tree": tree.describe(),
-                                       "prompts": len(prompt_sets[bs]), **agg, "speedup_vs_plain": speedup,
-                                       "speedup_per_token_per_forward": speedup / agg["tokens_per_forward"],
-                                       **common_prefix(outs, outputs[(bs, 1)])})
-                print(f"ours batch {bs} {tree.describe()}: {agg['tokens_per_s']:.1f} "
-                      f"tokens/s, {agg['tokens_per_forward']:.2f} tokens/forward", file=sys.stderr, flush=True)
-                save()
+                ours_row(bs, 1, f"ours_{name}", tree.describe(), tree, tree_nodes=tree.nodes,
+                         tree_dynamic=bool(tree.select), tree=tree.describe())
     dec = decoder_for(model)
     result["ours"] = {"cuda_graphs": dec.graphs, "compiled": dec.compile and dec.compile_error is None,
                       "gemv": dec.gemv, "attention": dec.attention, "layer_kernels": dec.layer_kernels,
@@ -852,7 +843,7 @@ def main(argv=None) -> int:
             print(f"warning: {result['peer_error']}", file=sys.stderr)
             peers = []
         base = prompt_sets.get(1, all_prompts[: args.prompts_batch1])
-        ours_plain = outputs.get((1, 1))
+        ours_plain = plain_outputs.get(1)
         for name in peers:
             try:
                 t0 = time.perf_counter()
@@ -885,12 +876,8 @@ def main(argv=None) -> int:
         for name in ("hf_default", "hf_static_compiled", "hf_prompt_lookup"):
             if name in rate:
                 ratios[f"ours_plain_over_{name}"] = rate["ours_k1"] / rate[name]
-                for k in ks[1:]:
-                    ratios[f"ours_k{k}_over_{name}"] = rate[f"ours_k{k}"] / rate[name]
-                for tree_row in (f"ours_tree{m}" for m in tree_nodes):
-                    ratios[f"{tree_row}_over_{name}"] = rate[tree_row] / rate[name]
-                for tree_row in (f"ours_dtree{m}" for m in dynamic_nodes):
-                    ratios[f"{tree_row}_over_{name}"] = rate[tree_row] / rate[name]
+                for row in (key for key in rate if key.startswith("ours_") and key != "ours_k1"):  # k > 1, trees
+                    ratios[f"{row}_over_{name}"] = rate[row] / rate[name]
     result["ratios_batch1"] = ratios
     json_path = save()
     png_path = None if args.no_plot else json_path[:-5] + ".png"

@@ -215,8 +215,8 @@ def warm_up(config: str, overrides: list, batch_sizes: list, variants: list, lab
             # Draft trees: a tree of each size, shaped by a made-up decaying accuracy profile (the benchmark
             # calibrates its own trees; the compiled programs depend on the sizes' classes, not the shape).
             prior = [[0.6 * 0.8 ** d * 0.4 ** r for r in range(bench_decode.TREE_RANKS)] for d in range(n - 1)]
-            sizes = [(int(x), False) for x in TREES.split(",") if x] + [(int(x), True) for x in DYNAMIC_TREES.split(",")
-                                                                          if x]
+            sizes = ([(nodes, False) for nodes in bench_decode.counts(TREES, 2)]
+                     + [(nodes, True) for nodes in bench_decode.counts(DYNAMIC_TREES, 2)])
             for nodes, dynamic in sizes if n > 1 else []:
                 tree = DraftTree.from_accuracy(prior, nodes, dynamic=dynamic)
                 for b in batch_sizes:
@@ -262,8 +262,9 @@ def check_selection() -> None:
             raise SystemExit(f"error: unknown {name} entry {unknown[0]!r}; choose from "
                              f"{', '.join(bench_decode.DECODER_VARIANTS)}.")
     for name, value in (("TREES", TREES), ("DYNAMIC_TREES", DYNAMIC_TREES)):
-        if value and not all(x.strip().isdigit() and int(x) >= 2 for x in value.split(",")):
-            raise SystemExit(f"error: {name} takes node counts of at least 2 like 16,32,64 (or nothing), got {value!r}.")
+        if bench_decode.counts(value, 2) is None:
+            raise SystemExit(f"error: {name} takes node counts of at least 2 like 16,32,64 (or nothing), got "
+                             f"{value!r}.")
 
 
 def main() -> int:
@@ -305,7 +306,8 @@ def main() -> int:
                                                              "graphs+compile+flash_decoding", "graphs+flash_decoding",
                                                              "graphs+compile", "graphs+compile+fused",
                                                              "graphs+compile+flex")),
-                       "tests/test_speculative.py::test_speculative_sampling_with_cuda_graphs_matches_plain_distribution"],
+                       "tests/test_speculative.py::"
+                       "test_speculative_sampling_with_cuda_graphs_matches_plain_distribution"],
                       os.path.join(work, "tests.txt"), TESTS_S, "KILL")
 
     import torch

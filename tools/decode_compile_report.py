@@ -40,6 +40,7 @@ SHAPES = [(1, 1, True), (1, 2, True), (1, 3, True), (1, 4, True), (16, 1, True),
 PROGRAMS = {"qkv": transformer.decode_qkv, "mlp": transformer.decode_mlp, "inputs": generation.step_inputs,
             "tail": generation.greedy_tail, "commit": generation.commit, "tree_inputs": generation.tree_inputs,
             "tree_verify": generation.tree_verify, "compact": generation.compact_slots,
+            "select": generation.select_nodes,
             "attention": transformer.decode_attention_fused, "attention_flex": generation.decode_attention_flex}
 
 

@@ -73,12 +73,7 @@ def main(argv=None) -> int:
             raise InputError("--device cuda was asked for but no CUDA device is visible; use --device cpu.")
         sampling = (SamplingParams(greedy=True) if args.greedy else
                     SamplingParams(greedy=False, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p))
-        if args.tree is not None or args.dynamic_tree:  # checked before the model loads
-            if args.tree is None:
-                raise InputError("--dynamic-tree needs --tree NODES.")
-            if not args.speculative:
-                raise InputError("--tree needs --speculative.")
-            tree_option(args.tree, args.dynamic_tree)
+        tree_option(args.tree, args.dynamic_tree, args.speculative)  # checked before the model loads
         problems = load_problems(args.limit, args.task)
         dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(args.device)
         cfg, model, tokenizer = load_model(args.load, device=args.device, dtype=dtype)
@@ -87,8 +82,6 @@ def main(argv=None) -> int:
             raise InputError(f"--heads must lie in 1..{cfg.mtp.n_heads}, got {heads}.")
         tree = None
         if args.tree is not None:
-            if heads < 2:
-                raise InputError("--tree needs at least 2 heads (--heads).")
             prompts = [tokenizer.encode(p["prompt"]) for p in problems[: args.batch_size]]
             pad = tokenizer.pad if getattr(tokenizer, "pad", None) is not None else 0
             tree = tree_for(model, args.tree, prompts, heads, args.dynamic_tree, min(args.max_new_tokens, 64),

@@ -120,14 +120,7 @@ def run(args) -> int:
             raise InputError(f"--heads must lie in 1..{n} (this model has {n} heads), got {heads}.")
     elif args.heads is not None:
         raise InputError("--heads needs --speculative.")
-    if args.tree is not None:
-        if not args.speculative:
-            raise InputError("--tree needs --speculative.")
-        if heads < 2:
-            raise InputError("--tree needs at least 2 heads (--heads).")
-        tree_option(args.tree, args.dynamic_tree)  # a malformed tree is reported before any decoding
-    elif args.dynamic_tree:
-        raise InputError("--dynamic-tree needs --tree NODES.")
+    tree_option(args.tree, args.dynamic_tree, args.speculative)  # a malformed tree is reported before any decoding
     try:  # the decoder options checked once, before any decoding: one sentence if this machine lacks them
         decoder_for(model, compile=False if args.no_compile else None, attention=args.attention,
                     layer_kernels=args.layer_kernels)

@@ -13,5 +13,6 @@ from megatron_mtp.inference.loading import ModelLoadError, default_dtype, load_m
 from megatron_mtp.inference.sampling import SamplingParams, next_tokens, probabilities, sample
 from megatron_mtp.inference.tree import DraftTree, continuation_accuracy, head_accuracy
 
-__all__ = ["DecodeStats", "DraftTree", "GenerationOutput", "continuation_accuracy", "KVCache", "ModelLoadError", "SamplingParams", "default_dtype",
-           "generate", "head_accuracy", "load_model", "next_tokens", "probabilities", "sample", "verify_greedy", "verify_sampled"]
+__all__ = ["DecodeStats", "DraftTree", "GenerationOutput", "KVCache", "ModelLoadError", "SamplingParams",
+           "continuation_accuracy", "default_dtype", "generate", "head_accuracy", "load_model", "next_tokens",
+           "probabilities", "sample", "verify_greedy", "verify_sampled"]

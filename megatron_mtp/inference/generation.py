@@ -324,19 +324,20 @@ def tree_verify(h1, hd, norm_weight, eps: float, unembedding, vocab: int, inputs
     y = pred.gather(1, best[:, None]).view(b)
     nodes = path.gather(1, best.view(b, 1, 1).expand(b, 1, path.size(2))).view(b, path.size(2))
     tokens = inputs.gather(1, nodes)
-    # The draft heads' rows at the accepted node, gathered head-major [D, b, hidden] (contiguous: the unembedding
-    # of select_rows' transposed [b, D, hidden] would make the compiler specialise on batch 1).
-    picked = hd.gather(2, best.view(1, b, 1, 1).expand(hd.size(0), b, 1, hd.size(3))).view(hd.size(0), b, hd.size(3))
-    draft_logits = head_logits(picked, norm_weight, eps, unembedding, vocab).transpose(0, 1)  # [b, D, V]
-    candidates, logq = draft_candidates(draft_logits, ranks)
+    candidates, logq = draft_candidates(hd, best, norm_weight, eps, unembedding, vocab, ranks)
     return accepted, y, nodes, tokens, candidates, logq
 
 
-def draft_candidates(draft_logits, ranks: int) -> tuple:
-    """Each draft head's top-``ranks`` tokens [b, D, ranks] and their log-probabilities, from its logits at the
-    last accepted position [b, D, V]."""
-    top = draft_logits.float().topk(ranks, dim=-1)
-    return top.indices, top.values - draft_logits.float().logsumexp(-1, keepdim=True)
+def draft_candidates(hd, index, norm_weight, eps: float, unembedding, vocab: int, ranks: int) -> tuple:
+    """Each draft head's top-``ranks`` tokens [b, D, ranks] and their log-probabilities, from its outputs ``hd``
+    [D, b, s, hidden] at input ``index`` [b] (the last accepted position)."""
+    d, b, hidden = hd.size(0), hd.size(1), hd.size(3)
+    # The rows gathered head-major [D, b, hidden] (contiguous: the unembedding of select_rows' transposed
+    # [b, D, hidden] would make the compiler specialise on batch 1).
+    picked = hd.gather(2, index.view(1, b, 1, 1).expand(d, b, 1, hidden)).view(d, b, hidden)
+    logits = head_logits(picked, norm_weight, eps, unembedding, vocab).float().transpose(0, 1)  # [b, D, V]
+    top = logits.topk(ranks, dim=-1)
+    return top.indices, top.values - logits.logsumexp(-1, keepdim=True)
 
 
 def tree_following(y, candidates, head, rank) -> torch.Tensor:
@@ -420,10 +421,9 @@ class _Programs:
             fns = {name: wrap(torch.compile(fn, dynamic=True, fullgraph=True, options=options))
                    for name, fn in fns.items()}
             self.attention = fns.pop("attention", self.attention)
-        self.qkv, self.mlp, self.inputs, self.tail, self.commit = (fns[n] for n in ("qkv", "mlp", "inputs", "tail",
-                                                                                    "commit"))
-        self.tree_inputs, self.tree_verify, self.compact, self.select = (
-            fns[n] for n in ("tree_inputs", "tree_verify", "compact", "select"))
+        (self.qkv, self.mlp, self.inputs, self.tail, self.commit, self.tree_inputs, self.tree_verify, self.compact,
+         self.select) = (fns[n] for n in ("qkv", "mlp", "inputs", "tail", "commit", "tree_inputs", "tree_verify",
+                                          "compact", "select"))
         if layer_kernels == "triton":
             self.qkv, self.mlp = _ByRows(gemv_kernels.qkv, self.qkv), _ByRows(gemv_kernels.mlp, self.mlp)
 
@@ -451,7 +451,7 @@ class _State:
         self.proposed = torch.zeros(max(1, n_heads - 1), **z)
         self.accepted = torch.zeros(max(1, n_heads - 1), **z)
         self.inputs = {k: torch.zeros(b, k, **z) for k in range(1, n_heads + 1)}  # [y, drafts of heads 2..k]
-        self.trees = {}  # DraftTree -> [b, N]: the root y and the drafts at the tree's nodes
+        self.trees = {}  # DraftTree -> its inputs [b, N] and per-sequence tree (``tree_buffers``)
         self.q = {}  # k -> [b, k-1, V] draft distributions (sampling)
         self.prompts = {}  # padded width -> [b, width]
         self.vocab, self.device = vocab, device
@@ -681,8 +681,7 @@ class Decoder:
             if not tree.select:  # a static tree: the same for every sequence and step
                 for name, value in self.tree_tensors(tree).items():
                     buffers[name].copy_(value.expand(buffers[name].shape))
-            candidates, logq = draft_candidates(head_logits(select_rows(hd, last), norm_w, eps, unembedding, vocab),
-                                                tree.ranks)
+            candidates, logq = draft_candidates(hd, last, norm_w, eps, unembedding, vocab, tree.ranks)
             self._next_tree(st, tree, y, candidates, logq)
         elif hd is not None:
             drafts, q = next_tokens(head_logits(select_rows(hd, last), norm_w, eps, unembedding, vocab), sampling,
@@ -712,7 +711,6 @@ class Decoder:
             drafts, q = next_tokens(select_rows(draft_logits, accepted), sampling, generator)
             st.q[k].copy_(q)
         self.programs.commit(inputs, accepted, y, drafts, *st.counters())
-
 
     def tree_step(self, st: _State, tree: DraftTree, sampling: SamplingParams, generator) -> None:
         """One forward over a draft tree's nodes per sequence: verify (greedily, or with a draw from head 1 at

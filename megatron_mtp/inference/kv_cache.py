@@ -56,7 +56,12 @@ def decode_bias(lengths: torch.Tensor, start: torch.Tensor, s_new: int, capacity
     # expanded [b, 1, group, s_new, capacity] is a view or a copy depending on s_new == 1, which a compiler
     # would specialise on.
     mask = _visible(lengths, start, torch.arange(group * s_new, device=lengths.device) % s_new, capacity)
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))[:, None]
+    return _as_bias(mask, dtype)
+
+
+def _as_bias(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask [b, rows, capacity] as the additive bias [b, 1, rows, capacity] (0 or -inf) in ``dtype``."""
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, float("-inf"))[:, None]
 
 
 def tree_bias(lengths: torch.Tensor, start: torch.Tensor, ancestors: torch.Tensor, capacity: int, group: int,
@@ -71,8 +76,7 @@ def tree_bias(lengths: torch.Tensor, start: torch.Tensor, ancestors: torch.Tenso
     node = (torch.arange(group * n, device=lengths.device) % n)[None, :, None]  # [1, rows, 1]
     seq = torch.arange(b, device=lengths.device)[:, None, None]
     mine = ancestors[seq, node, rel.clamp(min=0, max=n - 1)] & (rel >= 0) & (rel < n)
-    visible = ((slot >= start[:, None, None]) & (rel < 0)) | mine
-    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, float("-inf"))[:, None]
+    return _as_bias(((slot >= start[:, None, None]) & (rel < 0)) | mine, dtype)
 
 
 def compact_slots(k_all: torch.Tensor, v_all: torch.Tensor, lengths: torch.Tensor, nodes: torch.Tensor) -> None:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -65,7 +65,8 @@ class DraftTree:
             raise InputError("a draft tree's ranks must be >= 0 (0 is a head's first choice).")
         if len(set(paths)) != len(paths):
             raise InputError("a draft tree lists a path twice.")
-        missing = [p for p in paths if len(p) > 1 and p[:-1] not in set(paths)]
+        known = set(paths)
+        missing = [p for p in paths if len(p) > 1 and p[:-1] not in known]
         if missing:
             raise InputError(f"draft tree path {missing[0]} lacks its parent {missing[0][:-1]}: every prefix of a "
                              f"path must be a path too.")
@@ -128,11 +129,11 @@ class DraftTree:
         shallower, lower-rank path. ``dynamic``: a dynamic tree of ``nodes`` nodes whose candidates are the
         DYNAMIC_CANDIDATES x ``nodes`` most probable paths (the static tree of them all where the table allows
         no more than ``nodes``)."""
+        if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 2:
+            raise InputError(f"a draft tree needs at least 2 nodes (the root and one draft), got {nodes}.")
         if dynamic:
             candidates = cls.from_accuracy(accuracy, DYNAMIC_CANDIDATES * nodes)
             return candidates.dynamic(nodes) if candidates.candidates > nodes else candidates
-        if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 2:
-            raise InputError(f"a draft tree needs at least 2 nodes (the root and one draft), got {nodes}.")
         acc = [[float(a) for a in row] for row in accuracy]
         if not acc or any(not row for row in acc):
             raise InputError("head accuracies need at least one draft head with at least one rank.")
@@ -233,9 +234,16 @@ def select_nodes(logq: torch.Tensor, candidates: dict, n: int) -> dict:
     }
 
 
-def tree_option(spec: str, dynamic: bool = False) -> int:
-    """Check a command line's ``--tree`` (a node count, or explicit paths ``"0;1;0,0"``) and ``--dynamic-tree``
-    before anything runs; returns the node count, or 0 for explicit paths."""
+def tree_option(spec: Optional[str], dynamic: bool = False, speculative: bool = True) -> int:
+    """Check a command line's ``--tree`` (None when not given; a node count, or explicit paths ``"0;1;0,0"``),
+    ``--dynamic-tree`` and ``--speculative`` before anything runs; returns the node count, or 0 for explicit
+    paths or no tree."""
+    if spec is None:
+        if dynamic:
+            raise InputError("--dynamic-tree needs --tree NODES.")
+        return 0
+    if not speculative:
+        raise InputError("--tree needs --speculative.")
     if not spec.strip().isdigit():
         DraftTree.parse(spec)
         if dynamic:
@@ -252,6 +260,8 @@ def tree_for(model, spec: str, prompts: Sequence[Sequence[int]], heads: int = 0,
     """The tree a command line's ``--tree`` asks for: explicit paths as given, or for a node count the most
     probable tree (``dynamic``: a dynamic one) under the accuracies of the first ``heads`` heads (0: all) on
     plain greedy continuations of ``prompts`` (``continuation_accuracy``); ``report(accuracy)`` sees them."""
+    if heads == 1:
+        raise InputError("--tree needs at least 2 heads (--heads).")
     nodes = tree_option(spec, dynamic)
     if not nodes:
         return DraftTree.parse(spec)
@@ -285,10 +295,9 @@ def head_accuracy(model, sequences: Sequence[Sequence[int]], ranks: int = 4, hea
     """``acc[d][r]``: how often draft head d + 2's rank-r candidate at position t is the token at t + d + 2 of
     ``sequences`` (teacher-forced, one forward per sequence), over targets at index ``targets_from`` (one for
     all, or one per sequence) and later. On text the model generated greedily (``targets_from`` = the prompts'
-    lengths), that token is head 1's own
-    argmax there — what verification compares with — so the numbers are exactly the per-rank acceptance
-    rates a tree's nodes see (a node's rate given that its parent was accepted is taken as the unconditional
-    one). ``heads`` 0 measures every draft head."""
+    lengths), that token is head 1's own argmax there — what verification compares with — so the numbers are
+    exactly the per-rank acceptance rates a tree's nodes see (a node's rate given that its parent was accepted
+    is taken as the unconditional one). ``heads`` 0 measures every draft head."""
     n = model.mtp.n_heads
     heads = n if heads == 0 else heads
     ranks = min(ranks, model.cfg.vocab_size)  # (a head has no more candidates than the vocabulary)

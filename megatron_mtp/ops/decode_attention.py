@@ -13,9 +13,9 @@ group * s, row r is query r % s of head r // s of the group), keys and values [B
 (any strides with a unit last one: the decoder's stacked buffers are views), an additive mask [B, 1, rows,
 capacity] (0 or -inf) that hides padding, stale slots and the future. Up to ``MAX_ROWS`` query rows, in tiles of
 ``ROW_TILE`` (a draft tree's step has group x nodes of them): a prefill has group x prompt-width rows, enough to
-fill the GPU with SDPA's own kernel, and the decoder gives it that (``inference.generation.decode_attention_flash``). Scores and the softmax are fp32; the
-probabilities meet V in V's dtype, as flash attention does. fp32 inputs multiply in full fp32 (no TF32), so
-the greedy fp32 tests see the eager path's tokens.
+fill the GPU with SDPA's own kernel, and the decoder gives it that (``inference.generation.decode_attention_flash``).
+Scores and the softmax are fp32; the probabilities meet V in V's dtype, as flash attention does. fp32 inputs
+multiply in full fp32 (no TF32), so the greedy fp32 tests see the eager path's tokens.
 
 Triton ships with CUDA builds of torch; on a CPU install it is usually absent and the decoder keeps SDPA.
 The CPU tests run these kernels through Triton's interpreter (``TRITON_INTERPRET=1``) where Triton is
